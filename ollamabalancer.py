@@ -1,0 +1,2641 @@
+#!/usr/bin/env python3
+"""ollamabalancer: one endpoint in front of a fleet of Ollama servers.
+
+Run it with nothing but Python >= 3.10:
+
+    python ollamabalancer.py                 # SQLite store in ./ollamabalancer.db
+    python ollamabalancer.py --help          # every setting, also read from the environment
+
+It keeps the seed project's API (``/proxy/addProxy``, ``/proxy/allProxies``,
+``/servers/getServer``, ``/servers/ollama/<id>/...``), stores servers and proxies in
+SQLite or MySQL, checks every server's ``/api/tags`` on a timer, and relays requests
+byte for byte, streaming, optionally through an HTTP CONNECT or SOCKS proxy.
+
+Optional dependencies, imported only when used:
+    pymysql       when DB_ENGINE=mysql          (pip install pymysql)
+    python-socks  for socks4/socks5/socks5h     (pip install python-socks)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import functools
+import http
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import ssl
+import sys
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Literal, TypeVar
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("ollamabalancer")
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------
+# Limits and constants
+# ---------------------------------------------------------------------------
+
+#: Longest request line, in bytes. nginx's large_client_header_buffers default is 8 KiB.
+MAX_REQUEST_LINE = 8 * 1024
+#: Longest request or response head (start line + fields), in bytes. node allows 80 KiB,
+#: nginx 4 x 8 KiB; 64 KiB is generous for Ollama clients.
+MAX_HEAD = 64 * 1024
+#: Most header fields in one head. Apache's LimitRequestFields default is 100.
+MAX_HEADERS = 100
+#: Largest JSON body an admin endpoint reads, in bytes. Proxied bodies have no limit.
+MAX_ADMIN_BODY = 1024 * 1024
+#: Largest /api/tags answer the health check reads, in bytes (a big model library is ~100 KiB).
+MAX_HEALTH_BODY = 16 * 1024 * 1024
+#: Longest chunk-size line with extensions, in bytes (node allows 16 KiB of extensions in total).
+MAX_CHUNK_LINE = 4 * 1024
+#: Bytes asked of the socket per read.
+READ_SIZE = 64 * 1024
+#: Request bytes kept so that a request can be sent again on a fresh upstream connection when
+#: a pooled one turns out to be dead before it answered. Larger bodies stream without a copy.
+REPLAY_LIMIT = 1024 * 1024
+#: Idle upstream connections kept per (server, proxy), and for how long, in seconds.
+POOL_MAX_IDLE = 16
+POOL_IDLE_SECONDS = 30.0
+
+#: Seconds a client may take to send a whole request head (slowloris guard); nginx: 60 s.
+HEADER_TIMEOUT = 30.0
+#: Seconds an idle keep-alive client connection is kept open; nginx: 75 s.
+KEEPALIVE_TIMEOUT = 75.0
+#: Seconds between two reads of a request body before the client is dropped.
+BODY_TIMEOUT = 60.0
+
+#: Hop-by-hop fields (RFC 9110 section 7.6.1), never forwarded. Content-Length and
+#: Transfer-Encoding are re-framed by the balancer on each side; Expect is answered here.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "expect",
+    }
+)
+
+PROXY_PROTOCOLS = ("http", "socks4", "socks5", "socks5h")
+SERVER_SCHEMES = ("http", "https")
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class HTTPError(Exception):
+    """An error that becomes a JSON response ``{"error": message}`` with ``status``.
+
+    ``close`` says the connection cannot be trusted any more (framing errors) and is
+    closed after the response.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        close: bool = False,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close
+        self.headers = tuple(headers)
+
+
+class ProtocolError(HTTPError):
+    """Malformed HTTP from a peer: the connection is closed after the error response."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message, close=True)
+
+
+class IncompleteBody(Exception):
+    """A peer closed the connection, or stopped sending, in the middle of a body."""
+
+
+class UpstreamError(Exception):
+    """An upstream or its proxy failed before any response byte reached the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class UpstreamClosed(Exception):
+    """An upstream connection closed under a request. ``answered`` says whether any
+    response bytes had come; a request can only be sent again when none had."""
+
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached; admin calls answer 503."""
+
+
+class Conflict(Exception):
+    """A write would break a uniqueness rule (duplicate host:port and the like)."""
+
+
+class ConfigError(Exception):
+    """A bad setting; main() prints it on one line and exits non-zero."""
+
+
+class MissingDependency(Exception):
+    """An optional package is needed for what was configured."""
+
+    def __init__(self, package: str, purpose: str) -> None:
+        super().__init__(f"{purpose} needs the '{package}' package: pip install {package}")
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    ip: str = "0.0.0.0"
+    port: int = 8080
+    db_engine: Literal["sqlite", "mysql"] = "sqlite"
+    db_host: str = "localhost"
+    db_port: int = 3306
+    db_username: str = "root"
+    db_password: str = dataclasses.field(default="root", repr=False)
+    db_database: str = "ollamaServers"
+    db_path: str = "ollamabalancer.db"
+    health_interval: float = 10.0
+    health_timeout: float = 5.0
+    connect_timeout: float = 10.0
+    upstream_timeout: float = 600.0
+    log_level: str = "INFO"
+
+    def describe_store(self) -> str:
+        """The store, for the startup log: never the password."""
+        if self.db_engine == "mysql":
+            return (
+                f"mysql {self.db_username}@{self.db_host}:{self.db_port}"
+                f"/{self.db_database}"
+            )
+        return f"sqlite {os.path.abspath(self.db_path)}"
+
+
+def _port(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,5}", text.strip()) or int(text) > 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not (value > 0 and value < 1e9):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _engine(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("sqlite", "mysql"):
+        raise ValueError("must be 'sqlite' or 'mysql'")
+    return value
+
+
+def _level(text: str) -> str:
+    value = text.strip().upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be one of debug, info, warning, error")
+    return value
+
+
+def _text(text: str) -> str:
+    return text
+
+
+#: (env var, flag, Config field, parser, help). Flags win over the environment.
+SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
+    ("IP", "--ip", "ip", _text, "address to listen on (default 0.0.0.0)"),
+    ("PORT", "--port", "port", _port, "port to listen on, 0 for any (default 8080)"),
+    ("DB_ENGINE", "--db-engine", "db_engine", _engine,
+     "sqlite or mysql (default: mysql when DB_HOST is set, else sqlite)"),
+    ("DB_HOST", "--db-host", "db_host", _text, "MySQL host (default localhost)"),
+    ("DB_PORT", "--db-port", "db_port", _port, "MySQL port (default 3306)"),
+    ("DB_USERNAME", "--db-username", "db_username", _text, "MySQL user (default root)"),
+    ("DB_PASSWORD", "--db-password", "db_password", _text, "MySQL password (default root)"),
+    ("DB_DATABASE", "--db-database", "db_database", _text,
+     "MySQL database, created when missing (default ollamaServers)"),
+    ("DB_PATH", "--db-path", "db_path", _text, "SQLite file (default ollamabalancer.db)"),
+    ("HEALTH_INTERVAL", "--health-interval", "health_interval", _seconds,
+     "seconds between health checks of every server (default 10)"),
+    ("HEALTH_TIMEOUT", "--health-timeout", "health_timeout", _seconds,
+     "seconds one health check may take (default 5)"),
+    ("CONNECT_TIMEOUT", "--connect-timeout", "connect_timeout", _seconds,
+     "seconds to connect to a server or proxy before 504 (default 10)"),
+    ("UPSTREAM_TIMEOUT", "--upstream-timeout", "upstream_timeout", _seconds,
+     "seconds to wait for an upstream byte; a cold model load can take minutes (default 600)"),
+    ("LOG_LEVEL", "--log-level", "log_level", _level,
+     "debug, info, warning or error (default info)"),
+)
+
+
+def load_config(argv: Sequence[str], environ: dict[str, str]) -> Config:
+    """Reads the settings from the environment, then from flags; raises ConfigError."""
+    parser = argument_parser()
+    args = parser.parse_args(list(argv))
+    values: dict[str, Any] = {}
+    for env, flag, field, convert, _ in SETTINGS:
+        raw = getattr(args, field)
+        source = flag
+        if raw is None and env in environ:
+            raw, source = environ[env], env
+        if raw is None:
+            continue
+        try:
+            values[field] = convert(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}={raw!r} {exc}") from None
+    if "db_engine" not in values:
+        values["db_engine"] = "mysql" if ("db_host" in values) else "sqlite"
+    return Config(**values)
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ollamabalancer",
+        description="A load balancer for Ollama servers. Every flag can also be set by "
+        "the environment variable named in its help.",
+    )
+    for env, flag, field, _, text in SETTINGS:
+        parser.add_argument(flag, dest=field, metavar=env, help=f"{text} [env {env}]")
+    parser.add_argument("--version", action="version", version=f"ollamabalancer {__version__}")
+    return parser
+
+
+# ---------------------------------------------------------------------------
+# HTTP/1.1 parsing, sans-IO (RFC 9112)
+# ---------------------------------------------------------------------------
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+# field-value = *field-content; no CR, LF, NUL or other controls but HTAB (RFC 9110 5.5).
+_FIELD_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
+request_line_re = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/(1\.[01])")
+status_line_re = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: (" + _FIELD_VALUE + rb"))?")
+# No whitespace between name and colon (RFC 9112 5.1): "Host : x" is rejected.
+field_line_re = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")")
+# chunk-size in hex, optional extensions (ignored); at most 16 digits so it fits 64 bits.
+chunk_size_re = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;" + _FIELD_VALUE + rb")?")
+content_length_re = re.compile(r"[0-9]{1,18}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Headers:
+    """Header fields in arrival order, names as sent; look-ups ignore case."""
+
+    fields: tuple[tuple[str, str], ...]
+
+    def get(self, name: str) -> str | None:
+        values = self.get_all(name)
+        return ", ".join(values) if values else None
+
+    def get_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [value for key, value in self.fields if key.lower() == name]
+
+    def tokens(self, name: str) -> list[str]:
+        """A comma-separated list field as lower-case tokens (RFC 9110 5.6.1)."""
+        return [
+            token.strip().lower()
+            for value in self.get_all(name)
+            for token in value.split(",")
+            if token.strip()
+        ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: str
+    target: str
+    version: str
+    headers: Headers
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResponseHead:
+    version: str
+    status: int
+    reason: str
+    headers: Headers
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Framing:
+    """How a body is delimited: no body, a length, chunked, or until the peer closes."""
+
+    kind: Literal["none", "length", "chunked", "close"]
+    length: int = 0
+
+
+NO_BODY = Framing("none")
+
+
+def _split_head(buf: bytearray, start_line_limit: int, *, request: bool) -> bytes | None:
+    """Takes a complete head off the front of ``buf``, or returns None if more is needed."""
+    if request:
+        # RFC 9112 2.2: a server SHOULD ignore empty lines received before the request-line.
+        while buf[:2] == b"\r\n":
+            del buf[:2]
+    end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+    first_line_end = buf.find(b"\r\n", 0, start_line_limit + 2)
+    if first_line_end == -1 and len(buf) > start_line_limit:
+        raise ProtocolError(414 if request else 502, "request line too long" if request
+                            else "upstream status line too long")
+    if end == -1:
+        if len(buf) > MAX_HEAD:
+            raise ProtocolError(431 if request else 502, "request head too large" if request
+                                else "upstream response head too large")
+        return None
+    head = bytes(buf[:end])
+    del buf[: end + 4]
+    return head
+
+
+def _parse_fields(lines: list[bytes], status: int) -> Headers:
+    if len(lines) > MAX_HEADERS:
+        raise ProtocolError(status if status != 400 else 431, "too many header fields")
+    fields = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise ProtocolError(status, "obsolete line folding in header")
+        match = field_line_re.fullmatch(line)
+        if match is None:
+            raise ProtocolError(status, f"malformed header line {line[:40]!r}")
+        name, value = match.groups()
+        fields.append((name.decode("ascii"), value.rstrip(b" \t").decode("latin-1")))
+    return Headers(tuple(fields))
+
+
+def maybe_request_head(buf: bytearray) -> RequestHead | None:
+    """Parses one request head off ``buf``; None means "need more data".
+
+    Raises ProtocolError for anything RFC 9112 does not allow. Bytes after the head are
+    left in ``buf`` untouched.
+    """
+    raw = _split_head(buf, MAX_REQUEST_LINE, request=True)
+    if raw is None:
+        return None
+    request_line, *lines = raw.split(b"\r\n")
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise ProtocolError(414, "request line too long")
+    match = request_line_re.fullmatch(request_line)
+    if match is None:
+        raise ProtocolError(400, "malformed request line")
+    method, target, version = (part.decode("latin-1") for part in match.groups())
+    headers = _parse_fields(lines, 400)
+    if not target.startswith("/"):
+        # absolute-form is for proxies and asterisk-form for server-wide OPTIONS; this is
+        # an origin server (RFC 9112 3.2).
+        raise ProtocolError(400, "request target must be an absolute path")
+    if version == "1.1" and len(headers.get_all("host")) != 1:
+        raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host header")
+    return RequestHead(method, target, "HTTP/" + version, headers)
+
+
+def maybe_response_head(buf: bytearray) -> ResponseHead | None:
+    """Parses one upstream response head off ``buf``; None means "need more data"."""
+    raw = _split_head(buf, MAX_HEAD, request=False)
+    if raw is None:
+        return None
+    status_line, *lines = raw.split(b"\r\n")
+    match = status_line_re.fullmatch(status_line)
+    if match is None:
+        raise ProtocolError(502, "malformed upstream status line")
+    version, status, reason = match.groups()
+    headers = _parse_fields(lines, 502)
+    return ResponseHead(
+        "HTTP/" + version.decode(), int(status), (reason or b"").decode("latin-1"), headers
+    )
+
+
+def _content_length(headers: Headers, status: int) -> int | None:
+    values = headers.get_all("content-length")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ProtocolError(status, "more than one Content-Length")
+    if not content_length_re.fullmatch(values[0]):
+        raise ProtocolError(status, "malformed Content-Length")
+    return int(values[0])
+
+
+def request_framing(head: RequestHead) -> Framing:
+    """The request body's framing (RFC 9112 6.3), refusing what could be read two ways."""
+    codings = head.headers.tokens("transfer-encoding")
+    if head.headers.get_all("transfer-encoding"):
+        if head.headers.get_all("content-length"):
+            raise ProtocolError(400, "Content-Length together with Transfer-Encoding")
+        if head.version == "HTTP/1.0":
+            raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if not codings or codings[-1] != "chunked" or codings.count("chunked") > 1:
+            if "chunked" in codings or not codings:
+                raise ProtocolError(400, "chunked must be the last transfer coding, once")
+            raise ProtocolError(501, f"unsupported Transfer-Encoding {', '.join(codings)}")
+        if len(codings) > 1:
+            raise ProtocolError(501, f"unsupported Transfer-Encoding {', '.join(codings)}")
+        return Framing("chunked")
+    length = _content_length(head.headers, 400)
+    return Framing("length", length) if length else NO_BODY
+
+
+def response_framing(head: ResponseHead, request_method: str) -> Framing:
+    """The upstream response body's framing (RFC 9112 6.3)."""
+    if request_method == "HEAD" or head.status < 200 or head.status in (204, 304):
+        return NO_BODY
+    if head.headers.get_all("transfer-encoding"):
+        if head.headers.get_all("content-length"):
+            raise ProtocolError(502, "upstream sent Content-Length with Transfer-Encoding")
+        codings = head.headers.tokens("transfer-encoding")
+        if codings == ["chunked"]:
+            return Framing("chunked")
+        return Framing("close")
+    length = _content_length(head.headers, 502)
+    if length is None:
+        return Framing("close")
+    return Framing("length", length) if length else NO_BODY
+
+
+class EndOfBody:
+    """Returned by the chunked decoder once the last chunk and trailers are read."""
+
+
+END_OF_BODY = EndOfBody()
+
+
+class ChunkedDecoder:
+    """Decodes ``Transfer-Encoding: chunked`` (RFC 9112 7.1) from a buffer, sans-IO.
+
+    ``next_event(buf)`` consumes bytes from ``buf`` and returns body bytes, END_OF_BODY,
+    or None when it needs more data. The CRLF after each chunk is checked, not skipped.
+    """
+
+    __slots__ = ("_remaining", "_state", "_trailer_bytes", "error_status")
+
+    def __init__(self, error_status: int = 400) -> None:
+        self._state: Literal["size", "data", "crlf", "trailer", "done"] = "size"
+        self._remaining = 0
+        self._trailer_bytes = 0
+        self.error_status = error_status
+
+    def next_event(self, buf: bytearray) -> bytes | EndOfBody | None:
+        while True:
+            if self._state == "data":
+                if not buf:
+                    return None
+                n = min(self._remaining, len(buf))
+                data = bytes(buf[:n])
+                del buf[:n]
+                self._remaining -= n
+                if self._remaining == 0:
+                    self._state = "crlf"
+                return data
+            if self._state == "crlf":
+                if len(buf) < 2:
+                    if buf and buf[0] != 0x0D:  # anything but the CR of a CRLF
+                        raise ProtocolError(self.error_status, "chunk data not followed by CRLF")
+                    return None
+                if buf[:2] != b"\r\n":
+                    raise ProtocolError(self.error_status, "chunk data not followed by CRLF")
+                del buf[:2]
+                self._state = "size"
+            elif self._state == "size":
+                line = self._take_line(buf, MAX_CHUNK_LINE, "chunk size line too long")
+                if line is None:
+                    return None
+                match = chunk_size_re.fullmatch(line)
+                if match is None:
+                    raise ProtocolError(self.error_status, "malformed chunk size")
+                self._remaining = int(match.group(1), 16)
+                self._state = "data" if self._remaining else "trailer"
+            elif self._state == "trailer":
+                line = self._take_line(buf, MAX_HEAD, "trailer section too large")
+                if line is None:
+                    return None
+                if not line:
+                    self._state = "done"
+                    return END_OF_BODY
+                self._trailer_bytes += len(line) + 2
+                if self._trailer_bytes > MAX_HEAD:
+                    raise ProtocolError(self.error_status, "trailer section too large")
+                _parse_fields([line], self.error_status)  # validated, then dropped
+            else:
+                return END_OF_BODY
+
+    def _take_line(self, buf: bytearray, limit: int, too_long: str) -> bytes | None:
+        end = buf.find(b"\r\n", 0, limit + 2)
+        if end == -1:
+            if len(buf) > limit:
+                raise ProtocolError(self.error_status, too_long)
+            return None
+        line = bytes(buf[:end])
+        del buf[: end + 2]
+        return line
+
+
+def has_dot_dot_segment(path: str) -> bool:
+    """True if any path segment is ``..``, also once percent-decoded (``%2e%2e``, ``..%2f``)."""
+    for segment in path.split("/"):
+        decoded = urllib.parse.unquote(segment)
+        if ".." in re.split(r"[/\\]", decoded):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------
+# Serialization
+# ---------------------------------------------------------------------------
+
+
+def reason_phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def render_head(
+    start_line: str, headers: Iterable[tuple[str, str]]
+) -> bytes:
+    lines = [start_line]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def chunk(data: bytes | memoryview) -> list[bytes | memoryview]:
+    """One chunk of a chunked body, as pieces for writelines (no copy of ``data``)."""
+    return [b"%x\r\n" % len(data), data, b"\r\n"]
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+@dataclasses.dataclass
+class Response:
+    """A whole response, body in memory."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: Sequence[tuple[str, str]] = ()
+    close: bool = False
+
+
+def json_response(status: int, payload: Any, **kwargs: Any) -> Response:
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return Response(status, body, **kwargs)
+
+
+def error_response(status: int, message: str, **kwargs: Any) -> Response:
+    return json_response(status, {"error": message}, **kwargs)
+
+
+def text_response(status: int, text: str) -> Response:
+    return Response(status, text.encode(), "text/plain; charset=utf-8")
+
+
+# ---------------------------------------------------------------------------
+# Stream I/O
+# ---------------------------------------------------------------------------
+
+
+class Wire:
+    """One TCP connection: asyncio streams plus a buffer the sans-IO parsers work on."""
+
+    __slots__ = ("buf", "peer", "reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.buf = bytearray()
+        peer = writer.get_extra_info("peername")
+        self.peer: str = peer[0] if isinstance(peer, tuple) else "unix"
+
+    async def fill(self, timeout: float) -> bool:
+        """Reads more bytes into ``buf``; False at end of stream."""
+        data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def abort(self) -> None:
+        """Drops the connection at once (RST), so the peer stops whatever it was doing."""
+        self.writer.transport.abort()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+
+    @property
+    def usable(self) -> bool:
+        return not (self.reader.at_eof() or self.writer.transport.is_closing())
+
+
+async def read_head(
+    wire: Wire,
+    parse: Callable[[bytearray], T | None],
+    deadline: float,
+) -> T | None:
+    """Reads until ``parse`` returns a head; None if the peer closed before any byte."""
+    loop = asyncio.get_running_loop()
+    while True:
+        head = parse(wire.buf)
+        if head is not None:
+            return head
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise asyncio.TimeoutError
+        had_bytes = bool(wire.buf)
+        if not await wire.fill(remaining):
+            if had_bytes:
+                raise IncompleteBody("connection closed in the middle of a head")
+            return None
+
+
+async def iter_body(wire: Wire, framing: Framing, timeout: float, error_status: int
+                    ) -> AsyncIterator[bytes]:
+    """Yields a body's bytes as they arrive, leaving whatever follows it in ``wire.buf``.
+
+    ``timeout`` bounds each wait for bytes. Raises IncompleteBody if the peer closes early.
+    """
+    if framing.kind == "length":
+        remaining = framing.length
+        if wire.buf:
+            n = min(remaining, len(wire.buf))
+            data = bytes(wire.buf[:n])
+            del wire.buf[:n]
+            remaining -= n
+            yield data
+        while remaining:
+            data = await asyncio.wait_for(wire.reader.read(min(remaining, READ_SIZE)), timeout)
+            if not data:
+                raise IncompleteBody(f"connection closed with {remaining} body bytes missing")
+            remaining -= len(data)
+            yield data
+    elif framing.kind == "chunked":
+        decoder = ChunkedDecoder(error_status)
+        while True:
+            event = decoder.next_event(wire.buf)
+            if event is END_OF_BODY:
+                return
+            if isinstance(event, bytes):
+                if event:
+                    yield event
+            elif not await wire.fill(timeout):
+                raise IncompleteBody("connection closed in the middle of a chunked body")
+    elif framing.kind == "close":
+        if wire.buf:
+            data = bytes(wire.buf)
+            wire.buf.clear()
+            yield data
+        while True:
+            data = await asyncio.wait_for(wire.reader.read(READ_SIZE), timeout)
+            if not data:
+                return
+            yield data
+
+
+class ReplayableBody:
+    """A request body that can be sent again while what was read of it fits REPLAY_LIMIT.
+
+    Iterating it a second time yields the kept bytes, then goes on with the source.
+    """
+
+    def __init__(self, source: AsyncIterator[bytes] | None) -> None:
+        self._source = source
+        self._kept: list[bytes] = []
+        self._kept_size = 0
+        self.replayable = True
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for piece in self._kept:
+            yield piece
+        if self._source is None:
+            return
+        async for piece in self._source:
+            if self.replayable:
+                if self._kept_size + len(piece) <= REPLAY_LIMIT:
+                    self._kept.append(piece)
+                    self._kept_size += len(piece)
+                else:
+                    self.replayable = False
+                    self._kept.clear()
+            yield piece
+        self._source = None
+
+
+# ---------------------------------------------------------------------------
+# Upstream connectors: direct, HTTP CONNECT, SOCKS
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Proxy:
+    id: int
+    name: str
+    ip: str
+    port: int
+    protocol: str
+    status: bool
+    user_name: str | None
+    password: str | None = dataclasses.field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "ip": self.ip,
+            "port": self.port,
+            "protocol": self.protocol,
+            "name": self.name,
+            "status": self.status,
+            "userName": self.user_name,
+            "hasPassword": bool(self.password),
+        }
+
+    @property
+    def label(self) -> str:
+        return f"proxy {self.name!r} ({self.protocol}://{self.ip}:{self.port})"
+
+
+@dataclasses.dataclass
+class Server:
+    id: int
+    host: str
+    port: int
+    scheme: str = "http"
+    name: str | None = None
+    location: str | None = None
+    runner: str | None = None
+    enabled: bool = True
+    proxy_id: int | None = None
+    models: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    last_checked: datetime.datetime | None = None
+    # Live state, kept in memory.
+    reachable: bool = False
+    last_error: str | None = None
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{format_host(self.host)}:{self.port}"
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.scheme}://{format_host(self.host)}:{self.port}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "host": self.host,
+            "port": self.port,
+            "scheme": self.scheme,
+            "location": self.location,
+            "runner": self.runner,
+            "enabled": self.enabled,
+            "proxyId": self.proxy_id,
+            "models": [m.get("name") or m.get("model") for m in self.models],
+            "lastChecked": iso_time(self.last_checked),
+            "reachable": self.reachable,
+            "lastError": self.last_error,
+        }
+
+
+def format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def iso_time(value: datetime.datetime | None) -> str | None:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0, tzinfo=None)
+
+
+async def _open_tcp_socket(host: str, port: int) -> socket.socket:
+    """A connected non-blocking socket, trying every address the name resolves to."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError = OSError(f"cannot resolve {host}")
+    for family, type_, proto, _, address in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise last
+
+
+async def _http_connect(proxy: Proxy, host: str, port: int) -> socket.socket:
+    """Opens a tunnel through an HTTP proxy with CONNECT (RFC 9110 9.3.6)."""
+    loop = asyncio.get_running_loop()
+    try:
+        sock = await _open_tcp_socket(proxy.ip, proxy.port)
+    except OSError as exc:
+        raise UpstreamError(502, f"cannot connect to {proxy.label}: {exc}") from None
+    try:
+        authority = f"{format_host(host)}:{port}"
+        headers = [("Host", authority)]
+        if proxy.user_name:
+            token = base64.b64encode(f"{proxy.user_name}:{proxy.password or ''}".encode())
+            headers.append(("Proxy-Authorization", "Basic " + token.decode()))
+        await loop.sock_sendall(sock, render_head(f"CONNECT {authority} HTTP/1.1", headers))
+        buf = bytearray()
+        while (head := maybe_response_head(buf)) is None:
+            data = await loop.sock_recv(sock, 4096)
+            if not data:
+                raise UpstreamError(502, f"{proxy.label} closed the connection during CONNECT")
+            buf += data
+        if not 200 <= head.status < 300:
+            raise UpstreamError(
+                502, f"{proxy.label} refused CONNECT to {authority}: {head.status} {head.reason}"
+            )
+        if buf:
+            raise UpstreamError(502, f"{proxy.label} sent data before the tunnel was used")
+        return sock
+    except ProtocolError as exc:
+        sock.close()
+        raise UpstreamError(502, f"{proxy.label} answered CONNECT badly: {exc.message}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _socks_connect(proxy: Proxy, host: str, port: int, timeout: float) -> socket.socket:
+    try:
+        from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
+        from python_socks.async_.asyncio import Proxy as SocksProxy
+    except ImportError:
+        raise UpstreamError(
+            502, str(MissingDependency("python-socks", f"{proxy.label}"))
+        ) from None
+    proxy_type = ProxyType.SOCKS4 if proxy.protocol == "socks4" else ProxyType.SOCKS5
+    client = SocksProxy(
+        proxy_type,
+        proxy.ip,
+        proxy.port,
+        username=proxy.user_name or None,
+        password=proxy.password if proxy.user_name else None,
+        # socks5h and socks4a resolve the name at the proxy; socks5 resolves it here.
+        rdns=proxy.protocol == "socks5h",
+    )
+    try:
+        sock: socket.socket = await client.connect(host, port, timeout=timeout)
+    except ProxyTimeoutError:
+        raise UpstreamError(504, f"{proxy.label} timed out") from None
+    except ProxyConnectionError as exc:
+        raise UpstreamError(502, f"cannot connect to {proxy.label}: {exc}") from None
+    except ProxyError as exc:
+        raise UpstreamError(502, f"{proxy.label} refused {host}:{port}: {exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+async def open_upstream(server: Server, proxy: Proxy | None, timeout: float) -> Wire:
+    """Connects to ``server``, through ``proxy`` when given, TLS on top for https."""
+    tls = ssl.create_default_context() if server.scheme == "https" else None
+    hostname = server.host if tls else None
+    where = f"{server.label}" + (f" through {proxy.label}" if proxy else "")
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if proxy is None:
+            return await asyncio.open_connection(
+                server.host, server.port, ssl=tls, server_hostname=hostname, limit=READ_SIZE
+            )
+        if proxy.protocol == "http":
+            sock = await _http_connect(proxy, server.host, server.port)
+        else:
+            sock = await _socks_connect(proxy, server.host, server.port, timeout)
+        return await asyncio.open_connection(
+            sock=sock, ssl=tls, server_hostname=hostname, limit=READ_SIZE
+        )
+
+    try:
+        reader, writer = await asyncio.wait_for(connect(), timeout)
+    except asyncio.TimeoutError:
+        raise UpstreamError(504, f"timed out connecting to {where}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise UpstreamError(502, f"cannot connect to {where}: {exc}") from None
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return Wire(reader, writer)
+
+
+PoolKey = tuple[str, str, int, tuple[Any, ...] | None]
+
+
+class UpstreamPool:
+    """Idle keep-alive connections, per server and proxy (credentials included, so a
+    changed proxy never reuses a tunnel opened with the old one)."""
+
+    def __init__(self) -> None:
+        self._idle: dict[PoolKey, list[tuple[Wire, float]]] = {}
+
+    @staticmethod
+    def key(server: Server, proxy: Proxy | None) -> PoolKey:
+        via = None
+        if proxy is not None:
+            via = (proxy.protocol, proxy.ip, proxy.port, proxy.user_name, proxy.password)
+        return (server.scheme, server.host, server.port, via)
+
+    def take(self, key: PoolKey) -> Wire | None:
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle:
+            wire, since = idle.pop()
+            if now - since < POOL_IDLE_SECONDS and wire.usable:
+                return wire
+            wire.abort()
+        return None
+
+    def put(self, key: PoolKey, wire: Wire) -> None:
+        if wire.buf or not wire.usable:
+            wire.abort()
+            return
+        idle = self._idle.setdefault(key, [])
+        idle.append((wire, time.monotonic()))
+        while len(idle) > POOL_MAX_IDLE:
+            idle.pop(0)[0].abort()
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        for key, idle in list(self._idle.items()):
+            keep = []
+            for wire, since in idle:
+                if now - since < POOL_IDLE_SECONDS and wire.usable:
+                    keep.append((wire, since))
+                else:
+                    wire.abort()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for wire, _ in idle:
+                wire.abort()
+        self._idle.clear()
+
+
+# ---------------------------------------------------------------------------
+# Store: one interface, SQLite (default) and MySQL, called from a worker thread
+# ---------------------------------------------------------------------------
+
+SERVER_COLUMNS = (
+    "id, host, port, scheme, name, location, runner, enabled, proxy_id, models, last_checked"
+)
+PROXY_COLUMNS = "id, name, ip, port, protocol, status, user_name, password"
+
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ollamaServers (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  host TEXT NOT NULL,
+  port INTEGER NOT NULL,
+  scheme TEXT NOT NULL DEFAULT 'http',
+  name TEXT,
+  location TEXT,
+  runner TEXT,
+  enabled INTEGER NOT NULL DEFAULT 1,
+  proxy_id INTEGER,
+  models TEXT,
+  last_checked TEXT,
+  created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  updated_at TEXT DEFAULT CURRENT_TIMESTAMP,
+  UNIQUE (host, port)
+);
+CREATE TABLE IF NOT EXISTS proxy (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  name TEXT NOT NULL,
+  ip TEXT NOT NULL,
+  port INTEGER NOT NULL,
+  user_name TEXT,
+  password TEXT,
+  protocol TEXT NOT NULL DEFAULT 'http',
+  status INTEGER NOT NULL DEFAULT 1,
+  created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  updated_at TEXT DEFAULT CURRENT_TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS server_handle (
+  token TEXT PRIMARY KEY,
+  server_id INTEGER NOT NULL,
+  proxy_id INTEGER NOT NULL DEFAULT 0,
+  created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  UNIQUE (server_id, proxy_id)
+);
+"""
+
+# The MySQL schema after every migration; schema.sql is this text (a test keeps them equal).
+MYSQL_SCHEMA = """\
+CREATE TABLE IF NOT EXISTS `ollamaServers` (
+  `id` int NOT NULL AUTO_INCREMENT,
+  `port` int NOT NULL,
+  `host` varchar(255) NOT NULL,
+  `location` varchar(255) NULL,
+  `runner` varchar(255) NULL,
+  `models` json,
+  `last_checked` timestamp NULL,
+  `created_at` timestamp NOT NULL DEFAULT (now()),
+  `updated_at` timestamp DEFAULT (now()) ON UPDATE CURRENT_TIMESTAMP,
+  `scheme` varchar(8) NOT NULL DEFAULT 'http',
+  `name` varchar(255) NULL,
+  `enabled` tinyint NOT NULL DEFAULT 1,
+  `proxy_id` int NULL,
+  PRIMARY KEY (`id`),
+  UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
+);
+
+CREATE TABLE IF NOT EXISTS `proxy` (
+  `id` int NOT NULL AUTO_INCREMENT,
+  `name` varchar(255) NOT NULL,
+  `ip` varchar(255) NOT NULL,
+  `port` int NOT NULL,
+  `user_name` varchar(255),
+  `password` varchar(255),
+  `created_at` timestamp NOT NULL DEFAULT (now()),
+  `updated_at` timestamp DEFAULT (now()) ON UPDATE CURRENT_TIMESTAMP,
+  `protocol` varchar(255) NOT NULL DEFAULT 'http',
+  `status` tinyint NOT NULL DEFAULT 1,
+  PRIMARY KEY (`id`)
+);
+
+CREATE TABLE IF NOT EXISTS `server_handle` (
+  `token` varchar(64) NOT NULL,
+  `server_id` int NOT NULL,
+  `proxy_id` int NOT NULL DEFAULT 0,
+  `created_at` timestamp NOT NULL DEFAULT (now()),
+  PRIMARY KEY (`token`),
+  UNIQUE KEY `server_handle_pair` (`server_id`, `proxy_id`)
+);
+"""
+
+# Columns the balancer adds to the seed's tables: (table, column, MySQL definition).
+MYSQL_ADDED_COLUMNS = (
+    ("ollamaServers", "scheme", "varchar(8) NOT NULL DEFAULT 'http'"),
+    ("ollamaServers", "name", "varchar(255) NULL"),
+    ("ollamaServers", "enabled", "tinyint NOT NULL DEFAULT 1"),
+    ("ollamaServers", "proxy_id", "int NULL"),
+    ("proxy", "protocol", "varchar(255) NOT NULL DEFAULT 'http'"),
+    ("proxy", "status", "tinyint NOT NULL DEFAULT 1"),
+)
+
+# Seed columns brought in line with MYSQL_SCHEMA: (table, column, definition, and the
+# (IS_NULLABLE, default, EXTRA) that information_schema shows once they are).
+MYSQL_CONFORMED_COLUMNS = (
+    ("ollamaServers", "id", "int NOT NULL AUTO_INCREMENT", ("NO", None, "auto_increment")),
+    ("ollamaServers", "location", "varchar(255) NULL", ("YES", None, "")),
+    ("ollamaServers", "runner", "varchar(255) NULL", ("YES", None, "")),
+    ("proxy", "protocol", "varchar(255) NOT NULL DEFAULT 'http'", ("NO", "http", "")),
+    ("proxy", "status", "tinyint NOT NULL DEFAULT 1", ("NO", "1", "")),
+)
+
+
+def _sql_default(value: Any) -> str | None:
+    """COLUMN_DEFAULT as MySQL (``http``) and MariaDB (``'http'``, ``NULL``) both show it."""
+    if value is None or value == "NULL":
+        return None
+    text = str(value)
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == "'" else text
+
+
+SERVER_FIELDS = ("host", "port", "scheme", "name", "location", "runner", "enabled", "proxy_id")
+PROXY_FIELDS = ("name", "ip", "port", "protocol", "status", "user_name", "password")
+
+
+class Store:
+    """The database, through blocking calls made on one worker thread (see AsyncStore).
+
+    SQL is written once with ``?`` placeholders; the MySQL subclass rewrites them.
+    """
+
+    engine = "sqlite"
+
+    def __init__(self) -> None:
+        self._conn: Any = None
+
+    # -- engine-specific ---------------------------------------------------
+
+    def connect(self) -> None:
+        raise NotImplementedError
+
+    def migrate(self) -> None:
+        raise NotImplementedError
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Runs one statement and returns the cursor, reconnecting where the engine can."""
+        raise NotImplementedError
+
+    def _is_duplicate(self, exc: Exception) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    # -- rows ----------------------------------------------------------------
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self._execute(sql, params).fetchall())
+
+    def _insert(self, table: str, values: dict[str, Any]) -> int:
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        try:
+            cursor = self._execute(
+                f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(values.values())
+            )
+        except Exception as exc:
+            if self._is_duplicate(exc):
+                raise Conflict(str(exc)) from None
+            raise
+        return int(cursor.lastrowid)
+
+    def _update(self, table: str, key: int, values: dict[str, Any]) -> bool:
+        if not values:
+            return bool(self._rows(f"SELECT id FROM {table} WHERE id = ?", [key]))
+        assignments = ", ".join(f"{column} = ?" for column in values)
+        try:
+            self._execute(
+                f"UPDATE {table} SET {assignments}, updated_at = CURRENT_TIMESTAMP WHERE id = ?",
+                [*values.values(), key],
+            )
+        except Exception as exc:
+            if self._is_duplicate(exc):
+                raise Conflict(str(exc)) from None
+            raise
+        return bool(self._rows(f"SELECT id FROM {table} WHERE id = ?", [key]))
+
+    # -- servers -------------------------------------------------------------
+
+    def list_servers(self) -> list[Server]:
+        rows = self._rows(f"SELECT {SERVER_COLUMNS} FROM ollamaServers ORDER BY id")
+        return [server_from_row(row) for row in rows]
+
+    def add_server(self, values: dict[str, Any]) -> int:
+        return self._insert("ollamaServers", values)
+
+    def update_server(self, server_id: int, values: dict[str, Any]) -> bool:
+        return self._update("ollamaServers", server_id, values)
+
+    def delete_server(self, server_id: int) -> bool:
+        self._execute("DELETE FROM server_handle WHERE server_id = ?", [server_id])
+        cursor = self._execute("DELETE FROM ollamaServers WHERE id = ?", [server_id])
+        return bool(cursor.rowcount)
+
+    def record_health(self, server_id: int, models: list[dict[str, Any]] | None,
+                      checked: datetime.datetime) -> None:
+        if models is None:
+            self._execute(
+                "UPDATE ollamaServers SET last_checked = ? WHERE id = ?", [checked, server_id]
+            )
+        else:
+            self._execute(
+                "UPDATE ollamaServers SET models = ?, last_checked = ? WHERE id = ?",
+                [json.dumps(models), checked, server_id],
+            )
+
+    # -- proxies -------------------------------------------------------------
+
+    def list_proxies(self) -> list[Proxy]:
+        rows = self._rows(f"SELECT {PROXY_COLUMNS} FROM proxy ORDER BY id")
+        return [proxy_from_row(row) for row in rows]
+
+    def add_proxy(self, values: dict[str, Any]) -> int:
+        return self._insert("proxy", values)
+
+    def update_proxy(self, proxy_id: int, values: dict[str, Any]) -> bool:
+        return self._update("proxy", proxy_id, values)
+
+    def delete_proxy(self, proxy_id: int) -> bool:
+        self._execute("DELETE FROM server_handle WHERE proxy_id = ?", [proxy_id])
+        cursor = self._execute("DELETE FROM proxy WHERE id = ?", [proxy_id])
+        return bool(cursor.rowcount)
+
+    # -- handles: the IDs that getServer hands out ------------------------------
+
+    def handle_for(self, server_id: int, proxy_id: int | None) -> str:
+        """The stable ID for (server, proxy), made on first use and shared by every
+        instance on this database."""
+        pair = [server_id, proxy_id or 0]
+        sql = "SELECT token FROM server_handle WHERE server_id = ? AND proxy_id = ?"
+        rows = self._rows(sql, pair)
+        if rows:
+            return str(rows[0][0])
+        token = secrets.token_hex(16)
+        try:
+            self._execute(
+                "INSERT INTO server_handle (token, server_id, proxy_id) VALUES (?, ?, ?)",
+                [token, *pair],
+            )
+        except Exception as exc:
+            if not self._is_duplicate(exc):
+                raise
+            rows = self._rows(sql, pair)  # another instance made it first
+            return str(rows[0][0])
+        return token
+
+    def resolve_handle(self, token: str) -> tuple[int, int | None] | None:
+        rows = self._rows(
+            "SELECT server_id, proxy_id FROM server_handle WHERE token = ?", [token]
+        )
+        if not rows:
+            return None
+        return int(rows[0][0]), (int(rows[0][1]) or None)
+
+    def list_handles(self) -> dict[str, tuple[int, int | None]]:
+        rows = self._rows("SELECT token, server_id, proxy_id FROM server_handle")
+        return {str(t): (int(s), int(p) or None) for t, s, p in rows}
+
+
+def _as_datetime(value: Any) -> datetime.datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime.datetime):
+        return value.replace(tzinfo=None)
+    with contextlib.suppress(ValueError):
+        return datetime.datetime.fromisoformat(str(value)).replace(tzinfo=None)
+    return None
+
+
+def _as_models(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return []
+    if isinstance(value, dict):  # a whole /api/tags answer stored by an outside crawler
+        value = value.get("models", [])
+    if not isinstance(value, list):
+        return []
+    return [m for m in value if isinstance(m, dict)]
+
+
+def server_from_row(row: Sequence[Any]) -> Server:
+    id_, host, port, scheme, name, location, runner, enabled, proxy_id, models, checked = row
+    return Server(
+        id=int(id_),
+        host=str(host),
+        port=int(port),
+        scheme=str(scheme or "http"),
+        name=name or None,
+        location=location or None,
+        runner=runner or None,
+        enabled=bool(enabled),
+        proxy_id=int(proxy_id) if proxy_id else None,
+        models=_as_models(models),
+        last_checked=_as_datetime(checked),
+    )
+
+
+def proxy_from_row(row: Sequence[Any]) -> Proxy:
+    id_, name, ip, port, protocol, status, user_name, password = row
+    return Proxy(
+        id=int(id_),
+        name=str(name),
+        ip=str(ip),
+        port=int(port),
+        protocol=str(protocol or "http").lower(),
+        status=bool(status),
+        user_name=user_name or None,
+        password=password or None,
+    )
+
+
+class SQLiteStore(Store):
+    engine = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def connect(self) -> None:
+        try:
+            self._conn = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=10
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA busy_timeout=10000")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite file {self.path}: {exc}") from None
+
+    def migrate(self) -> None:
+        self._conn.executescript(SQLITE_SCHEMA)
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        params = [iso_sql(p) if isinstance(p, datetime.datetime) else p for p in params]
+        try:
+            return self._conn.execute(sql, params)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(str(exc)) from None
+
+    def _is_duplicate(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError)
+
+
+def iso_sql(value: datetime.datetime) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+class MySQLStore(Store):
+    """MySQL or MariaDB through pymysql; reconnects when the server went away."""
+
+    engine = "mysql"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        try:
+            import pymysql
+        except ImportError:
+            raise MissingDependency("pymysql", "DB_ENGINE=mysql") from None
+        self._pymysql = pymysql
+
+    def _open(self, database: str | None) -> Any:
+        return self._pymysql.connect(
+            host=self.config.db_host,
+            port=self.config.db_port,
+            user=self.config.db_username,
+            password=self.config.db_password,
+            database=database,
+            charset="utf8mb4",
+            autocommit=True,
+            connect_timeout=5,
+            read_timeout=30,
+            write_timeout=30,
+            init_command="SET time_zone = '+00:00'",
+        )
+
+    def connect(self) -> None:
+        pymysql = self._pymysql
+        try:
+            try:
+                self._conn = self._open(self.config.db_database)
+            except pymysql.err.OperationalError as exc:
+                if exc.args[0] != 1049:  # ER_BAD_DB_ERROR: unknown database
+                    raise
+                bootstrap = self._open(None)
+                try:
+                    with bootstrap.cursor() as cursor:
+                        name = self.config.db_database.replace("`", "``")
+                        cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{name}`")
+                finally:
+                    bootstrap.close()
+                self._conn = self._open(self.config.db_database)
+        except pymysql.err.MySQLError as exc:
+            self._conn = None
+            raise StoreUnavailable(f"cannot connect to MySQL: {exc}") from None
+
+    def migrate(self) -> None:
+        """Creates the tables, or upgrades the seed's in place. Every step is idempotent."""
+        for statement in MYSQL_SCHEMA.split(";\n"):
+            if statement.strip():
+                self._execute(statement)
+        present = {
+            (table, column)
+            for table, column in self._rows(
+                "SELECT TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS"
+                " WHERE TABLE_SCHEMA = DATABASE()"
+            )
+        }
+        for table, column, definition in MYSQL_ADDED_COLUMNS:
+            if (table, column) not in present:
+                self._execute(f"ALTER TABLE `{table}` ADD COLUMN `{column}` {definition}")
+        # The seed's columns that differ from ours: ollamaServers.id filled by a crawler
+        # (not AUTO_INCREMENT), runner and location NOT NULL, proxy.protocol nullable,
+        # proxy.status without a default. NULL protocols become 'http' first.
+        self._execute("UPDATE `proxy` SET `protocol` = 'http' WHERE `protocol` IS NULL")
+        actual = {
+            (table, column): (nullable, _sql_default(default), str(extra).lower())
+            for table, column, nullable, default, extra in self._rows(
+                "SELECT TABLE_NAME, COLUMN_NAME, IS_NULLABLE, COLUMN_DEFAULT, EXTRA"
+                " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
+            )
+        }
+        for table, column, definition, expected in MYSQL_CONFORMED_COLUMNS:
+            if actual.get((table, column)) != expected:
+                self._execute(f"ALTER TABLE `{table}` MODIFY `{column}` {definition}")
+        indexes = {
+            str(name)
+            for name, in self._rows(
+                "SELECT DISTINCT INDEX_NAME FROM information_schema.STATISTICS"
+                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'ollamaServers'"
+            )
+        }
+        if "ollamaServers_host_port" not in indexes:
+            self._execute(
+                "ALTER TABLE `ollamaServers` ADD UNIQUE KEY `ollamaServers_host_port`"
+                " (`host`, `port`)"
+            )
+        if "ollamaServers_host_unique" in indexes:
+            self._execute("ALTER TABLE `ollamaServers` DROP INDEX `ollamaServers_host_unique`")
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        pymysql = self._pymysql
+        sql = sql.replace("?", "%s")
+        for attempt in (1, 2):
+            try:
+                if self._conn is None:
+                    self.connect()
+                cursor = self._conn.cursor()
+                cursor.execute(sql, list(params))
+                return cursor
+            except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
+                code = exc.args[0] if exc.args else 0
+                if isinstance(exc, pymysql.err.OperationalError) and code < 2000 and code not in (
+                    1927, 4031  # connection killed, idle disconnect (server-side)
+                ):
+                    raise  # an SQL-level error, not a lost connection
+                self.close()
+                if attempt == 2:
+                    raise StoreUnavailable(f"MySQL unavailable: {exc}") from None
+        raise AssertionError("unreachable")
+
+    def _is_duplicate(self, exc: Exception) -> bool:
+        return isinstance(exc, self._pymysql.err.IntegrityError) and exc.args[0] == 1062
+
+
+class AsyncStore:
+    """Runs Store calls on one worker thread, so the event loop never waits on the database
+    and the connection is only ever used by one thread."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
+
+    async def call(self, method: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(method, *args))
+
+    def shutdown(self) -> None:
+        self._executor.submit(self.store.close)
+        self._executor.shutdown(wait=True)
+
+
+def open_store(config: Config) -> Store:
+    store: Store = MySQLStore(config) if config.db_engine == "mysql" else SQLiteStore(
+        config.db_path
+    )
+    store.connect()
+    store.migrate()
+    return store
+
+
+# ---------------------------------------------------------------------------
+# Fleet: servers, proxies, health, selection
+# ---------------------------------------------------------------------------
+
+_size_re = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMBT]?)\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1e-9, "K": 1e-6, "M": 1e-3, "B": 1.0, "T": 1e3}
+
+
+def parameter_billions(text: Any) -> float | None:
+    """``"8.0B"`` -> 8.0, ``"137M"`` -> 0.137; None when it cannot be read."""
+    if not isinstance(text, str):
+        return None
+    match = _size_re.fullmatch(text)
+    if match is None:
+        return None
+    return float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+
+
+def canonical_model(name: str) -> str:
+    """``llama3`` -> ``llama3:latest``: Ollama's default tag."""
+    name = name.strip()
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
+def server_models(server: Server) -> dict[str, dict[str, Any]]:
+    return {
+        canonical_model(str(m.get("name") or m.get("model") or "")): m for m in server.models
+    }
+
+
+def server_qualifies(server: Server, models: Sequence[str], size: float | None) -> bool:
+    """True if the server has every model in ``models``, and (with ``size``) one of the
+    requested models (any model when none is requested) of at least ``size`` billions."""
+    installed = server_models(server)
+    wanted = [canonical_model(m) for m in models]
+    if any(name not in installed for name in wanted):
+        return False
+    if size is None:
+        return True
+    pool = [installed[name] for name in wanted] if wanted else list(installed.values())
+    for model in pool:
+        details = model.get("details")
+        billions = parameter_billions(details.get("parameter_size") if isinstance(
+            details, dict) else None)
+        if billions is not None and billions >= size:
+            return True
+    return False
+
+
+def explain_no_match(servers: Sequence[Server], models: Sequence[str], size: float | None) -> str:
+    """Why getServer found nothing, in one sentence."""
+    enabled = [s for s in servers if s.enabled]
+    if not servers:
+        return "no servers are registered"
+    if not enabled:
+        return "no server is enabled"
+    reachable = [s for s in enabled if s.reachable]
+    if not reachable:
+        return "no enabled server is reachable"
+    wanted = ", ".join(models)
+    with_models = [s for s in reachable if server_qualifies(s, models, None)]
+    if models and not with_models:
+        return f"no reachable server has all of: {wanted}"
+    return f"no reachable server has {'a requested' if models else 'a'} model of at least {size}B"
+
+
+# ---------------------------------------------------------------------------
+# API handlers
+# ---------------------------------------------------------------------------
+
+
+class Request:
+    """One request on a client connection; the body is read through it at most once."""
+
+    def __init__(self, wire: Wire, head: RequestHead) -> None:
+        self.wire = wire
+        self.head = head
+        self.method = head.method
+        path, _, self.query = head.target.partition("?")
+        self.path = path
+        self.framing = request_framing(head)
+        self.body_done = self.framing.kind == "none"
+        self.body_started = False
+        self.body_finished = asyncio.Event()
+        if self.body_done:
+            self.body_finished.set()
+
+    async def _send_continue(self) -> None:
+        # RFC 9110 10.1.1: answer "Expect: 100-continue" before reading the body.
+        if self.head.version == "HTTP/1.1" and "100-continue" in self.head.headers.tokens(
+            "expect"
+        ):
+            self.wire.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await self.wire.writer.drain()
+
+    async def body_chunks(self) -> AsyncIterator[bytes]:
+        if self.body_done or self.body_started:
+            return
+        self.body_started = True
+        await self._send_continue()
+        try:
+            async for piece in iter_body(self.wire, self.framing, BODY_TIMEOUT, 400):
+                yield piece
+        except asyncio.TimeoutError:
+            raise IncompleteBody(f"client sent no body bytes for {BODY_TIMEOUT:g} s") from None
+        self.body_done = True
+        self.body_finished.set()
+
+    async def read_json(self) -> Any:
+        if self.framing.kind == "length" and self.framing.length > MAX_ADMIN_BODY:
+            raise HTTPError(413, f"body larger than {MAX_ADMIN_BODY} bytes", close=True)
+        body = bytearray()
+        async for piece in self.body_chunks():
+            body += piece
+            if len(body) > MAX_ADMIN_BODY:
+                raise HTTPError(413, f"body larger than {MAX_ADMIN_BODY} bytes", close=True)
+        if not body.strip():
+            raise HTTPError(400, "a JSON body is required")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HTTPError(400, f"body is not valid JSON: {exc}") from None
+
+    def query_values(self, *names: str) -> list[str]:
+        pairs = urllib.parse.parse_qsl(self.query, keep_blank_values=True)
+        return [value for key, value in pairs if key in names]
+
+
+Handler = Callable[[Request, "re.Match[str]"], Awaitable["Response | Relayed"]]
+
+
+class Relayed:
+    """What a handler returns when it already wrote its response to the client itself."""
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+
+
+# Admin field validation -------------------------------------------------------
+
+_control_re = re.compile(r"[\x00-\x1f\x7f]")
+_hostname_re = re.compile(r"[A-Za-z0-9._\-]{1,253}|\[?[0-9A-Fa-f:.]{2,45}\]?")
+
+
+def _field_text(body: dict[str, Any], name: str, *, required: bool = False,
+                max_length: int = 255) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise HTTPError(400, f"'{name}' is required")
+        return None
+    if not isinstance(value, str):
+        raise HTTPError(400, f"'{name}' must be a string")
+    value = value.strip()
+    if required and not value:
+        raise HTTPError(400, f"'{name}' must not be empty")
+    if len(value) > max_length:
+        raise HTTPError(400, f"'{name}' is longer than {max_length} characters")
+    if _control_re.search(value):
+        raise HTTPError(400, f"'{name}' contains control characters")
+    return value
+
+
+def _field_host(body: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    value = _field_text(body, name, required=required)
+    if value is None:
+        return None
+    if not _hostname_re.fullmatch(value):
+        raise HTTPError(400, f"'{name}' is not a host name or IP address")
+    return value.strip("[]")
+
+
+def _field_port(body: dict[str, Any], name: str, default: int | None = None) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,5}", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise HTTPError(400, f"'{name}' must be a port number from 1 to 65535")
+    return value
+
+
+def _field_bool(body: dict[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    raise HTTPError(400, f"'{name}' must be true or false")
+
+
+def _field_choice(body: dict[str, Any], name: str, choices: Sequence[str]) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise HTTPError(400, f"'{name}' must be one of {', '.join(choices)}")
+    return value.lower()
+
+
+def _field_id(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HTTPError(400, f"'{name}' must be a positive integer id")
+    return value
+
+
+def _json_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the body must be a JSON object")
+    return body
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _unknown_fields(body: dict[str, Any], allowed: Iterable[str]) -> None:
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise HTTPError(400, f"unknown field '{unknown[0]}'")
+
+
+SERVER_BODY_FIELDS = ("url", "host", "port", "scheme", "name", "location", "runner",
+                      "enabled", "proxyId")
+PROXY_BODY_FIELDS = ("ip", "port", "protocol", "name", "status", "userName", "password")
+
+
+def parse_server_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
+    """Validated store columns from an addServer or PATCH body."""
+    _unknown_fields(body, SERVER_BODY_FIELDS)
+    values: dict[str, Any] = {}
+    url = _field_text(body, "url", max_length=2048)
+    if url is not None:
+        if "host" in body or "port" in body or "scheme" in body:
+            raise HTTPError(400, "give either 'url' or 'host'/'port'/'scheme', not both")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in SERVER_SCHEMES or not parts.hostname:
+            raise HTTPError(400, "'url' must look like http://host:11434")
+        if parts.path not in ("", "/") or parts.query or parts.username:
+            raise HTTPError(400, "'url' must be only scheme, host and port")
+        try:
+            port = parts.port
+        except ValueError:
+            raise HTTPError(400, "'url' has a bad port") from None
+        values.update(_drop_none({"scheme": parts.scheme, "host": parts.hostname,
+                                  "port": port or 11434}))
+        _field_host({"url": values["host"]}, "url")
+    else:
+        values["host"] = _field_host(body, "host", required=not partial)
+        values["port"] = _field_port(body, "port", None if partial else 11434)
+        values["scheme"] = _field_choice(body, "scheme", SERVER_SCHEMES) or (
+            None if partial else "http"
+        )
+    values["name"] = _field_text(body, "name")
+    values["location"] = _field_text(body, "location")
+    values["runner"] = _field_text(body, "runner")
+    values["enabled"] = _field_bool(body, "enabled")
+    values["proxy_id"] = _field_id(body, "proxyId")
+    if not partial and values["enabled"] is None:
+        values["enabled"] = True
+    result = _drop_none(values)
+    if partial:
+        # PATCH may clear these by sending null explicitly.
+        for json_name, column in (("proxyId", "proxy_id"), ("name", "name"),
+                                  ("location", "location"), ("runner", "runner")):
+            if json_name in body and body[json_name] is None:
+                result[column] = None
+    if "enabled" in result:
+        result["enabled"] = int(result["enabled"])
+    return result
+
+
+def parse_proxy_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
+    """Validated store columns from an addProxy or PATCH body."""
+    _unknown_fields(body, PROXY_BODY_FIELDS)
+    values = {
+        "ip": _field_host(body, "ip", required=not partial),
+        "port": _field_port(body, "port") if partial else _field_port(body, "port", -1),
+        "protocol": _field_choice(body, "protocol", PROXY_PROTOCOLS),
+        "name": _field_text(body, "name", required=not partial),
+        "status": _field_bool(body, "status"),
+        "user_name": _field_text(body, "userName"),
+        "password": _field_text(body, "password", max_length=255),
+    }
+    if not partial:
+        values["protocol"] = values["protocol"] or "http"
+        values["status"] = True if values["status"] is None else values["status"]
+    result = _drop_none(values)
+    if partial:
+        for json_name, column in (("userName", "user_name"), ("password", "password")):
+            if json_name in body and body[json_name] is None:
+                result[column] = None
+    if "status" in result:
+        result["status"] = int(result["status"])
+    return result
+
+
+def _path_id(match: re.Match[str]) -> int:
+    return int(match.group("id"))
+
+
+class Balancer:
+    """The application: fleet state in memory, the store behind it, and the routes."""
+
+    def __init__(self, config: Config, store: AsyncStore) -> None:
+        self.config = config
+        self.store = store
+        self.pool = UpstreamPool()
+        self.servers: dict[int, Server] = {}
+        self.proxies: dict[int, Proxy] = {}
+        self.handles: dict[str, tuple[int, int | None]] = {}
+        self.handle_tokens: dict[tuple[int, int | None], str] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._store_down_logged = False
+        self.routes: list[tuple[frozenset[str], re.Pattern[str], Handler]] = [
+            (frozenset({"POST"}), re.compile(r"/proxy/addProxy"), self.add_proxy),
+            (frozenset({"GET"}), re.compile(r"/proxy/allProxies"), self.all_proxies),
+            (frozenset({"GET", "PATCH", "DELETE"}), re.compile(r"/proxy/(?P<id>[0-9]{1,9})"),
+             self.one_proxy),
+            (frozenset({"GET"}), re.compile(r"/servers/getServer"), self.get_server),
+            (frozenset({"POST"}), re.compile(r"/servers/addServer"), self.add_server),
+            (frozenset({"GET"}), re.compile(r"/servers/allServers"), self.all_servers),
+            (frozenset({"GET", "PATCH", "DELETE"}),
+             re.compile(r"/servers/(?P<id>[0-9]{1,9})"), self.one_server),
+            (frozenset(), re.compile(r"/servers/ollama(?P<rest>/.*)?"), self.passthrough),
+        ]
+
+    # -- state ----------------------------------------------------------------
+
+    async def db(self, method: Callable[..., T], *args: Any) -> T:
+        """A store call for an admin request: 503 when the database is down."""
+        try:
+            result = await self.store.call(method, *args)
+        except StoreUnavailable as exc:
+            log.warning("database unavailable: %s", exc)
+            raise HTTPError(503, "database unavailable") from None
+        except Conflict:
+            raise
+        self._store_down_logged = False
+        return result
+
+    async def reload(self) -> None:
+        """Reads servers, proxies and handles from the store into memory, keeping live state.
+
+        Other instances and outside crawlers write the same tables, so this runs on every
+        health round. When the store is down the in-memory copy keeps serving.
+        """
+        store = self.store.store
+        servers = await self.store.call(store.list_servers)
+        proxies = await self.store.call(store.list_proxies)
+        handles = await self.store.call(store.list_handles)
+        fresh: dict[int, Server] = {}
+        for server in servers:
+            old = self.servers.get(server.id)
+            if old is not None and (old.host, old.port, old.scheme, old.proxy_id) == (
+                server.host, server.port, server.scheme, server.proxy_id
+            ):
+                server.reachable, server.last_error = old.reachable, old.last_error
+                if old.last_checked and (
+                    server.last_checked is None or old.last_checked > server.last_checked
+                ):
+                    server.models, server.last_checked = old.models, old.last_checked
+            fresh[server.id] = server
+        self.servers = fresh
+        self.proxies = {proxy.id: proxy for proxy in proxies}
+        self.handles = handles
+        self.handle_tokens = {pair: token for token, pair in handles.items()}
+
+    def proxy_of(self, server: Server) -> Proxy | None:
+        if server.proxy_id is None:
+            return None
+        proxy = self.proxies.get(server.proxy_id)
+        if proxy is None:
+            raise UpstreamError(502, f"server {server.id} names proxy {server.proxy_id}, "
+                                     "which does not exist")
+        return proxy
+
+    async def check_server(self, server: Server) -> None:
+        """Reads the server's /api/tags through its proxy; updates memory and the store."""
+        try:
+            proxy = self.proxy_of(server)
+            if proxy is not None and not proxy.status:
+                raise UpstreamError(502, f"{proxy.label} is disabled")
+            status, body = await asyncio.wait_for(
+                self.fetch(server, proxy, "GET", "/api/tags"), self.config.health_timeout
+            )
+            if status != 200:
+                raise UpstreamError(502, f"/api/tags answered {status}")
+            payload = json.loads(body)
+            models = payload.get("models") if isinstance(payload, dict) else None
+            if not isinstance(models, list):
+                raise UpstreamError(502, "/api/tags did not list models")
+        except asyncio.TimeoutError:
+            self._mark(server, False, "health check timed out")
+        except UpstreamError as exc:
+            self._mark(server, False, exc.message)
+        except (ValueError, IncompleteBody, OSError, ProtocolError) as exc:
+            self._mark(server, False, f"bad /api/tags answer: {exc}")
+        else:
+            server.models = [m for m in models if isinstance(m, dict)]
+            self._mark(server, True, None)
+        server.last_checked = utc_now()
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.call(
+                self.store.store.record_health,
+                server.id,
+                server.models if server.reachable else None,
+                server.last_checked,
+            )
+
+    def _mark(self, server: Server, reachable: bool, error: str | None) -> None:
+        if reachable != server.reachable or error != server.last_error:
+            if reachable:
+                log.info("server %s is reachable (%d models)", server.label, len(server.models))
+            else:
+                log.warning("server %s is unreachable: %s", server.label, error)
+        server.reachable, server.last_error = reachable, error
+
+    async def check_all(self) -> None:
+        servers = [s for s in self.servers.values() if s.enabled]
+        await asyncio.gather(*(self.check_server(s) for s in servers))
+        for server in self.servers.values():
+            if not server.enabled:
+                server.reachable, server.last_error = False, "disabled"
+
+    async def health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            try:
+                await self.reload()
+                if self._store_down_logged:
+                    log.info("database is back")
+                self._store_down_logged = False
+            except StoreUnavailable as exc:
+                if not self._store_down_logged:
+                    log.warning("database unavailable, serving from memory: %s", exc)
+                    self._store_down_logged = True
+            await self.check_all()
+            self.pool.sweep()
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- upstream requests ---------------------------------------------------------
+
+    async def fetch(self, server: Server, proxy: Proxy | None, method: str, path: str
+                    ) -> tuple[int, bytes]:
+        """A small request of the balancer's own (health checks), body read whole."""
+        head = render_head(
+            f"{method} {path} HTTP/1.1",
+            [("Host", server.authority), ("Accept", "application/json"),
+             ("User-Agent", f"ollamabalancer/{__version__}")],
+        )
+        wire, response, key = await self.exchange(server, proxy, head, ReplayableBody(None),
+                                                  method)
+        body = bytearray()
+        try:
+            async for piece in iter_body(wire, response_framing(response, method),
+                                         self.config.health_timeout, 502):
+                body += piece
+                if len(body) > MAX_HEALTH_BODY:
+                    raise UpstreamError(502, "/api/tags answer too large")
+        except BaseException:
+            wire.abort()
+            raise
+        self.release(key, wire, response)
+        return response.status, bytes(body)
+
+    async def exchange(
+        self, server: Server, proxy: Proxy | None, head: bytes, body: ReplayableBody,
+        method: str, chunked_body: bool = False,
+    ) -> tuple[Wire, ResponseHead, PoolKey]:
+        """Sends a request upstream and reads the response head.
+
+        A pooled connection may have been closed by the server while idle; if it fails
+        before answering, the request goes once more on a fresh connection, as long as
+        the body sent so far could be kept (REPLAY_LIMIT). Errors of the client's own
+        body (IncompleteBody, ProtocolError) pass through untouched.
+        """
+        key = self.pool.key(server, proxy)
+        while True:
+            wire = self.pool.take(key)
+            reused = wire is not None
+            if wire is None:
+                wire = await open_upstream(server, proxy, self.config.connect_timeout)
+            try:
+                await self._send_request(wire, head, body, chunked_body)
+                response = await self._read_response_head(wire, server)
+                return wire, response, key
+            except UpstreamClosed as exc:
+                wire.abort()
+                if reused and body.replayable and not exc.answered:
+                    continue
+                raise UpstreamError(502, f"{server.label} closed the connection: {exc}"
+                                    ) from None
+            except BaseException:
+                wire.abort()
+                raise
+
+    @staticmethod
+    async def _send_request(wire: Wire, head: bytes, body: ReplayableBody, chunked: bool
+                            ) -> None:
+        writer = wire.writer
+        try:
+            writer.write(head)
+            async for piece in body.chunks():  # the client's errors come from here
+                writer.writelines(chunk(piece)) if chunked else writer.write(piece)
+                await writer.drain()
+            if chunked:
+                writer.write(LAST_CHUNK)
+            await writer.drain()
+        except ConnectionError as exc:
+            raise UpstreamClosed(str(exc) or type(exc).__name__) from None
+
+    async def _read_response_head(self, wire: Wire, server: Server) -> ResponseHead:
+        loop = asyncio.get_running_loop()
+        while True:
+            deadline = loop.time() + self.config.upstream_timeout
+            try:
+                response = await read_head(wire, maybe_response_head, deadline)
+            except asyncio.TimeoutError:
+                raise UpstreamError(504, f"{server.label} did not answer within "
+                                         f"{self.config.upstream_timeout:g} s") from None
+            except ProtocolError as exc:
+                raise UpstreamError(502, f"{server.label}: {exc.message}") from None
+            except IncompleteBody as exc:
+                raise UpstreamClosed(str(exc), answered=True) from None
+            except ConnectionError as exc:
+                raise UpstreamClosed(str(exc), answered=bool(wire.buf)) from None
+            if response is None:
+                raise UpstreamClosed("closed before answering")
+            if response.status == 101:
+                raise UpstreamError(502, f"{server.label} switched protocols")
+            if response.status >= 200:
+                return response
+            # 1xx interim responses (100 Continue, 103 Early Hints) are not relayed.
+
+    def release(self, key: PoolKey, wire: Wire, response: ResponseHead) -> None:
+        if "close" in response.headers.tokens("connection") or response.version == "HTTP/1.0":
+            wire.abort()
+        else:
+            self.pool.put(key, wire)
+
+    # -- the seed's proxy endpoints --------------------------------------------------
+
+    async def add_proxy(self, request: Request, match: re.Match[str]) -> Response:
+        values = parse_proxy_body(_json_object(await request.read_json()), partial=False)
+        new_id = await self.db(self.store.store.add_proxy, values)
+        await self._reload_for_admin()
+        log.info("added proxy %d %s", new_id, self.proxies[new_id].label
+                 if new_id in self.proxies else "")
+        return json_response(200, True)
+
+    async def all_proxies(self, request: Request, match: re.Match[str]) -> Response:
+        await self._reload_for_admin()
+        return json_response(200, [p.to_json() for p in self.proxies.values()])
+
+    async def one_proxy(self, request: Request, match: re.Match[str]) -> Response:
+        proxy_id = _path_id(match)
+        await self._reload_for_admin()
+        if request.method == "PATCH":
+            values = parse_proxy_body(_json_object(await request.read_json()), partial=True)
+            if not await self.db(self.store.store.update_proxy, proxy_id, values):
+                raise HTTPError(404, f"no proxy with id {proxy_id}")
+            await self._reload_for_admin()
+            self._recheck(s for s in self.servers.values() if s.proxy_id == proxy_id)
+        elif request.method == "DELETE":
+            users = sorted(s.id for s in self.servers.values() if s.proxy_id == proxy_id)
+            if users:
+                raise HTTPError(409, f"proxy {proxy_id} is used by servers "
+                                     f"{', '.join(map(str, users))}; change them first")
+            if not await self.db(self.store.store.delete_proxy, proxy_id):
+                raise HTTPError(404, f"no proxy with id {proxy_id}")
+            await self._reload_for_admin()
+            return Response(204)
+        proxy = self.proxies.get(proxy_id)
+        if proxy is None:
+            raise HTTPError(404, f"no proxy with id {proxy_id}")
+        return json_response(200, proxy.to_json())
+
+    # -- servers ----------------------------------------------------------------------
+
+    async def _reload_for_admin(self) -> None:
+        try:
+            await self.reload()
+        except StoreUnavailable as exc:
+            log.warning("database unavailable: %s", exc)
+            raise HTTPError(503, "database unavailable") from None
+
+    def _recheck(self, servers: Iterable[Server]) -> None:
+        for server in servers:
+            self.spawn(self.check_server(server))
+
+    def _check_proxy_reference(self, values: dict[str, Any]) -> None:
+        proxy_id = values.get("proxy_id")
+        if proxy_id is not None and proxy_id not in self.proxies:
+            raise HTTPError(400, f"'proxyId' {proxy_id} is not a known proxy")
+
+    async def add_server(self, request: Request, match: re.Match[str]) -> Response:
+        values = parse_server_body(_json_object(await request.read_json()), partial=False)
+        await self._reload_for_admin()
+        self._check_proxy_reference(values)
+        try:
+            new_id = await self.db(self.store.store.add_server, values)
+        except Conflict:
+            raise HTTPError(409, f"a server at {values['host']}:{values['port']} "
+                                 "already exists") from None
+        await self._reload_for_admin()
+        server = self.servers[new_id]
+        log.info("added server %d %s", new_id, server.label)
+        if server.enabled:
+            await self.check_server(server)
+        return json_response(201, server.to_json())
+
+    async def all_servers(self, request: Request, match: re.Match[str]) -> Response:
+        await self._reload_for_admin()
+        return json_response(200, [s.to_json() for s in self.servers.values()])
+
+    async def one_server(self, request: Request, match: re.Match[str]) -> Response:
+        server_id = _path_id(match)
+        await self._reload_for_admin()
+        if request.method == "PATCH":
+            values = parse_server_body(_json_object(await request.read_json()), partial=True)
+            self._check_proxy_reference(values)
+            try:
+                found = await self.db(self.store.store.update_server, server_id, values)
+            except Conflict:
+                raise HTTPError(409, "another server has that host and port") from None
+            if not found:
+                raise HTTPError(404, f"no server with id {server_id}")
+            await self._reload_for_admin()
+            updated = self.servers[server_id]
+            if updated.enabled:
+                await self.check_server(updated)
+            else:
+                updated.reachable, updated.last_error = False, "disabled"
+        elif request.method == "DELETE":
+            if not await self.db(self.store.store.delete_server, server_id):
+                raise HTTPError(404, f"no server with id {server_id}")
+            await self._reload_for_admin()
+            return Response(204)
+        server = self.servers.get(server_id)
+        if server is None:
+            raise HTTPError(404, f"no server with id {server_id}")
+        return json_response(200, server.to_json())
+
+    async def get_server(self, request: Request, match: re.Match[str]) -> Response:
+        models = [
+            name.strip()
+            for value in request.query_values("models", "models[]")
+            for name in value.split(",")
+            if name.strip()
+        ]
+        size: float | None = None
+        size_values = [v for v in request.query_values("size") if v.strip()]
+        if size_values:
+            try:
+                size = float(size_values[-1])
+            except ValueError:
+                size = -1.0
+            if not 0 <= size < 1e6:
+                raise HTTPError(400, "'size' must be a number of billions of parameters")
+        proxy: Proxy | None = None
+        proxy_values = [v for v in request.query_values("proxy") if v.strip()]
+        if proxy_values:
+            if not re.fullmatch(r"[0-9]{1,9}", proxy_values[-1].strip()):
+                raise HTTPError(400, "'proxy' must be the id of a proxy")
+            proxy_id = int(proxy_values[-1])
+            if proxy_id not in self.proxies:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.reload()  # perhaps added by another instance
+            proxy = self.proxies.get(proxy_id)
+            if proxy is None:
+                raise HTTPError(404, f"no proxy with id {proxy_values[-1].strip()}")
+            if not proxy.status:
+                raise HTTPError(409, f"proxy {proxy.id} is disabled")
+        servers = list(self.servers.values())
+        candidates = [
+            s for s in servers if s.enabled and s.reachable and server_qualifies(s, models, size)
+        ]
+        if not candidates:
+            raise HTTPError(404, explain_no_match(servers, models, size))
+        chosen = secrets.choice(candidates)  # uniformly random, as the seed picks
+        pair = (chosen.id, proxy.id if proxy else None)
+        token = self.handle_tokens.get(pair)
+        if token is None:  # the first ID for this pair: made in the store, shared by all
+            token = await self.db(self.store.store.handle_for, *pair)
+            self._remember_handle(token, pair)
+        return text_response(200, token)
+
+    def _remember_handle(self, token: str, pair: tuple[int, int | None]) -> None:
+        self.handles[token] = pair
+        self.handle_tokens[pair] = token
+
+    # -- passthrough ----------------------------------------------------------------------
+
+    async def _resolve_target(self, key: str) -> tuple[Server, Proxy | None]:
+        """A getServer ID, or a server's numeric id, to the server and proxy to use."""
+        if re.fullmatch(r"[0-9]{1,9}", key):
+            server = self.servers.get(int(key))
+            if server is None:
+                raise HTTPError(404, "unknown server id")
+            return server, self.proxy_of(server)
+        pair = self.handles.get(key)
+        if pair is None and re.fullmatch(r"[0-9a-f]{32}", key):
+            try:  # made by another instance since the last reload
+                pair = await self.store.call(self.store.store.resolve_handle, key)
+            except StoreUnavailable:
+                raise HTTPError(503, "database unavailable") from None
+            if pair is not None:
+                self._remember_handle(key, pair)
+        if pair is None:
+            raise HTTPError(404, "unknown server id")
+        server_id, proxy_id = pair
+        server = self.servers.get(server_id)
+        if server is None:
+            raise HTTPError(404, "unknown server id")
+        if proxy_id is None:
+            return server, self.proxy_of(server)
+        proxy = self.proxies.get(proxy_id)
+        if proxy is None:
+            raise HTTPError(404, "unknown server id")
+        return server, proxy
+
+    async def passthrough(self, request: Request, match: re.Match[str]) -> Response | Relayed:
+        rest = match.group("rest") or "/"
+        query_pairs = request.query.split("&") if request.query else []
+        server_ids = [
+            urllib.parse.unquote_plus(p.partition("=")[2])
+            for p in query_pairs
+            if urllib.parse.unquote_plus(p.partition("=")[0]) == "serverId"
+        ]
+        if server_ids:
+            key, path = server_ids[-1], rest
+            query_pairs = [
+                p for p in query_pairs
+                if urllib.parse.unquote_plus(p.partition("=")[0]) != "serverId"
+            ]
+        else:
+            key, _, path = rest[1:].partition("/")
+            path = "/" + path
+            if not key:
+                raise HTTPError(404, "no server id in the path: /servers/ollama/<id>/<path>")
+        if has_dot_dot_segment(path):
+            raise HTTPError(400, "'..' is not allowed in the path")
+        server, proxy = await self._resolve_target(key)
+        if not server.enabled:
+            raise HTTPError(409, f"server {server.id} is disabled")
+        if proxy is not None and not proxy.status:
+            raise HTTPError(409, f"proxy {proxy.id} is disabled")
+        target = path + ("?" + "&".join(query_pairs) if query_pairs else "")
+        return await self.relay(request, server, proxy, target)
+
+    def upstream_head(self, request: Request, server: Server, target: str) -> tuple[bytes, bool]:
+        """The request head sent upstream, and whether its body goes chunked."""
+        headers = request.head.headers
+        dropped = HOP_BY_HOP | set(headers.tokens("connection")) | {"host"}
+        fields = [(n, v) for n, v in headers.fields if n.lower() not in dropped
+                  and n.lower() != "x-forwarded-for"]
+        forwarded = headers.get("x-forwarded-for")
+        fields.append(("X-Forwarded-For", f"{forwarded}, {request.wire.peer}" if forwarded
+                       else request.wire.peer))
+        fields.insert(0, ("Host", server.authority))
+        chunked = request.framing.kind == "chunked"
+        if chunked:
+            fields.append(("Transfer-Encoding", "chunked"))
+        elif request.framing.kind == "length":
+            fields.append(("Content-Length", str(request.framing.length)))
+        return render_head(f"{request.method} {target} HTTP/1.1", fields), chunked
+
+    async def relay(self, request: Request, server: Server, proxy: Proxy | None,
+                    target: str) -> Relayed:
+        """Streams the request to the server and its response back, byte for byte.
+
+        From the end of the request body on, the client is watched: if it goes away, even
+        while Ollama is still loading the model, the upstream connection is dropped at once.
+        """
+        head, chunked = self.upstream_head(request, server, target)
+        body = ReplayableBody(request.body_chunks())
+        outcome = await until_client_gone(
+            request.wire, self._forward(request, server, proxy, head, chunked, body),
+            request.body_finished,
+        )
+        return Relayed(False) if outcome is None else outcome
+
+    async def _forward(self, request: Request, server: Server, proxy: Proxy | None,
+                       head: bytes, chunked: bool, body: ReplayableBody) -> Relayed:
+        client = request.wire
+        try:
+            wire, response, key = await self.exchange(server, proxy, head, body,
+                                                      request.method, chunked)
+        except UpstreamError as exc:
+            keep = request.body_done and not client_wants_close(request.head)
+            await send_response(client, error_response(exc.status, exc.message, close=not keep),
+                                request.head)
+            return Relayed(keep)
+        try:
+            framing = response_framing(response, request.method)
+        except ProtocolError as exc:
+            wire.abort()
+            await send_response(client, error_response(502, f"{server.label}: {exc.message}",
+                                                       close=True), request.head)
+            return Relayed(False)
+        keep_alive = request.body_done and not client_wants_close(request.head)
+        fields, chunked_out = self._response_fields(response, framing, request)
+        if chunked_out is None:
+            keep_alive = False  # an HTTP/1.0 client reads the body until we close
+        if not keep_alive:
+            fields.append(("Connection", "close"))
+        reason = response.reason or reason_phrase(response.status)
+        try:
+            client.writer.write(render_head(f"HTTP/1.1 {response.status} {reason}", fields))
+            complete = await self._relay_body(wire, framing, client, bool(chunked_out))
+        except BaseException:
+            wire.abort()
+            raise
+        if not complete:
+            wire.abort()
+            return Relayed(False)
+        self.release(key, wire, response)
+        return Relayed(keep_alive)
+
+    @staticmethod
+    def _response_fields(response: ResponseHead, framing: Framing, request: Request
+                         ) -> tuple[list[tuple[str, str]], bool | None]:
+        """End-to-end response fields plus the client-side framing; the flag says whether
+        the body goes chunked (None: until close, for an HTTP/1.0 client)."""
+        headers = response.headers
+        dropped = HOP_BY_HOP | set(headers.tokens("connection"))
+        fields = [(n, v) for n, v in headers.fields if n.lower() not in dropped]
+        if framing.kind == "length":
+            fields.append(("Content-Length", str(framing.length)))
+        elif framing.kind == "none":
+            lengths = headers.get_all("content-length")
+            if request.method == "HEAD" or response.status == 304:
+                fields.extend(("Content-Length", v) for v in lengths[:1])
+            elif response.status >= 200 and response.status != 204:
+                fields.append(("Content-Length", "0"))
+        elif request.head.version == "HTTP/1.1":
+            fields.append(("Transfer-Encoding", "chunked"))
+            return fields, True
+        else:
+            return fields, None
+        return fields, False
+
+    async def _relay_body(self, upstream: Wire, framing: Framing, client: Wire,
+                          chunked_out: bool) -> bool:
+        """Copies the response body to the client as it arrives; False if it was cut."""
+        writer = client.writer
+        try:
+            async for piece in iter_body(upstream, framing, self.config.upstream_timeout, 502):
+                if chunked_out:
+                    writer.writelines(chunk(piece))
+                else:
+                    writer.write(piece)
+                await writer.drain()
+        except (IncompleteBody, ProtocolError, asyncio.TimeoutError) as exc:
+            # No final chunk: the client must not mistake a cut stream for a whole one.
+            log.warning("stream from upstream cut: %s", exc or type(exc).__name__)
+            return False
+        if chunked_out:
+            writer.write(LAST_CHUNK)
+        await writer.drain()
+        return True
+
+    # -- dispatch --------------------------------------------------------------------
+
+    async def dispatch(self, request: Request) -> Response | Relayed:
+        path = request.path
+        allowed: set[str] = set()
+        for methods, pattern, handler in self.routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            if methods and request.method not in methods:
+                allowed |= methods
+                continue
+            return await handler(request, match)
+        if allowed:
+            raise HTTPError(405, f"{request.method} is not allowed on {path}",
+                            headers=[("Allow", ", ".join(sorted(allowed)))])
+        raise HTTPError(404, f"no route for {request.method} {path}")
+
+
+async def until_client_gone(client: Wire, work: Awaitable[T], start: asyncio.Event
+                            ) -> T | None:
+    """Runs ``work``, watching the client once ``start`` is set (its request body is read);
+    returns None, with ``work`` cancelled, if the client closed first.
+
+    Ollama stops generating, and even loading a model, when its connection closes, so the
+    balancer must notice its own client leaving at any point. Pipelined bytes that arrive
+    meanwhile are kept in the buffer for the next request.
+    """
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(_wait_for_eof(client, start))
+    try:
+        done, _ = await asyncio.wait({work_task, watch_task},
+                                     return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        work_task.cancel()
+        watch_task.cancel()
+        raise
+    if work_task in done:
+        watch_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch_task
+        return work_task.result()
+    work_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await work_task
+    return None
+
+
+async def _wait_for_eof(client: Wire, start: asyncio.Event) -> None:
+    await start.wait()
+    while len(client.buf) <= MAX_HEAD:
+        data = await client.reader.read(READ_SIZE)
+        if not data:
+            return
+        client.buf += data
+    await asyncio.Event().wait()  # a full pipeline buffer: stop reading, keep watching
+
+
+async def send_response(wire: Wire, response: Response, request_head: RequestHead | None,
+                        ) -> None:
+    fields = list(response.headers)
+    if response.status != 204 and not (100 <= response.status < 200) and response.status != 304:
+        if response.content_type and response.body:
+            fields.insert(0, ("Content-Type", response.content_type))
+        fields.append(("Content-Length", str(len(response.body))))
+    if response.close:
+        fields.append(("Connection", "close"))
+    head = render_head(f"HTTP/1.1 {response.status} {reason_phrase(response.status)}", fields)
+    body = b"" if request_head is not None and request_head.method == "HEAD" else response.body
+    wire.writer.write(head + body if len(body) < 16384 else head)
+    if len(body) >= 16384:
+        wire.writer.write(body)
+    await wire.writer.drain()
+
+
+# ---------------------------------------------------------------------------
+# Server lifecycle
+# ---------------------------------------------------------------------------
+
+
+class HTTPServer:
+    """Accepts connections and runs requests on each in order (keep-alive, pipelining)."""
+
+    def __init__(self, app: Balancer) -> None:
+        self.app = app
+        self.connections: set[asyncio.Task[Any]] = set()
+
+    async def serve_connection(self, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.connections.add(task)
+        wire = Wire(reader, writer)
+        try:
+            while await self.serve_one(wire):
+                pass
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:
+            log.exception("unexpected error on a client connection")
+        finally:
+            wire.abort() if writer.transport.is_closing() else writer.close()
+            if task is not None:
+                self.connections.discard(task)
+
+    async def serve_one(self, wire: Wire) -> bool:
+        """Serves one request; False when the connection should close."""
+        loop = asyncio.get_running_loop()
+        head: RequestHead | None = None
+        request: Request | None = None
+        try:
+            # Idle keep-alive: wait for the first byte of the next request.
+            if not wire.buf and not await wire.fill(KEEPALIVE_TIMEOUT):
+                return False
+            head = await read_head(wire, maybe_request_head, loop.time() + HEADER_TIMEOUT)
+            if head is None:
+                return False
+            request = Request(wire, head)
+            result = await self.app.dispatch(request)
+        except asyncio.TimeoutError:
+            if head is None and wire.buf:
+                await self._try_send(wire, error_response(408, "request head not received "
+                                                          "in time", close=True), None)
+            return False
+        except IncompleteBody:
+            return False
+        except HTTPError as exc:
+            response = error_response(exc.status, exc.message, headers=exc.headers)
+            response.close = (
+                exc.close or head is None or client_wants_close(head)
+                or not (request is not None and request.body_done)
+            )
+            await self._try_send(wire, response, head)
+            return not response.close
+        except UpstreamError as exc:
+            await self._try_send(wire, error_response(exc.status, exc.message, close=True),
+                                 head)
+            return False
+        if isinstance(result, Relayed):
+            return result.keep_alive
+        if not request.body_done or client_wants_close(head):
+            result.close = True
+        await send_response(wire, result, head)
+        return not result.close
+
+    async def _try_send(self, wire: Wire, response: Response, head: RequestHead | None
+                        ) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+            await asyncio.wait_for(send_response(wire, response, head), 5.0)
+
+
+def client_wants_close(head: RequestHead) -> bool:
+    """HTTP/1.0 closes unless told otherwise; we only keep HTTP/1.1 connections alive."""
+    return head.version != "HTTP/1.1" or "close" in head.headers.tokens("connection")
+
+
+async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> None:
+    """Opens the store, checks the fleet once, then serves until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    log.info("ollamabalancer %s: store %s", __version__, config.describe_store())
+    store = AsyncStore(await loop.run_in_executor(None, open_store, config))
+    app = Balancer(config, store)
+    await app.reload()
+    await app.check_all()
+    reachable = sum(1 for s in app.servers.values() if s.reachable)
+    log.info("%d servers (%d reachable), %d proxies", len(app.servers), reachable,
+             len(app.proxies))
+    http_server = HTTPServer(app)
+    server = await asyncio.start_server(
+        http_server.serve_connection, config.ip, config.port, limit=READ_SIZE,
+        reuse_address=True, backlog=1024,
+    )
+    host, port = server.sockets[0].getsockname()[:2]
+    log.info("listening on http://%s:%d", format_host(host), port)
+    if ready is not None:
+        ready(host, port)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    health = asyncio.ensure_future(app.health_loop())
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        health.cancel()
+        server.close()
+        for task in list(http_server.connections):
+            task.cancel()
+        await asyncio.gather(*http_server.connections, health, return_exceptions=True)
+        app.pool.close()
+        await loop.run_in_executor(None, store.shutdown)
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = load_config(argv, dict(os.environ))
+    except ConfigError as exc:
+        print(f"ollamabalancer: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)-7s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(serve(config))
+    except (StoreUnavailable, MissingDependency) as exc:
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.ip, config.port, exc)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+-- The MySQL schema of ollamabalancer, as the balancer creates it (or upgrades the seed's
+-- tables to it) on start. It is kept equal to MYSQL_SCHEMA in ollamabalancer.py by a test.
+
+CREATE TABLE IF NOT EXISTS `ollamaServers` (
+  `id` int NOT NULL AUTO_INCREMENT,
+  `port` int NOT NULL,
+  `host` varchar(255) NOT NULL,
+  `location` varchar(255) NULL,
+  `runner` varchar(255) NULL,
+  `models` json,
+  `last_checked` timestamp NULL,
+  `created_at` timestamp NOT NULL DEFAULT (now()),
+  `updated_at` timestamp DEFAULT (now()) ON UPDATE CURRENT_TIMESTAMP,
+  `scheme` varchar(8) NOT NULL DEFAULT 'http',
+  `name` varchar(255) NULL,
+  `enabled` tinyint NOT NULL DEFAULT 1,
+  `proxy_id` int NULL,
+  PRIMARY KEY (`id`),
+  UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
+);
+
+CREATE TABLE IF NOT EXISTS `proxy` (
+  `id` int NOT NULL AUTO_INCREMENT,
+  `name` varchar(255) NOT NULL,
+  `ip` varchar(255) NOT NULL,
+  `port` int NOT NULL,
+  `user_name` varchar(255),
+  `password` varchar(255),
+  `created_at` timestamp NOT NULL DEFAULT (now()),
+  `updated_at` timestamp DEFAULT (now()) ON UPDATE CURRENT_TIMESTAMP,
+  `protocol` varchar(255) NOT NULL DEFAULT 'http',
+  `status` tinyint NOT NULL DEFAULT 1,
+  PRIMARY KEY (`id`)
+);
+
+CREATE TABLE IF NOT EXISTS `server_handle` (
+  `token` varchar(64) NOT NULL,
+  `server_id` int NOT NULL,
+  `proxy_id` int NOT NULL DEFAULT 0,
+  `created_at` timestamp NOT NULL DEFAULT (now()),
+  PRIMARY KEY (`token`),
+  UNIQUE KEY `server_handle_pair` (`server_id`, `proxy_id`)
+);

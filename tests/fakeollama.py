@@ -1,0 +1,274 @@
+"""A fake Ollama server for the tests, built on the standard library's http.server.
+
+It is deliberately independent of ollamabalancer's own HTTP code, so a bug there cannot
+hide itself. It speaks enough of Ollama's API for the official client (tags, chat,
+generate, embed, NDJSON and SSE streaming) plus test-only paths:
+
+    POST /echo             answers the request body byte for byte, headers in X-Echo-*
+    ANY  /status/<code>    answers that status with an Ollama-shaped error
+    GET  /gated?n=N        streams N chunks, each only after the test calls release()
+    GET  /slow             streams a chunk every 50 ms until the client goes away
+    GET  /hang             answers nothing, like a cold model load, until the client leaves
+    GET  /die              sends two chunks, then drops the connection mid-stream
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+def tag(name: str, size: str = "8.0B") -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": "2026-11-01T10:00:00.000000000Z",
+        "size": 4661224676,
+        "digest": "a" * 64,
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": ["llama"],
+            "parameter_size": size,
+            "quantization_level": "Q4_0",
+        },
+    }
+
+
+class FakeOllama:
+    def __init__(self, models: list[dict[str, Any]] | None = None, tokens: int = 5) -> None:
+        self.models = models if models is not None else [tag("llama3:latest")]
+        self.tokens = tokens
+        self.requests: list[dict[str, Any]] = []
+        self.connections = 0
+        self.open_sockets: set[socket.socket] = set()
+        self.gate = threading.Semaphore(0)
+        self.disconnected = threading.Event()
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(_Handler):
+            owner = fake
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def release(self) -> None:
+        """Lets /gated send its next chunk."""
+        self.gate.release()
+
+    def close(self) -> None:
+        """Stops listening and drops every open connection, as a dying server would."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        with self.lock:
+            for sock in self.open_sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: FakeOllama
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.owner.lock:
+            self.owner.connections += 1
+            self.owner.open_sockets.add(self.connection)
+
+    def finish(self) -> None:
+        super().finish()
+        with self.owner.lock:
+            self.owner.open_sockets.discard(self.connection)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b""):
+                        pass
+                    return bytes(body)
+                body += self.rfile.read(size)
+                self.rfile.read(2)
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def send(self, status: int, body: bytes, content_type: str = "application/json",
+             headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_json(self, status: int, payload: Any) -> None:
+        self.send(status, json.dumps(payload).encode())
+
+    def start_chunked(self, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def end_chunked(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+
+    def client_gone(self, wait: float) -> bool:
+        readable, _, _ = select.select([self.connection], [], [], wait)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    def handle_any(self) -> None:
+        parts = urllib.parse.urlsplit(self.path)
+        body = self.read_body()
+        record = {
+            "method": self.command,
+            "path": parts.path,
+            "query": parts.query,
+            "headers": dict(self.headers.items()),
+            "header_list": list(self.headers.items()),
+            "body": body,
+        }
+        with self.owner.lock:
+            self.owner.requests.append(record)
+        path = parts.path
+        if path == "/" and self.command in ("GET", "HEAD"):
+            self.send(200, b"Ollama is running", "text/plain; charset=utf-8")
+        elif path == "/api/tags":
+            self.send_json(200, {"models": self.owner.models})
+        elif path == "/api/version":
+            self.send_json(200, {"version": "0.12.0"})
+        elif path in ("/api/chat", "/api/generate"):
+            self.generate(path, json.loads(body or b"{}"))
+        elif path == "/api/embed":
+            request = json.loads(body or b"{}")
+            count = len(request["input"]) if isinstance(request.get("input"), list) else 1
+            self.send_json(200, {"model": request.get("model"),
+                                 "embeddings": [[0.1, 0.2, 0.3]] * count})
+        elif path == "/v1/chat/completions":
+            self.openai_chat(json.loads(body or b"{}"))
+        elif path == "/echo":
+            echoed = {f"X-Echo-{k}": v for k, v in self.headers.items()
+                      if k.lower() in ("host", "x-forwarded-for", "x-custom", "connection",
+                                       "keep-alive", "content-type")}
+            self.send(200, body, "application/octet-stream",
+                      {**echoed, "X-Echo-Query": parts.query or "-",
+                       "X-Echo-Method": self.command, "X-Upstream": "fake"})
+        elif path.startswith("/status/"):
+            status = int(path.rsplit("/", 1)[1])
+            self.send_json(status, {"error": f"status {status} as asked"})
+        elif path == "/gated":
+            count = int(urllib.parse.parse_qs(parts.query).get("n", ["3"])[0])
+            self.start_chunked("application/x-ndjson")
+            for index in range(count):
+                if not self.owner.gate.acquire(timeout=10):
+                    self.close_connection = True
+                    return
+                self.chunk(json.dumps({"n": index}).encode() + b"\n")
+            self.end_chunked()
+        elif path == "/slow":
+            self.start_chunked("application/x-ndjson")
+            for index in range(400):
+                if self.client_gone(0.05):
+                    self.owner.disconnected.set()
+                    self.close_connection = True
+                    return
+                try:
+                    self.chunk(json.dumps({"n": index}).encode() + b"\n")
+                except OSError:
+                    self.owner.disconnected.set()
+                    self.close_connection = True
+                    return
+            self.end_chunked()
+        elif path == "/hang":  # a cold model load: no byte until the client leaves
+            while not self.client_gone(0.05):
+                pass
+            self.owner.disconnected.set()
+            self.close_connection = True
+        elif path == "/die":
+            self.start_chunked("application/x-ndjson")
+            self.chunk(b'{"response":"a","done":false}\n')
+            self.chunk(b'{"response":"b","done":false}\n')
+            self.wfile.flush()
+            time.sleep(0.05)
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+        else:
+            self.send_json(404, {"error": f"no fake route {path}"})
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = handle_any
+
+    def generate(self, path: str, request: dict[str, Any]) -> None:
+        model = request.get("model", "")
+        names = {m["name"] for m in self.owner.models}
+        if model not in names and f"{model}:latest" not in names:
+            self.send_json(404, {"error": f"model '{model}' not found"})
+            return
+        key = "message" if path == "/api/chat" else "response"
+        tokens = [f"tok{i} " for i in range(self.owner.tokens)]
+
+        def piece(text: str) -> Any:
+            return {"role": "assistant", "content": text} if key == "message" else text
+
+        final = {"model": model, "created_at": "2026-11-26T10:00:00Z", key: piece(""),
+                 "done": True, "done_reason": "stop", "eval_count": len(tokens),
+                 "total_duration": 1000, "prompt_eval_count": 3}
+        if request.get("stream", True) is False:
+            final[key] = piece("".join(tokens))
+            self.send_json(200, final)
+            return
+        self.start_chunked("application/x-ndjson")
+        for token in tokens:
+            line = {"model": model, "created_at": "2026-11-26T10:00:00Z", key: piece(token),
+                    "done": False}
+            self.chunk(json.dumps(line).encode() + b"\n")
+            time.sleep(0.005)
+        self.chunk(json.dumps(final).encode() + b"\n")
+        self.end_chunked()
+
+    def openai_chat(self, request: dict[str, Any]) -> None:
+        model = request.get("model", "")
+        if not request.get("stream"):
+            self.send_json(200, {"id": "chatcmpl-1", "object": "chat.completion", "model": model,
+                                 "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                     "role": "assistant", "content": "hello"}}]})
+            return
+        self.start_chunked("text/event-stream")
+        for text in ("hel", "lo"):
+            event = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model,
+                     "choices": [{"index": 0, "delta": {"content": text}}]}
+            self.chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
+        self.chunk(b"data: [DONE]\n\n")
+        self.end_chunked()

@@ -1,0 +1,347 @@
+"""/servers/ollama/<id>/...: byte-exact streaming relay, errors, and HTTP/1.1 strictness."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+from conftest import BalancerProcess, free_port, raw_exchange
+from fakeollama import FakeOllama
+
+
+@pytest.fixture
+def routed(balancer: BalancerProcess, backend: FakeOllama) -> tuple[BalancerProcess, str]:
+    balancer.add_server(backend.url)
+    return balancer, balancer.server_id()
+
+
+def test_body_is_relayed_byte_for_byte_both_ways(routed: tuple[BalancerProcess, str],
+                                                 backend: FakeOllama) -> None:
+    lb, sid = routed
+    payload = bytes(range(256)) * 4096 + b'{"model": "x",  "odd spacing" : 1}'
+    reply = lb.call("POST", f"/servers/ollama/{sid}/echo?a=1&b=%20x", raw=payload,
+                    headers={"Content-Type": "application/octet-stream", "X-Custom": "kept"})
+    assert reply.status == 200
+    assert reply.body == payload
+    received = backend.requests[-1]
+    assert received["body"] == payload
+    assert received["query"] == "a=1&b=%20x"
+    assert received["headers"]["X-Custom"] == "kept"
+
+
+def test_chunked_request_body_is_reframed_and_relayed(routed: tuple[BalancerProcess, str],
+                                                      backend: FakeOllama) -> None:
+    lb, sid = routed
+    request = (f"POST /servers/ollama/{sid}/echo HTTP/1.1\r\nHost: lb\r\n"
+               "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+               "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").encode()
+    answer = raw_exchange(lb.port, request)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b"hello world")
+    assert backend.requests[-1]["body"] == b"hello world"
+
+
+def test_serverid_query_form_is_forwarded_without_serverid(
+        routed: tuple[BalancerProcess, str], backend: FakeOllama) -> None:
+    lb, sid = routed
+    reply = lb.call("POST", f"/servers/ollama/echo?x=1&serverId={sid}&y=2", raw=b"abc")
+    assert reply.status == 200 and reply.body == b"abc"
+    assert backend.requests[-1]["query"] == "x=1&y=2"
+
+
+def test_numeric_database_id_also_routes(balancer: BalancerProcess, backend: FakeOllama) -> None:
+    server = balancer.add_server(backend.url)
+    reply = balancer.call("GET", f"/servers/ollama/{server['id']}/api/version")
+    assert reply.status == 200 and reply.json() == {"version": "0.12.0"}
+
+
+def test_status_code_and_error_body_are_kept(routed: tuple[BalancerProcess, str]) -> None:
+    lb, sid = routed
+    for status in (404, 418, 500, 503):
+        reply = lb.call("POST", f"/servers/ollama/{sid}/status/{status}", raw=b"{}")
+        assert reply.status == status
+        assert reply.json() == {"error": f"status {status} as asked"}
+
+
+def test_hop_by_hop_headers_are_stripped_and_host_is_the_upstreams(
+        routed: tuple[BalancerProcess, str], backend: FakeOllama) -> None:
+    lb, sid = routed
+    reply = lb.call("POST", f"/servers/ollama/{sid}/echo", raw=b"x", headers={
+        "Connection": "keep-alive, X-Custom", "X-Custom": "hop", "Keep-Alive": "timeout=5",
+        "Proxy-Authorization": "Basic Zm9vOmJhcg==", "X-Forwarded-For": "10.9.9.9",
+    })
+    assert reply.status == 200
+    headers = {k.lower(): v for k, v in backend.requests[-1]["headers"].items()}
+    assert headers["host"] == f"127.0.0.1:{backend.port}"
+    assert "x-custom" not in headers  # named in Connection: hop-by-hop
+    assert "keep-alive" not in headers
+    assert "proxy-authorization" not in headers
+    assert headers["x-forwarded-for"] == "10.9.9.9, 127.0.0.1"
+    assert reply.headers["X-Upstream"] == "fake"
+
+
+def test_each_chunk_reaches_the_client_before_the_next_is_sent(
+        routed: tuple[BalancerProcess, str], backend: FakeOllama) -> None:
+    lb, sid = routed
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+    conn.request("GET", f"/servers/ollama/{sid}/gated?n=4")
+    backend.release()  # the first chunk goes out only once released
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.headers["Transfer-Encoding"] == "chunked"
+    for index in range(4):
+        line = response.readline()
+        assert json.loads(line) == {"n": index}
+        if index < 3:
+            backend.release()  # chunk N+1 only after the client received chunk N
+    assert response.read() == b""
+    conn.close()
+
+
+def test_ndjson_stream_arrives_unchanged(routed: tuple[BalancerProcess, str]) -> None:
+    lb, sid = routed
+    reply = lb.call("POST", f"/servers/ollama/{sid}/api/chat",
+                    {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status == 200
+    assert reply.headers["Content-Type"] == "application/x-ndjson"
+    lines = reply.body.decode().splitlines()
+    assert len(lines) == 6 and all(json.loads(line) for line in lines)
+    assert json.loads(lines[-1])["done"] is True
+
+
+def test_sse_stream_arrives_unchanged(routed: tuple[BalancerProcess, str]) -> None:
+    lb, sid = routed
+    reply = lb.call("POST", f"/servers/ollama/{sid}/v1/chat/completions",
+                    {"model": "llama3", "stream": True, "messages": []})
+    assert reply.status == 200
+    assert reply.headers["Content-Type"] == "text/event-stream"
+    assert reply.body.endswith(b"data: [DONE]\n\n")
+    assert reply.body.count(b"data: ") == 3
+
+
+def test_client_disconnect_closes_the_upstream_at_once(
+        routed: tuple[BalancerProcess, str], backend: FakeOllama) -> None:
+    lb, sid = routed
+    sock = socket.create_connection(("127.0.0.1", lb.port), timeout=5)
+    sock.sendall(f"GET /servers/ollama/{sid}/slow HTTP/1.1\r\nHost: lb\r\n\r\n".encode())
+    assert b"200 OK" in sock.recv(4096)
+    started = time.monotonic()
+    sock.close()
+    assert backend.disconnected.wait(5), "the upstream kept streaming to nobody"
+    assert time.monotonic() - started < 2
+
+
+def test_client_leaving_before_the_first_byte_closes_the_upstream(
+        routed: tuple[BalancerProcess, str], backend: FakeOllama) -> None:
+    lb, sid = routed
+    sock = socket.create_connection(("127.0.0.1", lb.port), timeout=5)
+    sock.sendall(f"POST /servers/ollama/{sid}/hang HTTP/1.1\r\nHost: lb\r\n"
+                 "Content-Length: 2\r\n\r\n{}".encode())
+    deadline = time.monotonic() + 5
+    while not any(r["path"] == "/hang" for r in backend.requests):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    sock.close()
+    assert backend.disconnected.wait(3), "the upstream kept loading for nobody"
+    assert lb.call("GET", f"/servers/ollama/{sid}/api/version").status == 200
+
+
+def test_upstream_keep_alive_connection_is_reused(routed: tuple[BalancerProcess, str],
+                                                  backend: FakeOllama) -> None:
+    lb, sid = routed
+    lb.call("GET", f"/servers/ollama/{sid}/api/version")
+    before = backend.connections
+    for _ in range(5):
+        assert lb.call("GET", f"/servers/ollama/{sid}/api/version").status == 200
+    assert backend.connections == before
+
+
+def test_stale_pooled_connection_is_replaced_transparently(
+        balancer: BalancerProcess) -> None:
+    # An upstream that closes every connection after answering, without saying so.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    served = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(4096)
+                served.append(data)
+                body = b'{"models":[]}' if b"/api/tags" in data else b'{"version":"1"}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        server = balancer.add_server(f"http://127.0.0.1:{port}")
+        for _ in range(3):
+            reply = balancer.call("GET", f"/servers/ollama/{server['id']}/api/version")
+            assert reply.status == 200, reply
+            time.sleep(0.3)
+    finally:
+        listener.close()
+
+
+def test_unreachable_upstream_answers_502(balancer: BalancerProcess) -> None:
+    server = balancer.add_server(f"http://127.0.0.1:{free_port()}")
+    reply = balancer.call("GET", f"/servers/ollama/{server['id']}/api/tags")
+    assert reply.status == 502
+    assert "cannot connect" in reply.json()["error"]
+
+
+def test_connect_timeout_answers_504(start_balancer: Any, sqlite_store: Any,
+                                     backend: FakeOllama) -> None:
+    # A proxy that accepts and never answers CONNECT: the connection can never complete.
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+    lb = start_balancer(sqlite_store, "--connect-timeout", "1")
+    try:
+        proxy_id = lb.add_proxy(name="mute", ip="127.0.0.1", port=listener.getsockname()[1])
+        lb.add_server(backend.url)
+        sid = lb.server_id(proxy=str(proxy_id))
+        started = time.monotonic()
+        reply = lb.call("GET", f"/servers/ollama/{sid}/api/tags")
+        assert reply.status == 504
+        assert "timed out" in reply.json()["error"]
+        assert time.monotonic() - started < 5
+    finally:
+        listener.close()
+        for sock in held:
+            sock.close()
+
+
+def test_upstream_death_mid_stream_cuts_the_client_stream(
+        routed: tuple[BalancerProcess, str]) -> None:
+    lb, sid = routed
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+    conn.request("GET", f"/servers/ollama/{sid}/die")
+    response = conn.getresponse()
+    assert response.status == 200
+    with pytest.raises(http.client.IncompleteRead) as caught:
+        response.read()
+    # What did arrive is intact, and no final line was invented.
+    assert caught.value.partial.endswith(b'{"response":"b","done":false}\n')
+    conn.close()
+    assert lb.call("GET", "/servers/allServers").status == 200
+
+
+@pytest.mark.parametrize("path", ["/../api/tags", "/a/%2e%2e/api/tags", "/x/..%2f..%2fetc"])
+def test_dot_dot_paths_are_refused(routed: tuple[BalancerProcess, str], path: str) -> None:
+    lb, sid = routed
+    answer = raw_exchange(lb.port, f"GET /servers/ollama/{sid}{path} HTTP/1.1\r\nHost: a\r\n"
+                                   "Connection: close\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"'..'" in answer
+
+
+def test_unknown_server_id_is_404(balancer: BalancerProcess) -> None:
+    for key in ("0123456789abcdef0123456789abcdef", "999", "nope"):
+        reply = balancer.call("GET", f"/servers/ollama/{key}/api/tags")
+        assert reply.status == 404
+        assert reply.json() == {"error": "unknown server id"}
+
+
+def test_pipelined_requests_are_answered_in_order(routed: tuple[BalancerProcess, str]) -> None:
+    lb, sid = routed
+    requests = b"".join(
+        f"POST /servers/ollama/{sid}/echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n"
+        f"r{i}".encode() for i in range(4)
+    ) + b"GET /servers/allServers HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    answer = raw_exchange(lb.port, requests)
+    assert answer.count(b"HTTP/1.1 200 OK") == 5
+    positions = [answer.index(f"r{i}".encode()) for i in range(4)]
+    assert positions == sorted(positions)
+
+
+def test_expect_100_continue_is_answered(routed: tuple[BalancerProcess, str]) -> None:
+    lb, sid = routed
+    with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as sock:
+        sock.sendall(f"POST /servers/ollama/{sid}/echo HTTP/1.1\r\nHost: a\r\n"
+                     "Content-Length: 4\r\nExpect: 100-continue\r\n\r\n".encode())
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(b"ping")
+        answer = b""
+        while not answer.endswith(b"ping"):
+            answer += sock.recv(4096)
+        assert b"HTTP/1.1 200 OK" in answer
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: a\r\n" * 101 + b"\r\n", 431),
+        (b"POST /proxy/addProxy HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n", 413),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"
+         b"\r\n\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+         400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX@Y: a\r\n\r\n", 400),
+    ],
+    ids=["414", "431-size", "431-count", "413", "cl-te", "two-cl", "te-gzip", "obs-fold",
+         "bad-name"],
+)
+def test_bad_requests_get_their_status_and_the_server_keeps_serving(
+        balancer: BalancerProcess, request_bytes: bytes, status: int) -> None:
+    answer = raw_exchange(balancer.port, request_bytes)
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
+    assert b"Connection: close" in answer
+    body = answer.split(b"\r\n\r\n", 1)[1]
+    assert "error" in json.loads(body)
+    assert balancer.call("GET", "/servers/allServers").status == 200
+
+
+def test_malformed_chunk_in_a_proxied_body_closes_the_connection(
+        routed: tuple[BalancerProcess, str], backend: FakeOllama) -> None:
+    lb, sid = routed
+    answer = raw_exchange(lb.port, f"POST /servers/ollama/{sid}/echo HTTP/1.1\r\nHost: a\r\n"
+                                   "Transfer-Encoding: chunked\r\n\r\n"
+                                   "3\r\nxxx__1\r\na\r\n0\r\n\r\n".encode())
+    assert not answer.startswith(b"HTTP/1.1 200")
+    assert lb.call("GET", f"/servers/ollama/{sid}/api/version").status == 200
+
+
+def test_keep_alive_client_connection_serves_many_requests(
+        routed: tuple[BalancerProcess, str]) -> None:
+    lb, sid = routed
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+    for _ in range(5):
+        conn.request("POST", f"/servers/ollama/{sid}/api/generate",
+                     body=json.dumps({"model": "llama3", "prompt": "x", "stream": False}))
+        response = conn.getresponse()
+        assert response.status == 200
+        assert json.loads(response.read())["done"] is True
+    conn.close()
+
+
+def test_head_request_gets_headers_only(routed: tuple[BalancerProcess, str]) -> None:
+    lb, sid = routed
+    reply = lb.call("HEAD", f"/servers/ollama/{sid}/")
+    assert reply.status == 200
+    assert reply.body == b""
+    assert reply.headers["Content-Length"] == str(len(b"Ollama is running"))
+
+
+def test_unknown_route_and_wrong_method_are_json_errors(balancer: BalancerProcess) -> None:
+    missing = balancer.call("GET", "/nope")
+    assert missing.status == 404 and "error" in missing.json()
+    wrong = balancer.call("DELETE", "/proxy/allProxies")
+    assert wrong.status == 405 and wrong.headers["Allow"] == "GET"
