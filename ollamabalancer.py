@@ -818,7 +818,8 @@ class Server:
     @property
     def authority(self) -> str:
         default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{format_host(self.host)}:{self.port}"
+        host = format_host(self.host)
+        return host if self.port == default else f"{host}:{self.port}"
 
     @property
     def label(self) -> str:
@@ -1148,8 +1149,6 @@ def _sql_default(value: Any) -> str | None:
     return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == "'" else text
 
 
-SERVER_FIELDS = ("host", "port", "scheme", "name", "location", "runner", "enabled", "proxy_id")
-PROXY_FIELDS = ("name", "ip", "port", "protocol", "status", "user_name", "password")
 
 
 class Store:
@@ -1622,6 +1621,7 @@ class Request:
         self.body_done = self.framing.kind == "none"
         self.body_started = False
         self.body_finished = asyncio.Event()
+        self.responded = False  # set once response bytes may have been written
         if self.body_done:
             self.body_finished.set()
 
@@ -1882,9 +1882,6 @@ class Balancer:
         except StoreUnavailable as exc:
             log.warning("database unavailable: %s", exc)
             raise HTTPError(503, "database unavailable") from None
-        except Conflict:
-            raise
-        self._store_down_logged = False
         return result
 
     async def reload(self) -> None:
@@ -2097,8 +2094,8 @@ class Balancer:
         values = parse_proxy_body(_json_object(await request.read_json()), partial=False)
         new_id = await self.db(self.store.store.add_proxy, values)
         await self._reload_for_admin()
-        log.info("added proxy %d %s", new_id, self.proxies[new_id].label
-                 if new_id in self.proxies else "")
+        log.info("added proxy %d (%s://%s:%d)", new_id, values["protocol"], values["ip"],
+                 values["port"])
         return json_response(200, True)
 
     async def all_proxies(self, request: Request, match: re.Match[str]) -> Response:
@@ -2336,6 +2333,7 @@ class Balancer:
     async def _forward(self, request: Request, server: Server, proxy: Proxy | None,
                        head: bytes, chunked: bool, body: ReplayableBody) -> Relayed:
         client = request.wire
+        request.responded = True
         try:
             wire, response, key = await self.exchange(server, proxy, head, body,
                                                       request.method, chunked)
@@ -2482,9 +2480,7 @@ async def send_response(wire: Wire, response: Response, request_head: RequestHea
         fields.append(("Connection", "close"))
     head = render_head(f"HTTP/1.1 {response.status} {reason_phrase(response.status)}", fields)
     body = b"" if request_head is not None and request_head.method == "HEAD" else response.body
-    wire.writer.write(head + body if len(body) < 16384 else head)
-    if len(body) >= 16384:
-        wire.writer.write(body)
+    wire.writer.writelines((head, body))
     await wire.writer.drain()
 
 
@@ -2514,7 +2510,7 @@ class HTTPServer:
         except Exception:
             log.exception("unexpected error on a client connection")
         finally:
-            wire.abort() if writer.transport.is_closing() else writer.close()
+            writer.close()
             if task is not None:
                 self.connections.discard(task)
 
@@ -2550,6 +2546,14 @@ class HTTPServer:
         except UpstreamError as exc:
             await self._try_send(wire, error_response(exc.status, exc.message, close=True),
                                  head)
+            return False
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("unexpected error answering %s", head.target if head else "?")
+            if request is not None and not request.responded:
+                await self._try_send(wire, error_response(500, "internal error", close=True),
+                                     head)
             return False
         if isinstance(result, Relayed):
             return result.keep_alive
