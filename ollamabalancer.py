@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -30,6 +31,7 @@ import http
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import signal
@@ -61,6 +63,11 @@ MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
 #: Largest JSON body an admin endpoint reads, in bytes. Proxied bodies have no limit.
 MAX_ADMIN_BODY = 1024 * 1024
+#: Largest body of a model-routed request (/api/chat with images, say), read whole so it
+#: can be sent again to another server. 64 MiB, as a dozen large base64 images.
+MAX_ROUTED_BODY = 64 * 1024 * 1024
+#: Largest error body read from an upstream to decide whether to try another server.
+MAX_ERROR_BODY = 64 * 1024
 #: Largest /api/tags answer the health check reads, in bytes (a big model library is ~100 KiB).
 MAX_HEALTH_BODY = 16 * 1024 * 1024
 #: Longest chunk-size line with extensions, in bytes (node allows 16 KiB of extensions in total).
@@ -100,6 +107,9 @@ HOP_BY_HOP = frozenset(
 )
 
 PROXY_PROTOCOLS = ("http", "socks4", "socks5", "socks5h")
+STRATEGIES = ("least_load", "round_robin", "random")
+#: Sessions (X-Session-Id) remembered for affinity, least recently used dropped first.
+MAX_SESSIONS = 10_000
 SERVER_SCHEMES = ("http", "https")
 
 
@@ -198,6 +208,13 @@ class Config:
     health_timeout: float = 5.0
     connect_timeout: float = 10.0
     upstream_timeout: float = 600.0
+    strategy: Literal["least_load", "round_robin", "random"] = "least_load"
+    max_concurrency: int = 4
+    max_queue: int = 1000
+    queue_timeout: float = 300.0
+    retries: int = 2
+    breaker_threshold: int = 3
+    breaker_cooldown: float = 30.0
     log_level: str = "INFO"
 
     def describe_store(self) -> str:
@@ -233,6 +250,22 @@ def _engine(text: str) -> str:
     return value
 
 
+def _count(low: int, high: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        if not re.fullmatch(r"[0-9]{1,9}", text.strip()) or not low <= int(text) <= high:
+            raise ValueError(f"must be a whole number from {low} to {high}")
+        return int(text)
+
+    return convert
+
+
+def _strategy(text: str) -> str:
+    value = text.strip().lower()
+    if value not in STRATEGIES:
+        raise ValueError(f"must be one of {', '.join(STRATEGIES)}")
+    return value
+
+
 def _level(text: str) -> str:
     value = text.strip().upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -265,6 +298,21 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "seconds to connect to a server or proxy before 504 (default 10)"),
     ("UPSTREAM_TIMEOUT", "--upstream-timeout", "upstream_timeout", _seconds,
      "seconds to wait for an upstream byte; a cold model load can take minutes (default 600)"),
+    ("STRATEGY", "--strategy", "strategy", _strategy,
+     "least_load (loaded model first, then least busy; default), round_robin or random"),
+    ("MAX_CONCURRENCY", "--max-concurrency", "max_concurrency", _count(1, 100_000),
+     "requests in flight per server before requests queue; a server's own value wins "
+     "(default 4)"),
+    ("MAX_QUEUE", "--max-queue", "max_queue", _count(0, 10_000_000),
+     "requests waiting for a free server before 503 (default 1000)"),
+    ("QUEUE_TIMEOUT", "--queue-timeout", "queue_timeout", _seconds,
+     "seconds a request may wait in the queue before 503 (default 300)"),
+    ("RETRIES", "--retries", "retries", _count(0, 100),
+     "other servers tried when one fails before answering (default 2)"),
+    ("BREAKER_THRESHOLD", "--breaker-threshold", "breaker_threshold", _count(1, 1000),
+     "consecutive failures that take a server out of rotation (default 3)"),
+    ("BREAKER_COOLDOWN", "--breaker-cooldown", "breaker_cooldown", _seconds,
+     "seconds before a failed server is probed again (default 30)"),
     ("LOG_LEVEL", "--log-level", "log_level", _level,
      "debug, info, warning or error (default info)"),
 )
@@ -625,8 +673,24 @@ def json_response(status: int, payload: Any, **kwargs: Any) -> Response:
     return Response(status, body, **kwargs)
 
 
-def error_response(status: int, message: str, **kwargs: Any) -> Response:
-    return json_response(status, {"error": message}, **kwargs)
+def error_response(status: int, message: str, *, path: str = "", **kwargs: Any) -> Response:
+    """An error in the shape its API uses: Ollama's ``{"error": "..."}``, OpenAI's under
+    /v1, Anthropic's on /v1/messages."""
+    return json_response(status, error_payload(status, message, path), **kwargs)
+
+
+def error_payload(status: int, message: str, path: str = "") -> Any:
+    if path.startswith("/v1/messages"):
+        kind = {400: "invalid_request_error", 401: "authentication_error",
+                403: "permission_error", 404: "not_found_error", 429: "rate_limit_error",
+                503: "overloaded_error"}.get(status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    if path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        code = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded"}
+        return {"error": {"message": message, "type": kind, "param": None,
+                          "code": code.get(status)}}
+    return {"error": message}
 
 
 def text_response(status: int, text: str) -> Response:
@@ -748,6 +812,20 @@ class ReplayableBody:
         self._kept_size = 0
         self.replayable = True
 
+    @classmethod
+    def of(cls, data: bytes) -> ReplayableBody:
+        """A body already in memory: it can always be sent again."""
+        body = cls(None)
+        if data:
+            body._kept.append(data)
+            body._kept_size = len(data)
+        return body
+
+    @property
+    def size(self) -> int:
+        """Bytes kept: the whole body for one made with ``of``."""
+        return self._kept_size
+
     async def chunks(self) -> AsyncIterator[bytes]:
         for piece in self._kept:
             yield piece
@@ -798,7 +876,27 @@ class Proxy:
         return f"proxy {self.name!r} ({self.protocol}://{self.ip}:{self.port})"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
+class ServerLoad:
+    """A server's live state, kept in memory and carried across reloads of its row."""
+
+    inflight: int = 0
+    by_model: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Models resident on the GPU: /api/ps at the last check, plus those routed there since.
+    loaded: set[str] = dataclasses.field(default_factory=set)
+    running: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # /api/ps
+    version: str | None = None
+    # Circuit breaker: consecutive failures; open until a monotonic time; one probe at a time.
+    failures: int = 0
+    open_until: float = 0.0
+    breaker_open: bool = False
+    probing: bool = False
+    # Counters for the status page.
+    requests: int = 0
+    errors: int = 0
+
+
+@dataclasses.dataclass(eq=False)
 class Server:
     id: int
     host: str
@@ -811,9 +909,22 @@ class Server:
     proxy_id: int | None = None
     models: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     last_checked: datetime.datetime | None = None
+    weight: float = 1.0
+    max_concurrency: int | None = None  # None: the MAX_CONCURRENCY setting
     # Live state, kept in memory.
     reachable: bool = False
     last_error: str | None = None
+    model_names: frozenset[str] = frozenset()
+    load: ServerLoad = dataclasses.field(default_factory=ServerLoad)
+
+    def __post_init__(self) -> None:
+        self.set_models(self.models)
+
+    def set_models(self, models: list[dict[str, Any]]) -> None:
+        self.models = models
+        self.model_names = frozenset(
+            canonical_model(str(m.get("name") or m.get("model") or "")) for m in models
+        )
 
     @property
     def authority(self) -> str:
@@ -840,6 +951,11 @@ class Server:
             "lastChecked": iso_time(self.last_checked),
             "reachable": self.reachable,
             "lastError": self.last_error,
+            "weight": self.weight,
+            "maxConcurrency": self.max_concurrency,
+            "inflight": self.load.inflight,
+            "loadedModels": sorted(self.load.loaded),
+            "circuitOpen": self.load.breaker_open,
         }
 
 
@@ -1034,9 +1150,16 @@ class UpstreamPool:
 # ---------------------------------------------------------------------------
 
 SERVER_COLUMNS = (
-    "id, host, port, scheme, name, location, runner, enabled, proxy_id, models, last_checked"
+    "id, host, port, scheme, name, location, runner, enabled, proxy_id, models, last_checked,"
+    " weight, max_concurrency"
 )
 PROXY_COLUMNS = "id, name, ip, port, protocol, status, user_name, password"
+
+# Columns added to SQLite databases made by earlier versions: (table, column, definition).
+SQLITE_ADDED_COLUMNS = (
+    ("ollamaServers", "weight", "REAL NOT NULL DEFAULT 1"),
+    ("ollamaServers", "max_concurrency", "INTEGER"),
+)
 
 SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS ollamaServers (
@@ -1053,6 +1176,8 @@ CREATE TABLE IF NOT EXISTS ollamaServers (
   last_checked TEXT,
   created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
   updated_at TEXT DEFAULT CURRENT_TIMESTAMP,
+  weight REAL NOT NULL DEFAULT 1,
+  max_concurrency INTEGER,
   UNIQUE (host, port)
 );
 CREATE TABLE IF NOT EXISTS proxy (
@@ -1092,6 +1217,8 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `name` varchar(255) NULL,
   `enabled` tinyint NOT NULL DEFAULT 1,
   `proxy_id` int NULL,
+  `weight` double NOT NULL DEFAULT 1,
+  `max_concurrency` int NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
 );
@@ -1121,11 +1248,14 @@ CREATE TABLE IF NOT EXISTS `server_handle` (
 """
 
 # Columns the balancer adds to the seed's tables: (table, column, MySQL definition).
+# SQLite databases of earlier versions get the same columns (SQLITE_ADDED_COLUMNS).
 MYSQL_ADDED_COLUMNS = (
     ("ollamaServers", "scheme", "varchar(8) NOT NULL DEFAULT 'http'"),
     ("ollamaServers", "name", "varchar(255) NULL"),
     ("ollamaServers", "enabled", "tinyint NOT NULL DEFAULT 1"),
     ("ollamaServers", "proxy_id", "int NULL"),
+    ("ollamaServers", "weight", "double NOT NULL DEFAULT 1"),
+    ("ollamaServers", "max_concurrency", "int NULL"),
     ("proxy", "protocol", "varchar(255) NOT NULL DEFAULT 'http'"),
     ("proxy", "status", "tinyint NOT NULL DEFAULT 1"),
 )
@@ -1326,7 +1456,8 @@ def _as_models(value: Any) -> list[dict[str, Any]]:
 
 
 def server_from_row(row: Sequence[Any]) -> Server:
-    id_, host, port, scheme, name, location, runner, enabled, proxy_id, models, checked = row
+    (id_, host, port, scheme, name, location, runner, enabled, proxy_id, models, checked,
+     weight, max_concurrency) = row
     return Server(
         id=int(id_),
         host=str(host),
@@ -1339,6 +1470,8 @@ def server_from_row(row: Sequence[Any]) -> Server:
         proxy_id=int(proxy_id) if proxy_id else None,
         models=_as_models(models),
         last_checked=_as_datetime(checked),
+        weight=float(weight) if weight and float(weight) > 0 else 1.0,
+        max_concurrency=int(max_concurrency) if max_concurrency else None,
     )
 
 
@@ -1375,6 +1508,10 @@ class SQLiteStore(Store):
 
     def migrate(self) -> None:
         self._conn.executescript(SQLITE_SCHEMA)
+        for table, column, definition in SQLITE_ADDED_COLUMNS:
+            present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         params = [iso_sql(p) if isinstance(p, datetime.datetime) else p for p in params]
@@ -1603,6 +1740,195 @@ def explain_no_match(servers: Sequence[Server], models: Sequence[str], size: flo
     return f"no reachable server has {'a requested' if models else 'a'} model of at least {size}B"
 
 
+class NoCandidate(Exception):
+    """No enabled, reachable, healthy server has the model."""
+
+
+class QueueFull(Exception):
+    pass
+
+
+class QueueTimeout(Exception):
+    pass
+
+
+@dataclasses.dataclass(eq=False)
+class Waiter:
+    model: str | None
+    exclude: frozenset[int]
+    session: str | None
+    future: asyncio.Future[Server]
+
+
+class Scheduler:
+    """Picks a server for each request and holds requests in one fleet-wide FIFO queue
+    while every candidate is at its maxConcurrency.
+
+    Ollama runs OLLAMA_NUM_PARALLEL requests per loaded model and queues the rest on that
+    server, where a free GPU elsewhere cannot take them; a cold load costs seconds. So the
+    balancer prefers servers that have the model loaded, then the least busy, and keeps
+    overflow here, where the first slot to free up anywhere serves it.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.queue: collections.deque[Waiter] = collections.deque()
+        self.sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._turn = 0
+        self._random = random.Random()
+
+    # -- selection: pure functions of the fleet ------------------------------------
+
+    def capacity(self, server: Server) -> int:
+        return server.max_concurrency or self.config.max_concurrency
+
+    def eligible(self, server: Server, model: str | None, now: float) -> bool:
+        """Could serve ``model`` at all: enabled, reachable, circuit not open, has it."""
+        load = server.load
+        if not (server.enabled and server.reachable):
+            return False
+        if load.breaker_open and (now < load.open_until or load.probing):
+            return False
+        return model is None or model in server.model_names
+
+    def candidates(self, servers: Iterable[Server], model: str | None,
+                   exclude: frozenset[int] = frozenset()) -> list[Server]:
+        now = time.monotonic()
+        return [s for s in servers if s.id not in exclude and self.eligible(s, model, now)]
+
+    def choose(self, candidates: Sequence[Server], model: str | None,
+               session: str | None = None) -> Server | None:
+        """The server to use now among ``candidates``, or None if all are full."""
+        ready = [s for s in candidates if s.load.inflight < self.capacity(s)]
+        if not ready:
+            return None
+        if session is not None:
+            sticky = self.sessions.get(session)
+            for server in ready:
+                if server.id == sticky:
+                    return server
+        strategy = self.config.strategy
+        if strategy == "random":
+            return self._random.choice(ready)
+        if strategy == "round_robin":
+            self._turn += 1
+            return sorted(ready, key=lambda s: s.id)[self._turn % len(ready)]
+        return min(ready, key=lambda s: self._rank(s, model))
+
+    def _rank(self, server: Server, model: str | None) -> tuple[int, float, float, float]:
+        # Loaded first (no cold load), then the smallest share of capacity in use per
+        # unit of weight; among equally busy ones the heavier (the bigger GPU), then any,
+        # at random, so that equal servers share the work.
+        cold = 0 if model is None or model in server.load.loaded else 1
+        share = server.load.inflight / self.capacity(server) / server.weight
+        return (cold, share, -server.weight, self._random.random())
+
+    # -- slots and the queue -------------------------------------------------------
+
+    async def acquire(self, servers: dict[int, Server], model: str | None,
+                      session: str | None = None, exclude: frozenset[int] = frozenset()
+                      ) -> Server:
+        """A server with a free slot for ``model``, waiting in the queue if need be.
+
+        Raises NoCandidate, QueueFull or QueueTimeout. Cancelling the caller (its client
+        went away) takes it out of the queue at once.
+        """
+        candidates = self.candidates(servers.values(), model, exclude)
+        if not candidates:
+            raise NoCandidate(model)
+        if not self.queue:  # FIFO: nobody may pass a request that is already waiting
+            server = self.choose(candidates, model, session)
+            if server is not None:
+                self.take(server, model, session)
+                return server
+        if len(self.queue) >= self.config.max_queue:
+            raise QueueFull
+        waiter = Waiter(model, exclude, session, asyncio.get_running_loop().create_future())
+        self.queue.append(waiter)
+        self.dispatch(servers)  # a slot may be free for this one but not for those ahead
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future),
+                                          self.config.queue_timeout)
+        except BaseException as exc:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release(servers, waiter.future.result(), model)  # granted too late
+            else:
+                waiter.future.cancel()
+                with contextlib.suppress(ValueError):
+                    self.queue.remove(waiter)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise QueueTimeout from None
+            raise
+
+    def take(self, server: Server, model: str | None, session: str | None = None) -> None:
+        load = server.load
+        load.inflight += 1
+        load.requests += 1
+        if model is not None:
+            load.by_model[model] = load.by_model.get(model, 0) + 1
+            load.loaded.add(model)  # Ollama loads it for this request if it was not
+        if load.breaker_open:
+            load.probing = True  # half-open: this request is the one probe
+        if session is not None:
+            self.sessions[session] = server.id
+            self.sessions.move_to_end(session)
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+
+    def release(self, servers: dict[int, Server], server: Server, model: str | None) -> None:
+        load = server.load
+        load.inflight -= 1
+        if model is not None:
+            left = load.by_model.get(model, 1) - 1
+            if left:
+                load.by_model[model] = left
+            else:
+                load.by_model.pop(model, None)
+        self.dispatch(servers)
+
+    def dispatch(self, servers: dict[int, Server]) -> None:
+        """Hands free slots to queued requests, oldest first."""
+        if not self.queue:
+            return
+        now = time.monotonic()
+        for waiter in list(self.queue):
+            if waiter.future.done():
+                with contextlib.suppress(ValueError):
+                    self.queue.remove(waiter)
+                continue
+            candidates = [s for s in servers.values() if s.id not in waiter.exclude
+                          and self.eligible(s, waiter.model, now)]
+            server = self.choose(candidates, waiter.model, waiter.session)
+            if server is None:
+                continue
+            self.queue.remove(waiter)
+            self.take(server, waiter.model, waiter.session)
+            waiter.future.set_result(server)
+
+    # -- circuit breaker -------------------------------------------------------------
+
+    def record(self, servers: dict[int, Server], server: Server, ok: bool) -> None:
+        """Counts a request's outcome; N failures in a row open the circuit for a while,
+        after which one probe request closes it again or reopens it."""
+        load = server.load
+        load.probing = False
+        if ok:
+            if load.breaker_open:
+                log.info("circuit of %s closed", server.label)
+            load.failures, load.breaker_open = 0, False
+            return
+        load.errors += 1
+        load.failures += 1
+        if load.breaker_open or load.failures >= self.config.breaker_threshold:
+            if not load.breaker_open:
+                log.warning("circuit of %s opened after %d failures", server.label,
+                            load.failures)
+            load.breaker_open = True
+            load.open_until = time.monotonic() + self.config.breaker_cooldown
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.config.breaker_cooldown + 0.01, self.dispatch, servers)
+
+
 # ---------------------------------------------------------------------------
 # API handlers
 # ---------------------------------------------------------------------------
@@ -1646,14 +1972,19 @@ class Request:
         self.body_done = True
         self.body_finished.set()
 
-    async def read_json(self) -> Any:
-        if self.framing.kind == "length" and self.framing.length > MAX_ADMIN_BODY:
-            raise HTTPError(413, f"body larger than {MAX_ADMIN_BODY} bytes", close=True)
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body, refused with 413 past ``limit`` bytes."""
+        if self.framing.kind == "length" and self.framing.length > limit:
+            raise HTTPError(413, f"body larger than {limit} bytes", close=True)
         body = bytearray()
         async for piece in self.body_chunks():
             body += piece
-            if len(body) > MAX_ADMIN_BODY:
-                raise HTTPError(413, f"body larger than {MAX_ADMIN_BODY} bytes", close=True)
+            if len(body) > limit:
+                raise HTTPError(413, f"body larger than {limit} bytes", close=True)
+        return bytes(body)
+
+    async def read_json(self, limit: int = MAX_ADMIN_BODY) -> Any:
+        body = await self.read_body(limit)
         if not body.strip():
             raise HTTPError(400, "a JSON body is required")
         try:
@@ -1752,6 +2083,18 @@ def _field_id(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
+def _field_number(body: dict[str, Any], name: str, low: float, high: float, *,
+                  integer: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise HTTPError(400, f"'{name}' must be {what} from {low:g} to {high:g}")
+    return float(value)
+
+
 def _json_object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise HTTPError(400, "the body must be a JSON object")
@@ -1769,7 +2112,7 @@ def _unknown_fields(body: dict[str, Any], allowed: Iterable[str]) -> None:
 
 
 SERVER_BODY_FIELDS = ("url", "host", "port", "scheme", "name", "location", "runner",
-                      "enabled", "proxyId")
+                      "enabled", "proxyId", "weight", "maxConcurrency")
 PROXY_BODY_FIELDS = ("ip", "port", "protocol", "name", "status", "userName", "password")
 
 
@@ -1804,13 +2147,17 @@ def parse_server_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     values["runner"] = _field_text(body, "runner")
     values["enabled"] = _field_bool(body, "enabled")
     values["proxy_id"] = _field_id(body, "proxyId")
+    values["weight"] = _field_number(body, "weight", 0.001, 1000.0)
+    max_concurrency = _field_number(body, "maxConcurrency", 1, 100_000, integer=True)
+    values["max_concurrency"] = None if max_concurrency is None else int(max_concurrency)
     if not partial and values["enabled"] is None:
         values["enabled"] = True
     result = _drop_none(values)
     if partial:
         # PATCH may clear these by sending null explicitly.
         for json_name, column in (("proxyId", "proxy_id"), ("name", "name"),
-                                  ("location", "location"), ("runner", "runner")):
+                                  ("location", "location"), ("runner", "runner"),
+                                  ("maxConcurrency", "max_concurrency")):
             if json_name in body and body[json_name] is None:
                 result[column] = None
     if "enabled" in result:
@@ -1847,6 +2194,47 @@ def _path_id(match: re.Match[str]) -> int:
     return int(match.group("id"))
 
 
+#: Endpoints routed by their body's model to one server (Ollama's and its OpenAI- and
+#: Anthropic-compatible ones).
+ROUTED_PATHS = (
+    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show", "/api/push",
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+    "/v1/messages",
+)
+#: The version /api/version reports when no server has said its own.
+FALLBACK_OLLAMA_VERSION = "0.0.0"
+
+
+def model_field(body: bytes) -> str:
+    """The model a request names (``model``, or legacy ``name``), or a 400."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "invalid JSON body") from None
+    if not isinstance(payload, dict):
+        raise HTTPError(400, "the body must be a JSON object")
+    name = payload.get("model") or payload.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise HTTPError(400, "model is required")
+    return name.strip()
+
+
+def upstream_error_message(body: bytes) -> str | None:
+    """The message of an Ollama or OpenAI-shaped error body."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return error if isinstance(error, str) else None
+
+
+def version_key(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"[0-9]+", text)[:3])
+
+
 class Balancer:
     """The application: fleet state in memory, the store behind it, and the routes."""
 
@@ -1858,9 +2246,25 @@ class Balancer:
         self.proxies: dict[int, Proxy] = {}
         self.handles: dict[str, tuple[int, int | None]] = {}
         self.handle_tokens: dict[tuple[int, int | None], str] = {}
+        self.scheduler = Scheduler(config)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._store_down_logged = False
+        self._catalog_refresh: asyncio.Future[None] | None = None
+        self._catalog_refreshed_at = -1e9
+        routed = "|".join(ROUTED_PATHS)
         self.routes: list[tuple[frozenset[str], re.Pattern[str], Handler]] = [
+            (frozenset({"GET", "HEAD"}), re.compile(r"/"), self.root),
+            (frozenset({"GET"}), re.compile(r"/api/version"), self.api_version),
+            (frozenset({"GET"}), re.compile(r"/api/tags"), self.api_tags),
+            (frozenset({"GET"}), re.compile(r"/api/ps"), self.api_ps),
+            (frozenset({"GET"}), re.compile(r"/v1/models"), self.v1_models),
+            (frozenset({"GET"}), re.compile(r"/v1/models/(?P<model>.+)"), self.v1_model),
+            (frozenset({"POST"}), re.compile(f"(?:{routed})"), self.routed),
+            (frozenset({"POST"}), re.compile(r"/api/(?:pull|create)"), self.fan_out_progress),
+            (frozenset({"DELETE"}), re.compile(r"/api/delete"), self.fan_out_delete),
+            (frozenset({"POST"}), re.compile(r"/api/copy"), self.fan_out_copy),
+            (frozenset({"POST", "HEAD"}),
+             re.compile(r"/api/blobs/(?P<digest>sha256[:-][0-9a-fA-F]{64})"), self.blobs),
             (frozenset({"POST"}), re.compile(r"/proxy/addProxy"), self.add_proxy),
             (frozenset({"GET"}), re.compile(r"/proxy/allProxies"), self.all_proxies),
             (frozenset({"GET", "PATCH", "DELETE"}), re.compile(r"/proxy/(?P<id>[0-9]{1,9})"),
@@ -1897,6 +2301,8 @@ class Balancer:
         fresh: dict[int, Server] = {}
         for server in servers:
             old = self.servers.get(server.id)
+            if old is not None:
+                server.load = old.load  # in-flight counts outlive a reload of the row
             if old is not None and (old.host, old.port, old.scheme, old.proxy_id) == (
                 server.host, server.port, server.scheme, server.proxy_id
             ):
@@ -1904,7 +2310,8 @@ class Balancer:
                 if old.last_checked and (
                     server.last_checked is None or old.last_checked > server.last_checked
                 ):
-                    server.models, server.last_checked = old.models, old.last_checked
+                    server.set_models(old.models)
+                    server.last_checked = old.last_checked
             fresh[server.id] = server
         self.servers = fresh
         self.proxies = {proxy.id: proxy for proxy in proxies}
@@ -1942,8 +2349,9 @@ class Balancer:
         except (ValueError, IncompleteBody, OSError, ProtocolError) as exc:
             self._mark(server, False, f"bad /api/tags answer: {exc}")
         else:
-            server.models = [m for m in models if isinstance(m, dict)]
+            server.set_models([m for m in models if isinstance(m, dict)])
             self._mark(server, True, None)
+            await self._check_running(server, proxy)
         server.last_checked = utc_now()
         with contextlib.suppress(StoreUnavailable):
             await self.store.call(
@@ -1952,6 +2360,29 @@ class Balancer:
                 server.models if server.reachable else None,
                 server.last_checked,
             )
+
+    async def _check_running(self, server: Server, proxy: Proxy | None) -> None:
+        """Reads /api/ps (which models sit on the GPU) and /api/version."""
+        load = server.load
+        try:
+            status, body = await asyncio.wait_for(
+                self.fetch(server, proxy, "GET", "/api/ps"), self.config.health_timeout)
+            payload = json.loads(body) if status == 200 else {}
+            running = payload.get("models") if isinstance(payload, dict) else None
+            if isinstance(running, list):
+                load.running = [m for m in running if isinstance(m, dict)]
+                busy = {model for model, count in load.by_model.items() if count}
+                load.loaded = busy | {
+                    canonical_model(str(m.get("name") or m.get("model") or ""))
+                    for m in load.running
+                }
+            status, body = await asyncio.wait_for(
+                self.fetch(server, proxy, "GET", "/api/version"), self.config.health_timeout)
+            version = json.loads(body).get("version") if status == 200 else None
+            load.version = version if isinstance(version, str) else None
+        except (asyncio.TimeoutError, UpstreamError, ValueError, AttributeError,
+                IncompleteBody, OSError, ProtocolError) as exc:
+            log.debug("no /api/ps from %s: %s", server.label, exc)
 
     def _mark(self, server: Server, reachable: bool, error: str | None) -> None:
         if reachable != server.reachable or error != server.last_error:
@@ -1967,10 +2398,23 @@ class Balancer:
         for server in self.servers.values():
             if not server.enabled:
                 server.reachable, server.last_error = False, "disabled"
+        self.scheduler.dispatch(self.servers)  # servers that came back take queued work
+
+    async def refresh_catalog(self) -> None:
+        """Checks every server now, once for all concurrent callers and at most once a
+        second (a model nobody has should not make each request scan the fleet)."""
+        loop = asyncio.get_running_loop()
+        if self._catalog_refresh is None or (
+            self._catalog_refresh.done() and loop.time() - self._catalog_refreshed_at > 1.0
+        ):
+            self._catalog_refreshed_at = loop.time()
+            self._catalog_refresh = asyncio.ensure_future(self.check_all())
+        await asyncio.shield(self._catalog_refresh)
 
     async def health_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.health_interval)
+            # Jittered, so that instances sharing a fleet do not check it in lockstep.
+            await asyncio.sleep(self.config.health_interval * random.uniform(0.9, 1.1))
             try:
                 await self.reload()
                 if self._store_down_logged:
@@ -2222,12 +2666,15 @@ class Balancer:
             if not proxy.status:
                 raise HTTPError(409, f"proxy {proxy.id} is disabled")
         servers = list(self.servers.values())
-        candidates = [
-            s for s in servers if s.enabled and s.reachable and server_qualifies(s, models, size)
-        ]
+        healthy = self.scheduler.candidates(servers, None)
+        candidates = [s for s in healthy if server_qualifies(s, models, size)]
         if not candidates:
             raise HTTPError(404, explain_no_match(servers, models, size))
-        chosen = secrets.choice(candidates)  # uniformly random, as the seed picks
+        # The configured strategy, as for routed requests; getServer holds no slot, so a
+        # full fleet still gets an answer (the least loaded).
+        first_model = canonical_model(models[0]) if models else None
+        chosen = self.scheduler.choose(candidates, first_model) or min(
+            candidates, key=lambda s: self.scheduler._rank(s, first_model))
         pair = (chosen.id, proxy.id if proxy else None)
         token = self.handle_tokens.get(pair)
         if token is None:  # the first ID for this pair: made in the store, shared by all
@@ -2238,6 +2685,422 @@ class Balancer:
     def _remember_handle(self, token: str, pair: tuple[int, int | None]) -> None:
         self.handles[token] = pair
         self.handle_tokens[pair] = token
+
+    # -- the Ollama-compatible root: catalog -------------------------------------------
+
+    def _serving(self) -> list[Server]:
+        return [s for s in self.servers.values() if s.enabled and s.reachable]
+
+    async def root(self, request: Request, match: re.Match[str]) -> Response:
+        return text_response(200, "Ollama is running")
+
+    async def api_version(self, request: Request, match: re.Match[str]) -> Response:
+        # The oldest version in the fleet: what every server can be relied on to support.
+        versions = [s.load.version for s in self._serving() if s.load.version]
+        version = min(versions, key=version_key) if versions else FALLBACK_OLLAMA_VERSION
+        return json_response(200, {"version": version})
+
+    def _catalog(self) -> dict[str, dict[str, Any]]:
+        """Every model in the fleet once, as the first serving server lists it."""
+        catalog: dict[str, dict[str, Any]] = {}
+        for server in self._serving():
+            for model in server.models:
+                name = str(model.get("name") or model.get("model") or "")
+                catalog.setdefault(name, model)
+        return catalog
+
+    async def api_tags(self, request: Request, match: re.Match[str]) -> Response:
+        return json_response(200, {"models": list(self._catalog().values())})
+
+    async def api_ps(self, request: Request, match: re.Match[str]) -> Response:
+        running: dict[str, dict[str, Any]] = {}
+        for server in self._serving():
+            for model in server.load.running:
+                running.setdefault(str(model.get("name") or model.get("model")), model)
+        return json_response(200, {"models": list(running.values())})
+
+    @staticmethod
+    def _openai_model(name: str, model: dict[str, Any]) -> dict[str, Any]:
+        created = 0
+        with contextlib.suppress(ValueError, TypeError):
+            stamp = str(model.get("modified_at", ""))[:19]
+            created = int(datetime.datetime.fromisoformat(stamp).replace(
+                tzinfo=datetime.timezone.utc).timestamp())
+        owner = name.rsplit("/", 1)[0] if "/" in name else "library"
+        return {"id": name, "object": "model", "created": created, "owned_by": owner}
+
+    async def v1_models(self, request: Request, match: re.Match[str]) -> Response:
+        data = [self._openai_model(n, m) for n, m in self._catalog().items()]
+        return json_response(200, {"object": "list", "data": data})
+
+    async def v1_model(self, request: Request, match: re.Match[str]) -> Response:
+        name = urllib.parse.unquote(match.group("model"))
+        catalog = self._catalog()
+        model = catalog.get(name) or catalog.get(canonical_model(name))
+        if model is None:
+            raise HTTPError(404, f"model '{name}' not found")
+        return json_response(200, self._openai_model(name, model))
+
+    # -- the Ollama-compatible root: routed requests --------------------------------------
+
+    async def routed(self, request: Request, match: re.Match[str]) -> Response | Relayed:
+        """A request for one model, sent to the best server that has it, queued while the
+        fleet is full, and tried on another server if the first fails before answering."""
+        body = await request.read_body(MAX_ROUTED_BODY)
+        name = model_field(body)
+        model = canonical_model(name)
+        if not any(model in s.model_names for s in self._serving()):
+            await self.refresh_catalog()  # pulled since the last check, perhaps
+            if not any(model in s.model_names for s in self._serving()):
+                raise HTTPError(404, f"model '{name}' not found")
+        session = request.head.headers.get("x-session-id")
+        outcome = await until_client_gone(
+            request.wire, self._route(request, body, model, session), request.body_finished
+        )
+        return Relayed(False) if outcome is None else outcome
+
+    async def _route(self, request: Request, body: bytes, model: str, session: str | None
+                     ) -> Relayed:
+        request.responded = True
+        replay = ReplayableBody.of(body)
+        tried: set[int] = set()
+        failure: tuple[int, str] | None = None
+        busy = [("Retry-After", "1")]
+        for _ in range(self.config.retries + 1):
+            try:
+                server = await self.scheduler.acquire(self.servers, model, session,
+                                                      frozenset(tried))
+            except NoCandidate:
+                break
+            except QueueFull:
+                return await self.send_error(request, 503, "server busy, please try again."
+                                             "  maximum pending requests exceeded", busy)
+            except QueueTimeout:
+                return await self.send_error(request, 503, "server busy, please try again."
+                                             "  no server was free in time", busy)
+            tried.add(server.id)
+            try:
+                outcome = await self._attempt(request, server, replay, model)
+            finally:
+                self.scheduler.release(self.servers, server, model)
+            if isinstance(outcome, Relayed):
+                return outcome
+            failure = outcome
+            log.warning("%s failed for %s: %s", server.label, model, failure[1])
+        if failure is None:
+            return await self.send_error(
+                request, 503, f"every server with model '{model}' is failing; try again later",
+                busy)
+        return await self.send_error(request, *failure)
+
+    async def _attempt(self, request: Request, server: Server, body: ReplayableBody,
+                       model: str) -> Relayed | tuple[int, str]:
+        """One try on one server: the relayed response, or why another server should try.
+
+        Worth another server: no connection, a timeout, 502/503 (Ollama's "server busy"),
+        or a 404 for a model the catalog said this server has. Nothing is retried once a
+        byte has gone to the client.
+        """
+        try:
+            proxy = self.proxy_of(server)
+            if proxy is not None and not proxy.status:
+                raise UpstreamError(502, f"{proxy.label} is disabled")
+            head, _ = self.upstream_head(request, server, request.head.target,
+                                         body_length=body.size)
+            wire, response, key = await self.exchange(server, proxy, head, body,
+                                                      request.method)
+        except UpstreamError as exc:
+            self.scheduler.record(self.servers, server, False)
+            return exc.status, exc.message
+        if response.status not in (404, 502, 503):
+            relayed, ok = await self.send_upstream_response(request, server, wire, response,
+                                                            key)
+            self.scheduler.record(self.servers, server, ok)
+            return relayed
+        message = await self._read_error(wire, response, key) or (
+            f"{server.label} answered {response.status}")
+        if response.status == 404:
+            if "not found" not in message:
+                return await self.send_error(request, 404, message)
+            # The catalog was stale: forget the model there now, and recheck the server.
+            server.set_models([m for m in server.models if canonical_model(
+                str(m.get("name") or m.get("model") or "")) != model])
+            self.spawn(self.check_server(server))
+            return 404, message
+        self.scheduler.record(self.servers, server, False)
+        return response.status, message
+
+    async def _read_error(self, wire: Wire, response: ResponseHead, key: PoolKey
+                          ) -> str | None:
+        """The message of a small upstream error response, read whole."""
+        body = bytearray()
+        try:
+            async for piece in iter_body(wire, response_framing(response, "POST"),
+                                         self.config.upstream_timeout, 502):
+                body += piece
+                if len(body) > MAX_ERROR_BODY:
+                    wire.abort()
+                    return None
+        except (IncompleteBody, ProtocolError, asyncio.TimeoutError, ConnectionError):
+            wire.abort()
+            return upstream_error_message(bytes(body))
+        self.release(key, wire, response)
+        return upstream_error_message(bytes(body))
+
+    # -- the Ollama-compatible root: fan-out to many servers -----------------------------
+
+    def _fan_out_targets(self, payload: dict[str, Any]) -> list[Server]:
+        """Every serving server, or those named (by id or name) in an optional ``servers``
+        field, which is the balancer's and is not sent on."""
+        serving = self._serving()
+        wanted = payload.pop("servers", None)
+        if wanted is None:
+            targets = serving
+        else:
+            if not isinstance(wanted, list) or not all(
+                    isinstance(w, (str, int)) and not isinstance(w, bool) for w in wanted):
+                raise HTTPError(400, "'servers' must be a list of server ids or names")
+            keys = {str(w) for w in wanted}
+            targets = [s for s in self.servers.values() if str(s.id) in keys or s.name in keys]
+            unknown = keys - {str(s.id) for s in targets} - {s.name for s in targets if s.name}
+            if unknown:
+                raise HTTPError(404, f"no server {sorted(unknown)[0]!r}")
+            down = [s.label for s in targets if s not in serving]
+            if down:
+                raise HTTPError(503, f"server {down[0]} is not reachable")
+        if not targets:
+            raise HTTPError(503, "no server is reachable")
+        return targets
+
+    async def _call(self, server: Server, method: str, path: str, body: bytes
+                    ) -> tuple[int, str | None]:
+        """A small request of the balancer's own to one server: status and error message."""
+        try:
+            proxy = self.proxy_of(server)
+            fields = [("Host", server.authority), ("Content-Type", "application/json"),
+                      ("Content-Length", str(len(body)))]
+            head = render_head(f"{method} {path} HTTP/1.1", fields)
+            wire, response, key = await self.exchange(server, proxy, head,
+                                                      ReplayableBody.of(body), method)
+        except UpstreamError as exc:
+            return exc.status, exc.message
+        if response_framing(response, method) is NO_BODY:
+            self.release(key, wire, response)
+            return response.status, None
+        return response.status, await self._read_error(wire, response, key)
+
+    @staticmethod
+    def _summary(results: list[tuple[Server, int, str | None]], what: str) -> str | None:
+        failed = [f"{s.label}: {error or status}" for s, status, error in results
+                  if not 200 <= status < 300]
+        return f"{what} failed on {'; '.join(failed)}" if failed else None
+
+    def _fan_out_response(self, results: list[tuple[Server, int, str | None]], what: str,
+                          model: str) -> Response:
+        """200 when every server did it; 404 when none had the model; else 502 naming
+        the servers that failed."""
+        error = self._summary(results, what)
+        if error is None:
+            return Response(200)
+        if all(status == 404 for _, status, _ in results):
+            return error_response(404, f"model '{model}' not found")
+        return error_response(502, error)
+
+    async def _check_now(self, servers: Iterable[Server]) -> None:
+        """Re-reads the servers a fan-out changed, so /api/tags is current when it answers."""
+        await asyncio.gather(*(self.check_server(s) for s in servers))
+
+    async def fan_out_delete(self, request: Request, match: re.Match[str]) -> Response:
+        payload = _json_object(await request.read_json())
+        name = model_field(json.dumps(payload).encode())
+        model = canonical_model(name)
+        targets = [s for s in self._fan_out_targets(payload) if model in s.model_names]
+        if not targets:
+            raise HTTPError(404, f"model '{name}' not found")
+        body = json.dumps(payload).encode()
+        results = [(s, *result) for s, result in zip(targets, await asyncio.gather(
+            *(self._call(s, "DELETE", "/api/delete", body) for s in targets)), strict=True)]
+        await self._check_now(targets)
+        return self._fan_out_response(results, f"deleting '{name}'", name)
+
+    async def fan_out_copy(self, request: Request, match: re.Match[str]) -> Response:
+        payload = _json_object(await request.read_json())
+        if not isinstance(payload.get("source"), str) or not isinstance(
+                payload.get("destination"), str):
+            raise HTTPError(400, "'source' and 'destination' are required")
+        targets = self._fan_out_targets(payload)
+        body = json.dumps(payload).encode()
+        results = [(s, *r) for s, r in zip(targets, await asyncio.gather(
+            *(self._call(s, "POST", "/api/copy", body) for s in targets)), strict=True)]
+        await self._check_now(targets)
+        return self._fan_out_response(results, f"copying '{payload['source']}'",
+                                      payload["source"])
+
+    async def fan_out_progress(self, request: Request, match: re.Match[str]
+                               ) -> Response | Relayed:
+        """/api/pull and /api/create on every server at once, their NDJSON progress merged
+        into one stream: each line names its server, and byte counts are summed per layer
+        over the fleet, so one progress bar per layer fills as the slowest server does."""
+        payload = _json_object(await request.read_json(MAX_ROUTED_BODY))
+        name = model_field(json.dumps(payload).encode())
+        targets = self._fan_out_targets(payload)
+        stream = payload.get("stream", True) is not False
+        body = json.dumps({**payload, "stream": True}).encode()
+        try:
+            outcome = await until_client_gone(
+                request.wire, self._merge_progress(request, targets, body, stream, name),
+                request.body_finished)
+        finally:
+            self._recheck(targets)  # even when the client left: some layers may have landed
+        return Relayed(False) if outcome is None else outcome
+
+    async def _merge_progress(self, request: Request, targets: list[Server], body: bytes,
+                              stream: bool, name: str) -> Relayed:
+        request.responded = True
+        events: asyncio.Queue[tuple[Server, dict[str, Any] | None, str | None]] = (
+            asyncio.Queue())
+        tasks = [asyncio.ensure_future(self._progress_of(s, request.path, body, events))
+                 for s in targets]
+        writer = request.wire.writer
+        keep = request.body_done and not client_wants_close(request.head)
+        if stream:
+            fields = [("Content-Type", "application/x-ndjson")]
+            fields.append(("Transfer-Encoding", "chunked") if keep else ("Connection", "close"))
+            writer.write(render_head("HTTP/1.1 200 OK", fields))
+        totals: dict[str, dict[int, tuple[int, int]]] = {}
+        failures: list[str] = []
+        pending = len(tasks)
+        try:
+            while pending:
+                server, line, error = await events.get()
+                if line is None:  # this server is done
+                    pending -= 1
+                    if error is not None:
+                        failures.append(f"{server.label}: {error}")
+                    line = {"status": "failed" if error else "done", "server": server.label}
+                    if error:
+                        line["error"] = error
+                else:
+                    line = dict(line, server=server.label)
+                    digest = line.get("digest")
+                    if isinstance(digest, str) and isinstance(line.get("total"), int):
+                        layer = totals.setdefault(digest, {})
+                        layer[server.id] = (line["total"], int(line.get("completed") or 0))
+                        line["total"] = sum(t for t, _ in layer.values())
+                        line["completed"] = sum(c for _, c in layer.values())
+                if stream:
+                    data = json.dumps(line).encode() + b"\n"
+                    writer.writelines(chunk(data) if keep else [data])
+                    await writer.drain()
+        finally:
+            for task in tasks:
+                task.cancel()
+        final = ({"error": f"{name}: failed on {'; '.join(failures)}"} if failures
+                 else {"status": "success"})
+        if not stream:
+            status = 502 if failures else 200
+            await send_response(request.wire, json_response(status, final, close=not keep),
+                                request.head)
+            return Relayed(keep)
+        data = json.dumps(final).encode() + b"\n"
+        writer.writelines([*chunk(data), LAST_CHUNK] if keep else [data])
+        await writer.drain()
+        return Relayed(keep)
+
+    async def _progress_of(self, server: Server, path: str, body: bytes,
+                           events: asyncio.Queue[tuple[Server, dict[str, Any] | None,
+                                                       str | None]]) -> None:
+        """Feeds one server's progress lines into ``events``, then (server, None, error)."""
+        error: str | None = None
+        wire: Wire | None = None
+        try:
+            proxy = self.proxy_of(server)
+            head = render_head(f"POST {path} HTTP/1.1", [
+                ("Host", server.authority), ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body)))])
+            wire, response, key = await self.exchange(server, proxy, head,
+                                                      ReplayableBody.of(body), "POST")
+            if response.status != 200:
+                error = await self._read_error(wire, response, key) or f"status {response.status}"
+                wire = None
+                return
+            pending = bytearray()
+            async for piece in iter_body(wire, response_framing(response, "POST"),
+                                         self.config.upstream_timeout, 502):
+                pending += piece
+                *lines, rest = pending.split(b"\n")
+                pending = bytearray(rest)
+                for raw in lines:
+                    if not raw.strip():
+                        continue
+                    line = json.loads(raw)
+                    if isinstance(line, dict) and "error" in line:
+                        error = str(line["error"])
+                    elif isinstance(line, dict) and line.get("status") != "success":
+                        await events.put((server, line, None))
+            self.release(key, wire, response)
+            wire = None
+        except UpstreamError as exc:
+            error = exc.message
+        except (IncompleteBody, ProtocolError, asyncio.TimeoutError, ConnectionError,
+                ValueError) as exc:
+            error = f"progress stream broke off: {exc or type(exc).__name__}"
+        finally:
+            if wire is not None:
+                wire.abort()
+            events.put_nowait((server, None, error))
+
+    async def blobs(self, request: Request, match: re.Match[str]) -> Response | Relayed:
+        """HEAD: 200 only if every server has the blob. POST: the upload streams to every
+        server at once (each keeps its own pace; the slowest sets the client's), so that
+        the /api/create that follows works wherever it lands."""
+        path = f"/api/blobs/{match.group('digest')}"
+        targets = self._fan_out_targets({})
+        if request.method == "HEAD":
+            results = await asyncio.gather(*(self._call(s, "HEAD", path, b"") for s in targets))
+            return Response(200 if all(status == 200 for status, _ in results) else 404)
+        request.responded = True
+        feeds = [asyncio.Queue[bytes | None](maxsize=4) for _ in targets]
+        uploads = [asyncio.ensure_future(self._upload(server, request, path, feed))
+                   for server, feed in zip(targets, feeds, strict=True)]
+        for upload, feed in zip(uploads, feeds, strict=True):
+            upload.add_done_callback(functools.partial(_drain, feed))
+        try:
+            async for piece in request.body_chunks():
+                for upload, feed in zip(uploads, feeds, strict=True):
+                    if not upload.done():
+                        await feed.put(piece)
+            for upload, feed in zip(uploads, feeds, strict=True):
+                if not upload.done():
+                    await feed.put(None)
+            results = await asyncio.gather(*uploads)
+        finally:
+            for upload in uploads:
+                upload.cancel()
+        error = self._summary([(s, *r) for s, r in zip(targets, results, strict=True)], "upload")
+        if error:
+            return await self.send_error(request, 502, error)
+        keep = request.body_done and not client_wants_close(request.head)
+        await send_response(request.wire, Response(201, close=not keep), request.head)
+        return Relayed(keep)
+
+    async def _upload(self, server: Server, request: Request, path: str,
+                      feed: asyncio.Queue[bytes | None]) -> tuple[int, str | None]:
+        async def pieces() -> AsyncIterator[bytes]:
+            while (piece := await feed.get()) is not None:
+                yield piece
+
+        try:
+            proxy = self.proxy_of(server)
+            head, chunked = self.upstream_head(request, server, path)
+            wire, response, key = await self.exchange(server, proxy, head,
+                                                      ReplayableBody(pieces()), "POST", chunked)
+        except UpstreamError as exc:
+            return exc.status, exc.message
+        if response_framing(response, "POST") is NO_BODY:
+            self.release(key, wire, response)
+            return response.status, None
+        return response.status, await self._read_error(wire, response, key)
 
     # -- passthrough ----------------------------------------------------------------------
 
@@ -2298,8 +3161,10 @@ class Balancer:
         target = path + ("?" + "&".join(query_pairs) if query_pairs else "")
         return await self.relay(request, server, proxy, target)
 
-    def upstream_head(self, request: Request, server: Server, target: str) -> tuple[bytes, bool]:
-        """The request head sent upstream, and whether its body goes chunked."""
+    def upstream_head(self, request: Request, server: Server, target: str,
+                      body_length: int | None = None) -> tuple[bytes, bool]:
+        """The request head sent upstream, and whether its body goes chunked.
+        ``body_length`` is given when the balancer has read the whole body itself."""
         headers = request.head.headers
         dropped = HOP_BY_HOP | set(headers.tokens("connection")) | {"host"}
         fields = [(n, v) for n, v in headers.fields if n.lower() not in dropped
@@ -2308,9 +3173,11 @@ class Balancer:
         fields.append(("X-Forwarded-For", f"{forwarded}, {request.wire.peer}" if forwarded
                        else request.wire.peer))
         fields.insert(0, ("Host", server.authority))
-        chunked = request.framing.kind == "chunked"
+        chunked = body_length is None and request.framing.kind == "chunked"
         if chunked:
             fields.append(("Transfer-Encoding", "chunked"))
+        elif body_length is not None:
+            fields.append(("Content-Length", str(body_length)))
         elif request.framing.kind == "length":
             fields.append(("Content-Length", str(request.framing.length)))
         return render_head(f"{request.method} {target} HTTP/1.1", fields), chunked
@@ -2321,34 +3188,53 @@ class Balancer:
 
         From the end of the request body on, the client is watched: if it goes away, even
         while Ollama is still loading the model, the upstream connection is dropped at once.
+        The request counts toward the server's load, though it chose its server itself.
         """
         head, chunked = self.upstream_head(request, server, target)
         body = ReplayableBody(request.body_chunks())
-        outcome = await until_client_gone(
-            request.wire, self._forward(request, server, proxy, head, chunked, body),
-            request.body_finished,
-        )
+        self.scheduler.take(server, None)
+        try:
+            outcome = await until_client_gone(
+                request.wire, self._forward(request, server, proxy, head, chunked, body),
+                request.body_finished,
+            )
+        finally:
+            self.scheduler.release(self.servers, server, None)
         return Relayed(False) if outcome is None else outcome
 
     async def _forward(self, request: Request, server: Server, proxy: Proxy | None,
                        head: bytes, chunked: bool, body: ReplayableBody) -> Relayed:
-        client = request.wire
         request.responded = True
         try:
             wire, response, key = await self.exchange(server, proxy, head, body,
                                                       request.method, chunked)
         except UpstreamError as exc:
-            keep = request.body_done and not client_wants_close(request.head)
-            await send_response(client, error_response(exc.status, exc.message, close=not keep),
-                                request.head)
-            return Relayed(keep)
+            self.scheduler.record(self.servers, server, False)
+            return await self.send_error(request, exc.status, exc.message)
+        relayed, ok = await self.send_upstream_response(request, server, wire, response, key)
+        self.scheduler.record(self.servers, server, ok)
+        return relayed
+
+    async def send_error(self, request: Request, status: int, message: str,
+                         headers: Sequence[tuple[str, str]] = ()) -> Relayed:
+        """An error for a request whose handler writes its own response."""
+        keep = request.body_done and not client_wants_close(request.head)
+        response = error_response(status, message, path=request.path, close=not keep,
+                                  headers=headers)
+        await send_response(request.wire, response, request.head)
+        return Relayed(keep)
+
+    async def send_upstream_response(self, request: Request, server: Server, wire: Wire,
+                                     response: ResponseHead, key: PoolKey
+                                     ) -> tuple[Relayed, bool]:
+        """Relays an upstream response to the client; the flag is False when it was a
+        5xx or cut short, which counts against the server."""
+        client = request.wire
         try:
             framing = response_framing(response, request.method)
         except ProtocolError as exc:
             wire.abort()
-            await send_response(client, error_response(502, f"{server.label}: {exc.message}",
-                                                       close=True), request.head)
-            return Relayed(False)
+            return await self.send_error(request, 502, f"{server.label}: {exc.message}"), False
         keep_alive = request.body_done and not client_wants_close(request.head)
         fields, chunked_out = self._response_fields(response, framing, request)
         if chunked_out is None:
@@ -2364,9 +3250,9 @@ class Balancer:
             raise
         if not complete:
             wire.abort()
-            return Relayed(False)
+            return Relayed(False), False
         self.release(key, wire, response)
-        return Relayed(keep_alive)
+        return Relayed(keep_alive), response.status < 500
 
     @staticmethod
     def _response_fields(response: ResponseHead, framing: Framing, request: Request
@@ -2428,6 +3314,12 @@ class Balancer:
             raise HTTPError(405, f"{request.method} is not allowed on {path}",
                             headers=[("Allow", ", ".join(sorted(allowed)))])
         raise HTTPError(404, f"no route for {request.method} {path}")
+
+
+def _drain(queue: asyncio.Queue[Any], _: object = None) -> None:
+    """Empties a queue whose consumer is gone, so that a producer waiting on it goes on."""
+    while not queue.empty():
+        queue.get_nowait()
 
 
 async def until_client_gone(client: Wire, work: Awaitable[T], start: asyncio.Event
@@ -2536,7 +3428,8 @@ class HTTPServer:
         except IncompleteBody:
             return False
         except HTTPError as exc:
-            response = error_response(exc.status, exc.message, headers=exc.headers)
+            response = error_response(exc.status, exc.message, headers=exc.headers,
+                                      path=head.target if head else "")
             response.close = (
                 exc.close or head is None or client_wants_close(head)
                 or not (request is not None and request.body_done)

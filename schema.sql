@@ -15,6 +15,8 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `name` varchar(255) NULL,
   `enabled` tinyint NOT NULL DEFAULT 1,
   `proxy_id` int NULL,
+  `weight` double NOT NULL DEFAULT 1,
+  `max_concurrency` int NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
 );

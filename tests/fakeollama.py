@@ -10,10 +10,15 @@ generate, embed, NDJSON and SSE streaming) plus test-only paths:
     GET  /slow             streams a chunk every 50 ms until the client goes away
     GET  /hang             answers nothing, like a cold model load, until the client leaves
     GET  /die              sends two chunks, then drops the connection mid-stream
+
+Knobs: ``fail_status`` makes model requests answer that status; ``pull_error`` makes a pull
+fail halfway; a body with ``"fake_hold": true`` waits for release(); ``"fake_sleep": s``
+sleeps first. ``loaded`` is what /api/ps reports; ``blobs`` what /api/blobs has.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import select
 import socket
@@ -43,9 +48,16 @@ def tag(name: str, size: str = "8.0B") -> dict[str, Any]:
 
 
 class FakeOllama:
-    def __init__(self, models: list[dict[str, Any]] | None = None, tokens: int = 5) -> None:
+    def __init__(self, models: list[dict[str, Any]] | None = None, tokens: int = 5,
+                 name: str = "fake") -> None:
         self.models = models if models is not None else [tag("llama3:latest")]
         self.tokens = tokens
+        self.name = name
+        self.loaded: list[str] = []
+        self.blobs: dict[str, bytes] = {}
+        self.fail_status: int | None = None
+        self.pull_error: str | None = None
+        self.version = "0.12.0"
         self.requests: list[dict[str, Any]] = []
         self.connections = 0
         self.open_sockets: set[socket.socket] = set()
@@ -64,9 +76,18 @@ class FakeOllama:
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
-    def release(self) -> None:
-        """Lets /gated send its next chunk."""
-        self.gate.release()
+    def release(self, count: int = 1) -> None:
+        """Lets /gated send its next chunk, or ``count`` held requests answer."""
+        for _ in range(count):
+            self.gate.release()
+
+    def model_requests(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r["path"] not in ("/api/tags", "/api/ps",
+                                                              "/api/version")]
+
+    def has(self, name: str) -> bool:
+        names = {m["name"] for m in self.models}
+        return name in names or f"{name}:latest" in names
 
     def close(self) -> None:
         """Stops listening and drops every open connection, as a dying server would."""
@@ -169,9 +190,54 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/api/tags":
             self.send_json(200, {"models": self.owner.models})
         elif path == "/api/version":
-            self.send_json(200, {"version": "0.12.0"})
+            self.send_json(200, {"version": self.owner.version})
+        elif path == "/api/ps":
+            running = [dict(m, size_vram=m["size"], expires_at="2026-11-26T12:00:00Z",
+                            context_length=4096)
+                       for m in self.owner.models if m["name"] in self.owner.loaded]
+            self.send_json(200, {"models": running})
+        elif self.model_request_fails(path, body):
+            pass
         elif path in ("/api/chat", "/api/generate"):
             self.generate(path, json.loads(body or b"{}"))
+        elif path == "/api/show":
+            request = json.loads(body or b"{}")
+            name = request.get("model") or request.get("name")
+            if not self.owner.has(name):
+                self.send_json(404, {"error": f"model '{name}' not found"})
+            else:
+                self.send_json(200, {"modelfile": f"FROM {name}", "parameters": "",
+                                     "template": "{{ .Prompt }}",
+                                     "details": tag(name)["details"],
+                                     "model_info": {"general.architecture": "llama"}})
+        elif path == "/api/pull":
+            self.pull(json.loads(body or b"{}"))
+        elif path == "/api/create":
+            self.create(json.loads(body or b"{}"))
+        elif path == "/api/delete":
+            name = json.loads(body or b"{}").get("model")
+            if not self.owner.has(name):
+                self.send_json(404, {"error": f"model '{name}' not found"})
+            else:
+                self.owner.models = [m for m in self.owner.models
+                                     if m["name"] not in (name, f"{name}:latest")]
+                self.send(200, b"")
+        elif path == "/api/copy":
+            request = json.loads(body or b"{}")
+            if not self.owner.has(request["source"]):
+                self.send_json(404, {"error": f"model '{request['source']}' not found"})
+            else:
+                self.owner.models.append(tag(request["destination"]))
+                self.send(200, b"")
+        elif path.startswith("/api/blobs/"):
+            digest = path.rsplit("/", 1)[1].replace("-", ":")
+            if self.command == "HEAD":
+                self.send(200 if digest in self.owner.blobs else 404, b"")
+            elif "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+                self.send_json(400, {"error": "digest mismatch"})
+            else:
+                self.owner.blobs[digest] = body
+                self.send(201, b"")
         elif path == "/api/embed":
             request = json.loads(body or b"{}")
             count = len(request["input"]) if isinstance(request.get("input"), list) else 1
@@ -179,6 +245,10 @@ class _Handler(BaseHTTPRequestHandler):
                                  "embeddings": [[0.1, 0.2, 0.3]] * count})
         elif path == "/v1/chat/completions":
             self.openai_chat(json.loads(body or b"{}"))
+        elif path == "/v1/embeddings":
+            request = json.loads(body or b"{}")
+            self.send_json(200, {"object": "list", "model": request.get("model"), "data": [
+                {"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}]})
         elif path == "/echo":
             echoed = {f"X-Echo-{k}": v for k, v in self.headers.items()
                       if k.lower() in ("host", "x-forwarded-for", "x-custom", "connection",
@@ -230,10 +300,55 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = handle_any
 
+    def model_request_fails(self, path: str, body: bytes) -> bool:
+        """Applies the test's knobs to model requests; True if it answered already."""
+        if not path.startswith(("/api/chat", "/api/generate", "/api/embed", "/api/show",
+                                "/v1/")):
+            return False
+        request = json.loads(body or b"{}")
+        if isinstance(request, dict):
+            if request.get("fake_sleep"):
+                time.sleep(float(request["fake_sleep"]))
+            if request.get("fake_hold") and not self.owner.gate.acquire(timeout=30):
+                self.send_json(500, {"error": "never released"})
+                return True
+        if self.owner.fail_status is not None:
+            self.send_json(self.owner.fail_status, {"error": "server busy, please try again."
+                                                    if self.owner.fail_status == 503 else
+                                                    f"failing with {self.owner.fail_status}"})
+            return True
+        return False
+
+    def pull(self, request: dict[str, Any]) -> None:
+        name = request.get("model") or request.get("name")
+        self.start_chunked("application/x-ndjson")
+        self.chunk(b'{"status":"pulling manifest"}\n')
+        for done in (0, 500, 1000):
+            self.chunk(json.dumps({"status": "pulling aaaa", "digest": "sha256:aaaa",
+                                   "total": 1000, "completed": done}).encode() + b"\n")
+            if done == 500 and self.owner.pull_error:
+                self.chunk(json.dumps({"error": self.owner.pull_error}).encode() + b"\n")
+                self.end_chunked()
+                return
+        if not self.owner.has(name):
+            self.owner.models.append(tag(name if ":" in name else f"{name}:latest"))
+        self.chunk(b'{"status":"success"}\n')
+        self.end_chunked()
+
+    def create(self, request: dict[str, Any]) -> None:
+        missing = [d for d in (request.get("files") or {}).values() if d not in self.owner.blobs]
+        if missing:
+            self.send_json(400, {"error": f"blob {missing[0]} not found"})
+            return
+        self.start_chunked("application/x-ndjson")
+        self.chunk(b'{"status":"using existing layer"}\n')
+        self.owner.models.append(tag(request["model"]))
+        self.chunk(b'{"status":"success"}\n')
+        self.end_chunked()
+
     def generate(self, path: str, request: dict[str, Any]) -> None:
         model = request.get("model", "")
-        names = {m["name"] for m in self.owner.models}
-        if model not in names and f"{model}:latest" not in names:
+        if not self.owner.has(model):
             self.send_json(404, {"error": f"model '{model}' not found"})
             return
         key = "message" if path == "/api/chat" else "response"

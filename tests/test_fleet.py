@@ -1,0 +1,450 @@
+"""The root endpoint as one big Ollama: catalog, model-aware routing, the queue, failover,
+the circuit breaker, affinity, strategies, and fan-out of pulls, deletes, copies, blobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+from conftest import BalancerProcess, Reply, StoreConfig, call
+from fakeollama import FakeOllama, tag
+
+
+def chat(lb: BalancerProcess, model: str = "llama3", *, stream: bool = False,
+         headers: dict[str, str] | None = None, **extra: Any) -> Reply:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}],
+            "stream": stream, **extra}
+    return lb.call("POST", "/api/chat", body, headers=headers)
+
+
+def in_thread(function: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, list[Any]]:
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(function(*args, **kwargs)),
+                              daemon=True)
+    thread.start()
+    return thread, result
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def held(fake: FakeOllama) -> int:
+    return sum(1 for r in fake.model_requests() if b'"fake_hold"' in r["body"])
+
+
+@pytest.fixture
+def fleet(start_balancer: Any, sqlite_store: StoreConfig, make_backend: Any) -> Any:
+    """A balancer (slow health checks, so the tests decide what it knows) and a way to add
+    fake servers to it."""
+    def build(*args: str, **env: str) -> tuple[BalancerProcess, Any]:
+        lb = start_balancer(sqlite_store, *args, env=env)
+
+        def add(models: list[str] | None = None, loaded: list[str] | None = None,
+                **fields: Any) -> tuple[FakeOllama, dict[str, Any]]:
+            fake = make_backend(models=[tag(m) for m in (models or ["llama3:latest"])])
+            fake.loaded = list(loaded or [])
+            return fake, lb.add_server(fake.url, **fields)
+
+        return lb, add
+
+    return build
+
+
+# -- the catalog --------------------------------------------------------------------------
+
+
+def test_root_answers_like_ollama(fleet: Any) -> None:
+    lb, add = fleet()
+    add(["llama3:latest", "mistral:7b"], loaded=["mistral:7b"])
+    second, _ = add(["llama3:latest", "qwen2:latest"], loaded=["llama3:latest"])
+    second.version = "0.11.4"
+    assert lb.call("GET", "/").text == "Ollama is running"
+    head = lb.call("HEAD", "/")
+    assert head.status == 200 and head.body == b""
+    lb.call("PATCH", "/servers/2", {"name": "second"})  # a re-check reads the version again
+    assert lb.call("GET", "/api/version").json() == {"version": "0.11.4"}
+    tags = lb.call("GET", "/api/tags").json()["models"]
+    assert sorted(m["name"] for m in tags) == ["llama3:latest", "mistral:7b", "qwen2:latest"]
+    assert tags[0]["details"]["parameter_size"] == "8.0B"
+    running = lb.call("GET", "/api/ps").json()["models"]
+    assert sorted(m["name"] for m in running) == ["llama3:latest", "mistral:7b"]
+    models = lb.call("GET", "/v1/models").json()
+    assert models["object"] == "list"
+    assert {m["id"] for m in models["data"]} == {"llama3:latest", "mistral:7b", "qwen2:latest"}
+    one = lb.call("GET", "/v1/models/mistral:7b").json()
+    assert one["id"] == "mistral:7b" and one["owned_by"] == "library" and one["created"] > 0
+    missing = lb.call("GET", "/v1/models/nope")
+    assert missing.status == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_requests_go_to_a_server_that_has_the_model(fleet: Any) -> None:
+    lb, add = fleet()
+    llama, _ = add(["llama3:latest"])
+    mistral, _ = add(["mistral:7b"])
+    for _ in range(3):
+        assert chat(lb, "llama3").status == 200
+        assert chat(lb, "mistral:7b").status == 200
+    assert len(llama.model_requests()) == 3 and len(mistral.model_requests()) == 3
+    assert all(b"llama3" in r["body"] for r in llama.model_requests())
+
+
+def test_unknown_model_is_404_in_each_apis_shape(fleet: Any) -> None:
+    lb, add = fleet()
+    add()
+    ollama_style = chat(lb, "nope")
+    assert ollama_style.status == 404
+    assert ollama_style.json() == {"error": "model 'nope' not found"}
+    openai_style = lb.call("POST", "/v1/chat/completions", {"model": "nope", "messages": []})
+    assert openai_style.status == 404
+    assert openai_style.json()["error"]["message"] == "model 'nope' not found"
+    anthropic_style = lb.call("POST", "/v1/messages", {"model": "nope", "messages": [],
+                                                       "max_tokens": 5})
+    assert anthropic_style.status == 404
+    assert anthropic_style.json()["error"]["type"] == "not_found_error"
+    assert lb.call("POST", "/api/chat", raw=b"{oops").status == 400
+    assert lb.call("POST", "/api/chat", {"messages": []}).json() == {"error": "model is required"}
+
+
+def test_a_model_pulled_since_the_last_check_is_found_by_one_refresh(fleet: Any) -> None:
+    lb, add = fleet("--health-interval", "600")
+    fake, _ = add(["llama3:latest"])
+    fake.models.append(tag("phi3:latest"))
+    assert chat(lb, "phi3").status == 200
+
+
+# -- scheduling ---------------------------------------------------------------------------
+
+
+def test_servers_with_the_model_loaded_are_preferred(fleet: Any) -> None:
+    lb, add = fleet()
+    cold, _ = add()
+    warm, _ = add(loaded=["llama3:latest"])
+    for _ in range(6):
+        assert chat(lb).status == 200
+    assert len(warm.model_requests()) == 6 and not cold.model_requests()
+
+
+def test_a_full_server_sends_work_to_the_next_and_load_counts(fleet: Any) -> None:
+    lb, add = fleet(MAX_CONCURRENCY="1")
+    first, first_row = add(loaded=["llama3:latest"])
+    second, _ = add()
+    holder, _ = in_thread(chat, lb, fake_hold=True)
+    wait_until(lambda: held(first) == 1)
+    assert lb.call("GET", f"/servers/{first_row['id']}").json()["inflight"] == 1
+    assert chat(lb).status == 200  # the loaded server is full: the other one serves it
+    assert len(second.model_requests()) == 1
+    first.release()
+    holder.join(10)
+
+
+def test_queue_serves_waiting_requests_in_arrival_order(fleet: Any) -> None:
+    lb, add = fleet(MAX_CONCURRENCY="1")
+    fake, _ = add()
+    threads = []
+    for index in range(4):
+        threads.append(in_thread(chat, lb, fake_hold=True, order=index))
+        wait_until(lambda: held(fake) == 1)  # the first runs, the others queue in turn
+        time.sleep(0.1)
+    for index in range(4):
+        wait_until(lambda index=index: held(fake) == index + 1)
+        fake.release()
+    for thread, result in threads:
+        thread.join(10)
+        assert result[0].status == 200
+    orders = [json.loads(r["body"])["order"] for r in fake.model_requests()]
+    assert orders == [0, 1, 2, 3]
+
+
+def test_full_queue_and_queue_timeout_answer_503_with_retry_after(fleet: Any) -> None:
+    lb, add = fleet(MAX_CONCURRENCY="1", MAX_QUEUE="1", QUEUE_TIMEOUT="1")
+    fake, _ = add()
+    holder, _ = in_thread(chat, lb, fake_hold=True)
+    wait_until(lambda: held(fake) == 1)
+    waiting, waited = in_thread(chat, lb)
+    time.sleep(0.3)
+    full = chat(lb)
+    assert full.status == 503 and full.headers["Retry-After"]
+    assert "maximum pending requests exceeded" in full.json()["error"]
+    waiting.join(5)
+    assert waited[0].status == 503 and waited[0].headers["Retry-After"]
+    assert waited[0].json()["error"].startswith("server busy, please try again.")
+    openai = lb.call("POST", "/v1/chat/completions", {"model": "llama3", "messages": []})
+    assert openai.status == 503 and openai.json()["error"]["type"] == "server_error"
+    fake.release()
+    holder.join(10)
+
+
+def test_a_client_that_leaves_the_queue_is_never_sent_upstream(fleet: Any) -> None:
+    lb, add = fleet(MAX_CONCURRENCY="1")
+    fake, _ = add()
+    holder, _ = in_thread(chat, lb, fake_hold=True)
+    wait_until(lambda: held(fake) == 1)
+    body = json.dumps({"model": "llama3", "messages": [], "stream": False,
+                       "marker": "gone"}).encode()
+    sock = socket.create_connection(("127.0.0.1", lb.port))
+    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: lb\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    time.sleep(0.3)
+    sock.close()
+    time.sleep(0.3)
+    after, result = in_thread(chat, lb, marker="next")
+    time.sleep(0.3)
+    fake.release()
+    holder.join(10)
+    after.join(10)
+    assert result[0].status == 200
+    markers = [json.loads(r["body"]).get("marker") for r in fake.model_requests()]
+    assert "gone" not in markers and markers[-1] == "next"
+
+
+def test_session_affinity_keeps_a_conversation_on_one_server(fleet: Any) -> None:
+    lb, add = fleet()
+    first, _ = add()
+    second, _ = add()
+    for session in ("alpha", "beta"):
+        for _ in range(4):
+            assert chat(lb, headers={"X-Session-Id": session}).status == 200
+    sessions = {}
+    for fake in (first, second):
+        for r in fake.model_requests():
+            sessions.setdefault(r["headers"]["X-Session-Id"], set()).add(fake.port)
+    assert all(len(ports) == 1 for ports in sessions.values())
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "random"])
+def test_other_strategies_spread_requests(fleet: Any, strategy: str) -> None:
+    lb, add = fleet(STRATEGY=strategy)
+    fakes = [add(loaded=["llama3:latest"] if i == 0 else None)[0] for i in range(2)]
+    for _ in range(20):
+        assert chat(lb).status == 200
+    counts = [len(f.model_requests()) for f in fakes]
+    if strategy == "round_robin":
+        assert counts == [10, 10]
+    else:
+        assert min(counts) >= 3  # 10 expected each; the loaded one is not favoured
+    sids = {lb.call("GET", "/servers/getServer").text for _ in range(10)}
+    assert len(sids) == 2
+
+
+def test_weight_and_max_concurrency_are_settable_and_validated(fleet: Any) -> None:
+    lb, add = fleet()
+    _, row = add(weight=2.5, maxConcurrency=8)
+    assert (row["weight"], row["maxConcurrency"]) == (2.5, 8)
+    patched = lb.call("PATCH", f"/servers/{row['id']}", {"maxConcurrency": None, "weight": 1})
+    assert (patched.json()["weight"], patched.json()["maxConcurrency"]) == (1, None)
+    for bad in ({"weight": 0}, {"weight": "x"}, {"maxConcurrency": 0},
+                {"maxConcurrency": 1.5}):
+        reply = lb.call("PATCH", f"/servers/{row['id']}", bad)
+        assert reply.status == 400 and next(iter(bad)) in reply.json()["error"]
+
+
+# -- failures -----------------------------------------------------------------------------
+
+
+def test_failover_when_the_preferred_server_is_killed(fleet: Any) -> None:
+    lb, add = fleet("--health-interval", "600")
+    doomed, _ = add(loaded=["llama3:latest"])
+    spare, _ = add()
+    doomed.close()  # the balancer still believes it is up
+    for stream in (False, True):
+        reply = chat(lb, stream=stream)
+        assert reply.status == 200, reply
+    assert len(spare.model_requests()) == 2
+
+
+def test_503_from_ollama_fails_over_and_the_breaker_opens(fleet: Any) -> None:
+    lb, add = fleet("--breaker-threshold", "2", "--breaker-cooldown", "1",
+                    "--health-interval", "600")
+    busy, busy_row = add(loaded=["llama3:latest"], weight=5)  # first choice while it works
+    spare, _ = add()
+    busy.fail_status = 503
+    for _ in range(2):
+        assert chat(lb).status == 200
+    assert len(busy.model_requests()) == 2
+    assert lb.call("GET", f"/servers/{busy_row['id']}").json()["circuitOpen"] is True
+    for _ in range(3):  # open: the fast-failing server gets nothing, idle as it looks
+        assert chat(lb).status == 200
+    assert len(busy.model_requests()) == 2 and len(spare.model_requests()) == 5
+    busy.fail_status = None
+    time.sleep(1.2)
+    assert chat(lb).status == 200  # the one probe after the cooldown
+    assert len(busy.model_requests()) == 3
+    assert lb.call("GET", f"/servers/{busy_row['id']}").json()["circuitOpen"] is False
+
+
+def test_retries_are_bounded_and_the_last_error_is_returned(fleet: Any) -> None:
+    lb, add = fleet("--retries", "1", "--health-interval", "600")
+    fakes = [add()[0] for _ in range(3)]
+    for fake in fakes:
+        fake.fail_status = 503
+    reply = chat(lb)
+    assert reply.status == 503 and "busy" in reply.json()["error"]
+    assert sum(len(f.model_requests()) for f in fakes) == 2
+
+
+def test_stale_catalog_404_tries_another_server_and_refreshes(fleet: Any) -> None:
+    lb, add = fleet("--health-interval", "600")
+    stale, stale_row = add(loaded=["llama3:latest"])
+    fresh, _ = add()
+    stale.models = []  # deleted behind the balancer's back
+    assert chat(lb).status == 200
+    assert len(stale.model_requests()) == 1 and len(fresh.model_requests()) == 1
+    wait_until(lambda: lb.call("GET", f"/servers/{stale_row['id']}").json()["models"] == [])
+
+
+def test_a_500_is_relayed_not_retried(fleet: Any) -> None:
+    lb, add = fleet("--health-interval", "600")
+    broken, _ = add(loaded=["llama3:latest"])
+    other, _ = add()
+    broken.fail_status = 500
+    reply = chat(lb)
+    assert reply.status == 500 and reply.json() == {"error": "failing with 500"}
+    assert not other.model_requests()
+
+
+# -- fan-out ------------------------------------------------------------------------------
+
+
+def progress_lines(reply: Reply) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in reply.body.decode().splitlines()]
+
+
+def test_pull_runs_on_every_server_with_one_merged_progress_stream(fleet: Any) -> None:
+    lb, add = fleet()
+    first, first_row = add(name="gpu-a")
+    second, _ = add(name="gpu-b")
+    reply = lb.call("POST", "/api/pull", {"model": "qwen2"})
+    assert reply.status == 200 and reply.headers["Content-Type"] == "application/x-ndjson"
+    lines = progress_lines(reply)
+    assert lines[-1] == {"status": "success"}
+    assert {line["server"] for line in lines[:-1]} == {"gpu-a", "gpu-b"}
+    layer = [line for line in lines if line.get("digest") == "sha256:aaaa"]
+    assert max(line["total"] for line in layer) == 2000  # summed over both servers
+    assert layer[-1]["completed"] == 2000
+    assert first.has("qwen2") and second.has("qwen2")
+    wait_until(lambda: "qwen2:latest" in lb.call("GET", f"/servers/{first_row['id']}")
+               .json()["models"])
+
+
+def test_pull_failure_on_one_server_ends_with_an_error_naming_it(fleet: Any) -> None:
+    lb, add = fleet()
+    add(name="gpu-a")
+    broken, _ = add(name="gpu-b")
+    broken.pull_error = "disk full"
+    lines = progress_lines(lb.call("POST", "/api/pull", {"model": "qwen2"}))
+    assert "gpu-b" in lines[-1]["error"] and "disk full" in lines[-1]["error"]
+    assert {"status": "success"} not in lines
+    whole = lb.call("POST", "/api/pull", {"model": "qwen2", "stream": False})
+    assert whole.status == 502 and "gpu-b" in whole.json()["error"]
+
+
+def test_pull_to_chosen_servers_only(fleet: Any) -> None:
+    lb, add = fleet()
+    chosen, row = add(name="gpu-a")
+    other, _ = add(name="gpu-b")
+    whole = lb.call("POST", "/api/pull", {"model": "qwen2", "stream": False,
+                                          "servers": [row["id"]]})
+    assert whole.status == 200 and whole.json() == {"status": "success"}
+    assert chosen.has("qwen2") and not other.has("qwen2")
+    assert b"servers" not in chosen.requests[-1]["body"] or all(
+        r["path"] != "/api/pull" or b'"servers"' not in r["body"] for r in chosen.requests)
+    assert lb.call("POST", "/api/pull", {"model": "x", "servers": ["nobody"]}).status == 404
+
+
+def test_delete_reaches_every_server_that_has_the_model(fleet: Any) -> None:
+    lb, add = fleet()
+    first, _ = add(["llama3:latest", "phi3:latest"])
+    second, _ = add(["phi3:latest"])
+    third, _ = add(["llama3:latest"])
+    assert lb.call("DELETE", "/api/delete", {"model": "phi3"}).status == 200
+    assert not first.has("phi3") and not second.has("phi3")
+    assert all(r["path"] != "/api/delete" for r in third.requests)
+    assert lb.call("DELETE", "/api/delete", {"model": "phi3"}).status == 404
+
+
+def test_copy_goes_to_every_server(fleet: Any) -> None:
+    lb, add = fleet()
+    fakes = [add()[0] for _ in range(2)]
+    reply = lb.call("POST", "/api/copy", {"source": "llama3", "destination": "mine:latest"})
+    assert reply.status == 200
+    assert all(f.has("mine:latest") for f in fakes)
+    missing = lb.call("POST", "/api/copy", {"source": "nope", "destination": "x"})
+    assert missing.status == 404
+
+
+def test_blob_upload_then_create_works_on_every_server(fleet: Any) -> None:
+    lb, add = fleet()
+    fakes = [add()[0] for _ in range(2)]
+    blob = bytes(range(256)) * 8192  # 2 MiB, streamed to both at once
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert lb.call("HEAD", f"/api/blobs/{digest}").status == 404
+    upload = lb.call("POST", f"/api/blobs/{digest}", raw=blob)
+    assert upload.status == 201, upload
+    assert all(f.blobs[digest] == blob for f in fakes)
+    assert lb.call("HEAD", f"/api/blobs/{digest}").status == 200
+    bad = lb.call("POST", f"/api/blobs/{digest}", raw=b"not the blob")
+    assert bad.status == 502 and "digest mismatch" in bad.json()["error"]
+    created = lb.call("POST", "/api/create", {"model": "made:latest",
+                                              "files": {"model.gguf": digest}})
+    assert progress_lines(created)[-1] == {"status": "success"}
+    assert all(f.has("made:latest") for f in fakes)
+
+
+# -- clients -------------------------------------------------------------------------------
+
+
+def test_official_client_at_the_root(fleet: Any) -> None:
+    ollama = pytest.importorskip("ollama")
+    lb, add = fleet()
+    add(["llama3:latest", "nomic-embed-text:latest"], loaded=["llama3:latest"])
+    add(["mistral:7b"])
+    client = ollama.Client(host=f"http://127.0.0.1:{lb.port}")
+    assert {m.model for m in client.list().models} == {"llama3:latest", "mistral:7b",
+                                                       "nomic-embed-text:latest"}
+    assert [m.model for m in client.ps().models] == ["llama3:latest"]
+    assert client.show("mistral:7b").details.parameter_size == "8.0B"
+    streamed = [p.message.content for p in client.chat(
+        model="mistral:7b", messages=[{"role": "user", "content": "hi"}], stream=True)]
+    assert "".join(streamed) == "tok0 tok1 tok2 tok3 tok4 "
+    assert client.chat(model="llama3", messages=[], stream=False).message.content
+    assert "".join(p.response for p in client.generate(model="llama3", prompt="x",
+                                                       stream=True)).startswith("tok0")
+    assert client.generate(model="llama3", prompt="x", stream=False).done
+    assert client.embed(model="nomic-embed-text", input="x").embeddings == [[0.1, 0.2, 0.3]]
+    pulled = list(client.pull("qwen2", stream=True))
+    assert pulled[-1].status == "success"
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.chat(model="absent", messages=[])
+    assert caught.value.status_code == 404
+
+
+def test_openai_format_through_v1(fleet: Any) -> None:
+    lb, add = fleet()
+    fake, _ = add()
+    streamed = lb.call("POST", "/v1/chat/completions", {"model": "llama3", "stream": True,
+                                                        "messages": []})
+    assert streamed.status == 200 and streamed.body.endswith(b"data: [DONE]\n\n")
+    whole = lb.call("POST", "/v1/chat/completions", {"model": "llama3", "messages": []})
+    assert whole.json()["choices"][0]["message"]["content"] == "hello"
+    embedded = lb.call("POST", "/v1/embeddings", {"model": "llama3", "input": "x"})
+    assert embedded.json()["data"][0]["embedding"] == [0.1, 0.2]
+    assert [r["path"] for r in fake.model_requests()] == [
+        "/v1/chat/completions", "/v1/chat/completions", "/v1/embeddings"]
+
+
+def test_routed_body_reaches_ollama_byte_for_byte(fleet: Any) -> None:
+    lb, add = fleet()
+    fake, _ = add()
+    raw = b'{"model":"llama3",  "prompt":"\\u00e9t\\u00e9", "stream":false, "x":[1,2.50]}'
+    reply = call(lb.port, "POST", "/api/generate", raw=raw)
+    assert reply.status == 200
+    assert fake.model_requests()[-1]["body"] == raw
