@@ -108,6 +108,9 @@ HOP_BY_HOP = frozenset(
 
 PROXY_PROTOCOLS = ("http", "socks4", "socks5", "socks5h")
 STRATEGIES = ("least_load", "round_robin", "random")
+#: Seconds after which a queued request is served strictly in arrival order, even if a
+#: younger one could use a free slot without a cold model load (see Scheduler.dispatch).
+QUEUE_AGING = 5.0
 #: Sessions (X-Session-Id) remembered for affinity, least recently used dropped first.
 MAX_SESSIONS = 10_000
 SERVER_SCHEMES = ("http", "https")
@@ -210,6 +213,8 @@ class Config:
     upstream_timeout: float = 600.0
     strategy: Literal["least_load", "round_robin", "random"] = "least_load"
     max_concurrency: int = 4
+    num_parallel: int = 1
+    max_loaded_models: int = 3
     max_queue: int = 1000
     queue_timeout: float = 300.0
     retries: int = 2
@@ -303,6 +308,10 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("MAX_CONCURRENCY", "--max-concurrency", "max_concurrency", _count(1, 100_000),
      "requests in flight per server before requests queue; a server's own value wins "
      "(default 4)"),
+    ("NUM_PARALLEL", "--num-parallel", "num_parallel", _count(1, 1000),
+     "the fleet's OLLAMA_NUM_PARALLEL: requests one loaded model runs at once (default 1)"),
+    ("MAX_LOADED_MODELS", "--max-loaded-models", "max_loaded_models", _count(1, 1000),
+     "the fleet's OLLAMA_MAX_LOADED_MODELS: models one server keeps loaded (default 3)"),
     ("MAX_QUEUE", "--max-queue", "max_queue", _count(0, 10_000_000),
      "requests waiting for a free server before 503 (default 1000)"),
     ("QUEUE_TIMEOUT", "--queue-timeout", "queue_timeout", _seconds,
@@ -882,8 +891,9 @@ class ServerLoad:
 
     inflight: int = 0
     by_model: dict[str, int] = dataclasses.field(default_factory=dict)
-    #: Models resident on the GPU: /api/ps at the last check, plus those routed there since.
-    loaded: set[str] = dataclasses.field(default_factory=set)
+    #: Models resident on the GPU, with when each was last used (monotonic): /api/ps at the
+    #: last check, plus those routed there since, less those Ollama will have evicted.
+    loaded: dict[str, float] = dataclasses.field(default_factory=dict)
     running: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # /api/ps
     version: str | None = None
     # Circuit breaker: consecutive failures; open until a monotonic time; one probe at a time.
@@ -1752,12 +1762,21 @@ class QueueTimeout(Exception):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """A place on a server for one request; ``cold`` if its model had to be loaded."""
+
+    server: Server
+    cold: bool
+
+
 @dataclasses.dataclass(eq=False)
 class Waiter:
     model: str | None
     exclude: frozenset[int]
     session: str | None
-    future: asyncio.Future[Server]
+    future: asyncio.Future[Slot]
+    since: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class Scheduler:
@@ -1776,6 +1795,11 @@ class Scheduler:
         self.sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._turn = 0
         self._random = random.Random()
+        # Moving averages, in seconds, of what the fleet's requests take: a warm one whole,
+        # a warm one's first byte, and the extra first-byte wait of a cold model load.
+        self.service_seconds = 1.0
+        self.first_byte_seconds = 0.1
+        self.load_seconds = 5.0
 
     # -- selection: pure functions of the fleet ------------------------------------
 
@@ -1816,18 +1840,38 @@ class Scheduler:
         return min(ready, key=lambda s: self._rank(s, model))
 
     def _rank(self, server: Server, model: str | None) -> tuple[int, float, float, float]:
-        # Loaded first (no cold load), then the smallest share of capacity in use per
-        # unit of weight; among equally busy ones the heavier (the bigger GPU), then any,
-        # at random, so that equal servers share the work.
-        cold = 0 if model is None or model in server.load.loaded else 1
-        share = server.load.inflight / self.capacity(server) / server.weight
-        return (cold, share, -server.weight, self._random.random())
+        return (self.tier(server, model), server.load.inflight / self.capacity(server)
+                / server.weight, -server.weight, self._random.random())
+
+    def tier(self, server: Server, model: str | None) -> int:
+        """How soon ``model`` would run on ``server``, from Ollama's own scheduling
+        (OLLAMA_NUM_PARALLEL requests per loaded model, OLLAMA_MAX_LOADED_MODELS models,
+        only an idle model can be evicted):
+
+        0. loaded, with a free slot: runs at once;
+        1. not loaded, memory free: a cold load, but nothing evicted, and one more server
+           holds the model for what follows;
+        2. loaded, every slot taken: waits behind this model's running requests;
+        3. not loaded, an idle model to evict: a cold load, and someone's model is gone;
+        4. not loaded, every loaded model busy: waits for one to drain, then loads.
+
+        Within a tier: the smallest share of capacity in use per unit of weight, then
+        the heavier server (the bigger GPU), then at random, so equal servers share work.
+        """
+        if model is None:
+            return 0
+        load = server.load
+        if model in load.loaded:
+            return 0 if load.by_model.get(model, 0) < self.config.num_parallel else 2
+        if len(load.loaded) < self.config.max_loaded_models:
+            return 1
+        return 3 if any(not load.by_model.get(m) for m in load.loaded) else 4
 
     # -- slots and the queue -------------------------------------------------------
 
     async def acquire(self, servers: dict[int, Server], model: str | None,
                       session: str | None = None, exclude: frozenset[int] = frozenset()
-                      ) -> Server:
+                      ) -> Slot:
         """A server with a free slot for ``model``, waiting in the queue if need be.
 
         Raises NoCandidate, QueueFull or QueueTimeout. Cancelling the caller (its client
@@ -1839,8 +1883,7 @@ class Scheduler:
         if not self.queue:  # FIFO: nobody may pass a request that is already waiting
             server = self.choose(candidates, model, session)
             if server is not None:
-                self.take(server, model, session)
-                return server
+                return self.take(server, model, session)
         if len(self.queue) >= self.config.max_queue:
             raise QueueFull
         waiter = Waiter(model, exclude, session, asyncio.get_running_loop().create_future())
@@ -1851,7 +1894,7 @@ class Scheduler:
                                           self.config.queue_timeout)
         except BaseException as exc:
             if waiter.future.done() and not waiter.future.cancelled():
-                self.release(servers, waiter.future.result(), model)  # granted too late
+                self.release(servers, waiter.future.result().server, model)  # granted late
             else:
                 waiter.future.cancel()
                 with contextlib.suppress(ValueError):
@@ -1860,13 +1903,19 @@ class Scheduler:
                 raise QueueTimeout from None
             raise
 
-    def take(self, server: Server, model: str | None, session: str | None = None) -> None:
+    def take(self, server: Server, model: str | None, session: str | None = None) -> Slot:
         load = server.load
+        cold = model is not None and model not in load.loaded
         load.inflight += 1
         load.requests += 1
         if model is not None:
+            if model not in load.loaded and len(load.loaded) >= self.config.max_loaded_models:
+                # Ollama makes room by unloading the least recently used idle model.
+                idle = [m for m in load.loaded if not load.by_model.get(m)]
+                if idle:
+                    del load.loaded[min(idle, key=load.loaded.__getitem__)]
             load.by_model[model] = load.by_model.get(model, 0) + 1
-            load.loaded.add(model)  # Ollama loads it for this request if it was not
+            load.loaded[model] = time.monotonic()
         if load.breaker_open:
             load.probing = True  # half-open: this request is the one probe
         if session is not None:
@@ -1874,6 +1923,7 @@ class Scheduler:
             self.sessions.move_to_end(session)
             while len(self.sessions) > MAX_SESSIONS:
                 self.sessions.popitem(last=False)
+        return Slot(server, cold)
 
     def release(self, servers: dict[int, Server], server: Server, model: str | None) -> None:
         load = server.load
@@ -1887,23 +1937,62 @@ class Scheduler:
         self.dispatch(servers)
 
     def dispatch(self, servers: dict[int, Server]) -> None:
-        """Hands free slots to queued requests, oldest first."""
+        """Hands free slots to queued requests.
+
+        With least_load, oldest first, but a busy fleet must not thrash: a freed slot goes
+        first to the oldest request that can run there at once (its model loaded, a slot
+        of it free); a request whose model is loaded somewhere waits for a slot of it
+        rather than evict another model (seconds of GPU time, and a model someone is about
+        to want gone), unless more wait for that model than the fleet has slots of it. A
+        request that has waited QUEUE_AGING seconds is served strictly in order, so
+        nobody starves.
+        """
         if not self.queue:
             return
         now = time.monotonic()
-        for waiter in list(self.queue):
-            if waiter.future.done():
-                with contextlib.suppress(ValueError):
-                    self.queue.remove(waiter)
-                continue
-            candidates = [s for s in servers.values() if s.id not in waiter.exclude
-                          and self.eligible(s, waiter.model, now)]
-            server = self.choose(candidates, waiter.model, waiter.session)
-            if server is None:
-                continue
-            self.queue.remove(waiter)
-            self.take(server, waiter.model, waiter.session)
-            waiter.future.set_result(server)
+        # round_robin and random keep their plain meaning here too: strict FIFO.
+        passes = ("aged", "ready", "any") if self.config.strategy == "least_load" else ("any",)
+        backlog = collections.Counter(w.model for w in self.queue)
+        for pass_ in passes:
+            for waiter in list(self.queue):
+                if waiter.future.done():
+                    with contextlib.suppress(ValueError):
+                        self.queue.remove(waiter)
+                    continue
+                if pass_ == "aged" and now - waiter.since < QUEUE_AGING:
+                    break  # the queue is in arrival order: no older waiter follows
+                candidates = [s for s in servers.values() if s.id not in waiter.exclude
+                              and self.eligible(s, waiter.model, now)]
+                if pass_ == "ready":
+                    candidates = [s for s in candidates if self.tier(s, waiter.model) == 0]
+                elif pass_ == "any" and len(passes) > 1:
+                    # Its model loaded somewhere and enough slots of it for those waiting:
+                    # wait for one rather than evict another model here. Past that, the
+                    # model is short of servers and a load pays for itself.
+                    slots = self.config.num_parallel * sum(
+                        1 for s in candidates if waiter.model in s.load.loaded)
+                    # A load pays when the wait for a slot, backlog / slots requests long,
+                    # exceeds the load itself (both measured, see observe()).
+                    worth = self.load_seconds / max(self.service_seconds, 1e-3)
+                    if slots and backlog[waiter.model] <= slots * worth:
+                        candidates = [s for s in candidates
+                                      if self.tier(s, waiter.model) <= 1]
+                server = self.choose(candidates, waiter.model, waiter.session)
+                if server is None:
+                    continue
+                self.queue.remove(waiter)
+                backlog[waiter.model] -= 1
+                waiter.future.set_result(self.take(server, waiter.model, waiter.session))
+
+    def observe(self, cold: bool, first_byte: float, total: float) -> None:
+        """Learns from a finished request how long requests and model loads take."""
+        alpha = 0.1
+        if cold:
+            extra = max(0.0, first_byte - self.first_byte_seconds)
+            self.load_seconds += alpha * (extra - self.load_seconds)
+        else:
+            self.first_byte_seconds += alpha * (first_byte - self.first_byte_seconds)
+            self.service_seconds += alpha * (total - self.service_seconds)
 
     # -- circuit breaker -------------------------------------------------------------
 
@@ -2371,11 +2460,10 @@ class Balancer:
             running = payload.get("models") if isinstance(payload, dict) else None
             if isinstance(running, list):
                 load.running = [m for m in running if isinstance(m, dict)]
-                busy = {model for model, count in load.by_model.items() if count}
-                load.loaded = busy | {
-                    canonical_model(str(m.get("name") or m.get("model") or ""))
-                    for m in load.running
-                }
+                now = time.monotonic()
+                resident = {canonical_model(str(m.get("name") or m.get("model") or ""))
+                            for m in load.running} | {m for m, n in load.by_model.items() if n}
+                load.loaded = {m: load.loaded.get(m, now) for m in resident}
             status, body = await asyncio.wait_for(
                 self.fetch(server, proxy, "GET", "/api/version"), self.config.health_timeout)
             version = json.loads(body).get("version") if status == 200 else None
@@ -2768,8 +2856,8 @@ class Balancer:
         busy = [("Retry-After", "1")]
         for _ in range(self.config.retries + 1):
             try:
-                server = await self.scheduler.acquire(self.servers, model, session,
-                                                      frozenset(tried))
+                slot = await self.scheduler.acquire(self.servers, model, session,
+                                                    frozenset(tried))
             except NoCandidate:
                 break
             except QueueFull:
@@ -2778,9 +2866,10 @@ class Balancer:
             except QueueTimeout:
                 return await self.send_error(request, 503, "server busy, please try again."
                                              "  no server was free in time", busy)
+            server = slot.server
             tried.add(server.id)
             try:
-                outcome = await self._attempt(request, server, replay, model)
+                outcome = await self._attempt(request, slot, replay, model)
             finally:
                 self.scheduler.release(self.servers, server, model)
             if isinstance(outcome, Relayed):
@@ -2793,7 +2882,7 @@ class Balancer:
                 busy)
         return await self.send_error(request, *failure)
 
-    async def _attempt(self, request: Request, server: Server, body: ReplayableBody,
+    async def _attempt(self, request: Request, slot: Slot, body: ReplayableBody,
                        model: str) -> Relayed | tuple[int, str]:
         """One try on one server: the relayed response, or why another server should try.
 
@@ -2801,6 +2890,8 @@ class Balancer:
         or a 404 for a model the catalog said this server has. Nothing is retried once a
         byte has gone to the client.
         """
+        server = slot.server
+        started = time.monotonic()
         try:
             proxy = self.proxy_of(server)
             if proxy is not None and not proxy.status:
@@ -2813,9 +2904,12 @@ class Balancer:
             self.scheduler.record(self.servers, server, False)
             return exc.status, exc.message
         if response.status not in (404, 502, 503):
+            first_byte = time.monotonic() - started
             relayed, ok = await self.send_upstream_response(request, server, wire, response,
                                                             key)
             self.scheduler.record(self.servers, server, ok)
+            if ok:
+                self.scheduler.observe(slot.cold, first_byte, time.monotonic() - started)
             return relayed
         message = await self._read_error(wire, response, key) or (
             f"{server.label} answered {response.status}")

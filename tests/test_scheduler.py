@@ -1,0 +1,215 @@
+"""The scheduler's decisions, in-process: tiers, capacity, the queue's order, the breaker."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+import ollamabalancer as ob
+
+
+def fleet(count: int, **config: Any) -> tuple[ob.Scheduler, dict[int, ob.Server]]:
+    settings = ob.Config(**{"num_parallel": 1, "max_loaded_models": 2, "max_concurrency": 2,
+                            **config})
+    servers = {}
+    for index in range(1, count + 1):
+        server = ob.Server(index, f"h{index}", 11434, reachable=True,
+                           models=[{"name": m} for m in ("a:latest", "b:latest", "c:latest")])
+        servers[index] = server
+    return ob.Scheduler(settings), servers
+
+
+def test_tiers_follow_ollamas_own_scheduling() -> None:
+    scheduler, servers = fleet(1)
+    server = servers[1]
+    assert scheduler.tier(server, "a:latest") == 1  # memory free: a load, no eviction
+    scheduler.take(server, "a:latest")
+    assert scheduler.tier(server, "a:latest") == 2  # loaded, its one slot taken
+    scheduler.release(servers, server, "a:latest")
+    assert scheduler.tier(server, "a:latest") == 0  # loaded and free: runs at once
+    scheduler.take(server, "b:latest")
+    assert scheduler.tier(server, "c:latest") == 3  # full memory, "a" idle: evicts it
+    scheduler.take(server, "a:latest")
+    assert scheduler.tier(server, "c:latest") == 4  # full memory, all busy: waits
+
+
+def test_taking_a_model_predicts_the_lru_eviction() -> None:
+    scheduler, servers = fleet(1)
+    server = servers[1]
+    for model in ("a:latest", "b:latest"):
+        scheduler.take(server, model)
+        scheduler.release(servers, server, model)
+    scheduler.take(server, "a:latest")  # "a" used last; "b" is now least recently used
+    scheduler.release(servers, server, "a:latest")
+    scheduler.take(server, "c:latest")
+    assert set(server.load.loaded) == {"a:latest", "c:latest"}
+
+
+def test_least_load_prefers_a_ready_server_then_memory_then_least_busy() -> None:
+    scheduler, servers = fleet(3)
+    scheduler.take(servers[2], "a:latest")
+    scheduler.release(servers, servers[2], "a:latest")
+    candidates = list(servers.values())
+    assert scheduler.choose(candidates, "a:latest") is servers[2]
+    scheduler.take(servers[2], "a:latest")  # now busy: a load elsewhere beats waiting
+    assert scheduler.choose(candidates, "a:latest") in (servers[1], servers[3])
+
+
+def test_weight_breaks_ties_and_scales_load() -> None:
+    scheduler, servers = fleet(2, max_concurrency=4)
+    servers[2].weight = 3.0
+    assert scheduler.choose(list(servers.values()), None) is servers[2]  # idle tie: heavier
+    scheduler.take(servers[1], None)
+    scheduler.take(servers[2], None)
+    scheduler.take(servers[2], None)
+    # 2/4 used per 3 units of weight is less loaded than 1/4 per 1 unit.
+    assert scheduler.choose(list(servers.values()), None) is servers[2]
+
+
+def test_capacity_is_enforced_and_the_server_value_wins() -> None:
+    scheduler, servers = fleet(1, max_concurrency=1)
+    server = servers[1]
+    scheduler.take(server, None)
+    assert scheduler.choose([server], None) is None
+    server.max_concurrency = 2
+    assert scheduler.choose([server], None) is server
+
+
+def test_queue_grants_ready_work_first_then_in_order() -> None:
+    async def scenario() -> list[str]:
+        scheduler, servers = fleet(1, max_concurrency=1)
+        server = servers[1]
+        scheduler.take(server, "a:latest")
+        scheduler.release(servers, server, "a:latest")
+        scheduler.take(server, "b:latest")  # full: the next ones queue
+        order: list[str] = []
+
+        async def want(model: str) -> None:
+            got = await scheduler.acquire(servers, model)
+            order.append(model)
+            await asyncio.sleep(0)
+            scheduler.release(servers, got.server, model)
+
+        tasks = [asyncio.ensure_future(want(m)) for m in ("c:latest", "a:latest")]
+        await asyncio.sleep(0.01)
+        scheduler.release(servers, server, "b:latest")
+        await asyncio.gather(*tasks)
+        return order
+
+    # "a" is loaded and idle: it runs at once, before the older request that needs a load.
+    assert asyncio.run(scenario()) == ["a:latest", "c:latest"]
+
+
+def test_plain_strategies_keep_a_strict_fifo_queue() -> None:
+    async def scenario() -> list[str]:
+        scheduler, servers = fleet(1, max_concurrency=1, strategy="round_robin")
+        server = servers[1]
+        scheduler.take(server, "a:latest")
+        scheduler.release(servers, server, "a:latest")
+        scheduler.take(server, "b:latest")
+        order: list[str] = []
+
+        async def want(model: str) -> None:
+            got = await scheduler.acquire(servers, model)
+            order.append(model)
+            scheduler.release(servers, got.server, model)
+
+        tasks = [asyncio.ensure_future(want(m)) for m in ("c:latest", "a:latest")]
+        await asyncio.sleep(0.01)
+        scheduler.release(servers, server, "b:latest")
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(scenario()) == ["c:latest", "a:latest"]
+
+
+def test_aged_waiters_are_served_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ob, "QUEUE_AGING", 0.0)
+
+    async def scenario() -> list[str]:
+        scheduler, servers = fleet(1, max_concurrency=1)
+        server = servers[1]
+        scheduler.take(server, "a:latest")
+        scheduler.release(servers, server, "a:latest")
+        scheduler.take(server, "b:latest")
+        order: list[str] = []
+
+        async def want(model: str) -> None:
+            got = await scheduler.acquire(servers, model)
+            order.append(model)
+            scheduler.release(servers, got.server, model)
+
+        tasks = [asyncio.ensure_future(want(m)) for m in ("c:latest", "a:latest")]
+        await asyncio.sleep(0.01)
+        scheduler.release(servers, server, "b:latest")
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(scenario()) == ["c:latest", "a:latest"]
+
+
+def test_a_cancelled_waiter_leaves_the_queue_and_a_late_grant_is_returned() -> None:
+    async def scenario() -> tuple[int, int]:
+        scheduler, servers = fleet(1, max_concurrency=1)
+        server = servers[1]
+        scheduler.take(server, None)
+        waiting = asyncio.ensure_future(scheduler.acquire(servers, "a:latest"))
+        await asyncio.sleep(0.01)
+        assert len(scheduler.queue) == 1
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        queued = len(scheduler.queue)
+        scheduler.release(servers, server, None)
+        return queued, server.load.inflight
+
+    assert asyncio.run(scenario()) == (0, 0)
+
+
+def test_breaker_opens_after_the_threshold_and_allows_one_probe() -> None:
+    async def scenario() -> None:
+        scheduler, servers = fleet(1, breaker_threshold=2, breaker_cooldown=0.05)
+        server = servers[1]
+        scheduler.record(servers, server, False)
+        assert scheduler.candidates(servers.values(), None) == [server]
+        scheduler.record(servers, server, False)
+        assert scheduler.candidates(servers.values(), None) == []
+        await asyncio.sleep(0.06)
+        assert scheduler.candidates(servers.values(), None) == [server]
+        scheduler.take(server, None)  # the probe
+        assert scheduler.candidates(servers.values(), None) == []
+        scheduler.release(servers, server, None)
+        scheduler.record(servers, server, True)
+        assert not server.load.breaker_open
+        assert scheduler.candidates(servers.values(), None) == [server]
+
+    asyncio.run(scenario())
+
+
+def test_session_affinity_holds_while_the_server_has_room() -> None:
+    scheduler, servers = fleet(2)
+    first = scheduler.choose(list(servers.values()), None, "s1")
+    assert first is not None
+    scheduler.take(first, None, "s1")
+    for _ in range(1):
+        assert scheduler.choose(list(servers.values()), None, "s1") is first
+    scheduler.take(first, None, "s1")  # now full (capacity 2)
+    other = scheduler.choose(list(servers.values()), None, "s1")
+    assert other is not None and other is not first
+
+
+def test_a_slot_says_whether_its_model_had_to_be_loaded() -> None:
+    scheduler, servers = fleet(1)
+    assert scheduler.take(servers[1], "a:latest").cold is True
+    assert scheduler.take(servers[1], "a:latest").cold is False
+
+
+def test_load_and_service_times_are_learned_from_requests() -> None:
+    scheduler, _ = fleet(1)
+    for _ in range(100):
+        scheduler.observe(False, 0.2, 1.5)
+        scheduler.observe(True, 4.2, 5.5)
+    assert scheduler.service_seconds == pytest.approx(1.5, rel=0.01)
+    assert scheduler.first_byte_seconds == pytest.approx(0.2, rel=0.01)
+    assert scheduler.load_seconds == pytest.approx(4.0, rel=0.01)
