@@ -27,9 +27,13 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import hashlib
+import hmac
 import http
+import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -220,6 +224,13 @@ class Config:
     retries: int = 2
     breaker_threshold: int = 3
     breaker_cooldown: float = 30.0
+    secret_key: str = dataclasses.field(default="", repr=False)
+    secret_key_file: str = ""
+    admin_token: str = dataclasses.field(default="", repr=False)
+    admin_token_file: str = ""
+    require_api_key: bool = False
+    header_timeout: float = HEADER_TIMEOUT
+    max_connections: int = 10_000
     log_level: str = "INFO"
 
     def describe_store(self) -> str:
@@ -282,6 +293,13 @@ def _text(text: str) -> str:
     return text
 
 
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("0", "1", "true", "false", "yes", "no", ""):
+        raise ValueError("must be 1 or 0")
+    return value in ("1", "true", "yes")
+
+
 #: (env var, flag, Config field, parser, help). Flags win over the environment.
 SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("IP", "--ip", "ip", _text, "address to listen on (default 0.0.0.0)"),
@@ -322,6 +340,20 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "consecutive failures that take a server out of rotation (default 3)"),
     ("BREAKER_COOLDOWN", "--breaker-cooldown", "breaker_cooldown", _seconds,
      "seconds before a failed server is probed again (default 30)"),
+    ("SECRET_KEY", "--secret-key", "secret_key", _text,
+     "master key for secrets at rest (default: SECRET_KEY_FILE, else a generated key file)"),
+    ("SECRET_KEY_FILE", "--secret-key-file", "secret_key_file", _text,
+     "file holding the master key (default: <DB_PATH>.key, or ./ollamabalancer.key for MySQL)"),
+    ("ADMIN_TOKEN", "--admin-token", "admin_token", _text,
+     "bearer token for the management endpoints (default: loopback clients only)"),
+    ("ADMIN_TOKEN_FILE", "--admin-token-file", "admin_token_file", _text,
+     "file holding ADMIN_TOKEN"),
+    ("REQUIRE_API_KEY", "--require-api-key", "require_api_key", _flag,
+     "1 to require a client API key even before any exists (default 0)"),
+    ("HEADER_TIMEOUT", "--header-timeout", "header_timeout", _seconds,
+     "seconds a client may take to send a request head (default 30)"),
+    ("MAX_CONNECTIONS", "--max-connections", "max_connections", _count(1, 10_000_000),
+     "client connections open at once; more are refused (default 10000)"),
     ("LOG_LEVEL", "--log-level", "log_level", _level,
      "debug, info, warning or error (default info)"),
 )
@@ -346,6 +378,23 @@ def load_config(argv: Sequence[str], environ: dict[str, str]) -> Config:
     if "db_engine" not in values:
         values["db_engine"] = "mysql" if ("db_host" in values) else "sqlite"
     return Config(**values)
+
+
+def with_admin_token(config: Config) -> Config:
+    """Reads ADMIN_TOKEN_FILE into the admin token, when that is how it was given."""
+    if config.admin_token and len(config.admin_token) < 16:
+        raise ConfigError("ADMIN_TOKEN must be at least 16 characters")
+    if config.admin_token or not config.admin_token_file:
+        return config
+    try:
+        with open(config.admin_token_file, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read ADMIN_TOKEN_FILE {config.admin_token_file}: "
+                          f"{exc.strerror}") from None
+    if len(token) < 16:
+        raise ConfigError("the admin token must be at least 16 characters")
+    return dataclasses.replace(config, admin_token=token)
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -921,6 +970,8 @@ class Server:
     last_checked: datetime.datetime | None = None
     weight: float = 1.0
     max_concurrency: int | None = None  # None: the MAX_CONCURRENCY setting
+    #: Authorization header value for an Ollama behind an authenticating proxy; secret.
+    authorization: str | None = dataclasses.field(default=None, repr=False)
     # Live state, kept in memory.
     reachable: bool = False
     last_error: str | None = None
@@ -963,10 +1014,16 @@ class Server:
             "lastError": self.last_error,
             "weight": self.weight,
             "maxConcurrency": self.max_concurrency,
+            "hasAuthorization": bool(self.authorization),
             "inflight": self.load.inflight,
             "loadedModels": sorted(self.load.loaded),
             "circuitOpen": self.load.breaker_open,
         }
+
+
+def server_credentials(server: Server) -> list[tuple[str, str]]:
+    """The Authorization an Ollama behind an authenticating proxy wants, if any."""
+    return [("Authorization", server.authorization)] if server.authorization else []
 
 
 def format_host(host: str) -> str:
@@ -1156,19 +1213,152 @@ class UpstreamPool:
 
 
 # ---------------------------------------------------------------------------
+# Secrets at rest: HKDF-SHA256 keys, an HMAC-SHA256 keystream, encrypt-then-MAC
+# ---------------------------------------------------------------------------
+
+SECRET_PREFIX = "enc:v1:"
+_NONCE_BYTES = 16
+_TAG_BYTES = 32
+
+
+class SecretError(Exception):
+    """A stored secret failed its integrity check (tampered, or another key)."""
+
+
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF (RFC 5869) with SHA-256: extract, then expand to ``length`` bytes."""
+    if length > 255 * 32:
+        raise ValueError("HKDF-SHA256 output is at most 8160 bytes")
+    prk = hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+    okm, block, counter = b"", b"", 1
+    while len(okm) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        okm += block
+        counter += 1
+    return okm[:length]
+
+
+class SecretBox:
+    """Encrypts the secrets the balancer must store (proxy passwords, upstream
+    credentials) with nothing but hashlib, hmac and secrets.
+
+    Separate encryption and MAC keys come from the master key by HKDF. A value is
+    XORed with HMAC-SHA256(enc_key, nonce || counter) blocks under a fresh 16-byte
+    nonce, then HMAC-SHA256(mac_key, version || nonce || ciphertext) is appended and
+    checked, in constant time, before anything is decrypted. Stored as
+    ``enc:v1:<base64url(nonce || ciphertext || tag)>``.
+    """
+
+    VERSION = b"v1"
+
+    def __init__(self, master_key: bytes) -> None:
+        salt = b"ollamabalancer secrets"
+        self._enc_key = hkdf_sha256(master_key, salt, b"encryption v1", 32)
+        self._mac_key = hkdf_sha256(master_key, salt, b"authentication v1", 32)
+        self._check_key = hkdf_sha256(master_key, salt, b"key check v1", 32)
+
+    def _keystream(self, nonce: bytes, length: int) -> bytes:
+        blocks = (length + 31) // 32
+        return b"".join(
+            hmac.new(self._enc_key, nonce + counter.to_bytes(8, "big"), hashlib.sha256).digest()
+            for counter in range(blocks)
+        )[:length]
+
+    @staticmethod
+    def _xor(data: bytes, stream: bytes) -> bytes:
+        return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(
+            len(data), "big")
+
+    def encrypt(self, plaintext: str) -> str:
+        data = plaintext.encode()
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        ciphertext = self._xor(data, self._keystream(nonce, len(data)))
+        tag = hmac.new(self._mac_key, self.VERSION + nonce + ciphertext, hashlib.sha256)
+        packed = base64.urlsafe_b64encode(nonce + ciphertext + tag.digest()).rstrip(b"=")
+        return SECRET_PREFIX + packed.decode()
+
+    def decrypt(self, stored: str) -> str:
+        if not is_encrypted(stored):
+            raise SecretError("not an encrypted value")
+        text = stored[len(SECRET_PREFIX):]
+        if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+            raise SecretError("malformed encrypted value")
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        if len(raw) < _NONCE_BYTES + _TAG_BYTES:
+            raise SecretError("truncated encrypted value")
+        nonce, ciphertext, tag = raw[:_NONCE_BYTES], raw[_NONCE_BYTES:-_TAG_BYTES], raw[
+            -_TAG_BYTES:]
+        expected = hmac.new(self._mac_key, self.VERSION + nonce + ciphertext,
+                            hashlib.sha256).digest()
+        if not hmac.compare_digest(tag, expected):
+            raise SecretError("integrity check failed: tampered, or encrypted with another key")
+        return self._xor(ciphertext, self._keystream(nonce, len(ciphertext))).decode()
+
+    def check_value(self) -> str:
+        """Stored with the data, so a wrong key is noticed at start, not as garbage."""
+        return hmac.new(self._check_key, b"ollamabalancer key check", hashlib.sha256
+                        ).hexdigest()[:32]
+
+
+def is_encrypted(value: str | None) -> bool:
+    return bool(value) and str(value).startswith(SECRET_PREFIX)
+
+
+def load_master_key(config: Config) -> tuple[bytes, str]:
+    """The master key, and where it came from (for the startup log, never the key).
+
+    SECRET_KEY, else SECRET_KEY_FILE, else a key generated on first start into a 0600
+    file: beside the SQLite database, or ./ollamabalancer.key for MySQL.
+    """
+    if config.secret_key:
+        return config.secret_key.encode(), "SECRET_KEY"
+    path = config.secret_key_file or default_key_file(config)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            key = handle.read().strip()
+    except FileNotFoundError:
+        if config.secret_key_file:
+            raise ConfigError(f"SECRET_KEY_FILE {path} does not exist") from None
+        key = write_new_key(path)
+        return key.encode(), f"new key file {path}"
+    except OSError as exc:
+        raise ConfigError(f"cannot read the key file {path}: {exc.strerror}") from None
+    if len(key) < 16:
+        raise ConfigError(f"the key in {path} is shorter than 16 characters")
+    return key.encode(), f"key file {path}"
+
+
+def default_key_file(config: Config) -> str:
+    if config.db_engine == "sqlite":
+        return config.db_path + ".key"
+    return "ollamabalancer.key"
+
+
+def write_new_key(path: str) -> str:
+    """A fresh random key in a new file only its owner can read."""
+    key = secrets.token_hex(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(key + "\n")
+    return key
+
+
+# ---------------------------------------------------------------------------
 # Store: one interface, SQLite (default) and MySQL, called from a worker thread
 # ---------------------------------------------------------------------------
 
 SERVER_COLUMNS = (
     "id, host, port, scheme, name, location, runner, enabled, proxy_id, models, last_checked,"
-    " weight, max_concurrency"
+    " weight, max_concurrency, upstream_auth"
 )
+KEY_COLUMNS = "id, name, key_hash, requests_per_minute, max_concurrent, created_at, last_used_at"
 PROXY_COLUMNS = "id, name, ip, port, protocol, status, user_name, password"
 
 # Columns added to SQLite databases made by earlier versions: (table, column, definition).
 SQLITE_ADDED_COLUMNS = (
     ("ollamaServers", "weight", "REAL NOT NULL DEFAULT 1"),
     ("ollamaServers", "max_concurrency", "INTEGER"),
+    ("ollamaServers", "upstream_auth", "TEXT"),
 )
 
 SQLITE_SCHEMA = """
@@ -1188,6 +1378,7 @@ CREATE TABLE IF NOT EXISTS ollamaServers (
   updated_at TEXT DEFAULT CURRENT_TIMESTAMP,
   weight REAL NOT NULL DEFAULT 1,
   max_concurrency INTEGER,
+  upstream_auth TEXT,
   UNIQUE (host, port)
 );
 CREATE TABLE IF NOT EXISTS proxy (
@@ -1209,6 +1400,19 @@ CREATE TABLE IF NOT EXISTS server_handle (
   created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
   UNIQUE (server_id, proxy_id)
 );
+CREATE TABLE IF NOT EXISTS api_key (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  name TEXT NOT NULL,
+  key_hash TEXT NOT NULL UNIQUE,
+  requests_per_minute INTEGER,
+  max_concurrent INTEGER,
+  created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  last_used_at TEXT
+);
+CREATE TABLE IF NOT EXISTS balancer_meta (
+  name TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+);
 """
 
 # The MySQL schema after every migration; schema.sql is this text (a test keeps them equal).
@@ -1229,6 +1433,7 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `proxy_id` int NULL,
   `weight` double NOT NULL DEFAULT 1,
   `max_concurrency` int NULL,
+  `upstream_auth` varchar(2048) NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
 );
@@ -1239,7 +1444,7 @@ CREATE TABLE IF NOT EXISTS `proxy` (
   `ip` varchar(255) NOT NULL,
   `port` int NOT NULL,
   `user_name` varchar(255),
-  `password` varchar(255),
+  `password` varchar(1024),
   `created_at` timestamp NOT NULL DEFAULT (now()),
   `updated_at` timestamp DEFAULT (now()) ON UPDATE CURRENT_TIMESTAMP,
   `protocol` varchar(255) NOT NULL DEFAULT 'http',
@@ -1255,6 +1460,24 @@ CREATE TABLE IF NOT EXISTS `server_handle` (
   PRIMARY KEY (`token`),
   UNIQUE KEY `server_handle_pair` (`server_id`, `proxy_id`)
 );
+
+CREATE TABLE IF NOT EXISTS `api_key` (
+  `id` int NOT NULL AUTO_INCREMENT,
+  `name` varchar(255) NOT NULL,
+  `key_hash` char(64) NOT NULL,
+  `requests_per_minute` int NULL,
+  `max_concurrent` int NULL,
+  `created_at` timestamp NOT NULL DEFAULT (now()),
+  `last_used_at` timestamp NULL,
+  PRIMARY KEY (`id`),
+  UNIQUE KEY `api_key_hash` (`key_hash`)
+);
+
+CREATE TABLE IF NOT EXISTS `balancer_meta` (
+  `name` varchar(64) NOT NULL,
+  `value` varchar(255) NOT NULL,
+  PRIMARY KEY (`name`)
+);
 """
 
 # Columns the balancer adds to the seed's tables: (table, column, MySQL definition).
@@ -1266,6 +1489,7 @@ MYSQL_ADDED_COLUMNS = (
     ("ollamaServers", "proxy_id", "int NULL"),
     ("ollamaServers", "weight", "double NOT NULL DEFAULT 1"),
     ("ollamaServers", "max_concurrency", "int NULL"),
+    ("ollamaServers", "upstream_auth", "varchar(2048) NULL"),
     ("proxy", "protocol", "varchar(255) NOT NULL DEFAULT 'http'"),
     ("proxy", "status", "tinyint NOT NULL DEFAULT 1"),
 )
@@ -1279,6 +1503,8 @@ MYSQL_CONFORMED_COLUMNS = (
     ("proxy", "protocol", "varchar(255) NOT NULL DEFAULT 'http'", ("NO", "http", "")),
     ("proxy", "status", "tinyint NOT NULL DEFAULT 1", ("NO", "1", "")),
 )
+# Encrypted values are longer than the seed's varchar(255) allowed for a password.
+MYSQL_WIDENED_COLUMNS = (("proxy", "password", "varchar(1024)"),)
 
 
 def _sql_default(value: Any) -> str | None:
@@ -1301,6 +1527,21 @@ class Store:
 
     def __init__(self) -> None:
         self._conn: Any = None
+        self.box: SecretBox | None = None
+
+    def _seal(self, value: Any) -> Any:
+        return self.box.encrypt(value) if self.box and isinstance(value, str) and value else value
+
+    def _open_secret(self, value: Any, what: str) -> str | None:
+        if not value:
+            return None
+        if self.box is None or not is_encrypted(value):
+            return str(value)  # plain text, until protect_secrets() encrypts it
+        try:
+            return self.box.decrypt(str(value))
+        except SecretError as exc:
+            log.error("cannot decrypt %s: %s", what, exc)
+            return None
 
     # -- engine-specific ---------------------------------------------------
 
@@ -1360,13 +1601,24 @@ class Store:
 
     def list_servers(self) -> list[Server]:
         rows = self._rows(f"SELECT {SERVER_COLUMNS} FROM ollamaServers ORDER BY id")
-        return [server_from_row(row) for row in rows]
+        servers = []
+        for row in rows:
+            server = server_from_row(row[:-1])
+            server.authorization = self._open_secret(row[-1], f"server {server.id}'s "
+                                                     "upstream credentials")
+            servers.append(server)
+        return servers
+
+    def _sealed_server(self, values: dict[str, Any]) -> dict[str, Any]:
+        if "upstream_auth" in values:
+            values = dict(values, upstream_auth=self._seal(values["upstream_auth"]))
+        return values
 
     def add_server(self, values: dict[str, Any]) -> int:
-        return self._insert("ollamaServers", values)
+        return self._insert("ollamaServers", self._sealed_server(values))
 
     def update_server(self, server_id: int, values: dict[str, Any]) -> bool:
-        return self._update("ollamaServers", server_id, values)
+        return self._update("ollamaServers", server_id, self._sealed_server(values))
 
     def delete_server(self, server_id: int) -> bool:
         self._execute("DELETE FROM server_handle WHERE server_id = ?", [server_id])
@@ -1389,13 +1641,85 @@ class Store:
 
     def list_proxies(self) -> list[Proxy]:
         rows = self._rows(f"SELECT {PROXY_COLUMNS} FROM proxy ORDER BY id")
-        return [proxy_from_row(row) for row in rows]
+        return [
+            dataclasses.replace(proxy_from_row(row), password=self._open_secret(
+                row[-1], f"proxy {row[0]}'s password"))
+            for row in rows
+        ]
+
+    def _sealed_proxy(self, values: dict[str, Any]) -> dict[str, Any]:
+        if "password" in values:
+            values = dict(values, password=self._seal(values["password"]))
+        return values
 
     def add_proxy(self, values: dict[str, Any]) -> int:
-        return self._insert("proxy", values)
+        return self._insert("proxy", self._sealed_proxy(values))
 
     def update_proxy(self, proxy_id: int, values: dict[str, Any]) -> bool:
-        return self._update("proxy", proxy_id, values)
+        return self._update("proxy", proxy_id, self._sealed_proxy(values))
+
+    # -- secrets: the key check, first encryption, rotation ------------------------------
+
+    def check_key(self, box: SecretBox) -> None:
+        """Refuses a key other than the one the stored secrets were encrypted with."""
+        rows = self._rows("SELECT value FROM balancer_meta WHERE name = 'key_check'")
+        if not rows:
+            self._execute("INSERT INTO balancer_meta (name, value) VALUES ('key_check', ?)",
+                          [box.check_value()])
+        elif not hmac.compare_digest(str(rows[0][0]), box.check_value()):
+            raise ConfigError("the secret key does not match the one this database's "
+                              "secrets were encrypted with (key check failed); set "
+                              "SECRET_KEY or SECRET_KEY_FILE to that key")
+        self.box = box
+
+    def _secret_cells(self) -> list[tuple[str, str, int, str]]:
+        """Every stored secret: (table, column, row id, stored value)."""
+        cells = [("proxy", "password", int(i), str(v)) for i, v in self._rows(
+            "SELECT id, password FROM proxy WHERE password IS NOT NULL AND password <> ''")]
+        cells += [("ollamaServers", "upstream_auth", int(i), str(v)) for i, v in self._rows(
+            "SELECT id, upstream_auth FROM ollamaServers WHERE upstream_auth IS NOT NULL"
+            " AND upstream_auth <> ''")]
+        return cells
+
+    def protect_secrets(self) -> int:
+        """Encrypts the plain-text secrets a seed database holds; returns how many."""
+        assert self.box is not None
+        count = 0
+        for table, column, row_id, value in self._secret_cells():
+            if not is_encrypted(value):
+                self._execute(f"UPDATE {table} SET {column} = ? WHERE id = ?",
+                              [self.box.encrypt(value), row_id])
+                count += 1
+        return count
+
+    def rotate_secrets(self, new_box: SecretBox) -> int:
+        """Re-encrypts every secret with ``new_box``, and its key check; returns how many.
+        Every value is decrypted first, so a bad one stops it before anything changed."""
+        assert self.box is not None
+        cells = [(t, c, i, self.box.decrypt(v) if is_encrypted(v) else v)
+                 for t, c, i, v in self._secret_cells()]
+        for table, column, row_id, plain in cells:
+            self._execute(f"UPDATE {table} SET {column} = ? WHERE id = ?",
+                          [new_box.encrypt(plain), row_id])
+        self._execute("UPDATE balancer_meta SET value = ? WHERE name = 'key_check'",
+                      [new_box.check_value()])
+        self.box = new_box
+        return len(cells)
+
+    # -- client API keys (only their SHA-256 is stored) ------------------------------------
+
+    def list_keys(self) -> list[ApiKey]:
+        return [api_key_from_row(row) for row in self._rows(
+            f"SELECT {KEY_COLUMNS} FROM api_key ORDER BY id")]
+
+    def add_key(self, values: dict[str, Any]) -> int:
+        return self._insert("api_key", values)
+
+    def delete_key(self, key_id: int) -> bool:
+        return bool(self._execute("DELETE FROM api_key WHERE id = ?", [key_id]).rowcount)
+
+    def touch_key(self, key_id: int, when: datetime.datetime) -> None:
+        self._execute("UPDATE api_key SET last_used_at = ? WHERE id = ?", [when, key_id])
 
     def delete_proxy(self, proxy_id: int) -> bool:
         self._execute("DELETE FROM server_handle WHERE proxy_id = ?", [proxy_id])
@@ -1483,6 +1807,31 @@ def server_from_row(row: Sequence[Any]) -> Server:
         weight=float(weight) if weight and float(weight) > 0 else 1.0,
         max_concurrency=int(max_concurrency) if max_concurrency else None,
     )
+
+
+@dataclasses.dataclass(eq=False)
+class ApiKey:
+    id: int
+    name: str
+    key_hash: str = dataclasses.field(repr=False)
+    requests_per_minute: int | None = None
+    max_concurrent: int | None = None
+    created_at: datetime.datetime | None = None
+    last_used_at: datetime.datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name,
+                "requestsPerMinute": self.requests_per_minute,
+                "maxConcurrent": self.max_concurrent,
+                "createdAt": iso_time(self.created_at),
+                "lastUsedAt": iso_time(self.last_used_at)}
+
+
+def api_key_from_row(row: Sequence[Any]) -> ApiKey:
+    id_, name, key_hash, rpm, concurrent, created, used = row
+    return ApiKey(int(id_), str(name), str(key_hash), int(rpm) if rpm else None,
+                  int(concurrent) if concurrent else None, _as_datetime(created),
+                  _as_datetime(used))
 
 
 def proxy_from_row(row: Sequence[Any]) -> Proxy:
@@ -1618,6 +1967,15 @@ class MySQLStore(Store):
         for table, column, definition, expected in MYSQL_CONFORMED_COLUMNS:
             if actual.get((table, column)) != expected:
                 self._execute(f"ALTER TABLE `{table}` MODIFY `{column}` {definition}")
+        types = {
+            (table, column): str(kind).lower()
+            for table, column, kind in self._rows(
+                "SELECT TABLE_NAME, COLUMN_NAME, COLUMN_TYPE FROM information_schema.COLUMNS"
+                " WHERE TABLE_SCHEMA = DATABASE()")
+        }
+        for table, column, definition in MYSQL_WIDENED_COLUMNS:
+            if types.get((table, column)) != definition:
+                self._execute(f"ALTER TABLE `{table}` MODIFY `{column}` {definition}")
         indexes = {
             str(name)
             for name, in self._rows(
@@ -1676,11 +2034,21 @@ class AsyncStore:
 
 
 def open_store(config: Config) -> Store:
+    """Connects, migrates, checks the secret key and encrypts any plain-text secrets."""
     store: Store = MySQLStore(config) if config.db_engine == "mysql" else SQLiteStore(
         config.db_path
     )
     store.connect()
     store.migrate()
+    key, source = load_master_key(config)
+    store.check_key(SecretBox(key))
+    log.info("secrets at rest encrypted with the %s", source)
+    if config.db_engine == "mysql" and not (config.secret_key or config.secret_key_file):
+        log.info("every instance sharing this database needs the same key: copy %s or "
+                 "set SECRET_KEY_FILE", os.path.abspath(default_key_file(config)))
+    protected = store.protect_secrets()
+    if protected:
+        log.info("encrypted %d plain-text secrets found in the database", protected)
     return store
 
 
@@ -2037,6 +2405,7 @@ class Request:
         self.body_started = False
         self.body_finished = asyncio.Event()
         self.responded = False  # set once response bytes may have been written
+        self.authenticated = False  # its Authorization was the balancer's: not sent on
         if self.body_done:
             self.body_finished.set()
 
@@ -2201,7 +2570,7 @@ def _unknown_fields(body: dict[str, Any], allowed: Iterable[str]) -> None:
 
 
 SERVER_BODY_FIELDS = ("url", "host", "port", "scheme", "name", "location", "runner",
-                      "enabled", "proxyId", "weight", "maxConcurrency")
+                      "enabled", "proxyId", "weight", "maxConcurrency", "authorization")
 PROXY_BODY_FIELDS = ("ip", "port", "protocol", "name", "status", "userName", "password")
 
 
@@ -2237,6 +2606,7 @@ def parse_server_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     values["enabled"] = _field_bool(body, "enabled")
     values["proxy_id"] = _field_id(body, "proxyId")
     values["weight"] = _field_number(body, "weight", 0.001, 1000.0)
+    values["upstream_auth"] = _field_text(body, "authorization", max_length=1024)
     max_concurrency = _field_number(body, "maxConcurrency", 1, 100_000, integer=True)
     values["max_concurrency"] = None if max_concurrency is None else int(max_concurrency)
     if not partial and values["enabled"] is None:
@@ -2246,7 +2616,8 @@ def parse_server_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
         # PATCH may clear these by sending null explicitly.
         for json_name, column in (("proxyId", "proxy_id"), ("name", "name"),
                                   ("location", "location"), ("runner", "runner"),
-                                  ("maxConcurrency", "max_concurrency")):
+                                  ("maxConcurrency", "max_concurrency"),
+                                  ("authorization", "upstream_auth")):
             if json_name in body and body[json_name] is None:
                 result[column] = None
     if "enabled" in result:
@@ -2341,30 +2712,44 @@ class Balancer:
         self._catalog_refresh: asyncio.Future[None] | None = None
         self._catalog_refreshed_at = -1e9
         routed = "|".join(ROUTED_PATHS)
-        self.routes: list[tuple[frozenset[str], re.Pattern[str], Handler]] = [
-            (frozenset({"GET", "HEAD"}), re.compile(r"/"), self.root),
-            (frozenset({"GET"}), re.compile(r"/api/version"), self.api_version),
-            (frozenset({"GET"}), re.compile(r"/api/tags"), self.api_tags),
-            (frozenset({"GET"}), re.compile(r"/api/ps"), self.api_ps),
-            (frozenset({"GET"}), re.compile(r"/v1/models"), self.v1_models),
-            (frozenset({"GET"}), re.compile(r"/v1/models/(?P<model>.+)"), self.v1_model),
-            (frozenset({"POST"}), re.compile(f"(?:{routed})"), self.routed),
-            (frozenset({"POST"}), re.compile(r"/api/(?:pull|create)"), self.fan_out_progress),
-            (frozenset({"DELETE"}), re.compile(r"/api/delete"), self.fan_out_delete),
-            (frozenset({"POST"}), re.compile(r"/api/copy"), self.fan_out_copy),
+        # (methods, path, handler, who may call it): "open" to anyone, "client" with an API
+        # key once keys exist, "admin" with ADMIN_TOKEN (or from loopback without one).
+        self.routes: list[tuple[frozenset[str], re.Pattern[str], Handler, str]] = [
+            (frozenset({"GET", "HEAD"}), re.compile(r"/"), self.root, "open"),
+            (frozenset({"GET"}), re.compile(r"/api/version"), self.api_version, "client"),
+            (frozenset({"GET"}), re.compile(r"/api/tags"), self.api_tags, "client"),
+            (frozenset({"GET"}), re.compile(r"/api/ps"), self.api_ps, "client"),
+            (frozenset({"GET"}), re.compile(r"/v1/models"), self.v1_models, "client"),
+            (frozenset({"GET"}), re.compile(r"/v1/models/(?P<model>.+)"), self.v1_model,
+             "client"),
+            (frozenset({"POST"}), re.compile(f"(?:{routed})"), self.routed, "client"),
+            (frozenset({"POST"}), re.compile(r"/api/(?:pull|create)"), self.fan_out_progress,
+             "client"),
+            (frozenset({"DELETE"}), re.compile(r"/api/delete"), self.fan_out_delete, "client"),
+            (frozenset({"POST"}), re.compile(r"/api/copy"), self.fan_out_copy, "client"),
             (frozenset({"POST", "HEAD"}),
-             re.compile(r"/api/blobs/(?P<digest>sha256[:-][0-9a-fA-F]{64})"), self.blobs),
-            (frozenset({"POST"}), re.compile(r"/proxy/addProxy"), self.add_proxy),
-            (frozenset({"GET"}), re.compile(r"/proxy/allProxies"), self.all_proxies),
+             re.compile(r"/api/blobs/(?P<digest>sha256[:-][0-9a-fA-F]{64})"), self.blobs,
+             "client"),
+            (frozenset({"POST"}), re.compile(r"/proxy/addProxy"), self.add_proxy, "admin"),
+            (frozenset({"GET"}), re.compile(r"/proxy/allProxies"), self.all_proxies, "admin"),
             (frozenset({"GET", "PATCH", "DELETE"}), re.compile(r"/proxy/(?P<id>[0-9]{1,9})"),
-             self.one_proxy),
-            (frozenset({"GET"}), re.compile(r"/servers/getServer"), self.get_server),
-            (frozenset({"POST"}), re.compile(r"/servers/addServer"), self.add_server),
-            (frozenset({"GET"}), re.compile(r"/servers/allServers"), self.all_servers),
+             self.one_proxy, "admin"),
+            (frozenset({"GET"}), re.compile(r"/servers/getServer"), self.get_server, "client"),
+            (frozenset({"POST"}), re.compile(r"/servers/addServer"), self.add_server, "admin"),
+            (frozenset({"GET"}), re.compile(r"/servers/allServers"), self.all_servers,
+             "admin"),
             (frozenset({"GET", "PATCH", "DELETE"}),
-             re.compile(r"/servers/(?P<id>[0-9]{1,9})"), self.one_server),
-            (frozenset(), re.compile(r"/servers/ollama(?P<rest>/.*)?"), self.passthrough),
+             re.compile(r"/servers/(?P<id>[0-9]{1,9})"), self.one_server, "admin"),
+            (frozenset(), re.compile(r"/servers/ollama(?P<rest>/.*)?"), self.passthrough,
+             "client"),
+            (frozenset({"POST"}), re.compile(r"/keys/addKey"), self.add_key, "admin"),
+            (frozenset({"GET"}), re.compile(r"/keys/allKeys"), self.all_keys, "admin"),
+            (frozenset({"DELETE"}), re.compile(r"/keys/(?P<id>[0-9]{1,9})"), self.delete_key,
+             "admin"),
         ]
+        self.admin_token = config.admin_token
+        self.keys: dict[str, ApiKey] = {}  # by the SHA-256 of the key
+        self.key_usage: dict[int, KeyUsage] = {}
 
     # -- state ----------------------------------------------------------------
 
@@ -2387,6 +2772,7 @@ class Balancer:
         servers = await self.store.call(store.list_servers)
         proxies = await self.store.call(store.list_proxies)
         handles = await self.store.call(store.list_handles)
+        keys = await self.store.call(store.list_keys)
         fresh: dict[int, Server] = {}
         for server in servers:
             old = self.servers.get(server.id)
@@ -2406,6 +2792,7 @@ class Balancer:
         self.proxies = {proxy.id: proxy for proxy in proxies}
         self.handles = handles
         self.handle_tokens = {pair: token for token, pair in handles.items()}
+        self.keys = {key.key_hash: key for key in keys}
 
     def proxy_of(self, server: Server) -> Proxy | None:
         if server.proxy_id is None:
@@ -2528,7 +2915,7 @@ class Balancer:
         head = render_head(
             f"{method} {path} HTTP/1.1",
             [("Host", server.authority), ("Accept", "application/json"),
-             ("User-Agent", f"ollamabalancer/{__version__}")],
+             ("User-Agent", f"ollamabalancer/{__version__}"), *server_credentials(server)],
         )
         wire, response, key = await self.exchange(server, proxy, head, ReplayableBody(None),
                                                   method)
@@ -2972,7 +3359,7 @@ class Balancer:
         try:
             proxy = self.proxy_of(server)
             fields = [("Host", server.authority), ("Content-Type", "application/json"),
-                      ("Content-Length", str(len(body)))]
+                      ("Content-Length", str(len(body))), *server_credentials(server)]
             head = render_head(f"{method} {path} HTTP/1.1", fields)
             wire, response, key = await self.exchange(server, proxy, head,
                                                       ReplayableBody.of(body), method)
@@ -3111,7 +3498,7 @@ class Balancer:
             proxy = self.proxy_of(server)
             head = render_head(f"POST {path} HTTP/1.1", [
                 ("Host", server.authority), ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body)))])
+                ("Content-Length", str(len(body))), *server_credentials(server)])
             wire, response, key = await self.exchange(server, proxy, head,
                                                       ReplayableBody.of(body), "POST")
             if response.status != 200:
@@ -3260,9 +3647,11 @@ class Balancer:
         """The request head sent upstream, and whether its body goes chunked.
         ``body_length`` is given when the balancer has read the whole body itself."""
         headers = request.head.headers
-        dropped = HOP_BY_HOP | set(headers.tokens("connection")) | {"host"}
-        fields = [(n, v) for n, v in headers.fields if n.lower() not in dropped
-                  and n.lower() != "x-forwarded-for"]
+        dropped = {*HOP_BY_HOP, *headers.tokens("connection"), "host", "x-forwarded-for"}
+        if request.authenticated or server.authorization:
+            dropped.add("authorization")  # the balancer's key; or the server's own instead
+        fields = [(n, v) for n, v in headers.fields if n.lower() not in dropped]
+        fields.extend(server_credentials(server))
         forwarded = headers.get("x-forwarded-for")
         fields.append(("X-Forwarded-For", f"{forwarded}, {request.wire.peer}" if forwarded
                        else request.wire.peer))
@@ -3396,18 +3785,146 @@ class Balancer:
     async def dispatch(self, request: Request) -> Response | Relayed:
         path = request.path
         allowed: set[str] = set()
-        for methods, pattern, handler in self.routes:
+        for methods, pattern, handler, access in self.routes:
             match = pattern.fullmatch(path)
             if match is None:
                 continue
             if methods and request.method not in methods:
                 allowed |= methods
                 continue
-            return await handler(request, match)
+            if access == "admin":
+                self.authorize_admin(request)
+                return await handler(request, match)
+            usage = self.authorize_client(request) if access == "client" else None
+            if usage is None:
+                return await handler(request, match)
+            usage.inflight += 1
+            try:
+                return await handler(request, match)
+            finally:
+                usage.inflight -= 1
         if allowed:
             raise HTTPError(405, f"{request.method} is not allowed on {path}",
                             headers=[("Allow", ", ".join(sorted(allowed)))])
         raise HTTPError(404, f"no route for {request.method} {path}")
+
+    # -- authentication ---------------------------------------------------------------
+
+    def authorize_admin(self, request: Request) -> None:
+        """ADMIN_TOKEN as a bearer token, compared in constant time; without one set, the
+        management endpoints answer loopback clients only."""
+        if not self.admin_token:
+            if not is_loopback(request.wire.peer):
+                raise HTTPError(403, "management endpoints answer only loopback clients "
+                                     "while ADMIN_TOKEN is not set")
+            return
+        token = bearer_token(request.head)
+        challenge = [("WWW-Authenticate", 'Bearer realm="ollamabalancer admin"')]
+        if token is None:
+            raise HTTPError(401, "missing admin token: send Authorization: Bearer <token>",
+                            headers=challenge)
+        if not hmac.compare_digest(token.encode(), self.admin_token.encode()):
+            raise HTTPError(401, "invalid admin token", headers=challenge)
+
+    def authorize_client(self, request: Request) -> KeyUsage | None:
+        """Once any API key exists (or REQUIRE_API_KEY=1), a valid key within its limits.
+
+        The key is compared through its SHA-256, so timing reveals nothing of it; the
+        balancer's own key is not sent upstream. Returns the key's usage to count the
+        request against, or None when no key is needed or the admin token was used.
+        """
+        if not (self.keys or self.config.require_api_key):
+            return None
+        token = bearer_token(request.head)
+        challenge = [("WWW-Authenticate", 'Bearer realm="ollamabalancer"')]
+        if token is None:
+            raise HTTPError(401, "missing API key: send Authorization: Bearer <key>",
+                            headers=challenge)
+        request.authenticated = True
+        if self.admin_token and hmac.compare_digest(token.encode(), self.admin_token.encode()):
+            return None
+        key = self.keys.get(hashlib.sha256(token.encode()).hexdigest())
+        if key is None:
+            raise HTTPError(401, "invalid API key", headers=challenge)
+        usage = self.key_usage.setdefault(key.id, KeyUsage())
+        now = time.monotonic()
+        if key.max_concurrent is not None and usage.inflight >= key.max_concurrent:
+            raise HTTPError(429, f"API key '{key.name}' has {key.max_concurrent} requests "
+                                 "in flight already", headers=[("Retry-After", "1")])
+        if key.requests_per_minute is not None:
+            recent = usage.recent
+            while recent and now - recent[0] >= 60:
+                recent.popleft()
+            if len(recent) >= key.requests_per_minute:
+                wait = max(1, math.ceil(60 - (now - recent[0])))
+                raise HTTPError(429, f"API key '{key.name}' is over its "
+                                     f"{key.requests_per_minute} requests per minute",
+                                headers=[("Retry-After", str(wait))])
+            recent.append(now)
+        if now - usage.touched > 60:  # lastUsedAt, written at most once a minute
+            usage.touched = now
+            self.spawn(self._touch_key(key))
+        return usage
+
+    async def _touch_key(self, key: ApiKey) -> None:
+        key.last_used_at = utc_now()
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.call(self.store.store.touch_key, key.id, key.last_used_at)
+
+    # -- client API keys -------------------------------------------------------------
+
+    async def add_key(self, request: Request, match: re.Match[str]) -> Response:
+        body = _json_object(await request.read_json())
+        _unknown_fields(body, ("name", "requestsPerMinute", "maxConcurrent"))
+        name = _field_text(body, "name", required=True)
+        rpm = _field_number(body, "requestsPerMinute", 1, 1e9, integer=True)
+        concurrent = _field_number(body, "maxConcurrent", 1, 1e9, integer=True)
+        key = "olb-" + secrets.token_urlsafe(32)
+        values = {"name": name, "key_hash": hashlib.sha256(key.encode()).hexdigest(),
+                  "requests_per_minute": None if rpm is None else int(rpm),
+                  "max_concurrent": None if concurrent is None else int(concurrent)}
+        key_id = await self.db(self.store.store.add_key, values)
+        await self._reload_for_admin()
+        log.info("added API key %d (%s)", key_id, name)
+        return json_response(201, {"id": key_id, "name": name, "key": key})
+
+    async def all_keys(self, request: Request, match: re.Match[str]) -> Response:
+        await self._reload_for_admin()
+        return json_response(200, [k.to_json() for k in self.keys.values()])
+
+    async def delete_key(self, request: Request, match: re.Match[str]) -> Response:
+        key_id = _path_id(match)
+        if not await self.db(self.store.store.delete_key, key_id):
+            raise HTTPError(404, f"no API key with id {key_id}")
+        await self._reload_for_admin()
+        return Response(204)
+
+
+@dataclasses.dataclass(eq=False)
+class KeyUsage:
+    """One API key's use on this instance: in flight, and request times in the last minute."""
+
+    inflight: int = 0
+    recent: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
+    touched: float = -1e9
+
+
+def bearer_token(head: RequestHead) -> str | None:
+    value = head.headers.get("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def is_loopback(peer: str) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer == "unix"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def _drain(queue: asyncio.Queue[Any], _: object = None) -> None:
@@ -3484,6 +4001,14 @@ class HTTPServer:
 
     async def serve_connection(self, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter) -> None:
+        if len(self.connections) >= self.app.config.max_connections:
+            # Over MAX_CONNECTIONS: a short 503 and close, without reading anything.
+            body = b'{"error":"too many open connections"}'
+            writer.write(render_head("HTTP/1.1 503 Service Unavailable", [
+                ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                ("Retry-After", "1"), ("Connection", "close")]) + body)
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self.connections.add(task)
@@ -3509,7 +4034,8 @@ class HTTPServer:
             # Idle keep-alive: wait for the first byte of the next request.
             if not wire.buf and not await wire.fill(KEEPALIVE_TIMEOUT):
                 return False
-            head = await read_head(wire, maybe_request_head, loop.time() + HEADER_TIMEOUT)
+            head = await read_head(wire, maybe_request_head,
+                                   loop.time() + self.app.config.header_timeout)
             if head is None:
                 return False
             request = Request(wire, head)
@@ -3569,8 +4095,14 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
     await app.reload()
     await app.check_all()
     reachable = sum(1 for s in app.servers.values() if s.reachable)
-    log.info("%d servers (%d reachable), %d proxies", len(app.servers), reachable,
-             len(app.proxies))
+    log.info("%d servers (%d reachable), %d proxies, %d API keys", len(app.servers), reachable,
+             len(app.proxies), len(app.keys))
+    if config.admin_token:
+        log.info("management endpoints need the admin token")
+    else:
+        log.warning("ADMIN_TOKEN is not set: management endpoints answer loopback clients only")
+    if not (app.keys or config.require_api_key):
+        log.warning("no API keys exist: the Ollama endpoints are open to every client")
     http_server = HTTPServer(app)
     server = await asyncio.start_server(
         http_server.serve_connection, config.ip, config.port, limit=READ_SIZE,
@@ -3603,10 +4135,41 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
 # ---------------------------------------------------------------------------
 
 
+def rotate_secret(config: Config, new_key_file: str) -> int:
+    """``rotate-secret --new-key-file F``: re-encrypts every stored secret with the key in
+    F (made, 0600, if F does not exist), then checks that it reads back."""
+    store = open_store(config)
+    try:
+        if os.path.exists(new_key_file):
+            with open(new_key_file, encoding="utf-8") as handle:
+                new_key = handle.read().strip()
+            if len(new_key) < 16:
+                raise ConfigError(f"the key in {new_key_file} is shorter than 16 characters")
+        else:
+            new_key = write_new_key(new_key_file)
+        count = store.rotate_secrets(SecretBox(new_key.encode()))
+        store.check_key(SecretBox(new_key.encode()))
+        store.list_proxies()
+        store.list_servers()
+    finally:
+        store.close()
+    print(f"re-encrypted {count} secrets with the key in {new_key_file}; start the balancer "
+          f"with SECRET_KEY_FILE={new_key_file} from now on")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] == "rotate-secret" else "serve"
+    new_key_file = ""
+    if command == "rotate-secret":
+        sub = argparse.ArgumentParser(prog="ollamabalancer rotate-secret", add_help=True)
+        sub.add_argument("--new-key-file", required=True)
+        known, argv = sub.parse_known_args(argv)
+        new_key_file = known.new_key_file
     try:
         config = load_config(argv, dict(os.environ))
+        config = with_admin_token(config)
     except ConfigError as exc:
         print(f"ollamabalancer: error: {exc}", file=sys.stderr)
         return 2
@@ -3615,9 +4178,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(message)s",
         stream=sys.stderr,
     )
+    if command == "rotate-secret":
+        try:
+            return rotate_secret(config, new_key_file)
+        except (StoreUnavailable, MissingDependency, ConfigError, SecretError, OSError) as exc:
+            log.error("rotation failed, nothing changed: %s", exc)
+            return 1
     try:
         asyncio.run(serve(config))
-    except (StoreUnavailable, MissingDependency) as exc:
+    except (StoreUnavailable, MissingDependency, ConfigError) as exc:
         log.error("%s", exc)
         return 1
     except OSError as exc:

@@ -17,6 +17,7 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `proxy_id` int NULL,
   `weight` double NOT NULL DEFAULT 1,
   `max_concurrency` int NULL,
+  `upstream_auth` varchar(2048) NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
 );
@@ -27,7 +28,7 @@ CREATE TABLE IF NOT EXISTS `proxy` (
   `ip` varchar(255) NOT NULL,
   `port` int NOT NULL,
   `user_name` varchar(255),
-  `password` varchar(255),
+  `password` varchar(1024),
   `created_at` timestamp NOT NULL DEFAULT (now()),
   `updated_at` timestamp DEFAULT (now()) ON UPDATE CURRENT_TIMESTAMP,
   `protocol` varchar(255) NOT NULL DEFAULT 'http',
@@ -42,4 +43,22 @@ CREATE TABLE IF NOT EXISTS `server_handle` (
   `created_at` timestamp NOT NULL DEFAULT (now()),
   PRIMARY KEY (`token`),
   UNIQUE KEY `server_handle_pair` (`server_id`, `proxy_id`)
+);
+
+CREATE TABLE IF NOT EXISTS `api_key` (
+  `id` int NOT NULL AUTO_INCREMENT,
+  `name` varchar(255) NOT NULL,
+  `key_hash` char(64) NOT NULL,
+  `requests_per_minute` int NULL,
+  `max_concurrent` int NULL,
+  `created_at` timestamp NOT NULL DEFAULT (now()),
+  `last_used_at` timestamp NULL,
+  PRIMARY KEY (`id`),
+  UNIQUE KEY `api_key_hash` (`key_hash`)
+);
+
+CREATE TABLE IF NOT EXISTS `balancer_meta` (
+  `name` varchar(64) NOT NULL,
+  `value` varchar(255) NOT NULL,
+  PRIMARY KEY (`name`)
 );
