@@ -45,7 +45,7 @@ import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar
 
 __version__ = "0.1.0"
@@ -1283,7 +1283,10 @@ class SecretBox:
         text = stored[len(SECRET_PREFIX):]
         if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
             raise SecretError("malformed encrypted value")
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except ValueError:  # binascii.Error: a length no base64 text can have
+            raise SecretError("malformed encrypted value") from None
         if len(raw) < _NONCE_BYTES + _TAG_BYTES:
             raise SecretError("truncated encrypted value")
         nonce, ciphertext, tag = raw[:_NONCE_BYTES], raw[_NONCE_BYTES:-_TAG_BYTES], raw[
@@ -1528,6 +1531,22 @@ class Store:
     def __init__(self) -> None:
         self._conn: Any = None
         self.box: SecretBox | None = None
+        self._in_transaction = False
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All or nothing; a lost connection inside is an error, never a silent retry."""
+        self._execute("BEGIN")
+        self._in_transaction = True
+        try:
+            yield
+            self._execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._execute("ROLLBACK")
+            raise
+        finally:
+            self._in_transaction = False
 
     def _seal(self, value: Any) -> Any:
         return self.box.encrypt(value) if self.box and isinstance(value, str) and value else value
@@ -1696,13 +1715,14 @@ class Store:
         """Re-encrypts every secret with ``new_box``, and its key check; returns how many.
         Every value is decrypted first, so a bad one stops it before anything changed."""
         assert self.box is not None
-        cells = [(t, c, i, self.box.decrypt(v) if is_encrypted(v) else v)
-                 for t, c, i, v in self._secret_cells()]
-        for table, column, row_id, plain in cells:
-            self._execute(f"UPDATE {table} SET {column} = ? WHERE id = ?",
-                          [new_box.encrypt(plain), row_id])
-        self._execute("UPDATE balancer_meta SET value = ? WHERE name = 'key_check'",
-                      [new_box.check_value()])
+        with self.transaction():
+            cells = [(t, c, i, self.box.decrypt(v) if is_encrypted(v) else v)
+                     for t, c, i, v in self._secret_cells()]
+            for table, column, row_id, plain in cells:
+                self._execute(f"UPDATE {table} SET {column} = ? WHERE id = ?",
+                              [new_box.encrypt(plain), row_id])
+            self._execute("UPDATE balancer_meta SET value = ? WHERE name = 'key_check'",
+                          [new_box.check_value()])
         self.box = new_box
         return len(cells)
 
@@ -2008,7 +2028,7 @@ class MySQLStore(Store):
                 ):
                     raise  # an SQL-level error, not a lost connection
                 self.close()
-                if attempt == 2:
+                if attempt == 2 or self._in_transaction:
                     raise StoreUnavailable(f"MySQL unavailable: {exc}") from None
         raise AssertionError("unreachable")
 

@@ -1,0 +1,184 @@
+"""Hostile input: request smuggling and malformed framing over real sockets, any bytes
+into the parser, slowloris, and more connections than allowed."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from typing import Any
+
+import pytest
+from conftest import BalancerProcess, StoreConfig, raw_exchange
+from fakeollama import FakeOllama
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ollamabalancer as ob
+
+H = b"Host: a\r\n"
+POST = b"POST /servers/ollama/1/echo HTTP/1.1\r\n" + H
+
+SMUGGLING = [
+    ("cl-and-te", POST + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"0\r\n\r\n", 400),
+    ("te-chunked-then-other", POST + b"Transfer-Encoding: chunked, x\r\n\r\n0\r\n\r\n", 400),
+    ("te-other", POST + b"Transfer-Encoding: x\r\n\r\n", 501),
+    ("te-space-before-colon", POST + b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n", 400),
+    ("te-in-http10", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    ("te-twice", POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"0\r\n\r\n", 400),
+    ("duplicate-cl", POST + b"Content-Length: 1\r\nContent-Length: 1\r\n\r\na", 400),
+    ("differing-cl", POST + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+    ("negative-cl", POST + b"Content-Length: -1\r\n\r\n", 400),
+    ("huge-cl", POST + b"Content-Length: 99999999999999999999999\r\n\r\n", 400),
+    ("cl-with-plus", POST + b"Content-Length: +1\r\n\r\na", 400),
+    ("chunk-0x", POST + b"Transfer-Encoding: chunked\r\n\r\n0x2\r\nab\r\n0\r\n\r\n", 400),
+    ("chunk-plus", POST + b"Transfer-Encoding: chunked\r\n\r\n+2\r\nab\r\n0\r\n\r\n", 400),
+    ("chunk-underscore", POST + b"Transfer-Encoding: chunked\r\n\r\n1_0\r\n" + b"a" * 16
+     + b"\r\n0\r\n\r\n", 400),
+    ("chunk-20-digits", POST + b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 19 + b"2\r\nab"
+     b"\r\n0\r\n\r\n", 400),
+    ("no-crlf-after-chunk", POST + b"Transfer-Encoding: chunked\r\n\r\n3\r\nxxx__1\r\na\r\n"
+                                   b"0\r\n\r\n", 400),
+    ("bare-lf-in-head", b"GET / HTTP/1.1\nHost: a\n\n", 400),
+    ("bare-lf-in-field", b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", 400),
+    ("nul-in-head", b"GET / HTTP/1.1\r\nHost: a\x00\r\n\r\n", 400),
+    ("control-byte-in-value", b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n", 400),
+    ("control-byte-in-target", b"GET /\x7f HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400),
+    ("absolute-form", b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("asterisk-form", b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("missing-host", b"GET / HTTP/1.1\r\n\r\n", 400),
+    ("bad-version", b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 400),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "status"), SMUGGLING, ids=[s[0] for s in SMUGGLING])
+def test_smuggling_vectors_get_their_error_and_close_the_connection(
+        balancer: BalancerProcess, backend: FakeOllama, name: str, data: bytes,
+        status: int) -> None:
+    balancer.add_server(backend.url)
+    before = len(backend.model_requests())
+    answer = raw_exchange(balancer.port, data + b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:120]
+    head, body = answer.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"\r\nContent-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    assert len(body) == length  # one response, then closed: the next request is never read
+    assert b"\r\nConnection: close" in head
+    assert "error" in json.loads(body)
+    assert len(backend.model_requests()) == before  # nothing reached the upstream
+    assert balancer.call("GET", "/").status == 200  # the next connection is served
+
+
+def feed_split(data: bytes, cuts: list[int]) -> tuple[str, bytearray]:
+    """Feeds ``data`` to the request parser in pieces; what it made of it, and the buffer."""
+    buf = bytearray()
+    start = 0
+    for cut in sorted({min(c, len(data)) for c in cuts} | {len(data)}):
+        buf += data[start:cut]
+        start = cut
+        try:
+            head = ob.maybe_request_head(buf)
+        except ob.ProtocolError as exc:
+            assert 400 <= exc.status < 600
+            return "error", buf
+        if head is not None:
+            return "head", buf
+        # "Need more data" is only allowed while within the limits.
+        assert len(buf) <= ob.MAX_HEAD + 4
+    return "incomplete", buf
+
+
+HEADISH = st.lists(st.sampled_from([
+    b"GET ", b"POST ", b"/", b"/api/chat", b" HTTP/1.1", b" HTTP/1.0", b"\r\n", b"\n", b"\r",
+    b"Host: a", b"Content-Length: 5", b"Transfer-Encoding: chunked", b": ", b" ", b"\t",
+    b"\x00", b"\x7f", b"\xff", b"0", b"x" * 9000,
+]), max_size=40).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.one_of(st.binary(max_size=2000), HEADISH),
+       cuts=st.lists(st.integers(min_value=0, max_value=20000), max_size=8))
+def test_parser_yields_a_head_or_its_own_error_for_any_bytes(data: bytes,
+                                                             cuts: list[int]) -> None:
+    outcome, _ = feed_split(data, cuts)
+    whole, _ = feed_split(data, [])
+    assert outcome == whole  # however the bytes are split, the same verdict
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=3000), cuts=st.lists(st.integers(0, 3000), max_size=8))
+def test_chunked_decoder_yields_data_end_or_its_own_error_for_any_bytes(
+        data: bytes, cuts: list[int]) -> None:
+    def run(pieces: list[bytes]) -> tuple[str, bytes]:
+        decoder = ob.ChunkedDecoder()
+        buf, body = bytearray(), bytearray()
+        for piece in pieces:
+            buf += piece
+            while True:
+                try:
+                    event = decoder.next_event(buf)
+                except ob.ProtocolError:
+                    return "error", bytes(body)
+                if event is ob.END_OF_BODY:
+                    return "end", bytes(body)
+                if event is None:
+                    assert len(buf) <= ob.MAX_HEAD + 2
+                    break
+                assert isinstance(event, bytes)
+                body += event
+        return "incomplete", bytes(body)
+
+    points = sorted({min(c, len(data)) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    assert run(pieces) == run([data])
+
+
+def test_slowloris_is_dropped_at_the_header_timeout(start_balancer: Any,
+                                                   sqlite_store: StoreConfig) -> None:
+    lb = start_balancer(sqlite_store, "--header-timeout", "1")
+    sock = socket.create_connection(("127.0.0.1", lb.port), timeout=5)
+    started = time.monotonic()
+    answer = b""
+    try:
+        for byte in b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: " + b"z" * 100:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.2)
+            if time.monotonic() - started > 4:
+                break
+    except OSError:
+        pass
+    try:
+        answer = sock.recv(4096)
+    except OSError:
+        pass
+    elapsed = time.monotonic() - started
+    sock.close()
+    assert elapsed < 3, "the slow client was kept beyond the header timeout"
+    assert answer.startswith(b"HTTP/1.1 408 ") or answer == b""
+    assert lb.call("GET", "/").status == 200
+
+
+def test_max_connections_is_enforced_and_the_server_stays_up(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    lb = start_balancer(sqlite_store, "--max-connections", "5")
+    held = [socket.create_connection(("127.0.0.1", lb.port), timeout=5) for _ in range(5)]
+    time.sleep(0.2)
+    refused = raw_exchange(lb.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert refused.startswith(b"HTTP/1.1 503 ") and b"too many open connections" in refused
+    for sock in held:
+        sock.close()
+    time.sleep(0.2)
+    assert lb.call("GET", "/").status == 200
+
+
+def test_control_characters_in_admin_fields_are_refused(balancer: BalancerProcess) -> None:
+    for body in ({"host": "h", "name": "a\rb"}, {"host": "h\nx"}, {"host": "h",
+                                                                  "runner": "\x00"}):
+        assert balancer.call("POST", "/servers/addServer", body).status == 400
+    for field in ("name", "userName"):
+        body = {"ip": "127.0.0.1", "port": 1, "name": "n", field: "x\r\nSet-Cookie: a"}
+        reply = balancer.call("POST", "/proxy/addProxy", body)
+        assert reply.status == 400 and field in reply.json()["error"]

@@ -1,0 +1,395 @@
+"""Secrets at rest, admin and client authentication, and that no secret ever leaks."""
+
+from __future__ import annotations
+
+import base64
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, BalancerProcess, StoreConfig, call
+from fakeollama import FakeOllama
+
+import ollamabalancer as ob
+
+# -- the construction ---------------------------------------------------------------------
+
+RFC5869 = [  # (IKM, salt, info, L, OKM), RFC 5869 appendix A.1-A.3
+    ("0b" * 22, "000102030405060708090a0b0c", "f0f1f2f3f4f5f6f7f8f9", 42,
+     "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"),
+    (bytes(range(0x00, 0x50)).hex(), bytes(range(0x60, 0xb0)).hex(),
+     bytes(range(0xb0, 0x100)).hex(), 82,
+     "b11e398dc80327a1c8e7f78c596a49344f012eda2d4efad8a050cc4c19afa97c59045a99cac7827271cb41"
+     "c65e590e09da3275600c2f09b8367793a9aca3db71cc30c58179ec3e87c14c01d5c1f3434f1d87"),
+    ("0b" * 22, "", "", 42,
+     "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"),
+]
+
+
+@pytest.mark.parametrize(("ikm", "salt", "info", "length", "okm"), RFC5869)
+def test_hkdf_matches_the_rfc_5869_vectors(ikm: str, salt: str, info: str, length: int,
+                                           okm: str) -> None:
+    assert ob.hkdf_sha256(bytes.fromhex(ikm), bytes.fromhex(salt), bytes.fromhex(info),
+                          length).hex() == okm
+
+
+@pytest.mark.parametrize("plain", ["", "p", "hunter2", "ünïcødé 🔑", "x" * 5000])
+def test_secrets_round_trip(plain: str) -> None:
+    box = ob.SecretBox(b"a master key of some length")
+    sealed = box.encrypt(plain)
+    assert sealed.startswith("enc:v1:") and (len(plain) < 4 or plain not in sealed)
+    assert box.decrypt(sealed) == plain
+
+
+def test_the_same_value_encrypts_differently_each_time() -> None:
+    box = ob.SecretBox(b"a master key of some length")
+    assert len({box.encrypt("same") for _ in range(20)}) == 20
+
+
+def test_tampering_with_any_byte_is_detected() -> None:
+    box = ob.SecretBox(b"a master key of some length")
+    sealed = box.encrypt("the proxy password")
+    raw = bytearray(base64.urlsafe_b64decode(sealed[7:] + "=" * (-len(sealed[7:]) % 4)))
+    for index in range(len(raw)):
+        for flip in (0x01, 0x80):
+            changed = bytearray(raw)
+            changed[index] ^= flip
+            token = "enc:v1:" + base64.urlsafe_b64encode(bytes(changed)).decode().rstrip("=")
+            with pytest.raises(ob.SecretError):
+                box.decrypt(token)
+    for broken in ("enc:v1:", "enc:v1:!!!", sealed[:20], "plain", "enc:v2:" + sealed[7:]):
+        with pytest.raises(ob.SecretError):
+            box.decrypt(broken)
+
+
+def test_another_key_cannot_decrypt_and_has_another_check_value() -> None:
+    one, two = ob.SecretBox(b"first key 0123456789"), ob.SecretBox(b"second key 0123456789")
+    with pytest.raises(ob.SecretError):
+        two.decrypt(one.encrypt("secret"))
+    assert one.check_value() != two.check_value()
+    assert one.check_value() == ob.SecretBox(b"first key 0123456789").check_value()
+
+
+# -- keys and stored secrets ----------------------------------------------------------------
+
+
+def stored_passwords(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [row[0] for row in conn.execute("SELECT password FROM proxy")]
+
+
+def test_key_file_is_generated_0600_and_passwords_are_stored_encrypted(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    lb = start_balancer(sqlite_store)
+    key_file = Path(str(sqlite_store.path) + ".key")
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert f"new key file {key_file}" in lb.log
+    lb.add_proxy(name="p", ip="127.0.0.1", port=1, userName="u", password="Tr0ub4dor&3")
+    (stored,) = stored_passwords(sqlite_store.path)
+    assert stored.startswith("enc:v1:") and "Tr0ub4dor" not in stored
+    assert b"Tr0ub4dor" not in sqlite_store.path.read_bytes()
+    lb.stop()
+    again = start_balancer(sqlite_store)  # the same key file is used again
+    assert again.call("GET", "/proxy/allProxies").json()[0]["hasPassword"] is True
+
+
+def test_a_wrong_key_refuses_to_start_with_one_clear_line(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    start_balancer(sqlite_store, env={"SECRET_KEY": "the right key, long enough"}).stop()
+    env = {**os.environ, **sqlite_store.env(), "SECRET_KEY": "a wrong key, long enough"}
+    done = subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), "--port", "0"],
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "key check failed" in errors[0]
+    assert "wrong key" not in done.stderr
+
+
+def test_plain_text_passwords_of_a_seed_database_are_encrypted_on_start(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    start_balancer(sqlite_store).stop()
+    with sqlite3.connect(sqlite_store.path) as conn:
+        conn.execute("INSERT INTO proxy (name, ip, port, user_name, password)"
+                     " VALUES ('seed', '127.0.0.1', 3128, 'u', 'plain-old-pw')")
+    lb = start_balancer(sqlite_store)
+    assert "encrypted 1 plain-text secrets" in lb.log
+    (stored,) = stored_passwords(sqlite_store.path)
+    assert stored.startswith("enc:v1:")
+    assert lb.call("GET", "/proxy/allProxies").json()[0]["hasPassword"] is True
+
+
+def test_rotate_secret_re_encrypts_everything(
+        start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama,
+        microsocks: tuple[int, str, str], tmp_path: Path) -> None:
+    port, user, password = microsocks
+    lb = start_balancer(sqlite_store)
+    lb.add_server(backend.url, authorization="Bearer upstream-token-123")
+    lb.add_proxy(name="s", ip="127.0.0.1", port=port, protocol="socks5", userName=user,
+                 password=password)
+    lb.stop()
+    before = stored_passwords(sqlite_store.path)
+    new_key = tmp_path / "new.key"
+    env = {**os.environ, **sqlite_store.env()}
+    done = subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), "rotate-secret",
+                           "--new-key-file", str(new_key)], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "re-encrypted 2 secrets" in done.stdout
+    assert stat.S_IMODE(new_key.stat().st_mode) == 0o600
+    assert stored_passwords(sqlite_store.path) != before
+    rotated = start_balancer(sqlite_store, env={"SECRET_KEY_FILE": str(new_key)})
+    sid = rotated.server_id(proxy="1")
+    reply = rotated.call("GET", f"/servers/ollama/{sid}/api/version")
+    assert reply.status == 200  # the SOCKS password decrypts with the new key
+    assert backend.requests[-1]["headers"]["Authorization"] == "Bearer upstream-token-123"
+    old = subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), "--port", "0"],
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert old.returncode == 1 and "key check failed" in old.stderr
+
+
+# -- admin authentication ----------------------------------------------------------------------
+
+ADMIN = "an-admin-token-of-32-characters!"
+
+
+def test_admin_token_guards_the_management_endpoints(start_balancer: Any,
+                                                     sqlite_store: StoreConfig) -> None:
+    lb = start_balancer(sqlite_store, env={"ADMIN_TOKEN": ADMIN})
+    assert "management endpoints need the admin token" in lb.log
+    for path in ("/servers/allServers", "/proxy/allProxies", "/keys/allKeys", "/servers/1"):
+        missing = lb.call("GET", path)
+        assert missing.status == 401 and "missing admin token" in missing.json()["error"]
+        assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+        wrong = lb.call("GET", path, headers={"Authorization": "Bearer nope"})
+        assert wrong.status == 401 and wrong.json() == {"error": "invalid admin token"}
+    ok = lb.call("GET", "/servers/allServers", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert ok.status == 200
+    # The Ollama endpoints are not management endpoints.
+    assert lb.call("GET", "/api/tags").status == 200
+
+
+def test_admin_token_file_is_read(start_balancer: Any, sqlite_store: StoreConfig,
+                                  tmp_path: Path) -> None:
+    token_file = tmp_path / "admin"
+    token_file.write_text(ADMIN + "\n")
+    lb = start_balancer(sqlite_store, env={"ADMIN_TOKEN_FILE": str(token_file)})
+    assert lb.call("GET", "/keys/allKeys").status == 401
+    assert lb.call("GET", "/keys/allKeys",
+                   headers={"Authorization": f"Bearer {ADMIN}"}).status == 200
+
+
+def test_without_admin_token_only_loopback_may_manage() -> None:
+    app = types.SimpleNamespace(admin_token="")
+    head = ob.RequestHead("GET", "/", "HTTP/1.1", ob.Headers((("Host", "x"),)))
+    for peer, allowed in (("127.0.0.1", True), ("::1", True), ("::ffff:127.0.0.1", True),
+                          ("127.8.9.10", True), ("10.0.0.1", False), ("192.168.1.9", False),
+                          ("2001:db8::1", False)):
+        request = types.SimpleNamespace(wire=types.SimpleNamespace(peer=peer), head=head)
+        if allowed:
+            ob.Balancer.authorize_admin(app, request)  # type: ignore[arg-type]
+        else:
+            with pytest.raises(ob.HTTPError) as caught:
+                ob.Balancer.authorize_admin(app, request)  # type: ignore[arg-type]
+            assert caught.value.status == 403 and "loopback" in caught.value.message
+
+
+def test_short_admin_token_is_refused() -> None:
+    env = {"PATH": "/usr/bin:/bin", "ADMIN_TOKEN": "short"}
+    done = subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py")], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "at least 16 characters" in done.stderr
+
+
+# -- client API keys -----------------------------------------------------------------------------
+
+
+def add_key(lb: BalancerProcess, **fields: Any) -> dict[str, Any]:
+    reply = lb.call("POST", "/keys/addKey", {"name": "team", **fields})
+    assert reply.status == 201, reply
+    return dict(reply.json())
+
+
+def test_api_keys_are_shown_once_and_stored_hashed(start_balancer: Any,
+                                                   sqlite_store: StoreConfig) -> None:
+    lb = start_balancer(sqlite_store)
+    created = add_key(lb, requestsPerMinute=10, maxConcurrent=2)
+    assert set(created) == {"id", "name", "key"} and created["key"].startswith("olb-")
+    listing = lb.call("GET", "/keys/allKeys")
+    assert created["key"] not in listing.text
+    (entry,) = listing.json()
+    assert entry["requestsPerMinute"] == 10 and entry["maxConcurrent"] == 2
+    assert entry["createdAt"] and entry["lastUsedAt"] is None
+    with sqlite3.connect(sqlite_store.path) as conn:
+        (stored,) = conn.execute("SELECT key_hash FROM api_key").fetchone()
+    assert created["key"] not in stored and len(stored) == 64
+    assert lb.call("POST", "/keys/addKey", {"name": "x", "maxConcurrent": 0}).status == 400
+    assert lb.call("DELETE", f"/keys/{created['id']}").status == 204
+    assert lb.call("GET", "/keys/allKeys").json() == []
+
+
+def test_once_a_key_exists_clients_need_one(start_balancer: Any, sqlite_store: StoreConfig,
+                                            backend: FakeOllama) -> None:
+    lb = start_balancer(sqlite_store)
+    lb.add_server(backend.url)
+    assert lb.call("GET", "/api/tags").status == 200  # open while no key exists
+    key = add_key(lb)["key"]
+    missing = lb.call("GET", "/api/tags")
+    assert missing.status == 401 and missing.json() == {
+        "error": "missing API key: send Authorization: Bearer <key>"}
+    wrong = lb.call("POST", "/v1/chat/completions", {"model": "llama3", "messages": []},
+                    headers={"Authorization": "Bearer olb-wrong"})
+    assert wrong.status == 401 and wrong.json()["error"]["message"] == "invalid API key"
+    assert lb.call("GET", "/servers/getServer").status == 401
+    assert lb.call("GET", "/servers/ollama/1/api/tags").status == 401
+    assert lb.call("GET", "/").status == 200  # the liveness probe stays open
+    auth = {"Authorization": f"Bearer {key}"}
+    assert lb.call("GET", "/api/tags", headers=auth).status == 200
+    reply = lb.call("POST", "/api/chat", {"model": "llama3", "messages": [], "stream": False},
+                    headers=auth)
+    assert reply.status == 200
+    assert "Authorization" not in backend.model_requests()[-1]["headers"]  # not sent on
+    sid = lb.call("GET", "/servers/getServer", headers=auth).text
+    assert lb.call("GET", f"/servers/ollama/{sid}/api/version", headers=auth).status == 200
+    assert "Authorization" not in backend.requests[-1]["headers"]
+
+
+def test_official_client_sends_its_key_from_ollama_api_key(
+        start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ollama = pytest.importorskip("ollama")
+    lb = start_balancer(sqlite_store)
+    lb.add_server(backend.url)
+    key = add_key(lb)["key"]
+    monkeypatch.setenv("OLLAMA_API_KEY", key)
+    client = ollama.Client(host=f"http://127.0.0.1:{lb.port}")
+    assert client.chat(model="llama3", messages=[], stream=False).done
+    monkeypatch.setenv("OLLAMA_API_KEY", "olb-not-a-key")
+    with pytest.raises(ollama.ResponseError) as caught:
+        ollama.Client(host=f"http://127.0.0.1:{lb.port}").list()
+    assert caught.value.status_code == 401
+
+
+def test_require_api_key_closes_the_endpoints_before_any_key_exists(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    lb = start_balancer(sqlite_store, env={"REQUIRE_API_KEY": "1"})
+    assert lb.call("GET", "/api/tags").status == 401
+
+
+def test_rate_and_concurrency_limits_answer_429_with_retry_after(
+        start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama) -> None:
+    lb = start_balancer(sqlite_store)
+    lb.add_server(backend.url)
+    limited = {"Authorization": f"Bearer {add_key(lb, requestsPerMinute=3)['key']}"}
+    for _ in range(3):
+        assert lb.call("GET", "/api/tags", headers=limited).status == 200
+    over = lb.call("GET", "/api/tags", headers=limited)
+    assert over.status == 429 and 1 <= int(over.headers["Retry-After"]) <= 60
+    assert "3 requests per minute" in over.json()["error"]
+    single = {"Authorization": f"Bearer {add_key(lb, maxConcurrent=1)['key']}"}
+    holder = threading.Thread(target=lambda: lb.call(
+        "POST", "/api/chat", {"model": "llama3", "messages": [], "stream": False,
+                              "fake_hold": True}, headers=single), daemon=True)
+    holder.start()
+    deadline = time.monotonic() + 5
+    while not any(b"fake_hold" in r["body"] for r in backend.model_requests()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    busy = lb.call("GET", "/api/tags", headers=single)
+    assert busy.status == 429 and busy.headers["Retry-After"] == "1"
+    backend.release()
+    holder.join(10)
+    assert lb.call("GET", "/api/tags", headers=single).status == 200
+
+
+def test_upstream_credentials_are_sent_and_never_returned(
+        start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama) -> None:
+    lb = start_balancer(sqlite_store)
+    server = lb.add_server(backend.url, authorization="Basic dXBzdHJlYW06c2VjcmV0LXh5eg==")
+    assert server["hasAuthorization"] is True and "authorization" not in server
+    tags = [r for r in backend.requests if r["path"] == "/api/tags"]
+    assert tags[-1]["headers"]["Authorization"] == "Basic dXBzdHJlYW06c2VjcmV0LXh5eg=="
+    lb.call("POST", "/api/chat", {"model": "llama3", "messages": [], "stream": False},
+            headers={"Authorization": "Bearer client-side"})
+    assert backend.model_requests()[-1]["headers"]["Authorization"] == (
+        "Basic dXBzdHJlYW06c2VjcmV0LXh5eg==")
+    for path in ("/servers/allServers", f"/servers/{server['id']}"):
+        assert b"dXBzdHJlYW06" not in lb.call("GET", path).body
+    cleared = lb.call("PATCH", f"/servers/{server['id']}", {"authorization": None})
+    assert cleared.json()["hasAuthorization"] is False
+
+
+# -- nothing leaks -------------------------------------------------------------------------------
+
+
+def test_no_secret_appears_in_any_log_line_or_admin_response(
+        start_balancer: Any, store: StoreConfig, backend: FakeOllama,
+        microsocks: tuple[int, str, str], tinyproxy: tuple[int, str, str]) -> None:
+    secret_key = "master-key-" + "k" * 20
+    lb = start_balancer(store, env={"SECRET_KEY": secret_key, "ADMIN_TOKEN": ADMIN,
+                                    "LOG_LEVEL": "debug"})
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    socks_port, socks_user, socks_password = microsocks
+    http_port, http_user, http_password = tinyproxy
+    upstream_auth = "Bearer upstream-credential-" + "u" * 10
+    answers = []
+
+    def admin_call(method: str, path: str, body: Any = None) -> Any:
+        reply = call(lb.port, method, path, body, headers=admin)
+        answers.append(reply.body)
+        return reply
+
+    admin_call("POST", "/servers/addServer", {"url": backend.url,
+                                              "authorization": upstream_auth})
+    for name, port, protocol, user, password in (
+            ("socks", socks_port, "socks5", socks_user, socks_password),
+            ("http", http_port, "http", http_user, http_password),
+            ("bad", http_port, "http", http_user, "wrong-" + http_password)):
+        admin_call("POST", "/proxy/addProxy", {"name": name, "ip": "127.0.0.1", "port": port,
+                                               "protocol": protocol, "userName": user,
+                                               "password": password})
+    # The one answer meant to hold a secret: the new key, shown this once.
+    key = call(lb.port, "POST", "/keys/addKey", {"name": "k"}, headers=admin).json()["key"]
+    client = {"Authorization": f"Bearer {key}"}
+    for proxy_id in (1, 2, 3):
+        sid = call(lb.port, "GET", f"/servers/getServer?proxy={proxy_id}", headers=client).text
+        answers.append(call(lb.port, "GET", f"/servers/ollama/{sid}/api/version",
+                            headers=client).body)
+    admin_call("PATCH", "/proxy/1", {"password": socks_password + "-2"})
+    for path in ("/servers/allServers", "/proxy/allProxies", "/keys/allKeys", "/servers/1",
+                 "/proxy/2"):
+        admin_call("GET", path)
+    answers.append(call(lb.port, "GET", "/servers/allServers",
+                        headers={"Authorization": f"Bearer {key}"}).body)
+    lb.stop()
+    everything = b"\n".join(answers) + lb.log.encode()
+    for secret in (secret_key, ADMIN, key, socks_password, http_password, upstream_auth,
+                   "upstream-credential"):
+        assert secret.encode() not in everything, secret
+
+
+def test_rotation_changes_nothing_when_a_stored_secret_is_damaged(
+        start_balancer: Any, sqlite_store: StoreConfig, tmp_path: Path) -> None:
+    lb = start_balancer(sqlite_store)
+    lb.add_proxy(name="a", ip="127.0.0.1", port=1, userName="u", password="first-password")
+    lb.add_proxy(name="b", ip="127.0.0.1", port=2, userName="u", password="second-password")
+    lb.stop()
+    with sqlite3.connect(sqlite_store.path) as conn:
+        conn.execute("UPDATE proxy SET password = substr(password, 1, 30) || 'AAAA'"
+                     " WHERE name = 'b'")
+        before = [row for row in conn.execute("SELECT password FROM proxy ORDER BY id")]
+    env = {**os.environ, **sqlite_store.env()}
+    done = subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), "rotate-secret",
+                           "--new-key-file", str(tmp_path / "new.key")], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "nothing changed" in done.stderr
+    with sqlite3.connect(sqlite_store.path) as conn:
+        assert [row for row in conn.execute("SELECT password FROM proxy ORDER BY id")] == before
+    assert start_balancer(sqlite_store).call("GET", "/proxy/allProxies").status == 200
