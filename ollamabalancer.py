@@ -1628,16 +1628,15 @@ class Store:
             servers.append(server)
         return servers
 
-    def _sealed_server(self, values: dict[str, Any]) -> dict[str, Any]:
-        if "upstream_auth" in values:
-            values = dict(values, upstream_auth=self._seal(values["upstream_auth"]))
-        return values
+    def _sealed(self, values: dict[str, Any], column: str) -> dict[str, Any]:
+        """``values`` with its secret ``column``, if present, encrypted."""
+        return {**values, column: self._seal(values[column])} if column in values else values
 
     def add_server(self, values: dict[str, Any]) -> int:
-        return self._insert("ollamaServers", self._sealed_server(values))
+        return self._insert("ollamaServers", self._sealed(values, "upstream_auth"))
 
     def update_server(self, server_id: int, values: dict[str, Any]) -> bool:
-        return self._update("ollamaServers", server_id, self._sealed_server(values))
+        return self._update("ollamaServers", server_id, self._sealed(values, "upstream_auth"))
 
     def delete_server(self, server_id: int) -> bool:
         self._execute("DELETE FROM server_handle WHERE server_id = ?", [server_id])
@@ -1666,16 +1665,11 @@ class Store:
             for row in rows
         ]
 
-    def _sealed_proxy(self, values: dict[str, Any]) -> dict[str, Any]:
-        if "password" in values:
-            values = dict(values, password=self._seal(values["password"]))
-        return values
-
     def add_proxy(self, values: dict[str, Any]) -> int:
-        return self._insert("proxy", self._sealed_proxy(values))
+        return self._insert("proxy", self._sealed(values, "password"))
 
     def update_proxy(self, proxy_id: int, values: dict[str, Any]) -> bool:
-        return self._update("proxy", proxy_id, self._sealed_proxy(values))
+        return self._update("proxy", proxy_id, self._sealed(values, "password"))
 
     # -- secrets: the key check, first encryption, rotation ------------------------------
 

@@ -77,13 +77,15 @@ def test_capacity_is_enforced_and_the_server_value_wins() -> None:
     assert scheduler.choose([server], None) is server
 
 
-def test_queue_grants_ready_work_first_then_in_order() -> None:
+def queue_order(strategy: str = "least_load") -> list[str]:
+    """One server, full; "a" loaded and idle, "b" running. A request for "c" (a cold load)
+    queues, then one for "a"; "b" finishes. In which order do they get the slot?"""
     async def scenario() -> list[str]:
-        scheduler, servers = fleet(1, max_concurrency=1)
+        scheduler, servers = fleet(1, max_concurrency=1, strategy=strategy)
         server = servers[1]
         scheduler.take(server, "a:latest")
         scheduler.release(servers, server, "a:latest")
-        scheduler.take(server, "b:latest")  # full: the next ones queue
+        scheduler.take(server, "b:latest")
         order: list[str] = []
 
         async def want(model: str) -> None:
@@ -98,56 +100,22 @@ def test_queue_grants_ready_work_first_then_in_order() -> None:
         await asyncio.gather(*tasks)
         return order
 
+    return asyncio.run(scenario())
+
+
+def test_queue_grants_ready_work_first() -> None:
     # "a" is loaded and idle: it runs at once, before the older request that needs a load.
-    assert asyncio.run(scenario()) == ["a:latest", "c:latest"]
+    assert queue_order() == ["a:latest", "c:latest"]
 
 
 def test_plain_strategies_keep_a_strict_fifo_queue() -> None:
-    async def scenario() -> list[str]:
-        scheduler, servers = fleet(1, max_concurrency=1, strategy="round_robin")
-        server = servers[1]
-        scheduler.take(server, "a:latest")
-        scheduler.release(servers, server, "a:latest")
-        scheduler.take(server, "b:latest")
-        order: list[str] = []
-
-        async def want(model: str) -> None:
-            got = await scheduler.acquire(servers, model)
-            order.append(model)
-            scheduler.release(servers, got.server, model)
-
-        tasks = [asyncio.ensure_future(want(m)) for m in ("c:latest", "a:latest")]
-        await asyncio.sleep(0.01)
-        scheduler.release(servers, server, "b:latest")
-        await asyncio.gather(*tasks)
-        return order
-
-    assert asyncio.run(scenario()) == ["c:latest", "a:latest"]
+    assert queue_order("round_robin") == ["c:latest", "a:latest"]
+    assert queue_order("random") == ["c:latest", "a:latest"]
 
 
 def test_aged_waiters_are_served_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ob, "QUEUE_AGING", 0.0)
-
-    async def scenario() -> list[str]:
-        scheduler, servers = fleet(1, max_concurrency=1)
-        server = servers[1]
-        scheduler.take(server, "a:latest")
-        scheduler.release(servers, server, "a:latest")
-        scheduler.take(server, "b:latest")
-        order: list[str] = []
-
-        async def want(model: str) -> None:
-            got = await scheduler.acquire(servers, model)
-            order.append(model)
-            scheduler.release(servers, got.server, model)
-
-        tasks = [asyncio.ensure_future(want(m)) for m in ("c:latest", "a:latest")]
-        await asyncio.sleep(0.01)
-        scheduler.release(servers, server, "b:latest")
-        await asyncio.gather(*tasks)
-        return order
-
-    assert asyncio.run(scenario()) == ["c:latest", "a:latest"]
+    assert queue_order() == ["c:latest", "a:latest"]
 
 
 def test_a_cancelled_waiter_leaves_the_queue_and_a_late_grant_is_returned() -> None:
