@@ -4100,10 +4100,31 @@ def client_wants_close(head: RequestHead) -> bool:
     return head.version != "HTTP/1.1" or "close" in head.headers.tokens("connection")
 
 
+def raise_file_limit(connections: int) -> None:
+    """Lifts the soft limit on open files toward the hard one, up to two per connection
+    (its client side and its upstream); 1024 is a common default. Warns when not even the
+    client connections fit."""
+    wanted = 2 * connections + 100
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard == resource.RLIM_INFINITY else min(hard, max(soft, wanted))
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < connections + 100:
+        log.warning("open files are limited to %d, too few for MAX_CONNECTIONS=%d; raise the "
+                    "hard limit (ulimit -Hn) or lower MAX_CONNECTIONS", soft, connections)
+
+
 async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> None:
     """Opens the store, checks the fleet once, then serves until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     log.info("ollamabalancer %s: store %s", __version__, config.describe_store())
+    raise_file_limit(config.max_connections)
     store = AsyncStore(await loop.run_in_executor(None, open_store, config))
     app = Balancer(config, store)
     await app.reload()
