@@ -231,6 +231,7 @@ class Config:
     require_api_key: bool = False
     header_timeout: float = HEADER_TIMEOUT
     max_connections: int = 10_000
+    drain_timeout: float = 30.0
     log_level: str = "INFO"
 
     def describe_store(self) -> str:
@@ -354,6 +355,8 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "seconds a client may take to send a request head (default 30)"),
     ("MAX_CONNECTIONS", "--max-connections", "max_connections", _count(1, 10_000_000),
      "client connections open at once; more are refused (default 10000)"),
+    ("DRAIN_TIMEOUT", "--drain-timeout", "drain_timeout", _seconds,
+     "seconds requests in flight may take to finish after SIGTERM (default 30)"),
     ("LOG_LEVEL", "--log-level", "log_level", _level,
      "debug, info, warning or error (default info)"),
 )
@@ -4012,6 +4015,23 @@ class HTTPServer:
     def __init__(self, app: Balancer) -> None:
         self.app = app
         self.connections: set[asyncio.Task[Any]] = set()
+        self.busy: set[asyncio.Task[Any]] = set()  # serving a request right now
+        self.draining = False
+
+    async def drain(self, timeout: float) -> None:
+        """Closes idle connections now and lets busy ones finish their request, for up to
+        ``timeout`` seconds; what is left then is cut."""
+        self.draining = True
+        for task in self.connections - self.busy:
+            task.cancel()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.busy and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.busy:
+            log.warning("drain timeout: cutting %d unfinished requests", len(self.busy))
+        for task in list(self.connections):
+            task.cancel()
+        await asyncio.gather(*self.connections, return_exceptions=True)
 
     async def serve_connection(self, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter) -> None:
@@ -4028,7 +4048,7 @@ class HTTPServer:
             self.connections.add(task)
         wire = Wire(reader, writer)
         try:
-            while await self.serve_one(wire):
+            while await self.serve_one(wire) and not self.draining:
                 pass
         except (ConnectionError, asyncio.CancelledError):
             pass
@@ -4041,6 +4061,14 @@ class HTTPServer:
 
     async def serve_one(self, wire: Wire) -> bool:
         """Serves one request; False when the connection should close."""
+        try:
+            return await self._serve_one(wire)
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self.busy.discard(task)
+
+    async def _serve_one(self, wire: Wire) -> bool:
         loop = asyncio.get_running_loop()
         head: RequestHead | None = None
         request: Request | None = None
@@ -4048,6 +4076,9 @@ class HTTPServer:
             # Idle keep-alive: wait for the first byte of the next request.
             if not wire.buf and not await wire.fill(KEEPALIVE_TIMEOUT):
                 return False
+            task = asyncio.current_task()
+            if task is not None:
+                self.busy.add(task)  # from its first byte on, a request may finish
             head = await read_head(wire, maybe_request_head,
                                    loop.time() + self.app.config.header_timeout)
             if head is None:
@@ -4154,6 +4185,10 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
     health = asyncio.ensure_future(app.health_loop())
     try:
         await stop.wait()
+        log.info("draining: no new connections; %d requests in flight get up to %g s",
+                 len(http_server.busy), config.drain_timeout)
+        server.close()
+        await http_server.drain(config.drain_timeout)
     finally:
         log.info("shutting down")
         health.cancel()

@@ -235,7 +235,8 @@ def start_balancer() -> Iterator[Any]:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "OLLAMA"))}
         full_env.update(store.env())
         full_env.update(env or {})
-        process = BalancerProcess(full_env, ["--health-interval", "0.5", *args])
+        process = BalancerProcess(full_env, ["--health-interval", "0.5", "--drain-timeout", "2",
+                                             *args])
         started.append(process)
         return process
 
