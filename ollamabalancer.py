@@ -46,11 +46,12 @@ import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 __version__ = "0.1.0"
 
 log = logging.getLogger("ollamabalancer")
+access_log = logging.getLogger("ollamabalancer.access")
 T = TypeVar("T")
 
 
@@ -70,6 +71,8 @@ MAX_ADMIN_BODY = 1024 * 1024
 #: Largest body of a model-routed request (/api/chat with images, say), read whole so it
 #: can be sent again to another server. 64 MiB, as a dozen large base64 images.
 MAX_ROUTED_BODY = 64 * 1024 * 1024
+#: Last bytes of a relayed answer kept to read Ollama's final line (its eval_count).
+TAIL_BYTES = 8 * 1024
 #: Largest error body read from an upstream to decide whether to try another server.
 MAX_ERROR_BODY = 64 * 1024
 #: Largest /api/tags answer the health check reads, in bytes (a big model library is ~100 KiB).
@@ -233,6 +236,7 @@ class Config:
     max_connections: int = 10_000
     drain_timeout: float = 30.0
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     def describe_store(self) -> str:
         """The store, for the startup log: never the password."""
@@ -280,6 +284,13 @@ def _strategy(text: str) -> str:
     value = text.strip().lower()
     if value not in STRATEGIES:
         raise ValueError(f"must be one of {', '.join(STRATEGIES)}")
+    return value
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be 'text' or 'json'")
     return value
 
 
@@ -359,6 +370,8 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "seconds requests in flight may take to finish after SIGTERM (default 30)"),
     ("LOG_LEVEL", "--log-level", "log_level", _level,
      "debug, info, warning or error (default info)"),
+    ("LOG_FORMAT", "--log-format", "log_format", _log_format,
+     "text (aligned, for people; default) or json (one object a line)"),
 )
 
 
@@ -2404,6 +2417,119 @@ class Scheduler:
 
 
 # ---------------------------------------------------------------------------
+# Metrics: the Prometheus text exposition format, by hand
+# ---------------------------------------------------------------------------
+
+#: Histogram buckets in seconds, from a cached embedding to a cold 70B load and a long answer.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                   60.0, 120.0, 300.0, 600.0)
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _label_text(labels: Labels) -> str:
+    if not labels:
+        return ""
+    escaped = (value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+               for _, value in labels)
+    return "{" + ",".join(f'{name}="{value}"' for (name, _), value in zip(
+        labels, escaped, strict=True)) + "}"
+
+
+class Histogram:
+    __slots__ = ("count", "counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(LATENCY_BUCKETS)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.sum += value
+        for index, bound in enumerate(LATENCY_BUCKETS):
+            if value <= bound:
+                self.counts[index] += 1
+                break
+
+
+class Metrics:
+    """Counters and histograms of this instance, prefixed ``ollamabalancer_``. Gauges are
+    read from the fleet when scraped."""
+
+    PREFIX = "ollamabalancer_"
+    HELP: ClassVar[dict[str, tuple[str, str]]] = {
+        "requests_total": ("counter", "Requests answered, by endpoint, server, model, status."),
+        "upstream_errors_total": ("counter", "Upstream failures: connect, timeout, http_5xx, "
+                                             "cut_stream."),
+        "tokens_total": ("counter", "Tokens generated (eval_count of Ollama's last line)."),
+        "queue_wait_seconds": ("histogram", "Time requests waited in the fleet queue."),
+        "ttfb_seconds": ("histogram", "Time to the first response byte."),
+        "request_duration_seconds": ("histogram", "Time to the last response byte."),
+    }
+
+    def __init__(self) -> None:
+        self.counters: dict[str, dict[Labels, float]] = collections.defaultdict(dict)
+        self.histograms: dict[str, dict[Labels, Histogram]] = collections.defaultdict(dict)
+
+    def count(self, name: str, labels: Labels, amount: float = 1.0) -> None:
+        family = self.counters[name]
+        family[labels] = family.get(labels, 0.0) + amount
+
+    def observe(self, name: str, labels: Labels, value: float) -> None:
+        family = self.histograms[name]
+        histogram = family.get(labels)
+        if histogram is None:
+            histogram = family[labels] = Histogram()
+        histogram.observe(value)
+
+    def render(self, gauges: dict[str, tuple[str, list[tuple[Labels, float]]]]) -> str:
+        lines: list[str] = []
+
+        def header(name: str, kind: str, text: str) -> None:
+            lines.append(f"# HELP {self.PREFIX}{name} {text}")
+            lines.append(f"# TYPE {self.PREFIX}{name} {kind}")
+
+        for name, (kind, text) in self.HELP.items():
+            header(name, kind, text)
+            if kind == "counter":
+                for labels, value in sorted(self.counters[name].items()):
+                    lines.append(f"{self.PREFIX}{name}{_label_text(labels)} {value:g}")
+                continue
+            for labels, histogram in sorted(self.histograms[name].items()):
+                cumulative = 0
+                for bound, count in zip(LATENCY_BUCKETS, histogram.counts, strict=True):
+                    cumulative += count
+                    lines.append(f"{self.PREFIX}{name}_bucket"
+                                 f"{_label_text((*labels, ('le', f'{bound:g}')))} {cumulative}")
+                lines.append(f"{self.PREFIX}{name}_bucket"
+                             f"{_label_text((*labels, ('le', '+Inf')))} {histogram.count}")
+                lines.append(f"{self.PREFIX}{name}_sum{_label_text(labels)} {histogram.sum:g}")
+                lines.append(f"{self.PREFIX}{name}_count{_label_text(labels)} "
+                             f"{histogram.count}")
+        for name, (text, samples) in gauges.items():
+            header(name, "gauge", text)
+            for labels, value in samples:
+                lines.append(f"{self.PREFIX}{name}{_label_text(labels)} {value:g}")
+        return "\n".join(lines) + "\n"
+
+
+def eval_count(tail: bytes) -> tuple[int, str | None] | None:
+    """(eval_count, model) from the last JSON line of an Ollama answer, if it has one."""
+    for line in reversed(tail.split(b"\n")):
+        if line.strip():
+            try:
+                last = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                return None
+            if isinstance(last, dict) and isinstance(last.get("eval_count"), int):
+                model = last.get("model")
+                return last["eval_count"], model if isinstance(model, str) else None
+            return None
+    return None
+
+
+# ---------------------------------------------------------------------------
 # API handlers
 # ---------------------------------------------------------------------------
 
@@ -2423,6 +2549,21 @@ class Request:
         self.body_finished = asyncio.Event()
         self.responded = False  # set once response bytes may have been written
         self.authenticated = False  # its Authorization was the balancer's: not sent on
+        # For the access log and the metrics.
+        self.started = time.monotonic()
+        self.endpoint = "unmatched"
+        self.status = 0
+        self.server: Server | None = None
+        self.model: str | None = None
+        self.queue_wait: float | None = None
+        self.first_byte: float | None = None
+        self.bytes_out = 0
+
+    async def send(self, response: Response) -> None:
+        """Writes a whole response, noting what went out."""
+        self.status = response.status
+        self.first_byte = time.monotonic() - self.started
+        self.bytes_out += await send_response(self.wire, response, self.head)
         if self.body_done:
             self.body_finished.set()
 
@@ -2678,6 +2819,10 @@ ROUTED_PATHS = (
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
     "/v1/messages",
 )
+#: Handlers whose paths are few and fixed, so the path itself can label the metrics.
+FIXED_PATH_HANDLERS = frozenset({"routed", "fan_out_progress", "fan_out_delete",
+                                 "fan_out_copy", "api_version", "api_tags", "api_ps",
+                                 "v1_models", "root"})
 #: The version /api/version reports when no server has said its own.
 FALLBACK_OLLAMA_VERSION = "0.0.0"
 
@@ -2759,12 +2904,14 @@ class Balancer:
              re.compile(r"/servers/(?P<id>[0-9]{1,9})"), self.one_server, "admin"),
             (frozenset(), re.compile(r"/servers/ollama(?P<rest>/.*)?"), self.passthrough,
              "client"),
+            (frozenset({"GET"}), re.compile(r"/metrics"), self.metrics_page, "admin"),
             (frozenset({"POST"}), re.compile(r"/keys/addKey"), self.add_key, "admin"),
             (frozenset({"GET"}), re.compile(r"/keys/allKeys"), self.all_keys, "admin"),
             (frozenset({"DELETE"}), re.compile(r"/keys/(?P<id>[0-9]{1,9})"), self.delete_key,
              "admin"),
         ]
         self.admin_token = config.admin_token
+        self.metrics = Metrics()
         self.keys: dict[str, ApiKey] = {}  # by the SHA-256 of the key
         self.key_usage: dict[int, KeyUsage] = {}
 
@@ -3258,10 +3405,13 @@ class Balancer:
         tried: set[int] = set()
         failure: tuple[int, str] | None = None
         busy = [("Retry-After", "1")]
+        request.model = model
         for _ in range(self.config.retries + 1):
+            waited = time.monotonic()
             try:
                 slot = await self.scheduler.acquire(self.servers, model, session,
                                                     frozenset(tried))
+                request.queue_wait = (request.queue_wait or 0.0) + time.monotonic() - waited
             except NoCandidate:
                 break
             except QueueFull:
@@ -3305,14 +3455,14 @@ class Balancer:
             wire, response, key = await self.exchange(server, proxy, head, body,
                                                       request.method)
         except UpstreamError as exc:
-            self.scheduler.record(self.servers, server, False)
+            self.upstream_failed(server, "timeout" if exc.status == 504 else "connect")
             return exc.status, exc.message
         if response.status not in (404, 502, 503):
             first_byte = time.monotonic() - started
             relayed, ok = await self.send_upstream_response(request, server, wire, response,
                                                             key)
-            self.scheduler.record(self.servers, server, ok)
             if ok:
+                self.scheduler.record(self.servers, server, True)
                 self.scheduler.observe(slot.cold, first_byte, time.monotonic() - started)
             return relayed
         message = await self._read_error(wire, response, key) or (
@@ -3325,7 +3475,7 @@ class Balancer:
                 str(m.get("name") or m.get("model") or "")) != model])
             self.spawn(self.check_server(server))
             return 404, message
-        self.scheduler.record(self.servers, server, False)
+        self.upstream_failed(server, "http_5xx")
         return response.status, message
 
     async def _read_error(self, wire: Wire, response: ResponseHead, key: PoolKey
@@ -3462,6 +3612,7 @@ class Balancer:
         writer = request.wire.writer
         keep = request.body_done and not client_wants_close(request.head)
         if stream:
+            request.status, request.first_byte = 200, time.monotonic() - request.started
             fields = [("Content-Type", "application/x-ndjson")]
             fields.append(("Transfer-Encoding", "chunked") if keep else ("Connection", "close"))
             writer.write(render_head("HTTP/1.1 200 OK", fields))
@@ -3497,8 +3648,7 @@ class Balancer:
                  else {"status": "success"})
         if not stream:
             status = 502 if failures else 200
-            await send_response(request.wire, json_response(status, final, close=not keep),
-                                request.head)
+            await request.send(json_response(status, final, close=not keep))
             return Relayed(keep)
         data = json.dumps(final).encode() + b"\n"
         writer.writelines([*chunk(data), LAST_CHUNK] if keep else [data])
@@ -3579,7 +3729,7 @@ class Balancer:
         if error:
             return await self.send_error(request, 502, error)
         keep = request.body_done and not client_wants_close(request.head)
-        await send_response(request.wire, Response(201, close=not keep), request.head)
+        await request.send(Response(201, close=not keep))
         return Relayed(keep)
 
     async def _upload(self, server: Server, request: Request, path: str,
@@ -3709,19 +3859,20 @@ class Balancer:
             wire, response, key = await self.exchange(server, proxy, head, body,
                                                       request.method, chunked)
         except UpstreamError as exc:
-            self.scheduler.record(self.servers, server, False)
+            self.upstream_failed(server, "timeout" if exc.status == 504 else "connect")
+            request.server = server
             return await self.send_error(request, exc.status, exc.message)
         relayed, ok = await self.send_upstream_response(request, server, wire, response, key)
-        self.scheduler.record(self.servers, server, ok)
+        if ok:
+            self.scheduler.record(self.servers, server, True)
         return relayed
 
     async def send_error(self, request: Request, status: int, message: str,
                          headers: Sequence[tuple[str, str]] = ()) -> Relayed:
         """An error for a request whose handler writes its own response."""
         keep = request.body_done and not client_wants_close(request.head)
-        response = error_response(status, message, path=request.path, close=not keep,
-                                  headers=headers)
-        await send_response(request.wire, response, request.head)
+        await request.send(error_response(status, message, path=request.path, close=not keep,
+                                          headers=headers))
         return Relayed(keep)
 
     async def send_upstream_response(self, request: Request, server: Server, wire: Wire,
@@ -3742,16 +3893,28 @@ class Balancer:
         if not keep_alive:
             fields.append(("Connection", "close"))
         reason = response.reason or reason_phrase(response.status)
+        request.server, request.status = server, response.status
+        request.first_byte = time.monotonic() - request.started
+        head = render_head(f"HTTP/1.1 {response.status} {reason}", fields)
         try:
-            client.writer.write(render_head(f"HTTP/1.1 {response.status} {reason}", fields))
-            complete = await self._relay_body(wire, framing, client, bool(chunked_out))
+            client.writer.write(head)
+            request.bytes_out += len(head)
+            complete, tail = await self._relay_body(wire, framing, request, bool(chunked_out))
         except BaseException:
             wire.abort()
             raise
         if not complete:
             wire.abort()
+            self.upstream_failed(server, "cut_stream")
             return Relayed(False), False
         self.release(key, wire, response)
+        if response.status >= 500:
+            self.upstream_failed(server, "http_5xx")
+        elif response.status == 200 and (counted := eval_count(tail)) is not None:
+            tokens, model = counted
+            request.model = request.model or (canonical_model(model) if model else None)
+            self.metrics.count("tokens_total", (("server", server.label),
+                                                ("model", request.model or "")), tokens)
         return Relayed(keep_alive), response.status < 500
 
     @staticmethod
@@ -3777,25 +3940,29 @@ class Balancer:
             return fields, None
         return fields, False
 
-    async def _relay_body(self, upstream: Wire, framing: Framing, client: Wire,
-                          chunked_out: bool) -> bool:
-        """Copies the response body to the client as it arrives; False if it was cut."""
-        writer = client.writer
+    async def _relay_body(self, upstream: Wire, framing: Framing, request: Request,
+                          chunked_out: bool) -> tuple[bool, bytes]:
+        """Copies the response body to the client as it arrives. Returns whether it came
+        whole, and its last bytes (where Ollama's final line holds the token count)."""
+        writer = request.wire.writer
+        tail = b""
         try:
             async for piece in iter_body(upstream, framing, self.config.upstream_timeout, 502):
                 if chunked_out:
                     writer.writelines(chunk(piece))
                 else:
                     writer.write(piece)
+                request.bytes_out += len(piece)
+                tail = piece if len(piece) >= TAIL_BYTES else (tail + piece)[-TAIL_BYTES:]
                 await writer.drain()
         except (IncompleteBody, ProtocolError, asyncio.TimeoutError) as exc:
             # No final chunk: the client must not mistake a cut stream for a whole one.
             log.warning("stream from upstream cut: %s", exc or type(exc).__name__)
-            return False
+            return False, tail
         if chunked_out:
             writer.write(LAST_CHUNK)
         await writer.drain()
-        return True
+        return True, tail
 
     # -- dispatch --------------------------------------------------------------------
 
@@ -3809,6 +3976,9 @@ class Balancer:
             if methods and request.method not in methods:
                 allowed |= methods
                 continue
+            # A bounded label: the fixed path of Ollama's endpoints, else the handler's name.
+            request.endpoint = path if handler.__name__ in FIXED_PATH_HANDLERS else (
+                handler.__name__)
             if access == "admin":
                 self.authorize_admin(request)
                 return await handler(request, match)
@@ -3824,6 +3994,58 @@ class Balancer:
             raise HTTPError(405, f"{request.method} is not allowed on {path}",
                             headers=[("Allow", ", ".join(sorted(allowed)))])
         raise HTTPError(404, f"no route for {request.method} {path}")
+
+    # -- observability ----------------------------------------------------------------
+
+    def finished(self, request: Request) -> None:
+        """Counts a finished request and writes its access-log line."""
+        duration = time.monotonic() - request.started
+        server = request.server.label if request.server else ""
+        model = request.model or ""
+        metrics = self.metrics
+        metrics.count("requests_total", (("endpoint", request.endpoint), ("server", server),
+                                         ("model", model), ("status", str(request.status))))
+        if request.server is not None:
+            pair = (("server", server), ("model", model))
+            if request.first_byte is not None:
+                metrics.observe("ttfb_seconds", pair, request.first_byte)
+            metrics.observe("request_duration_seconds", pair, duration)
+        if request.queue_wait is not None:
+            metrics.observe("queue_wait_seconds", (), request.queue_wait)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%-15s %-6s %-32s %3d %-20s %-24s %s %s %s %9d", request.wire.peer,
+                            request.method, request.head.target[:200], request.status,
+                            server or "-", model or "-", _secs(request.queue_wait),
+                            _secs(request.first_byte), _secs(duration), request.bytes_out,
+                            extra={"access": {
+                                "client": request.wire.peer, "method": request.method,
+                                "path": request.head.target, "status": request.status,
+                                "server": server or None, "model": model or None,
+                                "queue_wait": request.queue_wait,
+                                "ttfb": request.first_byte, "duration": duration,
+                                "bytes_out": request.bytes_out}})
+
+    def upstream_failed(self, server: Server, kind: str) -> None:
+        """A failure that counts against the server: for the breaker and the metrics."""
+        self.scheduler.record(self.servers, server, False)
+        self.metrics.count("upstream_errors_total", (("server", server.label), ("kind", kind)))
+
+    async def metrics_page(self, request: Request, match: re.Match[str]) -> Response:
+        servers = list(self.servers.values())
+        gauges: dict[str, tuple[str, list[tuple[Labels, float]]]] = {
+            "inflight": ("Requests in flight per server.",
+                         [((("server", s.label),), s.load.inflight) for s in servers]),
+            "queue_depth": ("Requests waiting in the fleet queue.",
+                            [((), len(self.scheduler.queue))]),
+            "server_up": ("1 if the server is enabled and answered its last health check.",
+                          [((("server", s.label),), int(s.enabled and s.reachable))
+                           for s in servers]),
+            "circuit_open": ("1 while the server's circuit breaker is open.",
+                             [((("server", s.label),), int(s.load.breaker_open))
+                              for s in servers]),
+        }
+        return Response(200, self.metrics.render(gauges).encode(),
+                        "text/plain; version=0.0.4; charset=utf-8")
 
     # -- authentication ---------------------------------------------------------------
 
@@ -3926,6 +4148,10 @@ class KeyUsage:
     touched: float = -1e9
 
 
+def _secs(value: float | None) -> str:
+    return "      -" if value is None else f"{value:7.3f}"
+
+
 def bearer_token(head: RequestHead) -> str | None:
     value = head.headers.get("authorization")
     if value is None:
@@ -3990,7 +4216,8 @@ async def _wait_for_eof(client: Wire, start: asyncio.Event) -> None:
 
 
 async def send_response(wire: Wire, response: Response, request_head: RequestHead | None,
-                        ) -> None:
+                        ) -> int:
+    """Writes a whole response; returns the bytes written."""
     fields = list(response.headers)
     if response.status != 204 and not (100 <= response.status < 200) and response.status != 304:
         if response.content_type and response.body:
@@ -4002,6 +4229,7 @@ async def send_response(wire: Wire, response: Response, request_head: RequestHea
     body = b"" if request_head is not None and request_head.method == "HEAD" else response.body
     wire.writer.writelines((head, body))
     await wire.writer.drain()
+    return len(head) + len(body)
 
 
 # ---------------------------------------------------------------------------
@@ -4069,6 +4297,14 @@ class HTTPServer:
                 self.busy.discard(task)
 
     async def _serve_one(self, wire: Wire) -> bool:
+        current: list[Request] = []  # the request, once its head is parsed
+        try:
+            return await self._answer(wire, current)
+        finally:
+            if current:
+                self.app.finished(current[0])
+
+    async def _answer(self, wire: Wire, current: list[Request]) -> bool:
         loop = asyncio.get_running_loop()
         head: RequestHead | None = None
         request: Request | None = None
@@ -4084,6 +4320,7 @@ class HTTPServer:
             if head is None:
                 return False
             request = Request(wire, head)
+            current.append(request)
             result = await self.app.dispatch(request)
         except asyncio.TimeoutError:
             if head is None and wire.buf:
@@ -4095,6 +4332,8 @@ class HTTPServer:
         except HTTPError as exc:
             response = error_response(exc.status, exc.message, headers=exc.headers,
                                       path=head.target if head else "")
+            if request is not None:
+                request.status = exc.status
             response.close = (
                 exc.close or head is None or client_wants_close(head)
                 or not (request is not None and request.body_done)
@@ -4117,7 +4356,7 @@ class HTTPServer:
             return result.keep_alive
         if not request.body_done or client_wants_close(head):
             result.close = True
-        await send_response(wire, result, head)
+        await request.send(result)
         return not result.close
 
     async def _try_send(self, wire: Wire, response: Response, head: RequestHead | None
@@ -4129,6 +4368,23 @@ class HTTPServer:
 def client_wants_close(head: RequestHead) -> bool:
     """HTTP/1.0 closes unless told otherwise; we only keep HTTP/1.1 connections alive."""
     return head.version != "HTTP/1.1" or "close" in head.headers.tokens("connection")
+
+
+class JsonFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object a line; access lines carry their fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        entry: dict[str, Any] = {"time": stamp.isoformat(timespec="milliseconds"),
+                                 "level": record.levelname.lower(), "logger": record.name}
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            entry.update(access)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 def raise_file_limit(connections: int) -> None:
@@ -4243,11 +4499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ollamabalancer: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)-7s %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    logging.basicConfig(level=config.log_level, handlers=[handler])
     if command == "rotate-secret":
         try:
             return rotate_secret(config, new_key_file)
