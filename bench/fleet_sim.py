@@ -26,6 +26,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,9 @@ def start_balancer(strategy: str, db: Path, parallel: int, resident: int
     for line in proc.stderr:
         match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
         if match:
+            # Keep reading its log (an access line a request), or a full pipe stalls it.
+            threading.Thread(target=collections.deque, args=(proc.stderr, 0),
+                             daemon=True).start()
             return proc, int(match.group(1))
     raise RuntimeError("the balancer did not start")
 
