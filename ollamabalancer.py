@@ -3605,10 +3605,6 @@ class Balancer:
     async def _merge_progress(self, request: Request, targets: list[Server], body: bytes,
                               stream: bool, name: str) -> Relayed:
         request.responded = True
-        events: asyncio.Queue[tuple[Server, dict[str, Any] | None, str | None]] = (
-            asyncio.Queue())
-        tasks = [asyncio.ensure_future(self._progress_of(s, request.path, body, events))
-                 for s in targets]
         writer = request.wire.writer
         keep = request.body_done and not client_wants_close(request.head)
         if stream:
@@ -3616,6 +3612,37 @@ class Balancer:
             fields = [("Content-Type", "application/x-ndjson")]
             fields.append(("Transfer-Encoding", "chunked") if keep else ("Connection", "close"))
             writer.write(render_head("HTTP/1.1 200 OK", fields))
+        final: dict[str, Any] = {}
+        async for line in self.merged_progress(targets, request.path, body, name):
+            if stream or "server" not in line:
+                data = json.dumps(line).encode() + b"\n"
+                if not stream:
+                    final = line
+                    break
+                writer.writelines(chunk(data) if keep else [data])
+                await writer.drain()
+        if not stream:
+            await request.send(json_response(502 if "error" in final else 200, final,
+                                             close=not keep))
+            return Relayed(keep)
+        if keep:
+            writer.write(LAST_CHUNK)
+            await writer.drain()
+        return Relayed(keep)
+
+    async def merged_progress(self, targets: list[Server], path: str, body: bytes, name: str
+                              ) -> AsyncIterator[dict[str, Any]]:
+        """The progress of one pull (or create) on many servers, as one stream of lines.
+
+        Each line names its ``server`` and carries that server's own ``server_total`` and
+        ``server_completed``; ``total`` and ``completed`` are summed per layer over the
+        fleet. A line per server says when it is done or failed; the last line, without a
+        ``server``, is ``{"status": "success"}`` or an error naming the failures.
+        """
+        events: asyncio.Queue[tuple[Server, dict[str, Any] | None, str | None]] = (
+            asyncio.Queue())
+        tasks = [asyncio.ensure_future(self._progress_of(s, path, body, events))
+                 for s in targets]
         totals: dict[str, dict[int, tuple[int, int]]] = {}
         failures: list[str] = []
         pending = len(tasks)
@@ -3634,26 +3661,17 @@ class Balancer:
                     digest = line.get("digest")
                     if isinstance(digest, str) and isinstance(line.get("total"), int):
                         layer = totals.setdefault(digest, {})
-                        layer[server.id] = (line["total"], int(line.get("completed") or 0))
+                        own = (line["total"], int(line.get("completed") or 0))
+                        layer[server.id] = own
+                        line["server_total"], line["server_completed"] = own
                         line["total"] = sum(t for t, _ in layer.values())
                         line["completed"] = sum(c for _, c in layer.values())
-                if stream:
-                    data = json.dumps(line).encode() + b"\n"
-                    writer.writelines(chunk(data) if keep else [data])
-                    await writer.drain()
+                yield line
         finally:
             for task in tasks:
                 task.cancel()
-        final = ({"error": f"{name}: failed on {'; '.join(failures)}"} if failures
-                 else {"status": "success"})
-        if not stream:
-            status = 502 if failures else 200
-            await request.send(json_response(status, final, close=not keep))
-            return Relayed(keep)
-        data = json.dumps(final).encode() + b"\n"
-        writer.writelines([*chunk(data), LAST_CHUNK] if keep else [data])
-        await writer.drain()
-        return Relayed(keep)
+        yield ({"error": f"{name}: failed on {'; '.join(failures)}"} if failures
+               else {"status": "success"})
 
     async def _progress_of(self, server: Server, path: str, body: bytes,
                            events: asyncio.Queue[tuple[Server, dict[str, Any] | None,
@@ -4484,10 +4502,226 @@ def rotate_secret(config: Config, new_key_file: str) -> int:
     return 0
 
 
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r]
+                                          for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for index, row in enumerate(cells):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def cli_servers(store: Store, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        body = _drop_none({"url": args.url, "name": args.name, "proxyId": args.proxy,
+                           "weight": args.weight, "maxConcurrency": args.max_concurrency})
+        values = parse_server_body(body, partial=False)
+        if values.get("proxy_id") and values["proxy_id"] not in {
+                p.id for p in store.list_proxies()}:
+            raise HTTPError(400, f"no proxy with id {values['proxy_id']}")
+        try:
+            server_id = store.add_server(values)
+        except Conflict:
+            raise HTTPError(409, f"a server at {values['host']}:{values['port']} "
+                                 "already exists") from None
+        print(f"added server {server_id}; a running balancer picks it up at its next check")
+    elif args.action == "remove":
+        if not store.delete_server(args.id):
+            raise HTTPError(404, f"no server with id {args.id}")
+        print(f"removed server {args.id}")
+    else:
+        print_table(("ID", "NAME", "URL", "PROXY", "ENABLED", "WEIGHT", "CAP", "MODELS",
+                     "LAST CHECKED"),
+                    [(s.id, s.name, f"{s.scheme}://{format_host(s.host)}:{s.port}",
+                      s.proxy_id, "yes" if s.enabled else "no", f"{s.weight:g}",
+                      s.max_concurrency, len(s.models), iso_time(s.last_checked))
+                     for s in store.list_servers()])
+    return 0
+
+
+def cli_proxies(store: Store, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        parts = urllib.parse.urlsplit(args.url)
+        try:
+            port = parts.port
+        except ValueError:
+            raise HTTPError(400, "the proxy URL has a bad port") from None
+        if not parts.hostname or port is None:
+            raise HTTPError(400, "give the proxy as protocol://[user:password@]host:port")
+        body = _drop_none({
+            "ip": parts.hostname, "port": port, "protocol": parts.scheme,
+            "name": args.name or f"{parts.hostname}:{port}",
+            "userName": urllib.parse.unquote(parts.username) if parts.username else None,
+            "password": urllib.parse.unquote(parts.password) if parts.password else None})
+        proxy_id = store.add_proxy(parse_proxy_body(body, partial=False))
+        print(f"added proxy {proxy_id}")
+    elif args.action == "remove":
+        users = [s.id for s in store.list_servers() if s.proxy_id == args.id]
+        if users:
+            raise HTTPError(409, f"proxy {args.id} is used by servers "
+                                 f"{', '.join(map(str, users))}")
+        if not store.delete_proxy(args.id):
+            raise HTTPError(404, f"no proxy with id {args.id}")
+        print(f"removed proxy {args.id}")
+    else:
+        print_table(("ID", "NAME", "PROTOCOL", "ADDRESS", "USER", "PASSWORD", "ENABLED"),
+                    [(p.id, p.name, p.protocol, f"{format_host(p.ip)}:{p.port}", p.user_name,
+                      "set" if p.password else None, "yes" if p.status else "no")
+                     for p in store.list_proxies()])
+    return 0
+
+
+async def cli_fleet(config: Config, args: argparse.Namespace) -> int:
+    """``check`` and ``models pull``: the balancer's own machinery, run once."""
+    loop = asyncio.get_running_loop()
+    store = AsyncStore(await loop.run_in_executor(None, open_store, config))
+    app = Balancer(config, store)
+    try:
+        await app.reload()
+        if args.command == "check":
+            rows = []
+            for server in app.servers.values():
+                started = time.monotonic()
+                await app.check_server(server)
+                rows.append((server.id, server.name, f"{server.scheme}://"
+                             f"{format_host(server.host)}:{server.port}", server.proxy_id,
+                             "yes" if server.reachable else "NO",
+                             f"{(time.monotonic() - started) * 1000:.0f} ms",
+                             ", ".join(sorted(server.model_names)) if server.reachable
+                             else server.last_error))
+            print_table(("ID", "NAME", "URL", "PROXY", "UP", "LATENCY", "MODELS / ERROR"), rows)
+            return 0 if all(row[4] == "yes" for row in rows) else 1
+        await app.check_all()
+        payload: dict[str, Any] = {"model": args.name}
+        if args.servers:
+            payload["servers"] = args.servers
+        targets = app._fan_out_targets(payload)
+        body = json.dumps({**payload, "stream": True}).encode()
+        bars = ProgressBars([s.label for s in targets])
+        final: dict[str, Any] = {}
+        async for line in app.merged_progress(targets, "/api/pull", body, args.name):
+            if "server" in line:
+                bars.update(line)
+            else:
+                final = line
+        bars.close()
+        if "error" in final:
+            print(f"error: {final['error']}", file=sys.stderr)
+            return 1
+        print(f"pulled {args.name} on {len(targets)} servers")
+        return 0
+    finally:
+        app.pool.close()
+        await loop.run_in_executor(None, store.shutdown)
+
+
+class ProgressBars:
+    """One progress bar per server, redrawn in place on a terminal; elsewhere a line each
+    time a server's status changes."""
+
+    WIDTH = 30
+
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = labels
+        self.state = {label: ("waiting", 0, 0) for label in labels}
+        self.tty = sys.stdout.isatty()
+        self.drawn = False
+        self.pad = max(len(label) for label in labels) if labels else 0
+
+    def update(self, line: dict[str, Any]) -> None:
+        label = str(line["server"])
+        status = str(line.get("error") or line.get("status") or "")
+        done = int(line.get("server_completed") or 0)
+        total = int(line.get("server_total") or 0)
+        previous = self.state.get(label, ("", 0, 0))
+        if status in ("done", "failed") or not total:
+            done, total = previous[1], previous[2]
+        self.state[label] = (status, done, total)
+        if self.tty:
+            self.draw()
+        elif status != previous[0]:
+            print(self.render(label), flush=True)
+
+    def render(self, label: str) -> str:
+        status, done, total = self.state[label]
+        share = done / total if total else (1.0 if status == "done" else 0.0)
+        filled = int(share * self.WIDTH)
+        return (f"{label.ljust(self.pad)}  [{'#' * filled}{'-' * (self.WIDTH - filled)}] "
+                f"{share:4.0%}  {status}")
+
+    def draw(self) -> None:
+        if self.drawn:
+            sys.stdout.write(f"\x1b[{len(self.labels)}F")
+        for label in self.labels:
+            sys.stdout.write("\x1b[2K" + self.render(label) + "\n")
+        sys.stdout.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.tty:
+            self.draw()
+
+
+def run_cli(config: Config, args: argparse.Namespace) -> int:
+    """The subcommands that work on the configured store without a running server."""
+    try:
+        if args.command in ("check", "models"):
+            return asyncio.run(cli_fleet(config, args))
+        store = open_store(config)
+        try:
+            return (cli_servers if args.command == "servers" else cli_proxies)(store, args)
+        finally:
+            store.close()
+    except HTTPError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2 if exc.status == 400 else 1
+
+
+def cli_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ollamabalancer", add_help=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    servers = commands.add_parser("servers", help="add, list or remove servers")
+    server_actions = servers.add_subparsers(dest="action", required=True)
+    add = server_actions.add_parser("add", help="add a server: servers add http://gpu1:11434")
+    add.add_argument("url")
+    add.add_argument("--name")
+    add.add_argument("--proxy", type=int, help="the id of the proxy to reach it through")
+    add.add_argument("--weight", type=float)
+    add.add_argument("--max-concurrency", type=int)
+    server_actions.add_parser("list", help="a table of the servers")
+    remove = server_actions.add_parser("remove", help="remove a server by id")
+    remove.add_argument("id", type=int)
+    proxies = commands.add_parser("proxies", help="add, list or remove proxies")
+    proxy_actions = proxies.add_subparsers(dest="action", required=True)
+    add = proxy_actions.add_parser("add", help="proxies add socks5://user:pass@host:1080")
+    add.add_argument("url")
+    add.add_argument("--name")
+    proxy_actions.add_parser("list", help="a table of the proxies (never their passwords)")
+    remove = proxy_actions.add_parser("remove", help="remove a proxy by id")
+    remove.add_argument("id", type=int)
+    commands.add_parser("check", help="try every server through its proxy now")
+    models = commands.add_parser("models", help="models pull NAME: on every server")
+    model_actions = models.add_subparsers(dest="action", required=True)
+    pull = model_actions.add_parser("pull", help="pull a model on every reachable server")
+    pull.add_argument("name")
+    pull.add_argument("--servers", nargs="+", help="only these server ids or names")
+    return parser
+
+
+CLI_COMMANDS = ("servers", "proxies", "check", "models")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] == "rotate-secret" else "serve"
     new_key_file = ""
+    cli_args: argparse.Namespace | None = None
+    if argv and argv[0] in CLI_COMMANDS:
+        command = "cli"
+        # The subcommand's own words come first; settings flags may follow them.
+        cli_args, argv = cli_parser().parse_known_args(argv)
     if command == "rotate-secret":
         sub = argparse.ArgumentParser(prog="ollamabalancer rotate-secret", add_help=True)
         sub.add_argument("--new-key-file", required=True)
@@ -4503,6 +4737,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(JsonFormatter() if config.log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
     logging.basicConfig(level=config.log_level, handlers=[handler])
+    if cli_args is not None:
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+        try:
+            return run_cli(config, cli_args)
+        except (StoreUnavailable, MissingDependency, ConfigError) as exc:
+            log.error("%s", exc)
+            return 1
     if command == "rotate-secret":
         try:
             return rotate_secret(config, new_key_file)

@@ -1,0 +1,76 @@
+"""The command line, against the configured store, with no server running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+from conftest import ROOT, StoreConfig
+from fakeollama import FakeOllama
+
+
+def cli(store: StoreConfig, *words: str) -> subprocess.CompletedProcess[str]:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DB_")}, **store.env()}
+    return subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), *words], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_servers_and_proxies_are_managed_from_the_command_line(store: StoreConfig) -> None:
+    added = cli(store, "proxies", "add", "socks5://bob:s%40cret-pw@127.0.0.1:1080",
+                "--name", "dc")
+    assert added.returncode == 0 and "added proxy 1" in added.stdout
+    server = cli(store, "servers", "add", "http://gpu1.invalid:11434", "--name", "gpu1",
+                 "--proxy", "1", "--weight", "2", "--max-concurrency", "8")
+    assert server.returncode == 0, server.stderr
+    listing = cli(store, "servers", "list")
+    row = listing.stdout.splitlines()[2].split()
+    assert row[:7] == ["1", "gpu1", "http://gpu1.invalid:11434", "1", "yes", "2", "8"]
+    proxies = cli(store, "proxies", "list")
+    assert "socks5" in proxies.stdout and "bob" in proxies.stdout and "set" in proxies.stdout
+    assert "s@cret-pw" not in proxies.stdout + proxies.stderr
+    in_use = cli(store, "proxies", "remove", "1")
+    assert in_use.returncode == 1 and "used by servers 1" in in_use.stderr
+    assert cli(store, "servers", "remove", "1").returncode == 0
+    assert cli(store, "proxies", "remove", "1").returncode == 0
+    assert cli(store, "servers", "list").stdout.count("\n") == 2  # the header only
+
+
+def test_bad_input_on_the_command_line_is_one_clear_error(sqlite_store: StoreConfig) -> None:
+    bad = cli(sqlite_store, "servers", "add", "ftp://x")
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: 'url' must look like http://host:11434")
+    assert cli(sqlite_store, "servers", "remove", "7").returncode == 1
+    assert cli(sqlite_store, "proxies", "add", "socks5://nohost").returncode == 2
+    assert cli(sqlite_store, "servers", "add", "http://h.invalid", "--proxy", "4"
+               ).returncode == 2
+
+
+def test_check_prints_reachability_latency_and_models(
+        sqlite_store: StoreConfig, backend: FakeOllama) -> None:
+    cli(sqlite_store, "servers", "add", backend.url, "--name", "alive")
+    cli(sqlite_store, "servers", "add", "http://127.0.0.1:9", "--name", "dead")
+    done = cli(sqlite_store, "check")
+    assert done.returncode == 1  # one is down
+    lines = {line.split()[1]: line for line in done.stdout.splitlines()[2:]}
+    assert " yes " in lines["alive"] and "llama3:latest" in lines["alive"]
+    assert " ms " in lines["alive"]
+    assert " NO " in lines["dead"] and "cannot connect" in lines["dead"]
+
+
+def test_models_pull_shows_progress_per_server(sqlite_store: StoreConfig,
+                                               make_backend: Any) -> None:
+    first, second = make_backend(), make_backend()
+    cli(sqlite_store, "servers", "add", first.url, "--name", "gpu-a")
+    cli(sqlite_store, "servers", "add", second.url, "--name", "gpu-b")
+    done = cli(sqlite_store, "models", "pull", "qwen2")
+    assert done.returncode == 0, done.stderr
+    assert "pulled qwen2 on 2 servers" in done.stdout
+    for name in ("gpu-a", "gpu-b"):
+        bars = [line for line in done.stdout.splitlines() if line.startswith(name)]
+        assert bars and bars[-1].endswith("done") and "100%" in bars[-1]
+    assert first.has("qwen2") and second.has("qwen2")
+    second.pull_error = "disk full"
+    failed = cli(sqlite_store, "models", "pull", "phi3")
+    assert failed.returncode == 1 and "gpu-b: disk full" in failed.stderr
