@@ -966,9 +966,21 @@ class ServerLoad:
     open_until: float = 0.0
     breaker_open: bool = False
     probing: bool = False
-    # Counters for the status page.
+    # For the status page: counts, and times (monotonic) within the last minute.
     requests: int = 0
     errors: int = 0
+    recent_requests: collections.deque[float] = dataclasses.field(
+        default_factory=collections.deque)
+    recent_errors: collections.deque[float] = dataclasses.field(
+        default_factory=collections.deque)
+
+    def per_minute(self) -> tuple[int, int]:
+        """Requests and errors in the last 60 seconds."""
+        cutoff = time.monotonic() - 60
+        for times in (self.recent_requests, self.recent_errors):
+            while times and times[0] < cutoff:
+                times.popleft()
+        return len(self.recent_requests), len(self.recent_errors)
 
 
 @dataclasses.dataclass(eq=False)
@@ -2306,6 +2318,7 @@ class Scheduler:
         cold = model is not None and model not in load.loaded
         load.inflight += 1
         load.requests += 1
+        load.recent_requests.append(time.monotonic())
         if model is not None:
             if model not in load.loaded and len(load.loaded) >= self.config.max_loaded_models:
                 # Ollama makes room by unloading the least recently used idle model.
@@ -2405,6 +2418,7 @@ class Scheduler:
             load.failures, load.breaker_open = 0, False
             return
         load.errors += 1
+        load.recent_errors.append(time.monotonic())
         load.failures += 1
         if load.breaker_open or load.failures >= self.config.breaker_threshold:
             if not load.breaker_open:
@@ -2905,6 +2919,8 @@ class Balancer:
             (frozenset(), re.compile(r"/servers/ollama(?P<rest>/.*)?"), self.passthrough,
              "client"),
             (frozenset({"GET"}), re.compile(r"/metrics"), self.metrics_page, "admin"),
+            (frozenset({"GET"}), re.compile(r"/servers/status"), self.status, "admin"),
+            (frozenset({"GET"}), re.compile(r"/dashboard"), self.dashboard, "admin"),
             (frozenset({"POST"}), re.compile(r"/keys/addKey"), self.add_key, "admin"),
             (frozenset({"GET"}), re.compile(r"/keys/allKeys"), self.all_keys, "admin"),
             (frozenset({"DELETE"}), re.compile(r"/keys/(?P<id>[0-9]{1,9})"), self.delete_key,
@@ -2912,6 +2928,7 @@ class Balancer:
         ]
         self.admin_token = config.admin_token
         self.metrics = Metrics()
+        self.recent_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self.keys: dict[str, ApiKey] = {}  # by the SHA-256 of the key
         self.key_usage: dict[int, KeyUsage] = {}
 
@@ -3455,7 +3472,8 @@ class Balancer:
             wire, response, key = await self.exchange(server, proxy, head, body,
                                                       request.method)
         except UpstreamError as exc:
-            self.upstream_failed(server, "timeout" if exc.status == 504 else "connect")
+            self.upstream_failed(server, "timeout" if exc.status == 504 else "connect",
+                                 exc.message)
             return exc.status, exc.message
         if response.status not in (404, 502, 503):
             first_byte = time.monotonic() - started
@@ -3475,7 +3493,7 @@ class Balancer:
                 str(m.get("name") or m.get("model") or "")) != model])
             self.spawn(self.check_server(server))
             return 404, message
-        self.upstream_failed(server, "http_5xx")
+        self.upstream_failed(server, "http_5xx", message)
         return response.status, message
 
     async def _read_error(self, wire: Wire, response: ResponseHead, key: PoolKey
@@ -3877,7 +3895,8 @@ class Balancer:
             wire, response, key = await self.exchange(server, proxy, head, body,
                                                       request.method, chunked)
         except UpstreamError as exc:
-            self.upstream_failed(server, "timeout" if exc.status == 504 else "connect")
+            self.upstream_failed(server, "timeout" if exc.status == 504 else "connect",
+                                 exc.message)
             request.server = server
             return await self.send_error(request, exc.status, exc.message)
         relayed, ok = await self.send_upstream_response(request, server, wire, response, key)
@@ -3923,11 +3942,11 @@ class Balancer:
             raise
         if not complete:
             wire.abort()
-            self.upstream_failed(server, "cut_stream")
+            self.upstream_failed(server, "cut_stream", "the stream broke off mid-answer")
             return Relayed(False), False
         self.release(key, wire, response)
         if response.status >= 500:
-            self.upstream_failed(server, "http_5xx")
+            self.upstream_failed(server, "http_5xx", f"answered {response.status}")
         elif response.status == 200 and (counted := eval_count(tail)) is not None:
             tokens, model = counted
             request.model = request.model or (canonical_model(model) if model else None)
@@ -4043,10 +4062,45 @@ class Balancer:
                                 "ttfb": request.first_byte, "duration": duration,
                                 "bytes_out": request.bytes_out}})
 
-    def upstream_failed(self, server: Server, kind: str) -> None:
-        """A failure that counts against the server: for the breaker and the metrics."""
+    def upstream_failed(self, server: Server, kind: str, message: str = "") -> None:
+        """A failure that counts against the server: for the breaker, the metrics and the
+        status page."""
         self.scheduler.record(self.servers, server, False)
         self.metrics.count("upstream_errors_total", (("server", server.label), ("kind", kind)))
+        self.recent_errors.appendleft({"time": iso_time(utc_now()), "server": server.label,
+                                       "kind": kind, "message": message or kind})
+
+    def status_payload(self) -> dict[str, Any]:
+        """What the dashboard shows: the fleet, the queue, the proxies, recent errors."""
+        servers = []
+        for server in self.servers.values():
+            entry = server.to_json()
+            per_minute = server.load.per_minute()
+            entry.update(requestsPerMinute=per_minute[0], errorsPerMinute=per_minute[1],
+                         capacity=self.scheduler.capacity(server),
+                         version=server.load.version)
+            servers.append(entry)
+        return {
+            "version": __version__, "time": iso_time(utc_now()),
+            "strategy": self.config.strategy,
+            "queue": {"depth": len(self.scheduler.queue), "max": self.config.max_queue},
+            "servers": servers,
+            "proxies": [p.to_json() for p in self.proxies.values()],
+            "recentErrors": list(self.recent_errors)[:20],
+        }
+
+    async def status(self, request: Request, match: re.Match[str]) -> Response:
+        return json_response(200, self.status_payload())
+
+    async def dashboard(self, request: Request, match: re.Match[str]) -> Response:
+        # The first view is drawn from data embedded in the page; then it polls.
+        data = json.dumps(self.status_payload()).replace("<", "\\u003c")
+        page = DASHBOARD_HTML.replace("/*INITIAL*/null", data)
+        return Response(200, page.encode(), "text/html; charset=utf-8",
+                        headers=[("Cache-Control", "no-store"),
+                                 ("Content-Security-Policy",
+                                  "default-src 'self'; script-src 'unsafe-inline'; "
+                                  "style-src 'unsafe-inline'")])
 
     async def metrics_page(self, request: Request, match: re.Match[str]) -> Response:
         servers = list(self.servers.values())
@@ -4075,8 +4129,10 @@ class Balancer:
                 raise HTTPError(403, "management endpoints answer only loopback clients "
                                      "while ADMIN_TOKEN is not set")
             return
-        token = bearer_token(request.head)
+        token = bearer_token(request.head) or basic_password(request.head)
         challenge = [("WWW-Authenticate", 'Bearer realm="ollamabalancer admin"')]
+        if request.path == "/dashboard":  # a browser asks for it as a password
+            challenge.insert(0, ("WWW-Authenticate", 'Basic realm="ollamabalancer admin"'))
         if token is None:
             raise HTTPError(401, "missing admin token: send Authorization: Bearer <token>",
                             headers=challenge)
@@ -4178,6 +4234,19 @@ def bearer_token(head: RequestHead) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+def basic_password(head: RequestHead) -> str | None:
+    """The password of ``Authorization: Basic`` (any user name): how a browser sends the
+    admin token to the dashboard."""
+    value = head.headers.get("authorization")
+    if value is None or not value.lower().startswith("basic "):
+        return None
+    try:
+        decoded = base64.b64decode(value[6:].strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return decoded.partition(":")[2] or None
+
+
 def is_loopback(peer: str) -> bool:
     try:
         address = ipaddress.ip_address(peer)
@@ -4248,6 +4317,199 @@ async def send_response(wire: Wire, response: Response, request_head: RequestHea
     wire.writer.writelines((head, body))
     await wire.writer.drain()
     return len(head) + len(body)
+
+
+#: The dashboard: one self-contained page (no CDN, no build step, fine on an air-gapped
+#: host). Data goes into the page with textContent only, never as HTML.
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ollamabalancer</title>
+<style>
+  :root { --bg: #0f1419; --panel: #171d24; --line: #273039; --text: #d7dde3;
+          --dim: #8593a0; --ok: #3fb950; --bad: #f85149; --warn: #d29922; --accent: #58a6ff; }
+  * { box-sizing: border-box; }
+  body { margin: 0; background: var(--bg); color: var(--text);
+         font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
+  header { display: flex; align-items: baseline; gap: 16px; padding: 16px 24px;
+           border-bottom: 1px solid var(--line); }
+  header h1 { margin: 0; font-size: 18px; }
+  header .meta { color: var(--dim); }
+  main { padding: 20px 24px; display: grid; gap: 20px; }
+  .cards { display: grid; gap: 12px;
+           grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); }
+  .card { background: var(--panel); border: 1px solid var(--line); border-radius: 8px;
+          padding: 12px 16px; }
+  .card .value { font-size: 26px; font-weight: 600; }
+  .card .label { color: var(--dim); }
+  section { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; }
+  section h2 { margin: 0; padding: 12px 16px; font-size: 15px;
+               border-bottom: 1px solid var(--line); }
+  table { width: 100%; border-collapse: collapse; }
+  th, td { text-align: left; padding: 8px 16px; border-bottom: 1px solid var(--line);
+           vertical-align: middle; }
+  th { color: var(--dim); font-weight: 500; }
+  tr:last-child td { border-bottom: 0; }
+  .up { color: var(--ok); } .down { color: var(--bad); } .open { color: var(--warn); }
+  .pill { display: inline-block; padding: 1px 8px; border-radius: 10px; margin: 1px 2px;
+          background: #1f2a36; font-size: 12px; }
+  .pill.loaded { background: #1b3a26; color: var(--ok); }
+  .bar { width: 90px; height: 8px; background: #0b0f13; border-radius: 4px; overflow: hidden;
+         display: inline-block; vertical-align: middle; margin-right: 6px; }
+  .bar > span { display: block; height: 100%; background: var(--accent); }
+  .dim { color: var(--dim); }
+  .empty { padding: 12px 16px; color: var(--dim); }
+  svg { display: block; }
+</style>
+</head>
+<body>
+<header>
+  <h1>ollamabalancer</h1>
+  <span class="meta" id="meta"></span>
+  <span class="meta" id="state"></span>
+</header>
+<main>
+  <div class="cards">
+    <div class="card"><div class="value" id="card-up"></div>
+      <div class="label">servers up</div></div>
+    <div class="card"><div class="value" id="card-inflight"></div>
+      <div class="label">requests in flight</div></div>
+    <div class="card"><div class="value" id="card-queue"></div>
+      <div class="label">waiting in the queue</div></div>
+    <div class="card"><div class="value" id="card-rpm"></div>
+      <div class="label">requests per minute</div></div>
+  </div>
+  <section>
+    <h2>Servers</h2>
+    <table>
+      <thead><tr><th>Server</th><th>Health</th><th>Circuit</th><th>Models (loaded in green)</th>
+        <th>In flight</th><th>Req/min</th><th>Err/min</th><th>Last 5 min</th></tr></thead>
+      <tbody id="servers"></tbody>
+    </table>
+  </section>
+  <section>
+    <h2>Proxies</h2>
+    <table>
+      <thead><tr><th>Name</th><th>Protocol</th><th>Address</th><th>User</th>
+        <th>Enabled</th></tr></thead>
+      <tbody id="proxies"></tbody>
+    </table>
+  </section>
+  <section>
+    <h2>Recent errors</h2>
+    <table>
+      <thead><tr><th>Time</th><th>Server</th><th>Kind</th><th>Message</th></tr></thead>
+      <tbody id="errors"></tbody>
+    </table>
+  </section>
+</main>
+<script>
+"use strict";
+const initial = /*INITIAL*/null;
+const history = new Map();  // server id -> [[requests, errors] per poll], last 5 minutes
+
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (cls) node.className = cls;
+  return node;
+}
+function row(cells) {
+  const tr = document.createElement("tr");
+  for (const cell of cells) {
+    const td = document.createElement("td");
+    if (cell instanceof Node) td.appendChild(cell); else td.textContent = cell ?? "-";
+    tr.appendChild(td);
+  }
+  return tr;
+}
+function fill(id, rows, columns, emptyText) {
+  const body = document.getElementById(id);
+  body.replaceChildren(...rows);
+  if (!rows.length) {
+    const td = el("td", emptyText, "empty"); td.colSpan = columns;
+    const tr = document.createElement("tr"); tr.appendChild(td); body.appendChild(tr);
+  }
+}
+function chart(points) {
+  const ns = "http://www.w3.org/2000/svg", width = 120, height = 28;
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("width", width); svg.setAttribute("height", height);
+  const top = Math.max(1, ...points.map(p => Math.max(p[0], p[1])));
+  for (const [index, color] of [[0, "#58a6ff"], [1, "#f85149"]]) {
+    const line = document.createElementNS(ns, "polyline");
+    const step = points.length > 1 ? width / (points.length - 1) : width;
+    line.setAttribute("points", points.map((p, i) =>
+      `${(i * step).toFixed(1)},${(height - 2 - (p[index] / top) * (height - 4)).toFixed(1)}`
+    ).join(" "));
+    line.setAttribute("fill", "none"); line.setAttribute("stroke", color);
+    line.setAttribute("stroke-width", "1.5");
+    svg.appendChild(line);
+  }
+  return svg;
+}
+function render(data) {
+  const servers = data.servers;
+  document.getElementById("meta").textContent =
+    `v${data.version} · strategy ${data.strategy} · ${data.time}`;
+  document.getElementById("card-up").textContent =
+    `${servers.filter(s => s.enabled && s.reachable).length} / ${servers.length}`;
+  document.getElementById("card-inflight").textContent =
+    servers.reduce((sum, s) => sum + s.inflight, 0);
+  document.getElementById("card-queue").textContent = `${data.queue.depth}`;
+  document.getElementById("card-rpm").textContent =
+    servers.reduce((sum, s) => sum + s.requestsPerMinute, 0);
+  fill("servers", servers.map(s => {
+    const points = history.get(s.id) || [];
+    points.push([s.requestsPerMinute, s.errorsPerMinute]);
+    while (points.length > 100) points.shift();
+    history.set(s.id, points);
+    const name = el("div"); name.appendChild(el("div", s.name || s.host));
+    name.appendChild(el("div", `${s.scheme}://${s.host}:${s.port}` +
+      (s.proxyId ? ` via proxy ${s.proxyId}` : ""), "dim"));
+    const health = !s.enabled ? el("span", "disabled", "dim")
+      : s.reachable ? el("span", "up", "up") : el("span", "down", "down");
+    if (!s.reachable && s.lastError) health.title = s.lastError;
+    const models = el("div");
+    for (const model of s.models) {
+      const loaded = s.loadedModels.includes(model);
+      models.appendChild(el("span", model, loaded ? "pill loaded" : "pill"));
+    }
+    const load = el("div");
+    const bar = el("span", null, "bar"), fillBar = el("span");
+    fillBar.style.width = `${Math.min(100, 100 * s.inflight / s.capacity)}%`;
+    bar.appendChild(fillBar); load.appendChild(bar);
+    load.appendChild(el("span", `${s.inflight} / ${s.capacity}`));
+    const circuit = s.circuitOpen ? el("span", "open", "open") : el("span", "closed", "dim");
+    return row([name, health, circuit, models, load, String(s.requestsPerMinute),
+                String(s.errorsPerMinute), chart(points)]);
+  }), 8, "No servers yet: POST /servers/addServer or `ollamabalancer servers add URL`.");
+  fill("proxies", data.proxies.map(p => row([p.name, p.protocol, `${p.ip}:${p.port}`,
+      p.userName || "-", p.status ? "yes" : "no"])), 5, "No proxies.");
+  fill("errors", data.recentErrors.map(e => row([e.time, e.server, e.kind, e.message])), 4,
+       "No errors.");
+}
+async function refresh() {
+  try {
+    const answer = await fetch("/servers/status",
+                               {credentials: "same-origin", cache: "no-store"});
+    if (!answer.ok) throw new Error(`status ${answer.status}`);
+    const data = await answer.json();
+    render(data);
+    document.getElementById("state").textContent = "";
+    document.body.dataset.updated = data.time;  // the last successful poll
+  } catch (error) {
+    document.getElementById("state").textContent = `· not updating: ${error.message}`;
+  }
+}
+render(initial);
+setInterval(refresh, 3000);
+</script>
+</body>
+</html>
+"""
 
 
 # ---------------------------------------------------------------------------

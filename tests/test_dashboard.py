@@ -1,0 +1,92 @@
+"""The dashboard in a real headless Chromium, against live data from fake backends.
+
+Set DASHBOARD_SCREENSHOT=/path/to/file.png to have a screenshot written for a person.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Any
+
+from conftest import BalancerProcess, StoreConfig, free_port, unavailable
+from fakeollama import FakeOllama, tag
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+
+
+def chromium(*args: str) -> str:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        unavailable("chromium is not installed (apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        done = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                              capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_dashboard_shows_live_fleet_data_in_a_real_browser(
+        start_balancer: Any, sqlite_store: StoreConfig, make_backend: Any) -> None:
+    lb: BalancerProcess = start_balancer(sqlite_store, "--health-interval", "600")
+    fast: FakeOllama = make_backend(models=[tag("llama3:latest"), tag("mistral:7b")])
+    lb.add_server(fast.url, name="gpu-alpha", maxConcurrency=6)
+    lb.add_server(f"http://127.0.0.1:{free_port()}", name="gpu-broken")
+    lb.add_proxy(name="dc-socks", ip="127.0.0.1", port=1080, protocol="socks5",
+                 userName="ops", password="never-shown-pw")
+    for _ in range(3):
+        assert lb.call("POST", "/api/chat", {"model": "llama3", "messages": [],
+                                             "stream": False}).status == 200
+    assert lb.call("GET", "/servers/ollama/2/api/tags").status == 502  # a recent error
+    url = f"http://127.0.0.1:{lb.port}/dashboard"
+    dom = chromium("--virtual-time-budget=4000", "--dump-dom", url)
+    assert "gpu-alpha" in dom and "gpu-broken" in dom
+    assert '<span class="pill loaded">llama3:latest</span>' in dom  # routed there: loaded
+    assert '<span class="pill">mistral:7b</span>' in dom
+    assert "0 / 6" in dom  # in flight / capacity from the server's own setting
+    assert '<div class="value" id="card-up">1 / 2</div>' in dom
+    assert re.search(r"id=\"card-rpm\">(\d+)<", dom).group(1) == "4", dom  # type: ignore[union-attr]
+    assert "<td>3</td>" in dom  # gpu-alpha's requests in the last minute
+    assert "dc-socks" in dom and "ops" in dom and "never-shown-pw" not in dom
+    assert "cannot connect to gpu-broken" in dom  # in recent errors
+    assert re.search(r'<body data-updated="\d{4}-', dom)  # it polled /servers/status
+    assert '<span class="meta" id="state"></span>' in dom  # and said nothing was wrong
+    screenshot = os.environ.get("DASHBOARD_SCREENSHOT")
+    if screenshot:
+        chromium("--window-size=1280,900", f"--screenshot={screenshot}", url)
+        assert os.path.getsize(screenshot) > 10_000
+
+
+def test_status_json_and_the_page_are_admin_protected(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    token = "dashboard-admin-token-0123"
+    lb = start_balancer(sqlite_store, env={"ADMIN_TOKEN": token})
+    page = lb.call("GET", "/dashboard")
+    assert page.status == 401
+    assert page.headers.get_all("WWW-Authenticate")[0].startswith("Basic")  # browser prompt
+    basic = base64.b64encode(f"admin:{token}".encode()).decode()
+    allowed = lb.call("GET", "/dashboard", headers={"Authorization": f"Basic {basic}"})
+    assert allowed.status == 200 and allowed.headers["Content-Type"].startswith("text/html")
+    assert "default-src 'self'" in allowed.headers["Content-Security-Policy"]
+    assert lb.call("GET", "/servers/status").status == 401
+    status = lb.call("GET", "/servers/status", headers={"Authorization": f"Bearer {token}"})
+    assert set(status.json()) >= {"servers", "queue", "proxies", "recentErrors", "strategy"}
+    wrong = base64.b64encode(b"admin:wrong").decode()
+    assert lb.call("GET", "/dashboard",
+                   headers={"Authorization": f"Basic {wrong}"}).status == 401
+
+
+def test_names_are_shown_as_text_never_as_html(start_balancer: Any,
+                                              sqlite_store: StoreConfig) -> None:
+    lb: BalancerProcess = start_balancer(sqlite_store)
+    lb.add_server("http://127.0.0.1:9", name="<img src=x onerror=alert(1)></script>")
+    dom = chromium("--virtual-time-budget=1000", "--dump-dom",
+                   f"http://127.0.0.1:{lb.port}/dashboard")
+    assert "&lt;img src=x onerror=alert(1)&gt;&lt;/script&gt;" in dom
+    assert "<img src" not in dom
