@@ -285,9 +285,9 @@ def load(port: int, path: str, seconds: float, post: bool) -> tuple[float, float
 STREAM_CLIENT = r'''
 import asyncio, json, sys, time
 port, streams, ramp = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-first, gaps, lost = [], [], 0
+first, gaps, lost, refused, why = [], [], 0, 0, {}
 async def one(index):
-    global lost
+    global lost, refused
     await asyncio.sleep(ramp * index / streams)
     body = b'{"model":"bench","messages":[],"stream":true}'
     try:
@@ -295,7 +295,11 @@ async def one(index):
         sent = time.monotonic()
         writer.write(b"POST /api/chat HTTP/1.1\r\nHost: b\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(body), body))
-        await reader.readuntil(b"\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 503 "):  # refused at the door, cleanly: not lost
+            refused += 1
+            writer.close()
+            return
         got_first = False
         while True:
             size = int((await reader.readuntil(b"\r\n")).strip(), 16)
@@ -311,11 +315,14 @@ async def one(index):
                 await reader.readexactly(5)
                 break
         writer.close()
-    except Exception:
+    except Exception as exc:
         lost += 1
+        key = (getattr(exc, "partial", b"") or str(exc).encode())[:160].decode("latin-1")
+        why[key] = why.get(key, 0) + 1
 async def main():
     await asyncio.gather(*(one(i) for i in range(streams)))
-    print(json.dumps({"first": first, "gaps": gaps, "lost": lost}))
+    print(json.dumps({"first": first, "gaps": gaps, "lost": lost, "refused": refused,
+                      "why": why}))
 asyncio.run(main())
 '''
 
@@ -399,7 +406,8 @@ def streams(args: argparse.Namespace, workdir: Path, rows: list[list[str]], coun
                  f"added per chunk p50 {(pct(gaps_b, 50) - pct(gaps_d, 50)) * ms:+.2f} ms",
                  f"p99 {(pct(gaps_b, 99) - pct(gaps_d, 99)) * ms:+.2f} ms",
                  f"peak RSS {rss:.0f} MB",
-                 f"lost {through['lost']} (direct {direct['lost']})"])
+                 f"lost {through['lost']} (direct {direct['lost']}), refused with 503 "
+                 f"{through['refused']}"])
 
 
 def routing(rows: list[list[str]]) -> None:

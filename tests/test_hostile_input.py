@@ -182,3 +182,10 @@ def test_control_characters_in_admin_fields_are_refused(balancer: BalancerProces
         body = {"ip": "127.0.0.1", "port": 1, "name": "n", field: "x\r\nSet-Cookie: a"}
         reply = balancer.call("POST", "/proxy/addProxy", body)
         assert reply.status == 400 and field in reply.json()["error"]
+
+
+def test_connection_cap_leaves_room_for_an_upstream_connection_each() -> None:
+    assert ob.connection_cap(10_000, None) == 10_000
+    assert ob.connection_cap(10_000, 1_000_000) == 10_000
+    assert ob.connection_cap(10_000, 20_000) == (20_000 - ob.FD_RESERVE) // 2
+    assert ob.connection_cap(10_000, 50) == 1
