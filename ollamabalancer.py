@@ -3100,28 +3100,30 @@ class Balancer:
 
     # -- upstream requests ---------------------------------------------------------
 
-    async def fetch(self, server: Server, proxy: Proxy | None, method: str, path: str
-                    ) -> tuple[int, bytes]:
-        """A small request of the balancer's own (health checks), body read whole."""
-        head = render_head(
-            f"{method} {path} HTTP/1.1",
-            [("Host", server.authority), ("Accept", "application/json"),
-             ("User-Agent", f"ollamabalancer/{__version__}"), *server_credentials(server)],
-        )
-        wire, response, key = await self.exchange(server, proxy, head, ReplayableBody(None),
+    async def fetch(self, server: Server, proxy: Proxy | None, method: str, path: str,
+                    body: bytes = b"", *, limit: int = MAX_HEALTH_BODY,
+                    timeout: float | None = None) -> tuple[int, bytes]:
+        """A small request of the balancer's own (health checks, fan-out calls): its
+        status and whole body, at most ``limit`` bytes, each read within ``timeout``."""
+        fields = [("Host", server.authority), ("Accept", "application/json"),
+                  ("User-Agent", f"ollamabalancer/{__version__}"), *server_credentials(server)]
+        if body:
+            fields += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        head = render_head(f"{method} {path} HTTP/1.1", fields)
+        wire, response, key = await self.exchange(server, proxy, head, ReplayableBody.of(body),
                                                   method)
-        body = bytearray()
+        answer = bytearray()
         try:
             async for piece in iter_body(wire, response_framing(response, method),
-                                         self.config.health_timeout, 502):
-                body += piece
-                if len(body) > MAX_HEALTH_BODY:
-                    raise UpstreamError(502, "/api/tags answer too large")
+                                         timeout or self.config.health_timeout, 502):
+                answer += piece
+                if len(answer) > limit:
+                    raise UpstreamError(502, f"{path} answer too large")
         except BaseException:
             wire.abort()
             raise
         self.release(key, wire, response)
-        return response.status, bytes(body)
+        return response.status, bytes(answer)
 
     async def exchange(
         self, server: Server, proxy: Proxy | None, head: bytes, body: ReplayableBody,
@@ -3550,20 +3552,16 @@ class Balancer:
 
     async def _call(self, server: Server, method: str, path: str, body: bytes
                     ) -> tuple[int, str | None]:
-        """A small request of the balancer's own to one server: status and error message."""
+        """A fan-out call to one server: its status and error message, if any."""
         try:
-            proxy = self.proxy_of(server)
-            fields = [("Host", server.authority), ("Content-Type", "application/json"),
-                      ("Content-Length", str(len(body))), *server_credentials(server)]
-            head = render_head(f"{method} {path} HTTP/1.1", fields)
-            wire, response, key = await self.exchange(server, proxy, head,
-                                                      ReplayableBody.of(body), method)
+            status, answer = await self.fetch(server, self.proxy_of(server), method, path,
+                                              body, limit=MAX_ERROR_BODY,
+                                              timeout=self.config.upstream_timeout)
         except UpstreamError as exc:
             return exc.status, exc.message
-        if response_framing(response, method) is NO_BODY:
-            self.release(key, wire, response)
-            return response.status, None
-        return response.status, await self._read_error(wire, response, key)
+        except (IncompleteBody, ProtocolError, asyncio.TimeoutError, ConnectionError) as exc:
+            return 502, f"{server.label}: the answer broke off: {exc or type(exc).__name__}"
+        return status, upstream_error_message(answer) if answer else None
 
     @staticmethod
     def _summary(results: list[tuple[Server, int, str | None]], what: str) -> str | None:
