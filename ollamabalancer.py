@@ -45,7 +45,15 @@ import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from typing import Any, ClassVar, Literal, TypeVar
 
 __version__ = "0.1.0"
@@ -79,8 +87,9 @@ MAX_ERROR_BODY = 64 * 1024
 MAX_HEALTH_BODY = 16 * 1024 * 1024
 #: Longest chunk-size line with extensions, in bytes (node allows 16 KiB of extensions in total).
 MAX_CHUNK_LINE = 4 * 1024
-#: Bytes asked of the socket per read.
-READ_SIZE = 64 * 1024
+#: Unread bytes a connection buffers before it stops reading its socket (flow control).
+#: Above MAX_HEAD, so a head always fits; a client's pipelined requests wait past it.
+BUFFER_HIGH = 256 * 1024
 #: Request bytes kept so that a request can be sent again on a fresh upstream connection when
 #: a pooled one turns out to be dead before it answered. Larger bodies stream without a copy.
 REPLAY_LIMIT = 1024 * 1024
@@ -786,38 +795,136 @@ def text_response(status: int, text: str) -> Response:
 # ---------------------------------------------------------------------------
 
 
-class Wire:
-    """One TCP connection: asyncio streams plus a buffer the sans-IO parsers work on."""
+class Wire(asyncio.Protocol):
+    """One TCP connection as an asyncio protocol, with flow control both ways.
 
-    __slots__ = ("buf", "peer", "reader", "writer")
+    Received bytes gather in ``buf``, where the sans-IO parsers read them; past
+    BUFFER_HIGH unread bytes the socket stops being read until the owner takes some.
+    Writes go straight to the transport, and ``drain`` waits only while the transport
+    has asked to pause (its buffer is over the high-water mark). ``on_gone`` is called
+    once the peer has finished sending or the connection is lost, whoever is waiting.
+    """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, on_made: Callable[[Wire], None] | None = None) -> None:
         self.buf = bytearray()
-        peer = writer.get_extra_info("peername")
-        self.peer: str = peer[0] if isinstance(peer, tuple) else "unix"
+        self.peer = "unix"
+        self.transport: asyncio.Transport | None = None
+        self.eof = False  # nothing more will arrive: the peer half-closed, or it is gone
+        self.lost = False
+        self.on_gone: Callable[[], None] | None = None
+        self._on_made = on_made
+        self._reader: asyncio.Future[None] | None = None  # fill() waiting for bytes
+        self._writable: asyncio.Future[None] | None = None  # drain() waiting
+        self._write_paused = False
+        self._read_paused = False
+
+    # -- asyncio.Protocol callbacks ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = peer[0]
+        if self._on_made is not None:
+            self._on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > BUFFER_HIGH and not self._read_paused and self.transport:
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake_reader()
+        self._gone()
+        return True  # keep the transport open: a response may still be written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = self.lost = True
+        self._wake_reader()
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("connection lost"))
+        self._gone()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_reader(self) -> None:
+        waiter, self._reader = self._reader, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _gone(self) -> None:
+        callback, self.on_gone = self.on_gone, None
+        if callback is not None:
+            callback()
+
+    # -- what the owner calls ---------------------------------------------------------
 
     async def fill(self, timeout: float) -> bool:
-        """Reads more bytes into ``buf``; False at end of stream."""
-        data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
-        if not data:
+        """Waits for more bytes in ``buf``; False at end of stream, TimeoutError after
+        ``timeout`` seconds without any."""
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        if self.eof:
             return False
-        self.buf += data
-        return True
+        size = len(self.buf)
+        loop = asyncio.get_running_loop()
+        waiter = self._reader = loop.create_future()
+        timer = loop.call_later(timeout, _time_out, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._reader = None
+        return len(self.buf) > size
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def writelines(self, pieces: Iterable[bytes | bytearray | memoryview]) -> None:
+        assert self.transport is not None
+        self.transport.writelines(pieces)
+
+    async def drain(self) -> None:
+        """Returns at once unless the transport asked to pause; raises ConnectionError
+        once the connection is gone."""
+        if self.lost or (self.transport is not None and self.transport.is_closing()):
+            raise ConnectionResetError("connection lost")
+        if self._write_paused:
+            waiter = self._writable = asyncio.get_running_loop().create_future()
+            await waiter
 
     def abort(self) -> None:
         """Drops the connection at once (RST), so the peer stops whatever it was doing."""
-        self.writer.transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
 
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+    def close(self) -> None:
+        """Closes once what was written has been sent."""
+        if self.transport is not None:
+            self.transport.close()
 
     @property
     def usable(self) -> bool:
-        return not (self.reader.at_eof() or self.writer.transport.is_closing())
+        return not (self.eof or self.transport is None or self.transport.is_closing())
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
 
 
 async def read_head(
@@ -847,24 +954,27 @@ async def iter_body(wire: Wire, framing: Framing, timeout: float, error_status: 
 
     ``timeout`` bounds each wait for bytes. Raises IncompleteBody if the peer closes early.
     """
+    buf = wire.buf
     if framing.kind == "length":
         remaining = framing.length
-        if wire.buf:
-            n = min(remaining, len(wire.buf))
-            data = bytes(wire.buf[:n])
-            del wire.buf[:n]
-            remaining -= n
-            yield data
-        while remaining:
-            data = await asyncio.wait_for(wire.reader.read(min(remaining, READ_SIZE)), timeout)
-            if not data:
+        while True:
+            if buf:
+                if len(buf) <= remaining:
+                    data = bytes(buf)
+                    buf.clear()
+                else:
+                    data = bytes(buf[:remaining])
+                    del buf[:remaining]
+                remaining -= len(data)
+                yield data
+            if not remaining:
+                return
+            if not await wire.fill(timeout):
                 raise IncompleteBody(f"connection closed with {remaining} body bytes missing")
-            remaining -= len(data)
-            yield data
     elif framing.kind == "chunked":
         decoder = ChunkedDecoder(error_status)
         while True:
-            event = decoder.next_event(wire.buf)
+            event = decoder.next_event(buf)
             if event is END_OF_BODY:
                 return
             if isinstance(event, bytes):
@@ -873,15 +983,13 @@ async def iter_body(wire: Wire, framing: Framing, timeout: float, error_status: 
             elif not await wire.fill(timeout):
                 raise IncompleteBody("connection closed in the middle of a chunked body")
     elif framing.kind == "close":
-        if wire.buf:
-            data = bytes(wire.buf)
-            wire.buf.clear()
-            yield data
         while True:
-            data = await asyncio.wait_for(wire.reader.read(READ_SIZE), timeout)
-            if not data:
+            if buf:
+                data = bytes(buf)
+                buf.clear()
+                yield data
+            if not await wire.fill(timeout):
                 return
-            yield data
 
 
 class ReplayableBody:
@@ -1167,30 +1275,31 @@ async def open_upstream(server: Server, proxy: Proxy | None, timeout: float) -> 
     hostname = server.host if tls else None
     where = f"{server.label}" + (f" through {proxy.label}" if proxy else "")
 
-    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def connect() -> Wire:
+        loop = asyncio.get_running_loop()
         if proxy is None:
-            return await asyncio.open_connection(
-                server.host, server.port, ssl=tls, server_hostname=hostname, limit=READ_SIZE
-            )
+            _, wire = await loop.create_connection(Wire, server.host, server.port, ssl=tls,
+                                                   server_hostname=hostname)
+            return wire
         if proxy.protocol == "http":
             sock = await _http_connect(proxy, server.host, server.port)
         else:
             sock = await _socks_connect(proxy, server.host, server.port, timeout)
-        return await asyncio.open_connection(
-            sock=sock, ssl=tls, server_hostname=hostname, limit=READ_SIZE
-        )
+        _, wire = await loop.create_connection(Wire, sock=sock, ssl=tls,
+                                               server_hostname=hostname)
+        return wire
 
     try:
-        reader, writer = await asyncio.wait_for(connect(), timeout)
+        wire = await asyncio.wait_for(connect(), timeout)
     except asyncio.TimeoutError:
         raise UpstreamError(504, f"timed out connecting to {where}") from None
     except (OSError, ssl.SSLError) as exc:
         raise UpstreamError(502, f"cannot connect to {where}: {exc}") from None
-    sock = writer.get_extra_info("socket")
+    sock = wire.transport.get_extra_info("socket") if wire.transport else None
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return Wire(reader, writer)
+    return wire
 
 
 PoolKey = tuple[str, str, int, tuple[Any, ...] | None]
@@ -2570,7 +2679,8 @@ class Request:
         self.framing = request_framing(head)
         self.body_done = self.framing.kind == "none"
         self.body_started = False
-        self.body_finished = asyncio.Event()
+        #: Called when the body has been read whole while the client has gone already.
+        self.on_body_done: Callable[[], None] | None = None
         self.responded = False  # set once response bytes may have been written
         self.authenticated = False  # its Authorization was the balancer's: not sent on
         # For the access log and the metrics.
@@ -2588,16 +2698,14 @@ class Request:
         self.status = response.status
         self.first_byte = time.monotonic() - self.started
         self.bytes_out += await send_response(self.wire, response, self.head)
-        if self.body_done:
-            self.body_finished.set()
 
     async def _send_continue(self) -> None:
         # RFC 9110 10.1.1: answer "Expect: 100-continue" before reading the body.
         if self.head.version == "HTTP/1.1" and "100-continue" in self.head.headers.tokens(
             "expect"
         ):
-            self.wire.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            await self.wire.writer.drain()
+            self.wire.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await self.wire.drain()
 
     async def body_chunks(self) -> AsyncIterator[bytes]:
         if self.body_done or self.body_started:
@@ -2610,7 +2718,8 @@ class Request:
         except asyncio.TimeoutError:
             raise IncompleteBody(f"client sent no body bytes for {BODY_TIMEOUT:g} s") from None
         self.body_done = True
-        self.body_finished.set()
+        if self.wire.eof and self.on_body_done is not None:
+            self.on_body_done()
 
     async def read_body(self, limit: int) -> bytes:
         """The whole body, refused with 413 past ``limit`` bytes."""
@@ -3159,15 +3268,14 @@ class Balancer:
     @staticmethod
     async def _send_request(wire: Wire, head: bytes, body: ReplayableBody, chunked: bool
                             ) -> None:
-        writer = wire.writer
         try:
-            writer.write(head)
+            wire.write(head)
             async for piece in body.chunks():  # the client's errors come from here
-                writer.writelines(chunk(piece)) if chunked else writer.write(piece)
-                await writer.drain()
+                wire.writelines(chunk(piece)) if chunked else wire.write(piece)
+                await wire.drain()
             if chunked:
-                writer.write(LAST_CHUNK)
-            await writer.drain()
+                wire.write(LAST_CHUNK)
+            await wire.drain()
         except ConnectionError as exc:
             raise UpstreamClosed(str(exc) or type(exc).__name__) from None
 
@@ -3422,9 +3530,7 @@ class Balancer:
             if not any(model in s.model_names for s in self._serving()):
                 raise HTTPError(404, f"model '{name}' not found")
         session = request.head.headers.get("x-session-id")
-        outcome = await until_client_gone(
-            request.wire, self._route(request, body, model, session), request.body_finished
-        )
+        outcome = await until_client_gone(request, self._route(request, body, model, session))
         return Relayed(False) if outcome is None else outcome
 
     async def _route(self, request: Request, body: bytes, model: str, session: str | None
@@ -3622,8 +3728,7 @@ class Balancer:
         body = json.dumps({**payload, "stream": True}).encode()
         try:
             outcome = await until_client_gone(
-                request.wire, self._merge_progress(request, targets, body, stream, name),
-                request.body_finished)
+                request, self._merge_progress(request, targets, body, stream, name))
         finally:
             self._recheck(targets)  # even when the client left: some layers may have landed
         return Relayed(False) if outcome is None else outcome
@@ -3631,13 +3736,13 @@ class Balancer:
     async def _merge_progress(self, request: Request, targets: list[Server], body: bytes,
                               stream: bool, name: str) -> Relayed:
         request.responded = True
-        writer = request.wire.writer
+        client = request.wire
         keep = request.body_done and not client_wants_close(request.head)
         if stream:
             request.status, request.first_byte = 200, time.monotonic() - request.started
             fields = [("Content-Type", "application/x-ndjson")]
             fields.append(("Transfer-Encoding", "chunked") if keep else ("Connection", "close"))
-            writer.write(render_head("HTTP/1.1 200 OK", fields))
+            client.write(render_head("HTTP/1.1 200 OK", fields))
         final: dict[str, Any] = {}
         async for line in self.merged_progress(targets, request.path, body, name):
             if stream or "server" not in line:
@@ -3645,15 +3750,15 @@ class Balancer:
                 if not stream:
                     final = line
                     break
-                writer.writelines(chunk(data) if keep else [data])
-                await writer.drain()
+                client.writelines(chunk(data) if keep else [data])
+                await client.drain()
         if not stream:
             await request.send(json_response(502 if "error" in final else 200, final,
                                              close=not keep))
             return Relayed(keep)
         if keep:
-            writer.write(LAST_CHUNK)
-            await writer.drain()
+            client.write(LAST_CHUNK)
+            await client.drain()
         return Relayed(keep)
 
     async def merged_progress(self, targets: list[Server], path: str, body: bytes, name: str
@@ -3889,9 +3994,7 @@ class Balancer:
         self.scheduler.take(server, None)
         try:
             outcome = await until_client_gone(
-                request.wire, self._forward(request, server, proxy, head, chunked, body),
-                request.body_finished,
-            )
+                request, self._forward(request, server, proxy, head, chunked, body))
         finally:
             self.scheduler.release(self.servers, server, None)
         return Relayed(False) if outcome is None else outcome
@@ -3942,7 +4045,7 @@ class Balancer:
         request.first_byte = time.monotonic() - request.started
         head = render_head(f"HTTP/1.1 {response.status} {reason}", fields)
         try:
-            client.writer.write(head)
+            client.write(head)
             request.bytes_out += len(head)
             complete, tail = await self._relay_body(wire, framing, request, bool(chunked_out))
         except BaseException:
@@ -3989,24 +4092,24 @@ class Balancer:
                           chunked_out: bool) -> tuple[bool, bytes]:
         """Copies the response body to the client as it arrives. Returns whether it came
         whole, and its last bytes (where Ollama's final line holds the token count)."""
-        writer = request.wire.writer
+        client = request.wire
         tail = b""
         try:
             async for piece in iter_body(upstream, framing, self.config.upstream_timeout, 502):
                 if chunked_out:
-                    writer.writelines(chunk(piece))
+                    client.writelines(chunk(piece))
                 else:
-                    writer.write(piece)
+                    client.write(piece)
                 request.bytes_out += len(piece)
                 tail = piece if len(piece) >= TAIL_BYTES else (tail + piece)[-TAIL_BYTES:]
-                await writer.drain()
+                await client.drain()
         except (IncompleteBody, ProtocolError, asyncio.TimeoutError) as exc:
             # No final chunk: the client must not mistake a cut stream for a whole one.
             log.warning("stream from upstream cut: %s", exc or type(exc).__name__)
             return False, tail
         if chunked_out:
-            writer.write(LAST_CHUNK)
-        await writer.drain()
+            client.write(LAST_CHUNK)
+        await client.drain()
         return True, tail
 
     # -- dispatch --------------------------------------------------------------------
@@ -4271,43 +4374,40 @@ def _drain(queue: asyncio.Queue[Any], _: object = None) -> None:
         queue.get_nowait()
 
 
-async def until_client_gone(client: Wire, work: Awaitable[T], start: asyncio.Event
-                            ) -> T | None:
-    """Runs ``work``, watching the client once ``start`` is set (its request body is read);
-    returns None, with ``work`` cancelled, if the client closed first.
+async def until_client_gone(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """Runs ``work`` in this task; returns None, with ``work`` cancelled, if the client
+    goes away once its request body is read.
 
     Ollama stops generating, and even loading a model, when its connection closes, so the
-    balancer must notice its own client leaving at any point. Pipelined bytes that arrive
-    meanwhile are kept in the buffer for the next request.
+    balancer must notice its own client leaving at any point: the client's connection
+    calls back when it ends, and the callback cancels this task. Bytes of a pipelined
+    next request that arrive meanwhile stay in the buffer.
     """
-    work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.ensure_future(_wait_for_eof(client, start))
+    task = asyncio.current_task()
+    assert task is not None
+    client = request.wire
+    left = False
+
+    def leave() -> None:
+        nonlocal left
+        if request.body_done and not left:
+            left = True
+            task.cancel()
+
+    if client.eof and request.body_done:
+        work.close()
+        return None
+    request.on_body_done = client.on_gone = leave
     try:
-        done, _ = await asyncio.wait({work_task, watch_task},
-                                     return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        work_task.cancel()
-        watch_task.cancel()
-        raise
-    if work_task in done:
-        watch_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watch_task
-        return work_task.result()
-    work_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await work_task
-    return None
-
-
-async def _wait_for_eof(client: Wire, start: asyncio.Event) -> None:
-    await start.wait()
-    while len(client.buf) <= MAX_HEAD:
-        data = await client.reader.read(READ_SIZE)
-        if not data:
-            return
-        client.buf += data
-    await asyncio.Event().wait()  # a full pipeline buffer: stop reading, keep watching
+        return await work
+    except asyncio.CancelledError:
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11 counts cancellations
+        if not left or (uncancel is not None and uncancel() > 0):
+            raise  # cancelled for another reason too: shutting down
+        return None
+    finally:
+        work.close()  # never started when the client had already left
+        client.on_gone = request.on_body_done = None
 
 
 async def send_response(wire: Wire, response: Response, request_head: RequestHead | None,
@@ -4322,8 +4422,8 @@ async def send_response(wire: Wire, response: Response, request_head: RequestHea
         fields.append(("Connection", "close"))
     head = render_head(f"HTTP/1.1 {response.status} {reason_phrase(response.status)}", fields)
     body = b"" if request_head is not None and request_head.method == "HEAD" else response.body
-    wire.writer.writelines((head, body))
-    await wire.writer.drain()
+    wire.writelines((head, body))
+    await wire.drain()
     return len(head) + len(body)
 
 
@@ -4550,24 +4650,23 @@ class HTTPServer:
             task.cancel()
         await asyncio.gather(*self.connections, return_exceptions=True)
 
-    async def serve_connection(self, reader: asyncio.StreamReader,
-                               writer: asyncio.StreamWriter) -> None:
-        if len(self.connections) >= self.max_connections:
-            # Over MAX_CONNECTIONS: a short 503 and close, without reading anything.
-            body = b'{"error":"too many open connections"}'
-            writer.write(render_head("HTTP/1.1 503 Service Unavailable", [
-                ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                ("Retry-After", "1"), ("Connection", "close")]) + body)
-            # Closing with the request unread would send a reset that can destroy the 503
-            # before the client reads it: take what it sent first, briefly and boundedly.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(reader.read(MAX_HEAD), 0.5)
-            writer.close()
-            return
-        task = asyncio.current_task()
-        if task is not None:
+    def accept(self, wire: Wire) -> None:
+        """Each new client connection is served by a task of its own; over
+        MAX_CONNECTIONS, it gets a short 503 instead."""
+        if len(self.connections) < self.max_connections:
+            task = asyncio.ensure_future(self.serve_connection(wire))
             self.connections.add(task)
-        wire = Wire(reader, writer)
+            task.add_done_callback(self.connections.discard)
+            return
+        body = b'{"error":"too many open connections"}'
+        wire.write(render_head("HTTP/1.1 503 Service Unavailable", [
+            ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+            ("Retry-After", "1"), ("Connection", "close")]) + body)
+        # Closing with the request unread would send a reset that can destroy the 503
+        # before the client reads it: the protocol takes what arrives, and closes soon.
+        asyncio.get_running_loop().call_later(0.5, wire.close)
+
+    async def serve_connection(self, wire: Wire) -> None:
         try:
             while await self.serve_one(wire) and not self.draining:
                 pass
@@ -4576,9 +4675,7 @@ class HTTPServer:
         except Exception:
             log.exception("unexpected error on a client connection")
         finally:
-            writer.close()
-            if task is not None:
-                self.connections.discard(task)
+            wire.close()
 
     async def serve_one(self, wire: Wire) -> bool:
         """Serves one request; False when the connection should close."""
@@ -4738,8 +4835,8 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
     if not (app.keys or config.require_api_key):
         log.warning("no API keys exist: the Ollama endpoints are open to every client")
     http_server = HTTPServer(app, max_connections)
-    server = await asyncio.start_server(
-        http_server.serve_connection, config.ip, config.port, limit=READ_SIZE,
+    server = await loop.create_server(
+        functools.partial(Wire, http_server.accept), config.ip, config.port,
         reuse_address=True, backlog=1024,
     )
     host, port = server.sockets[0].getsockname()[:2]
