@@ -28,9 +28,11 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import heapq
 import hmac
 import http
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -130,6 +132,8 @@ STRATEGIES = ("least_load", "round_robin", "random")
 #: Seconds after which a queued request is served strictly in arrival order, even if a
 #: younger one could use a free slot without a cold model load (see Scheduler.dispatch).
 QUEUE_AGING = 5.0
+#: Request paths whose matching routes are remembered (all forgotten when full).
+ROUTE_MEMO_SIZE = 1024
 #: Sessions (X-Session-Id) remembered for affinity, least recently used dropped first.
 MAX_SESSIONS = 10_000
 SERVER_SCHEMES = ("http", "https")
@@ -249,6 +253,7 @@ class Config:
     drain_timeout: float = 30.0
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     def describe_store(self) -> str:
         """The store, for the startup log: never the password."""
@@ -303,6 +308,13 @@ def _log_format(text: str) -> str:
     value = text.strip().lower()
     if value not in ("text", "json"):
         raise ValueError("must be 'text' or 'json'")
+    return value
+
+
+def _event_loop(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("auto", "asyncio", "uvloop"):
+        raise ValueError("must be 'auto', 'asyncio' or 'uvloop'")
     return value
 
 
@@ -384,6 +396,9 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "debug, info, warning or error (default info)"),
     ("LOG_FORMAT", "--log-format", "log_format", _log_format,
      "text (aligned, for people; default) or json (one object a line)"),
+    ("EVENT_LOOP", "--event-loop", "event_loop", _event_loop,
+     "uvloop (faster; pip install ollamabalancer[fast]), asyncio, or auto: uvloop when "
+     "installed (default)"),
 )
 
 
@@ -448,40 +463,52 @@ request_line_re = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/
 status_line_re = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: (" + _FIELD_VALUE + rb"))?")
 # No whitespace between name and colon (RFC 9112 5.1): "Host : x" is rejected.
 field_line_re = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")")
+#: All the field lines after a start line at once, each led by its CRLF.
+fields_block_re = re.compile(rb"(?:\r\n" + _TOKEN + rb":" + _FIELD_VALUE + rb")*")
 # chunk-size in hex, optional extensions (ignored); at most 16 digits so it fits 64 bits.
 chunk_size_re = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;" + _FIELD_VALUE + rb")?")
 content_length_re = re.compile(r"[0-9]{1,18}")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class Headers:
     """Header fields in arrival order, names as sent; look-ups ignore case (through an
-    index of lower-case names, built once)."""
+    index of lower-case names, built once). Read-only once made."""
 
-    fields: tuple[tuple[str, str], ...]
-    index: dict[str, list[str]] = dataclasses.field(init=False, repr=False, compare=False)
+    __slots__ = ("fields", "index")
 
-    def __post_init__(self) -> None:
+    def __init__(self, fields: tuple[tuple[str, str], ...]) -> None:
+        self.fields = fields
         index: dict[str, list[str]] = {}
-        for key, value in self.fields:
-            index.setdefault(key.lower(), []).append(value)
-        object.__setattr__(self, "index", index)
+        for key, value in fields:
+            key = key.lower()
+            if key in index:
+                index[key].append(value)
+            else:
+                index[key] = [value]
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"Headers({self.fields!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Headers) and other.fields == self.fields
+
+    __hash__ = None  # type: ignore[assignment]
 
     def get(self, name: str) -> str | None:
         values = self.index.get(name.lower())
         return ", ".join(values) if values else None
 
-    def get_all(self, name: str) -> list[str]:
-        return list(self.index.get(name.lower(), ()))
+    def get_all(self, name: str) -> Sequence[str]:
+        return self.index.get(name.lower(), ())
 
     def tokens(self, name: str) -> list[str]:
         """A comma-separated list field as lower-case tokens (RFC 9110 5.6.1)."""
-        return [
-            token.strip().lower()
-            for value in self.get_all(name)
-            for token in value.split(",")
-            if token.strip()
-        ]
+        values = self.index.get(name.lower())
+        if values is None:
+            return []
+        return [token for value in values for token in (
+            part.strip(" \t").lower() for part in value.split(",")) if token]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -532,19 +559,27 @@ def _split_head(buf: bytearray, start_line_limit: int, *, request: bool) -> byte
     return head
 
 
-def _parse_fields(lines: list[bytes], status: int) -> Headers:
-    if len(lines) > MAX_HEADERS:
+def _parse_fields(block: bytes, status: int) -> Headers:
+    """The field lines of a head, ``block`` being the bytes after its start line."""
+    if not block:
+        return Headers(())
+    if fields_block_re.fullmatch(block) is not None:
+        # Every line is valid: split them without a regex each.
+        lines = block[2:].decode("latin-1").split("\r\n")
+        if len(lines) > MAX_HEADERS:
+            raise ProtocolError(status if status != 400 else 431, "too many header fields")
+        return Headers(tuple((name, value.strip(" \t")) for name, _, value in (
+            line.partition(":") for line in lines)))
+    # Some line is not: find it, to say which.
+    raw_lines = block[2:].split(b"\r\n")
+    if len(raw_lines) > MAX_HEADERS:
         raise ProtocolError(status if status != 400 else 431, "too many header fields")
-    fields = []
-    for line in lines:
+    for line in raw_lines:
         if line[:1] in (b" ", b"\t"):
             raise ProtocolError(status, "obsolete line folding in header")
-        match = field_line_re.fullmatch(line)
-        if match is None:
+        if field_line_re.fullmatch(line) is None:
             raise ProtocolError(status, f"malformed header line {line[:40]!r}")
-        name, value = match.groups()
-        fields.append((name.decode("ascii"), value.rstrip(b" \t").decode("latin-1")))
-    return Headers(tuple(fields))
+    raise AssertionError("fields_block_re and field_line_re disagree")
 
 
 def maybe_request_head(buf: bytearray) -> RequestHead | None:
@@ -556,14 +591,15 @@ def maybe_request_head(buf: bytearray) -> RequestHead | None:
     raw = _split_head(buf, MAX_REQUEST_LINE, request=True)
     if raw is None:
         return None
-    request_line, *lines = raw.split(b"\r\n")
+    line_end = raw.find(b"\r\n")
+    request_line, block = (raw, b"") if line_end == -1 else (raw[:line_end], raw[line_end:])
     if len(request_line) > MAX_REQUEST_LINE:
         raise ProtocolError(414, "request line too long")
     match = request_line_re.fullmatch(request_line)
     if match is None:
         raise ProtocolError(400, "malformed request line")
     method, target, version = (part.decode("latin-1") for part in match.groups())
-    headers = _parse_fields(lines, 400)
+    headers = _parse_fields(block, 400)
     if not target.startswith("/"):
         # absolute-form is for proxies and asterisk-form for server-wide OPTIONS; this is
         # an origin server (RFC 9112 3.2).
@@ -578,12 +614,13 @@ def maybe_response_head(buf: bytearray) -> ResponseHead | None:
     raw = _split_head(buf, MAX_HEAD, request=False)
     if raw is None:
         return None
-    status_line, *lines = raw.split(b"\r\n")
+    line_end = raw.find(b"\r\n")
+    status_line, block = (raw, b"") if line_end == -1 else (raw[:line_end], raw[line_end:])
     match = status_line_re.fullmatch(status_line)
     if match is None:
         raise ProtocolError(502, "malformed upstream status line")
     version, status, reason = match.groups()
-    headers = _parse_fields(lines, 502)
+    headers = _parse_fields(block, 502)
     return ResponseHead(
         "HTTP/" + version.decode(), int(status), (reason or b"").decode("latin-1"), headers
     )
@@ -698,7 +735,7 @@ class ChunkedDecoder:
                 self._trailer_bytes += len(line) + 2
                 if self._trailer_bytes > MAX_HEAD:
                     raise ProtocolError(self.error_status, "trailer section too large")
-                _parse_fields([line], self.error_status)  # validated, then dropped
+                _parse_fields(b"\r\n" + line, self.error_status)  # validated, then dropped
             else:
                 return END_OF_BODY
 
@@ -713,8 +750,96 @@ class ChunkedDecoder:
         return line
 
 
+class ChunkedScanner:
+    """Finds where a chunked body ends without taking it apart (RFC 9112 7.1), sans-IO,
+    for relaying one chunked body into another as it came: chunk sizes, extensions and
+    data pass through untouched, and the trailer section is checked and dropped.
+
+    ``take(buf)`` removes from ``buf`` the bytes it has checked and returns them, whether
+    the body ended (the caller then sends the last chunk itself), and where chunk data
+    lies in what it returned (for a caller that wants the last of it). Bytes of an
+    incomplete chunk-size line stay in ``buf`` for the next call.
+    """
+
+    __slots__ = ("_remaining", "_state", "_trailer_bytes")
+
+    def __init__(self) -> None:
+        self._state: Literal["size", "data", "crlf", "trailer"] = "size"
+        self._remaining = 0
+        self._trailer_bytes = 0
+
+    def take(self, buf: bytearray) -> tuple[bytes, bool, list[tuple[int, int]]]:
+        if self._state == "trailer":
+            return b"", self._trailer(buf), []
+        pos, state, remaining = 0, self._state, self._remaining
+        data: list[tuple[int, int]] = []
+        end = len(buf)
+        ended = False
+        while True:
+            if state == "data":
+                n = min(remaining, end - pos)
+                if n:
+                    data.append((pos, pos + n))
+                pos += n
+                remaining -= n
+                if remaining:
+                    break
+                state = "crlf"
+            elif state == "crlf":
+                if end - pos < 2:
+                    if end > pos and buf[pos] != 0x0D:
+                        raise ProtocolError(502, "chunk data not followed by CRLF")
+                    break
+                if buf[pos] != 0x0D or buf[pos + 1] != 0x0A:
+                    raise ProtocolError(502, "chunk data not followed by CRLF")
+                pos += 2
+                state = "size"
+            else:
+                line_end = buf.find(b"\r\n", pos, pos + MAX_CHUNK_LINE + 2)
+                if line_end == -1:
+                    if end - pos > MAX_CHUNK_LINE:
+                        raise ProtocolError(502, "chunk size line too long")
+                    break
+                match = chunk_size_re.fullmatch(buf, pos, line_end)
+                if match is None:
+                    raise ProtocolError(502, "malformed chunk size")
+                remaining = int(match.group(1), 16)
+                if not remaining:  # the last chunk: drop its line, then the trailers
+                    ended = True
+                    break
+                pos = line_end + 2
+                state = "data"
+        checked = bytes(buf[:pos])
+        if ended:
+            del buf[:line_end + 2]
+            self._state = "trailer"
+            return checked, self._trailer(buf), data
+        del buf[:pos]
+        self._state, self._remaining = state, remaining
+        return checked, False, data
+
+    def _trailer(self, buf: bytearray) -> bool:
+        """Checks and drops trailer lines; True once the empty line that ends them came."""
+        while True:
+            line_end = buf.find(b"\r\n", 0, MAX_HEAD + 2)
+            if line_end == -1:
+                if len(buf) > MAX_HEAD:
+                    raise ProtocolError(502, "trailer section too large")
+                return False
+            line = bytes(buf[:line_end])
+            del buf[:line_end + 2]
+            if not line:
+                return True
+            self._trailer_bytes += len(line) + 2
+            if self._trailer_bytes > MAX_HEAD:
+                raise ProtocolError(502, "trailer section too large")
+            _parse_fields(b"\r\n" + line, 502)  # validated, then dropped
+
+
 def has_dot_dot_segment(path: str) -> bool:
     """True if any path segment is ``..``, also once percent-decoded (``%2e%2e``, ``..%2f``)."""
+    if ".." not in path and "%" not in path:
+        return False
     for segment in path.split("/"):
         decoded = urllib.parse.unquote(segment)
         if ".." in re.split(r"[/\\]", decoded):
@@ -802,7 +927,12 @@ class Wire(asyncio.Protocol):
     BUFFER_HIGH unread bytes the socket stops being read until the owner takes some.
     Writes go straight to the transport, and ``drain`` waits only while the transport
     has asked to pause (its buffer is over the high-water mark). ``on_gone`` is called
-    once the peer has finished sending or the connection is lost, whoever is waiting.
+    once the peer has finished sending or the connection is lost, whoever is waiting;
+    ``on_writable`` when a paused transport can take writes again.
+
+    Two ways to read: ``fill`` waits for the next bytes (a task wakes per arrival), and
+    ``pump`` hands each arrival to a callback right in ``data_received``, which is how
+    a response body streams through with no task switch per chunk.
     """
 
     def __init__(self, on_made: Callable[[Wire], None] | None = None) -> None:
@@ -812,8 +942,13 @@ class Wire(asyncio.Protocol):
         self.eof = False  # nothing more will arrive: the peer half-closed, or it is gone
         self.lost = False
         self.on_gone: Callable[[], None] | None = None
+        self.on_writable: Callable[[], None] | None = None
         self._on_made = on_made
-        self._reader: asyncio.Future[None] | None = None  # fill() waiting for bytes
+        self._reader: asyncio.Future[None] | None = None  # fill() or pump() waiting
+        self._consume: Callable[[bool], bool] | None = None  # pump()'s callback
+        self._timeout = 0.0  # pump()'s limit between arrivals
+        self._deadline = 0.0  # when that wait times out
+        self._timer: asyncio.TimerHandle | None = None  # fires at or before the deadline
         self._writable: asyncio.Future[None] | None = None  # drain() waiting
         self._write_paused = False
         self._read_paused = False
@@ -821,8 +956,7 @@ class Wire(asyncio.Protocol):
     # -- asyncio.Protocol callbacks ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = peer[0]
@@ -831,20 +965,26 @@ class Wire(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if len(self.buf) > BUFFER_HIGH and not self._read_paused and self.transport:
-            self._read_paused = True
-            self.transport.pause_reading()
+        if self._consume is not None:
+            self._deadline = asyncio.get_running_loop().time() + self._timeout
+            self._feed(False)
+            return
+        if len(self.buf) > BUFFER_HIGH:
+            self.pause_reading()
         self._wake_reader()
 
     def eof_received(self) -> bool:
         self.eof = True
-        self._wake_reader()
+        self._feed(True) if self._consume is not None else self._wake_reader()
         self._gone()
         return True  # keep the transport open: a response may still be written
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = self.lost = True
-        self._wake_reader()
+        self._feed(True) if self._consume is not None else self._wake_reader()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         waiter, self._writable = self._writable, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("connection lost"))
@@ -858,6 +998,8 @@ class Wire(asyncio.Protocol):
         waiter, self._writable = self._writable, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self.on_writable is not None:
+            self.on_writable()
 
     def _wake_reader(self) -> None:
         waiter, self._reader = self._reader, None
@@ -869,26 +1011,88 @@ class Wire(asyncio.Protocol):
         if callback is not None:
             callback()
 
+    def _feed(self, eof: bool) -> None:
+        """Hands the buffer to pump()'s callback; wakes pump() once it is done or fails."""
+        consume = self._consume
+        assert consume is not None
+        try:
+            if not consume(eof):
+                return
+            outcome: BaseException | None = None
+        except Exception as exc:
+            outcome = exc
+        self._consume = None
+        waiter, self._reader = self._reader, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None) if outcome is None else waiter.set_exception(outcome)
+
     # -- what the owner calls ---------------------------------------------------------
 
     async def fill(self, timeout: float) -> bool:
         """Waits for more bytes in ``buf``; False at end of stream, TimeoutError after
         ``timeout`` seconds without any."""
-        if self._read_paused and self.transport is not None:
-            self._read_paused = False
-            self.transport.resume_reading()
+        self.resume_reading()
         if self.eof:
             return False
         size = len(self.buf)
+        await self._wait(timeout)
+        return len(self.buf) > size
+
+    async def pump(self, consume: Callable[[bool], bool], timeout: float) -> None:
+        """Calls ``consume(eof)`` for the bytes in ``buf`` now and again as more arrive,
+        until it returns True (it has what it wanted). ``eof`` says nothing more will
+        come: it must then return True or raise. Raises what ``consume`` raises, and
+        TimeoutError after ``timeout`` seconds without a byte."""
+        if consume(self.eof):
+            return
+        self.resume_reading()
+        self._consume, self._timeout = consume, timeout
+        try:
+            await self._wait(timeout)
+        finally:
+            self._consume = None
+
+    async def _wait(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         waiter = self._reader = loop.create_future()
-        timer = loop.call_later(timeout, _time_out, waiter)
+        self._deadline = deadline = loop.time() + timeout
+        # Most reads finish long before their timeout, so rather than a timer per read,
+        # each connection keeps one, moved earlier when needed and later when it fires.
+        if self._timer is None or self._timer.when() > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(deadline, self._time_out)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._reader = None
-        return len(self.buf) > size
+
+    @property
+    def backed_up(self) -> bool:
+        """The transport holds more unsent bytes than it likes (drain() would wait)."""
+        return self._write_paused
+
+    def pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def _time_out(self) -> None:
+        self._timer = None
+        waiter = self._reader
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next read arms a timer again
+        loop = waiter.get_loop()
+        if loop.time() >= self._deadline:
+            self._reader = self._consume = None
+            waiter.set_exception(asyncio.TimeoutError())
+        else:
+            self._timer = loop.call_at(self._deadline, self._time_out)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self.transport is not None
@@ -920,11 +1124,6 @@ class Wire(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         return not (self.eof or self.transport is None or self.transport.is_closing())
-
-
-def _time_out(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(asyncio.TimeoutError())
 
 
 async def read_head(
@@ -2283,6 +2482,20 @@ class NoCandidate(Exception):
     """No enabled, reachable, healthy server has the model."""
 
 
+#: The tier of a server with no free slot: after every tier a request could start in.
+FULL = 9
+
+
+@dataclasses.dataclass(eq=False)
+class RankHeap:
+    """Servers that may serve one model, by rank: a heap of (tier, load share, -weight,
+    random, stamp, server id). An entry counts while its stamp is the server's latest."""
+
+    entries: list[tuple[int, float, float, float, int, int]] = dataclasses.field(
+        default_factory=list)
+    latest: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
 class QueueFull(Exception):
     pass
 
@@ -2329,6 +2542,10 @@ class Scheduler:
         self.service_seconds = 1.0
         self.first_byte_seconds = 0.1
         self.load_seconds = 5.0
+        # least_load's index: per model, a heap of servers by rank (see best()).
+        self._ranked: dict[str | None, RankHeap] = {}
+        self._ranked_fleet: dict[int, Server] | None = None
+        self._stamps = itertools.count()
 
     # -- selection: pure functions of the fleet ------------------------------------
 
@@ -2372,6 +2589,109 @@ class Scheduler:
         return (self.tier(server, model), server.load.inflight / self.capacity(server)
                 / server.weight, -server.weight, self._random.random())
 
+    def _key(self, server: Server, model: str | None, now: float
+             ) -> tuple[int, float, float] | None:
+        """``_rank`` without its random tie-break, with FULL for a server without a free
+        slot; None if the server cannot take ``model`` at all."""
+        if not self.eligible(server, model, now):
+            return None
+        capacity = self.capacity(server)
+        inflight = server.load.inflight
+        tier = self.tier(server, model) if inflight < capacity else FULL
+        return (tier, inflight / capacity / server.weight, -server.weight)
+
+    def _heap(self, servers: dict[int, Server], model: str | None) -> RankHeap:
+        if servers is not self._ranked_fleet:
+            self.invalidate()
+            self._ranked_fleet = servers
+        heap = self._ranked.get(model)
+        if heap is None:
+            heap = self._ranked[model] = RankHeap()
+            now = time.monotonic()
+            for server in servers.values():
+                self._push(heap, server, model, now)
+        return heap
+
+    def _push(self, heap: RankHeap, server: Server, model: str | None, now: float) -> None:
+        key = self._key(server, model, now)
+        if key is None:
+            heap.latest.pop(server.id, None)
+            return
+        stamp = next(self._stamps)
+        heap.latest[server.id] = stamp
+        heapq.heappush(heap.entries, (*key, self._random.random(), stamp, server.id))
+        if len(heap.entries) > 2 * len(heap.latest) + 64:  # mostly stale: compact
+            heap.entries = [e for e in heap.entries if heap.latest.get(e[5]) == e[4]]
+            heapq.heapify(heap.entries)
+
+    def invalidate(self) -> None:
+        """Forgets the ranking: servers, their models or their health changed."""
+        self._ranked.clear()
+
+    def changed(self, server: Server) -> None:
+        """Re-ranks ``server`` after it got better (a slot freed, its circuit closed);
+        worse is found out lazily, when it comes to the top."""
+        now = time.monotonic()
+        for model, heap in self._ranked.items():
+            if model is None or model in server.model_names:
+                self._push(heap, server, model, now)
+
+    def best(self, servers: dict[int, Server], model: str | None,
+             exclude: frozenset[int] = frozenset(), max_tier: int = FULL - 1
+             ) -> tuple[Server | None, bool]:
+        """least_load's choice, from a heap per model instead of a scan of the fleet: the
+        top entry is checked against the server's state now and pushed again when it
+        has changed, so a decision costs O(log n). Returns the server (None when none
+        has a free slot in a tier up to ``max_tier``) and whether any could serve
+        ``model`` at all."""
+        heap = self._heap(servers, model)
+        entries, latest = heap.entries, heap.latest
+        now = time.monotonic()
+        aside = []
+        found: Server | None = None
+        tier = FULL
+        while entries:
+            top = entries[0]
+            server = servers.get(top[5])
+            if server is None or latest.get(top[5]) != top[4]:
+                heapq.heappop(entries)  # superseded by a newer entry, or gone
+                continue
+            key = self._key(server, model, now)
+            if key is None:
+                heapq.heappop(entries)
+                del latest[server.id]
+                continue
+            if key != top[:3]:
+                heapq.heappop(entries)
+                self._push(heap, server, model, now)
+                continue
+            if server.id in exclude:
+                aside.append(heapq.heappop(entries))
+                continue
+            found, tier = server, key[0]
+            break
+        for entry in aside:
+            heapq.heappush(entries, entry)
+        if found is None:
+            return None, False
+        return (found if tier <= max_tier else None), True
+
+    def pick(self, servers: dict[int, Server], model: str | None, session: str | None = None,
+             exclude: frozenset[int] = frozenset(), max_tier: int = FULL - 1
+             ) -> tuple[Server | None, bool]:
+        """The server for a request now, by the configured strategy (None when every
+        candidate is full, or past ``max_tier``), and whether any could serve it."""
+        if self.config.strategy != "least_load":
+            candidates = self.candidates(servers.values(), model, exclude)
+            return self.choose(candidates, model, session), bool(candidates)
+        if session is not None:
+            sticky = servers.get(self.sessions.get(session, -1))
+            if sticky is not None and sticky.id not in exclude:
+                key = self._key(sticky, model, time.monotonic())
+                if key is not None and key[0] <= max_tier:
+                    return sticky, True
+        return self.best(servers, model, exclude, max_tier)
+
     def tier(self, server: Server, model: str | None) -> int:
         """How soon ``model`` would run on ``server``, from Ollama's own scheduling
         (OLLAMA_NUM_PARALLEL requests per loaded model, OLLAMA_MAX_LOADED_MODELS models,
@@ -2406,13 +2726,11 @@ class Scheduler:
         Raises NoCandidate, QueueFull or QueueTimeout. Cancelling the caller (its client
         went away) takes it out of the queue at once.
         """
-        candidates = self.candidates(servers.values(), model, exclude)
-        if not candidates:
+        server, possible = self.pick(servers, model, session, exclude)
+        if not possible:
             raise NoCandidate(model)
-        if not self.queue:  # FIFO: nobody may pass a request that is already waiting
-            server = self.choose(candidates, model, session)
-            if server is not None:
-                return self.take(server, model, session)
+        if server is not None and not self.queue:  # FIFO: nobody passes those waiting
+            return self.take(server, model, session)
         if len(self.queue) >= self.config.max_queue:
             raise QueueFull
         waiter = Waiter(model, exclude, session, asyncio.get_running_loop().create_future())
@@ -2453,6 +2771,9 @@ class Scheduler:
             self.sessions.move_to_end(session)
             while len(self.sessions) > MAX_SESSIONS:
                 self.sessions.popitem(last=False)
+        heap = self._ranked.get(model)
+        if cold and heap is not None:  # now loaded: better for this model, worse for others
+            self._push(heap, server, model, time.monotonic())
         return Slot(server, cold)
 
     def release(self, servers: dict[int, Server], server: Server, model: str | None) -> None:
@@ -2464,6 +2785,7 @@ class Scheduler:
                 load.by_model[model] = left
             else:
                 load.by_model.pop(model, None)
+        self.changed(server)
         self.dispatch(servers)
 
     def dispatch(self, servers: dict[int, Server]) -> None:
@@ -2483,6 +2805,8 @@ class Scheduler:
         # round_robin and random keep their plain meaning here too: strict FIFO.
         passes = ("aged", "ready", "any") if self.config.strategy == "least_load" else ("any",)
         backlog = collections.Counter(w.model for w in self.queue)
+        loaded_slots: dict[str | None, int] = {}
+        exhausted: set[tuple[str | None, int]] = set()  # nothing free for these this round
         for pass_ in passes:
             for waiter in list(self.queue):
                 if waiter.future.done():
@@ -2491,28 +2815,36 @@ class Scheduler:
                     continue
                 if pass_ == "aged" and now - waiter.since < QUEUE_AGING:
                     break  # the queue is in arrival order: no older waiter follows
-                candidates = [s for s in servers.values() if s.id not in waiter.exclude
-                              and self.eligible(s, waiter.model, now)]
+                model = waiter.model
+                max_tier = FULL - 1
                 if pass_ == "ready":
-                    candidates = [s for s in candidates if self.tier(s, waiter.model) == 0]
+                    max_tier = 0
                 elif pass_ == "any" and len(passes) > 1:
                     # Its model loaded somewhere and enough slots of it for those waiting:
                     # wait for one rather than evict another model here. Past that, the
                     # model is short of servers and a load pays for itself.
-                    slots = self.config.num_parallel * sum(
-                        1 for s in candidates if waiter.model in s.load.loaded)
+                    if model not in loaded_slots:
+                        loaded_slots[model] = self.config.num_parallel * sum(
+                            1 for s in servers.values()
+                            if model in s.load.loaded and self.eligible(s, model, now))
+                    slots = loaded_slots[model]
                     # A load pays when the wait for a slot, backlog / slots requests long,
                     # exceeds the load itself (both measured, see observe()).
                     worth = self.load_seconds / max(self.service_seconds, 1e-3)
-                    if slots and backlog[waiter.model] <= slots * worth:
-                        candidates = [s for s in candidates
-                                      if self.tier(s, waiter.model) <= 1]
-                server = self.choose(candidates, waiter.model, waiter.session)
+                    if slots and backlog[model] <= slots * worth:
+                        max_tier = 1
+                if (model, max_tier) in exhausted:
+                    continue
+                server, _ = self.pick(servers, model, waiter.session, waiter.exclude,
+                                      max_tier)
                 if server is None:
+                    if not waiter.exclude:
+                        exhausted.add((model, max_tier))
                     continue
                 self.queue.remove(waiter)
-                backlog[waiter.model] -= 1
-                waiter.future.set_result(self.take(server, waiter.model, waiter.session))
+                backlog[model] -= 1
+                waiter.future.set_result(self.take(server, model, waiter.session))
+                exhausted.clear()  # taking a slot can change ranks; start afresh
 
     def observe(self, cold: bool, first_byte: float, total: float) -> None:
         """Learns from a finished request how long requests and model loads take."""
@@ -2530,12 +2862,15 @@ class Scheduler:
         """Counts a request's outcome; N failures in a row open the circuit for a while,
         after which one probe request closes it again or reopens it."""
         load = server.load
-        load.probing = False
         if ok:
             if load.breaker_open:
                 log.info("circuit of %s closed", server.label)
-            load.failures, load.breaker_open = 0, False
+            if load.breaker_open or load.probing:
+                load.probing = load.breaker_open = False
+                self.changed(server)
+            load.failures = 0
             return
+        load.probing = False
         load.errors += 1
         load.recent_errors.append(time.monotonic())
         load.failures += 1
@@ -2546,7 +2881,12 @@ class Scheduler:
             load.breaker_open = True
             load.open_until = time.monotonic() + self.config.breaker_cooldown
             loop = asyncio.get_running_loop()
-            loop.call_later(self.config.breaker_cooldown + 0.01, self.dispatch, servers)
+            loop.call_later(self.config.breaker_cooldown + 0.01, self._cooled, servers, server)
+
+    def _cooled(self, servers: dict[int, Server], server: Server) -> None:
+        """A circuit's cooldown is over: the server may take a probe request."""
+        self.changed(server)
+        self.dispatch(servers)
 
 
 # ---------------------------------------------------------------------------
@@ -2649,6 +2989,8 @@ class Metrics:
 
 def eval_count(tail: bytes) -> tuple[int, str | None] | None:
     """(eval_count, model) from the last JSON line of an Ollama answer, if it has one."""
+    if b'"eval_count"' not in tail:
+        return None
     for line in reversed(tail.split(b"\n")):
         if line.strip():
             try:
@@ -3009,6 +3351,8 @@ class Balancer:
         routed = "|".join(ROUTED_PATHS)
         # (methods, path, handler, who may call it): "open" to anyone, "client" with an API
         # key once keys exist, "admin" with ADMIN_TOKEN (or from loopback without one).
+        self._route_memo: dict[str, list[tuple[frozenset[str], re.Match[str], Handler,
+                                               str]]] = {}
         self.routes: list[tuple[frozenset[str], re.Pattern[str], Handler, str]] = [
             (frozenset({"GET", "HEAD"}), re.compile(r"/"), self.root, "open"),
             (frozenset({"GET"}), re.compile(r"/api/version"), self.api_version, "client"),
@@ -3129,6 +3473,7 @@ class Balancer:
             self._mark(server, True, None)
             await self._check_running(server, proxy)
         server.last_checked = utc_now()
+        self.scheduler.changed(server)  # its models, health or resident models may differ
         with contextlib.suppress(StoreUnavailable):
             await self.store.call(
                 self.store.store.record_health,
@@ -3268,13 +3613,13 @@ class Balancer:
     @staticmethod
     async def _send_request(wire: Wire, head: bytes, body: ReplayableBody, chunked: bool
                             ) -> None:
+        pending = head  # sent with the first piece of body: one write, one packet
         try:
-            wire.write(head)
             async for piece in body.chunks():  # the client's errors come from here
-                wire.writelines(chunk(piece)) if chunked else wire.write(piece)
+                wire.writelines([pending, *chunk(piece)] if chunked else [pending, piece])
+                pending = b""
                 await wire.drain()
-            if chunked:
-                wire.write(LAST_CHUNK)
+            wire.writelines([pending, LAST_CHUNK] if chunked else [pending])
             await wire.drain()
         except ConnectionError as exc:
             raise UpstreamClosed(str(exc) or type(exc).__name__) from None
@@ -4044,10 +4389,13 @@ class Balancer:
         request.server, request.status = server, response.status
         request.first_byte = time.monotonic() - request.started
         head = render_head(f"HTTP/1.1 {response.status} {reason}", fields)
+        request.bytes_out += len(head)
+        if not wire.buf and framing.kind != "none":
+            client.write(head)  # no body yet, perhaps for long (a model loading): say so now
+            head = b""
         try:
-            client.write(head)
-            request.bytes_out += len(head)
-            complete, tail = await self._relay_body(wire, framing, request, bool(chunked_out))
+            complete, tail = await self._relay_body(wire, framing, request, head,
+                                                    bool(chunked_out))
         except BaseException:
             wire.abort()
             raise
@@ -4089,38 +4437,126 @@ class Balancer:
         return fields, False
 
     async def _relay_body(self, upstream: Wire, framing: Framing, request: Request,
-                          chunked_out: bool) -> tuple[bool, bytes]:
-        """Copies the response body to the client as it arrives. Returns whether it came
-        whole, and its last bytes (where Ollama's final line holds the token count)."""
+                          head: bytes, chunked_out: bool) -> tuple[bool, bytes]:
+        """Copies the response body to the client as it arrives, after ``head`` (in the
+        same write as the first bytes). Returns whether it came whole, and its last bytes
+        (where Ollama's final line holds the token count).
+
+        The copying happens in the upstream connection's ``data_received``: a token of
+        a stream costs one callback, not a task switch. While the client reads slower
+        than the server writes, the upstream socket is not read (backpressure)."""
         client = request.wire
-        tail = b""
-        try:
-            async for piece in iter_body(upstream, framing, self.config.upstream_timeout, 502):
-                if chunked_out:
-                    client.writelines(chunk(piece))
-                else:
-                    client.write(piece)
+        chunked = framing.kind == "chunked"
+        # Chunked on both sides, the chunks go as they came; else they are taken apart.
+        scanner = ChunkedScanner() if chunked and chunked_out else None
+        decoder = ChunkedDecoder(502) if chunked and not chunked_out else None
+        remaining = framing.length if framing.kind == "length" else 0
+        tail: collections.deque[bytes] = collections.deque()  # the last TAIL_BYTES or more
+        tail_size = 0
+
+        def keep_tail(piece: bytes) -> None:
+            nonlocal tail_size
+            tail.append(piece)
+            tail_size += len(piece)
+            while tail_size - len(tail[0]) >= TAIL_BYTES:
+                tail_size -= len(tail.popleft())
+
+        def consume(eof: bool) -> bool:
+            nonlocal head, remaining
+            buf = upstream.buf
+            if scanner is not None:
+                checked, done, spans = scanner.take(buf)
+                if checked or head or done:
+                    client.writelines([head, checked, LAST_CHUNK] if done else [head, checked])
+                    head = b""
+                if spans:
+                    first, wanted = len(spans) - 1, TAIL_BYTES
+                    while (wanted := wanted - spans[first][1] + spans[first][0]) > 0 and first:
+                        first -= 1
+                    for start, stop in spans[first:]:
+                        keep_tail(checked[start:stop])
+                    request.bytes_out += sum(stop - start for start, stop in spans)
+                return finish(done, eof)
+            pieces: list[bytes] = []
+            done = False
+            if decoder is not None:
+                while (event := decoder.next_event(buf)) is not None:
+                    if event is END_OF_BODY:
+                        done = True
+                        break
+                    if event:
+                        pieces.append(event)  # type: ignore[arg-type]
+            elif framing.kind == "length":
+                if buf:
+                    piece = bytes(buf[:remaining])
+                    del buf[:remaining]
+                    remaining -= len(piece)
+                    pieces.append(piece)
+                done = not remaining
+            elif framing.kind == "close":
+                if buf:
+                    pieces.append(bytes(buf))
+                    buf.clear()
+                done = eof
+            else:
+                done = True
+            out: list[bytes | memoryview] = [head]
+            head = b""
+            for piece in pieces:
+                out += chunk(piece) if chunked_out else (piece,)
                 request.bytes_out += len(piece)
-                tail = piece if len(piece) >= TAIL_BYTES else (tail + piece)[-TAIL_BYTES:]
-                await client.drain()
+                keep_tail(piece)
+            if done and chunked_out:
+                out.append(LAST_CHUNK)
+            if len(out) > 1 or out[0]:
+                client.writelines(out)
+            return finish(done, eof)
+
+        def finish(done: bool, eof: bool) -> bool:
+            if done:
+                return True
+            if eof:
+                raise IncompleteBody("upstream closed in the middle of the body")
+            if client.lost:
+                raise ConnectionResetError("client gone")
+            if client.backed_up:
+                upstream.pause_reading()  # until the client catches up
+            return False
+
+        client.on_writable = upstream.resume_reading
+        try:
+            await upstream.pump(consume, self.config.upstream_timeout)
         except (IncompleteBody, ProtocolError, asyncio.TimeoutError) as exc:
             # No final chunk: the client must not mistake a cut stream for a whole one.
+            client.write(head)
             log.warning("stream from upstream cut: %s", exc or type(exc).__name__)
-            return False, tail
-        if chunked_out:
-            client.write(LAST_CHUNK)
+            return False, b""
+        finally:
+            client.on_writable = None
+            upstream.resume_reading()
         await client.drain()
-        return True, tail
+        return True, b"".join(tail)[-TAIL_BYTES:]
 
     # -- dispatch --------------------------------------------------------------------
+
+    def matching_routes(self, path: str) -> list[tuple[frozenset[str], re.Match[str],
+                                                     Handler, str]]:
+        """The routes whose pattern matches ``path``, in order; remembered per path, as
+        the same few paths come again and again."""
+        found = self._route_memo.get(path)
+        if found is None:
+            found = [(methods, match, handler, access)
+                     for methods, pattern, handler, access in self.routes
+                     if (match := pattern.fullmatch(path)) is not None]
+            if len(self._route_memo) >= ROUTE_MEMO_SIZE:
+                self._route_memo.clear()
+            self._route_memo[path] = found
+        return found
 
     async def dispatch(self, request: Request) -> Response | Relayed:
         path = request.path
         allowed: set[str] = set()
-        for methods, pattern, handler, access in self.routes:
-            match = pattern.fullmatch(path)
-            if match is None:
-                continue
+        for methods, match, handler, access in self.matching_routes(path):
             if methods and request.method not in methods:
                 allowed |= methods
                 continue
@@ -5104,6 +5540,23 @@ def cli_parser() -> argparse.ArgumentParser:
 CLI_COMMANDS = ("servers", "proxies", "check", "models")
 
 
+def run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Runs ``main`` on uvloop when asked for or (auto) installed, else on asyncio's own
+    loop. uvloop is optional: the balancer needs nothing outside the standard library."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                main.close()
+                raise MissingDependency("uvloop", "EVENT_LOOP=uvloop") from None
+        else:
+            log.info("event loop: uvloop %s", getattr(uvloop, "__version__", "?"))
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] == "rotate-secret" else "serve"
@@ -5142,7 +5595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("rotation failed, nothing changed: %s", exc)
             return 1
     try:
-        asyncio.run(serve(config))
+        run(serve(config), config.event_loop)
     except (StoreUnavailable, MissingDependency, ConfigError) as exc:
         log.error("%s", exc)
         return 1

@@ -10,12 +10,15 @@ Everything starts here on 127.0.0.1 and every figure in the table comes from the
   /api/version with 64 keep-alive clients (wrk when installed, else a Python generator),
   direct to a fast backend (nginx ``return 200``, else a minimal asyncio one), through nginx
   (one worker, upstream keep-alive, proxy_buffering off; when installed) and through the
-  balancer;
+  balancer, on asyncio's own event loop and on uvloop when installed;
 - streams: concurrent /api/chat streams of N tokens at a fixed pace from a simulated backend,
   direct and through the balancer: added time to first byte and added delay per chunk
   (p50, p99), and the balancer's peak RSS;
 - scale: many open streams idle between tokens: peak RSS and streams lost;
-- routing: time per scheduling decision with 10, 100 and 1,000 servers.
+- routing: time per scheduling decision with 10, 100 and 1,000 servers;
+- fleet: the fleet simulator (bench/fleet_sim.py), every strategy.
+
+``--only small streams ...`` runs some parts.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -140,6 +144,7 @@ class Nginx:
 
 class Balancer:
     def __init__(self, workdir: Path, *extra: str) -> None:
+        workdir.mkdir(exist_ok=True)
         env = {**os.environ, "DB_ENGINE": "sqlite", "DB_PATH": str(workdir / "bench.db"),
                "LOG_LEVEL": "warning", "HEALTH_INTERVAL": "5", "MAX_CONCURRENCY": "100000",
                "NUM_PARALLEL": "1000", "MAX_QUEUE": "100000"}
@@ -181,6 +186,23 @@ STREAM_BACKEND = r'''
 import asyncio, json, sys, time
 TOKENS, PACE = int(sys.argv[2]), float(sys.argv[3])
 TAGS = sys.argv[4].encode()
+streaming = {}  # writer -> [tokens sent, future set when the last went]
+def token(writer, state):
+    last = state[0] == TOKENS
+    line = b'{"t":%.6f,"done":%s}\n' % (time.monotonic(), b"true" if last else b"false")
+    writer.write(b"%x\r\n%s\r\n%s" % (len(line), line, b"0\r\n\r\n" if last else b""))
+    state[0] += 1
+    if last:
+        del streaming[writer]
+        state[1].set_result(None)
+async def ticker():
+    # One timer for every stream: each tick sends every open stream its next token.
+    tick = time.monotonic()
+    while True:
+        tick += PACE
+        await asyncio.sleep(max(0.0, tick - time.monotonic()))
+        for writer, state in list(streaming.items()):
+            token(writer, state)
 async def serve(reader, writer):
     try:
         while True:
@@ -200,21 +222,18 @@ async def serve(reader, writer):
                 continue
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n")
-            start = time.monotonic()
-            for index in range(TOKENS + 1):
-                await asyncio.sleep(max(0.0, start + index * PACE - time.monotonic()))
-                line = json.dumps({"t": time.monotonic(), "done": index == TOKENS}).encode()
-                line += b"\n"
-                writer.write(b"%x\r\n%s\r\n" % (len(line), line))
-                await writer.drain()
-            writer.write(b"0\r\n\r\n")
+            state = streaming[writer] = [0, asyncio.get_running_loop().create_future()]
+            token(writer, state)  # the first at once, the rest on the ticks
+            await state[1]
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
     finally:
+        streaming.pop(writer, None)
         writer.close()
 async def main():
     server = await asyncio.start_server(serve, "127.0.0.1", int(sys.argv[1]), backlog=16384)
+    asyncio.ensure_future(ticker())
     async with server:
         await server.serve_forever()
 asyncio.run(main())
@@ -238,7 +257,8 @@ def wrk(url: str, seconds: float, post: bool) -> tuple[float, float, float]:
         if post:
             script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(EMBED_BODY)}\n'
                          'wrk.headers["Content-Type"] = "application/json"\n')
-    done = subprocess.run(["wrk", "-t1", "-c64", f"-d{seconds:g}s", "--latency", "-s",
+    duration = f"-d{max(1, round(seconds))}s"  # whole seconds only
+    done = subprocess.run(["wrk", "-t1", "-c64", duration, "--latency", "-s",
                            script.name, url], capture_output=True, text=True, timeout=120)
     os.unlink(script.name)
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", done.stdout).group(1))  # type: ignore[union-attr]
@@ -283,46 +303,73 @@ def load(port: int, path: str, seconds: float, post: bool) -> tuple[float, float
 
 
 STREAM_CLIENT = r'''
-import asyncio, json, sys, time
+import asyncio, sys, time
 port, streams, ramp = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 first, gaps, lost, refused, why = [], [], 0, 0, {}
+BODY = b'{"model":"bench","messages":[],"stream":true}'
+REQUEST = b"POST /api/chat HTTP/1.1\r\nHost: b\r\nContent-Length: %d\r\n\r\n%s" % (
+    len(BODY), BODY)
+class Stream(asyncio.Protocol):
+    # Reads the tokens as they come, without a task per read or a JSON parser: each
+    # token line carries its send time as "t" (the chunk framing around it is skipped).
+    def __init__(self, done):
+        self.done, self.buf, self.head, self.finished = done, bytearray(), False, False
+        self.got_first = False
+    def connection_made(self, transport):
+        self.transport, self.sent = transport, time.monotonic()
+        transport.write(REQUEST)
+    def data_received(self, data):
+        global refused
+        now = time.monotonic()
+        self.buf += data
+        if not self.head:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if self.buf.startswith(b"HTTP/1.1 503 "):  # refused at the door: not lost
+                refused += 1
+                self.finished = True
+                self.transport.close()
+                return
+            self.head = True
+            del self.buf[:end + 4]
+        while (start := self.buf.find(b'"t":')) >= 0:
+            stop = self.buf.find(b"}", start)
+            if stop < 0:
+                return
+            line = bytes(self.buf[start:stop])
+            del self.buf[:stop + 1]
+            if not self.got_first:
+                first.append(now - self.sent)
+                self.got_first = True
+            gaps.append(now - float(line[4:line.index(b",")]))
+            if b"true" in line:
+                self.finished = True
+                self.transport.close()
+                return
+    def connection_lost(self, exc):
+        global lost
+        if not self.finished:
+            lost += 1
+            key = str(exc or "closed before the last token")[:160]
+            why[key] = why.get(key, 0) + 1
+        self.done.set_result(None)
 async def one(index):
-    global lost, refused
+    global lost
     await asyncio.sleep(ramp * index / streams)
-    body = b'{"model":"bench","messages":[],"stream":true}'
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        sent = time.monotonic()
-        writer.write(b"POST /api/chat HTTP/1.1\r\nHost: b\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(body), body))
-        head = await reader.readuntil(b"\r\n\r\n")
-        if head.startswith(b"HTTP/1.1 503 "):  # refused at the door, cleanly: not lost
-            refused += 1
-            writer.close()
-            return
-        got_first = False
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-            if size == 0:
-                break
-            line = await reader.readexactly(size + 2)
-            now = time.monotonic()
-            event = json.loads(line)
-            if not got_first:
-                first.append(now - sent); got_first = True
-            gaps.append(now - event["t"])
-            if event["done"]:
-                await reader.readexactly(5)
-                break
-        writer.close()
-    except Exception as exc:
+        await loop.create_connection(lambda: Stream(done), "127.0.0.1", port)
+    except OSError as exc:
         lost += 1
-        key = (getattr(exc, "partial", b"") or str(exc).encode())[:160].decode("latin-1")
-        why[key] = why.get(key, 0) + 1
+        why[str(exc)[:160]] = why.get(str(exc)[:160], 0) + 1
+        return
+    await done
 async def main():
     await asyncio.gather(*(one(i) for i in range(streams)))
-    print(json.dumps({"first": first, "gaps": gaps, "lost": lost, "refused": refused,
-                      "why": why}))
+    print(__import__("json").dumps({"first": first, "gaps": gaps, "lost": lost,
+                                    "refused": refused, "why": why}))
 asyncio.run(main())
 '''
 
@@ -343,15 +390,25 @@ def pct(values: list[float], q: int) -> float:
 # -- the suite --------------------------------------------------------------------------------
 
 
+def event_loops() -> list[str]:
+    """The loops the balancer is measured on: asyncio's own, and uvloop when installed."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return ["asyncio"]
+    return ["asyncio", "uvloop"]
+
+
 def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) -> None:
     nginx = Nginx(workdir) if shutil.which("nginx") else None
     backend_port = nginx.backend_port if nginx else None
     fallback = None
     if backend_port is None:  # no nginx: the stream backend answers /api/version fast
         fallback, backend_port = start_stream_backend(1, 0.0)
-    balancer = Balancer(workdir)
+    balancers = {loop: Balancer(workdir / loop, "--event-loop", loop) for loop in event_loops()}
     try:
-        balancer.add_server(backend_port)
+        for balancer in balancers.values():
+            balancer.add_server(backend_port)
         results = {}
         # /api/version at the root is answered by the balancer itself; the relayed GET is
         # the passthrough to one server.
@@ -361,22 +418,24 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
             targets = [("direct", backend_port, path)]
             if nginx:
                 targets.append(("nginx", nginx.proxy_port, path))
-            targets.append(("balancer", balancer.port, relayed))
-            if relayed != path:
-                targets.append(("balancer, own answer", balancer.port, path))
+            for loop, balancer in balancers.items():
+                targets.append((f"balancer ({loop})", balancer.port, relayed))
+                if relayed != path:
+                    targets.append((f"balancer ({loop}), own answer", balancer.port, path))
             for label, port, target in targets:
                 results[(name, label)] = load(port, target, args.seconds, post)
         for (name, label), (rate, p50, p99) in results.items():
             direct_p50 = results[(name, "direct")][1]
             added = "" if label == "direct" else f"{p50 - direct_p50:+.2f}"
             versus = ""
-            if label == "balancer" and (name, "nginx") in results:
+            if label.startswith("balancer") and (name, "nginx") in results:
                 versus = f"{rate / results[(name, 'nginx')][0]:.2f}x nginx"
             rows.append([f"{name} via {label}", f"{rate:,.0f} req/s", f"p50 {p50:.2f} ms",
                          f"p99 {p99:.2f} ms", f"added p50 {added} ms" if added else "",
                          versus])
     finally:
-        balancer.stop()
+        for balancer in balancers.values():
+            balancer.stop()
         if nginx:
             nginx.stop()
         if fallback:
@@ -411,6 +470,9 @@ def streams(args: argparse.Namespace, workdir: Path, rows: list[list[str]], coun
 
 
 def routing(rows: list[list[str]]) -> None:
+    """A decision as a request makes it: pick a server for a model, take the slot, and
+    give it back when done (which re-ranks the server), over a fleet of N servers that
+    all have the model, the default strategy (least_load)."""
     for count in (10, 100, 1000):
         scheduler = ob.Scheduler(ob.Config(max_concurrency=10**6))
         servers = {i: ob.Server(i, f"h{i}", 11434, reachable=True, models=[
@@ -419,13 +481,50 @@ def routing(rows: list[list[str]]) -> None:
 
         def decide(scheduler: ob.Scheduler = scheduler,
                    servers: dict[int, ob.Server] = servers) -> None:
-            scheduler.choose(scheduler.candidates(servers.values(), "common:latest"),
-                             "common:latest")
+            server, _ = scheduler.pick(servers, "common:latest")
+            assert server is not None
+            scheduler.take(server, "common:latest")
+            scheduler.release(servers, server, "common:latest")
 
-        runs = max(50, 20_000 // count)
+        decide()  # the first decision for a model builds its index
+        runs = 2000
         seconds = min(timeit.repeat(decide, number=runs, repeat=5)) / runs
-        rows.append([f"scheduling decision, {count} servers", f"{seconds * 1e6:,.1f} us", "",
-                     "", "", ""])
+        rows.append([f"scheduling decision, {count} servers", f"{seconds * 1e6:,.1f} us",
+                     "pick + take + release", "", "", ""])
+
+
+def run_group(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Runs ``command`` in a process group of its own, killed whole (its children too)
+    if it overruns or this script is interrupted."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def fleet(args: argparse.Namespace, rows: list[list[str]]) -> None:
+    """The routing issue's fleet simulator, every strategy: request latency when the fleet
+    must juggle models that do not all fit (bench/fleet_sim.py)."""
+    command = [sys.executable, str(ROOT / "bench" / "fleet_sim.py")]
+    done = run_group(command + (["--quick"] if args.quick else []), timeout=1200)
+    if done.returncode != 0:
+        raise RuntimeError(f"fleet_sim.py failed: {done.stderr[-2000:]}")
+    found = re.findall(r"^(least_load|round_robin|random)\s+([0-9.]+)\s+([0-9.]+)\s+"
+                       r"([0-9.]+)\s+([0-9.]+)\s+(\d+)\s+(\d+)", done.stdout, re.MULTILINE)
+    if not found:
+        raise RuntimeError(f"fleet_sim.py printed no table: {done.stdout[-2000:]}")
+    setup = done.stdout.splitlines()[0].removeprefix("fleet: ")
+    for strategy, p50, p95, p99, _, loads, failed in found:
+        rows.append([f"fleet simulator, {strategy}", f"p50 {p50} s", f"p95 {p95} s",
+                     f"p99 {p99} s", f"{loads} cold loads, {failed} failed", setup])
+
+
+SECTIONS = ("small", "streams", "scale", "routing", "fleet")
 
 
 def main() -> int:
@@ -435,6 +534,8 @@ def main() -> int:
     parser.add_argument("--ramp", type=float, default=2.0, help="seconds to open streams")
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--idle-streams", type=int, default=10_000)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="run only these parts of the suite")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.streams, args.idle_streams, args.ramp = 1.0, 50, 200, 0.2
@@ -442,12 +543,18 @@ def main() -> int:
     rows: list[list[str]] = []
     with tempfile.TemporaryDirectory() as name:
         workdir = Path(name)
-        small_requests(args, workdir, rows)
-        streams(args, workdir, rows, args.streams, 200 if not args.quick else 20, 0.02,
-                "streams")
-        streams(args, workdir, rows, args.idle_streams, 3, 5.0 if not args.quick else 0.5,
-                "scale (idle)")
-    routing(rows)
+        if "small" in args.only:
+            small_requests(args, workdir, rows)
+        if "streams" in args.only:
+            streams(args, workdir, rows, args.streams, 200 if not args.quick else 20, 0.02,
+                    "streams")
+        if "scale" in args.only:
+            streams(args, workdir, rows, args.idle_streams, 3,
+                    5.0 if not args.quick else 0.5, "scale (idle)")
+    if "routing" in args.only:
+        routing(rows)
+    if "fleet" in args.only:
+        fleet(args, rows)
     print(f"ollamabalancer {ob.__version__}, Python {sys.version.split()[0]}, "
           f"{os.cpu_count()} cores, load from {'wrk' if shutil.which('wrk') else 'Python'}")
     widths = [max(len(row[i]) for row in rows) for i in range(6)]

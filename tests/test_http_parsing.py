@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ollamabalancer as ob
 
@@ -249,3 +251,38 @@ def test_server_qualifies_needs_every_model_and_the_size_among_them() -> None:
     assert not ob.server_qualifies(server, [], 9)
     assert ob.server_qualifies(server, ["tiny"], 0.1)
     assert not ob.server_qualifies(server, ["tiny"], 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=40), max_size=6), st.booleans(),
+       st.booleans(), st.lists(st.integers(1, 9), min_size=1, max_size=60))
+def test_a_chunked_body_relayed_as_it_came_keeps_its_bytes_however_it_arrives(
+        pieces: list[bytes], extensions: bool, trailer: bool, splits: list[int]) -> None:
+    """The relay's scanner passes chunks through untouched (extensions too), finds the
+    last chunk, drops the trailers and leaves what follows the body in the buffer."""
+    body = b"".join(b"%x%s\r\n%s\r\n" % (len(p), b";a=b" if extensions else b"", p)
+                    for p in pieces)
+    wire = body + b"0\r\n" + (b"X-Trailer: 1\r\n" if trailer else b"") + b"\r\nNEXT"
+    scanner, buf, out, data = ob.ChunkedScanner(), bytearray(), bytearray(), bytearray()
+    sent, ended, step = 0, False, 0
+    while not ended:
+        size = splits[step % len(splits)]
+        step += 1
+        buf += wire[sent:sent + size]
+        sent += size
+        checked, ended, spans = scanner.take(buf)
+        out += checked
+        for start, stop in spans:
+            data += checked[start:stop]
+        assert ended or sent < len(wire)
+    assert bytes(out) == body
+    assert bytes(data) == b"".join(pieces)
+    assert bytes(buf) + wire[sent:] == b"NEXT"
+
+
+@pytest.mark.parametrize("wire", [b"zz\r\n", b"3\r\nabcX", b"1\r\na\r\n0\r\nBad Trailer\r\n\r\n",
+                                  b"1" * (ob.MAX_CHUNK_LINE + 10)])
+def test_the_relay_scanner_refuses_a_broken_chunked_body(wire: bytes) -> None:
+    with pytest.raises(ob.ProtocolError) as caught:
+        ob.ChunkedScanner().take(bytearray(wire))
+    assert caught.value.status == 502

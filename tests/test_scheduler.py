@@ -6,6 +6,8 @@ import asyncio
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ollamabalancer as ob
 
@@ -181,3 +183,60 @@ def test_load_and_service_times_are_learned_from_requests() -> None:
     assert scheduler.service_seconds == pytest.approx(1.5, rel=0.01)
     assert scheduler.first_byte_seconds == pytest.approx(0.2, rel=0.01)
     assert scheduler.load_seconds == pytest.approx(4.0, rel=0.01)
+
+
+# Operations on a small fleet: (what, server index, model index).
+fleet_operations = st.lists(st.tuples(
+    st.sampled_from(["take", "release", "fail", "succeed", "unreachable", "reachable",
+                     "pick", "disable", "enable"]),
+    st.integers(1, 6), st.integers(0, 3)), max_size=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fleet_operations, st.frozensets(st.integers(1, 6), max_size=2))
+def test_the_ranked_index_chooses_as_well_as_a_scan_of_the_fleet(
+        operations: list[tuple[str, int, int]], exclude: frozenset[int]) -> None:
+    """least_load's heap per model against the plain scan (candidates, then choose):
+    through any mix of slots taken and freed, failures and health changes, both find
+    a server of the same rank, or both find none."""
+    scheduler, servers = fleet(6, max_concurrency=3, num_parallel=2, breaker_threshold=2,
+                               breaker_cooldown=3600)
+    models: list[str | None] = ["a:latest", "b:latest", "c:latest", None]
+    held: list[tuple[ob.Server, str | None]] = []
+    loop = asyncio.new_event_loop()  # the breaker schedules its cooldown on the loop
+
+    def check(model: str | None) -> None:
+        picked, possible = scheduler.pick(servers, model, exclude=exclude)
+        candidates = scheduler.candidates(servers.values(), model, exclude)
+        chosen = scheduler.choose(candidates, model)
+        assert possible == bool(candidates)
+        assert (picked is None) == (chosen is None)
+        if picked is not None and chosen is not None:
+            assert picked.id not in exclude
+            assert scheduler._rank(picked, model)[:3] == scheduler._rank(chosen, model)[:3]
+
+    async def run() -> None:
+        for what, index, model_index in operations:
+            server, model = servers[index], models[model_index]
+            if what == "take" and server.load.inflight < 3:
+                scheduler.take(server, model)
+                held.append((server, model))
+            elif what == "release" and held:
+                gone_server, gone_model = held.pop(index % len(held))
+                scheduler.release(servers, gone_server, gone_model)
+            elif what in ("fail", "succeed"):
+                scheduler.record(servers, server, what == "succeed")
+            elif what in ("unreachable", "reachable", "disable", "enable"):
+                if what in ("unreachable", "reachable"):
+                    server.reachable = what == "reachable"
+                else:
+                    server.enabled = what == "enable"
+                scheduler.changed(server)  # what the health check and reload tell it
+            check(model)
+        for model in models:
+            check(model)
+
+    try:
+        loop.run_until_complete(run())
+    finally:
+        loop.close()
