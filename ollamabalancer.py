@@ -939,6 +939,8 @@ class Wire(asyncio.Protocol):
         self.buf = bytearray()
         self.peer = "unix"
         self.transport: asyncio.Transport | None = None
+        # Its event loop, kept: each asyncio.get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
         self.eof = False  # nothing more will arrive: the peer half-closed, or it is gone
         self.lost = False
         self.on_gone: Callable[[], None] | None = None
@@ -966,7 +968,7 @@ class Wire(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if self._consume is not None:
-            self._deadline = asyncio.get_running_loop().time() + self._timeout
+            self._deadline = self.loop.time() + self._timeout
             self._feed(False)
             return
         if len(self.buf) > BUFFER_HIGH:
@@ -1053,7 +1055,7 @@ class Wire(asyncio.Protocol):
             self._consume = None
 
     async def _wait(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         waiter = self._reader = loop.create_future()
         self._deadline = deadline = loop.time() + timeout
         # Most reads finish long before their timeout, so rather than a timer per read,
@@ -1087,7 +1089,7 @@ class Wire(asyncio.Protocol):
         waiter = self._reader
         if waiter is None or waiter.done():
             return  # nobody waits: the next read arms a timer again
-        loop = waiter.get_loop()
+        loop = self.loop
         if loop.time() >= self._deadline:
             self._reader = self._consume = None
             waiter.set_exception(asyncio.TimeoutError())
@@ -1099,8 +1101,10 @@ class Wire(asyncio.Protocol):
         self.transport.write(data)
 
     def writelines(self, pieces: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Writes the pieces as one: one send, one packet (uvloop's own writelines costs
+        a call into the transport per piece)."""
         assert self.transport is not None
-        self.transport.writelines(pieces)
+        self.transport.write(b"".join(pieces))
 
     async def drain(self) -> None:
         """Returns at once unless the transport asked to pause; raises ConnectionError
@@ -1108,7 +1112,7 @@ class Wire(asyncio.Protocol):
         if self.lost or (self.transport is not None and self.transport.is_closing()):
             raise ConnectionResetError("connection lost")
         if self._write_paused:
-            waiter = self._writable = asyncio.get_running_loop().create_future()
+            waiter = self._writable = self.loop.create_future()
             await waiter
 
     def abort(self) -> None:
@@ -1132,7 +1136,7 @@ async def read_head(
     deadline: float,
 ) -> T | None:
     """Reads until ``parse`` returns a head; None if the peer closed before any byte."""
-    loop = asyncio.get_running_loop()
+    loop = wire.loop
     while True:
         head = parse(wire.buf)
         if head is not None:
@@ -3625,7 +3629,7 @@ class Balancer:
             raise UpstreamClosed(str(exc) or type(exc).__name__) from None
 
     async def _read_response_head(self, wire: Wire, server: Server) -> ResponseHead:
-        loop = asyncio.get_running_loop()
+        loop = wire.loop
         while True:
             deadline = loop.time() + self.config.upstream_timeout
             try:
@@ -4819,9 +4823,9 @@ async def until_client_gone(request: Request, work: Coroutine[Any, Any, T]) -> T
     calls back when it ends, and the callback cancels this task. Bytes of a pipelined
     next request that arrive meanwhile stay in the buffer.
     """
-    task = asyncio.current_task()
-    assert task is not None
     client = request.wire
+    task = asyncio.current_task(client.loop)
+    assert task is not None
     left = False
 
     def leave() -> None:
@@ -5100,7 +5104,7 @@ class HTTPServer:
             ("Retry-After", "1"), ("Connection", "close")]) + body)
         # Closing with the request unread would send a reset that can destroy the 503
         # before the client reads it: the protocol takes what arrives, and closes soon.
-        asyncio.get_running_loop().call_later(0.5, wire.close)
+        wire.loop.call_later(0.5, wire.close)
 
     async def serve_connection(self, wire: Wire) -> None:
         try:
@@ -5118,7 +5122,7 @@ class HTTPServer:
         try:
             return await self._serve_one(wire)
         finally:
-            task = asyncio.current_task()
+            task = asyncio.current_task(wire.loop)
             if task is not None:
                 self.busy.discard(task)
 
@@ -5131,14 +5135,14 @@ class HTTPServer:
                 self.app.finished(current[0])
 
     async def _answer(self, wire: Wire, current: list[Request]) -> bool:
-        loop = asyncio.get_running_loop()
+        loop = wire.loop
         head: RequestHead | None = None
         request: Request | None = None
         try:
             # Idle keep-alive: wait for the first byte of the next request.
             if not wire.buf and not await wire.fill(KEEPALIVE_TIMEOUT):
                 return False
-            task = asyncio.current_task()
+            task = asyncio.current_task(loop)
             if task is not None:
                 self.busy.add(task)  # from its first byte on, a request may finish
             head = await read_head(wire, maybe_request_head,

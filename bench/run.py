@@ -7,7 +7,8 @@
 Everything starts here on 127.0.0.1 and every figure in the table comes from the same run:
 
 - small requests: req/s and p50/p99 latency of POST /api/embed (model-routed) and GET
-  /api/version with 64 keep-alive clients (wrk when installed, else a Python generator),
+  /api/version with 64 keep-alive clients, and POST /api/embed with one (wrk when installed,
+  else a Python generator),
   direct to a fast backend (nginx ``return 200``, else a minimal asyncio one), through nginx
   (one worker, upstream keep-alive, proxy_buffering off; when installed) and through the
   balancer, on asyncio's own event loop and on uvloop when installed;
@@ -182,12 +183,27 @@ class Balancer:
         return rss
 
 
-STREAM_BACKEND = r'''
+#: The simulated side runs on uvloop when installed: the lighter it is, the more of the
+#: machine is left to what is measured.
+FAST_LOOP = """
+try:
+    from uvloop import run
+except ImportError:
+    from asyncio import run
+"""
+
+STREAM_BACKEND = FAST_LOOP + r'''
 import asyncio, json, sys, time
 TOKENS, PACE = int(sys.argv[2]), float(sys.argv[3])
 TAGS = sys.argv[4].encode()
+TICK = min(0.002, PACE / 10)
+SLOTS = max(1, round(PACE / TICK))
 streaming = {}  # writer -> [tokens sent, future set when the last went]
+slots = [[] for _ in range(SLOTS)]  # the streams whose next token is due at each tick
+ticks = 0
 def token(writer, state):
+    if writer not in streaming:
+        return  # the client left
     last = state[0] == TOKENS
     line = b'{"t":%.6f,"done":%s}\n' % (time.monotonic(), b"true" if last else b"false")
     writer.write(b"%x\r\n%s\r\n%s" % (len(line), line, b"0\r\n\r\n" if last else b""))
@@ -195,13 +211,18 @@ def token(writer, state):
     if last:
         del streaming[writer]
         state[1].set_result(None)
+    else:
+        slots[ticks % SLOTS].append((writer, state))  # again one pace from now
 async def ticker():
-    # One timer for every stream: each tick sends every open stream its next token.
-    tick = time.monotonic()
+    # One timer for every stream: each stream's tokens go one pace apart, and streams
+    # that started at different times keep apart (no burst of every stream at once).
+    global ticks
+    start = time.monotonic()
     while True:
-        tick += PACE
-        await asyncio.sleep(max(0.0, tick - time.monotonic()))
-        for writer, state in list(streaming.items()):
+        ticks += 1
+        await asyncio.sleep(max(0.0, start + ticks * TICK - time.monotonic()))
+        due, slots[ticks % SLOTS] = slots[ticks % SLOTS], []
+        for writer, state in due:
             token(writer, state)
 async def serve(reader, writer):
     try:
@@ -236,7 +257,7 @@ async def main():
     asyncio.ensure_future(ticker())
     async with server:
         await server.serve_forever()
-asyncio.run(main())
+run(main())
 '''
 
 
@@ -251,14 +272,14 @@ def start_stream_backend(tokens: int, pace: float) -> tuple[subprocess.Popen[byt
 # -- load generators --------------------------------------------------------------------------
 
 
-def wrk(url: str, seconds: float, post: bool) -> tuple[float, float, float]:
-    """req/s, p50 ms, p99 ms, with 64 keep-alive connections."""
+def wrk(url: str, seconds: float, post: bool, clients: int) -> tuple[float, float, float]:
+    """req/s, p50 ms, p99 ms, with ``clients`` keep-alive connections."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         if post:
             script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(EMBED_BODY)}\n'
                          'wrk.headers["Content-Type"] = "application/json"\n')
     duration = f"-d{max(1, round(seconds))}s"  # whole seconds only
-    done = subprocess.run(["wrk", "-t1", "-c64", duration, "--latency", "-s",
+    done = subprocess.run(["wrk", "-t1", f"-c{clients}", duration, "--latency", "-s",
                            script.name, url], capture_output=True, text=True, timeout=120)
     os.unlink(script.name)
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", done.stdout).group(1))  # type: ignore[union-attr]
@@ -270,7 +291,7 @@ def wrk(url: str, seconds: float, post: bool) -> tuple[float, float, float]:
     return rate, percentile("50"), percentile("99")
 
 
-async def python_load(port: int, path: str, seconds: float, post: bool
+async def python_load(port: int, path: str, seconds: float, post: bool, clients: int
                       ) -> tuple[float, float, float]:
     """The same measurement as wrk, in Python, for machines without wrk."""
     body = EMBED_BODY.encode() if post else b""
@@ -291,18 +312,19 @@ async def python_load(port: int, path: str, seconds: float, post: bool
             latencies.append(time.monotonic() - sent)
         writer.close()
 
-    await asyncio.gather(*(client() for _ in range(64)))
+    await asyncio.gather(*(client() for _ in range(clients)))
     cuts = statistics.quantiles(latencies, n=100)
     return len(latencies) / seconds, cuts[49] * 1000, cuts[98] * 1000
 
 
-def load(port: int, path: str, seconds: float, post: bool) -> tuple[float, float, float]:
+def load(port: int, path: str, seconds: float, post: bool, clients: int = 64
+         ) -> tuple[float, float, float]:
     if shutil.which("wrk"):
-        return wrk(f"http://127.0.0.1:{port}{path}", seconds, post)
-    return asyncio.run(python_load(port, path, seconds, post))
+        return wrk(f"http://127.0.0.1:{port}{path}", seconds, post, clients)
+    return asyncio.run(python_load(port, path, seconds, post, clients))
 
 
-STREAM_CLIENT = r'''
+STREAM_CLIENT = FAST_LOOP + r'''
 import asyncio, sys, time
 port, streams, ramp = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 first, gaps, lost, refused, why = [], [], 0, 0, {}
@@ -370,7 +392,7 @@ async def main():
     await asyncio.gather(*(one(i) for i in range(streams)))
     print(__import__("json").dumps({"first": first, "gaps": gaps, "lost": lost,
                                     "refused": refused, "why": why}))
-asyncio.run(main())
+run(main())
 '''
 
 
@@ -412,9 +434,12 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
         results = {}
         # /api/version at the root is answered by the balancer itself; the relayed GET is
         # the passthrough to one server.
-        for name, path, relayed, post in (
-                ("POST /api/embed", "/api/embed", "/api/embed", True),
-                ("GET /api/version", "/api/version", "/servers/ollama/1/api/version", False)):
+        # One client as well: the time a request spends in the balancer, with no queue.
+        for name, path, relayed, post, clients in (
+                ("POST /api/embed", "/api/embed", "/api/embed", True, 64),
+                ("GET /api/version", "/api/version", "/servers/ollama/1/api/version", False,
+                 64),
+                ("POST /api/embed, 1 client", "/api/embed", "/api/embed", True, 1)):
             targets = [("direct", backend_port, path)]
             if nginx:
                 targets.append(("nginx", nginx.proxy_port, path))
@@ -423,7 +448,7 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
                 if relayed != path:
                     targets.append((f"balancer ({loop}), own answer", balancer.port, path))
             for label, port, target in targets:
-                results[(name, label)] = load(port, target, args.seconds, post)
+                results[(name, label)] = load(port, target, args.seconds, post, clients)
         for (name, label), (rate, p50, p99) in results.items():
             direct_p50 = results[(name, "direct")][1]
             added = "" if label == "direct" else f"{p50 - direct_p50:+.2f}"
@@ -442,31 +467,48 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
             fallback.terminate()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def streams(args: argparse.Namespace, workdir: Path, rows: list[list[str]], count: int,
             tokens: int, pace: float, label: str) -> None:
     backend, port = start_stream_backend(tokens, pace)
-    balancer = Balancer(workdir, "--upstream-timeout", "600")
     try:
-        balancer.add_server(port)
         direct = run_streams(port, count, args.ramp)
-        through = run_streams(balancer.port, count, args.ramp)
-        rss = balancer.stop()
+        for loop in event_loops():
+            balancer = Balancer(workdir / f"{label}-{loop}", "--upstream-timeout", "600",
+                                "--event-loop", loop)
+            try:
+                balancer.add_server(port)
+                cpu = cpu_seconds(balancer.proc.pid)
+                through = run_streams(balancer.port, count, args.ramp)
+                cpu = cpu_seconds(balancer.proc.pid) - cpu
+            finally:
+                rss = balancer.stop()
+            stream_row(rows, f"{label} ({loop}): {count} streams x {tokens} tokens", direct,
+                       through, rss, cpu)
     finally:
         backend.terminate()
-        if balancer.proc.poll() is None:
-            balancer.stop()
+
+
+def stream_row(rows: list[list[str]], label: str, direct: dict[str, object],
+               through: dict[str, object], rss: float, cpu: float) -> None:
     ms = 1000.0
     first_d, first_b = direct["first"], through["first"]
     gaps_d, gaps_b = direct["gaps"], through["gaps"]
     assert isinstance(first_d, list) and isinstance(first_b, list)
     assert isinstance(gaps_d, list) and isinstance(gaps_b, list)
-    rows.append([f"{label}: {count} streams x {tokens} tokens",
+    per_chunk = cpu / max(1, len(gaps_b)) * 1e6
+    rows.append([label,
                  f"added TTFB p50 {(pct(first_b, 50) - pct(first_d, 50)) * ms:+.2f} ms",
                  f"added per chunk p50 {(pct(gaps_b, 50) - pct(gaps_d, 50)) * ms:+.2f} ms",
                  f"p99 {(pct(gaps_b, 99) - pct(gaps_d, 99)) * ms:+.2f} ms",
                  f"peak RSS {rss:.0f} MB",
                  f"lost {through['lost']} (direct {direct['lost']}), refused with 503 "
-                 f"{through['refused']}"])
+                 f"{through['refused']}; balancer CPU {per_chunk:.0f} us a chunk"])
 
 
 def routing(rows: list[list[str]]) -> None:
@@ -550,7 +592,7 @@ def main() -> int:
                     "streams")
         if "scale" in args.only:
             streams(args, workdir, rows, args.idle_streams, 3,
-                    5.0 if not args.quick else 0.5, "scale (idle)")
+                    5.0 if not args.quick else 0.5, "idle streams")
     if "routing" in args.only:
         routing(rows)
     if "fleet" in args.only:

@@ -27,8 +27,8 @@ def test_the_benchmark_suite_runs_and_prints_its_table() -> None:
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err
     for row in ("POST /api/embed via direct", "POST /api/embed via balancer (asyncio)",
-                "GET /api/version via balancer (asyncio)", "streams: 50 streams",
-                "scale (idle): 200 streams", "scheduling decision, 1000 servers"):
+                "GET /api/version via balancer (asyncio)", "streams (asyncio): 50 streams",
+                "idle streams (asyncio): 200 streams", "scheduling decision, 1000 servers"):
         assert row in out, out
     assert re.search(r"POST /api/embed via balancer \(asyncio\)\s+[0-9,]+ req/s", out), out
     streams = re.findall(r"lost (\d+) \(direct (\d+)\)", out)
