@@ -7,6 +7,7 @@ unless OLLAMABALANCER_REQUIRE_ALL=1 (set by .ci/run), which turns the skips into
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -227,7 +228,22 @@ def sqlite_store(tmp_path: Path) -> StoreConfig:
 
 
 @pytest.fixture
-def start_balancer() -> Iterator[Any]:
+def event_loop_name() -> str:
+    """The balancer's event loop: asyncio's own, what runs with the standard library
+    alone. Modules about the relay run on uvloop as well (``both_event_loops``)."""
+    return "asyncio"
+
+
+def both_event_loops(request: pytest.FixtureRequest) -> str:
+    """An ``event_loop_name`` fixture body for modules whose every test should run on
+    asyncio's loop and on uvloop (the optional ``fast`` extra)."""
+    if request.param == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        unavailable("uvloop is not installed")
+    return str(request.param)
+
+
+@pytest.fixture
+def start_balancer(event_loop_name: str) -> Iterator[Any]:
     started: list[BalancerProcess] = []
 
     def start(store: StoreConfig, *args: str, env: dict[str, str] | None = None
@@ -236,7 +252,7 @@ def start_balancer() -> Iterator[Any]:
         full_env.update(store.env())
         full_env.update(env or {})
         process = BalancerProcess(full_env, ["--health-interval", "0.5", "--drain-timeout", "2",
-                                             *args])
+                                             "--event-loop", event_loop_name, *args])
         started.append(process)
         return process
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import BalancerProcess, StoreConfig
+from conftest import BalancerProcess, StoreConfig, both_event_loops
 from fakeollama import FakeOllama
 
 ollama = pytest.importorskip("ollama")
+
+
+#: Every test here runs on both event loops.
+event_loop_name = pytest.fixture(params=["asyncio", "uvloop"])(both_event_loops)
 
 
 @pytest.fixture

@@ -10,8 +10,11 @@ import time
 from typing import Any
 
 import pytest
-from conftest import BalancerProcess, free_port, raw_exchange
+from conftest import BalancerProcess, both_event_loops, free_port, raw_exchange
 from fakeollama import FakeOllama
+
+#: Every test here runs on both event loops.
+event_loop_name = pytest.fixture(params=["asyncio", "uvloop"])(both_event_loops)
 
 
 @pytest.fixture
