@@ -26,6 +26,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import errno
 import functools
 import hashlib
 import heapq
@@ -1496,7 +1497,10 @@ async def open_upstream(server: Server, proxy: Proxy | None, timeout: float) -> 
         wire = await asyncio.wait_for(connect(), timeout)
     except asyncio.TimeoutError:
         raise UpstreamError(504, f"timed out connecting to {where}") from None
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # ours, not the server's fault
+            raise HTTPError(503, "the balancer is out of file descriptors; try again",
+                            headers=[("Retry-After", "1")]) from None
         raise UpstreamError(502, f"cannot connect to {where}: {exc}") from None
     sock = wire.transport.get_extra_info("socket") if wire.transport else None
     if sock is not None:
@@ -5073,6 +5077,7 @@ class HTTPServer:
         self.max_connections = max_connections
         self.connections: set[asyncio.Task[Any]] = set()
         self.busy: set[asyncio.Task[Any]] = set()  # serving a request right now
+        self.refusing: set[asyncio.Task[None]] = set()  # answering 503, over the limit
         self.draining = False
 
     async def drain(self, timeout: float) -> None:
@@ -5098,13 +5103,25 @@ class HTTPServer:
             self.connections.add(task)
             task.add_done_callback(self.connections.discard)
             return
+        if len(self.refusing) >= FD_RESERVE // 2:
+            wire.abort()  # a flood: no descriptors to spare for a polite answer
+            return
+        task = asyncio.ensure_future(self.refuse(wire))
+        self.refusing.add(task)
+        task.add_done_callback(self.refusing.discard)
+
+    @staticmethod
+    async def refuse(wire: Wire) -> None:
         body = b'{"error":"too many open connections"}'
         wire.write(render_head("HTTP/1.1 503 Service Unavailable", [
             ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
             ("Retry-After", "1"), ("Connection", "close")]) + body)
         # Closing with the request unread would send a reset that can destroy the 503
-        # before the client reads it: the protocol takes what arrives, and closes soon.
-        wire.loop.call_later(0.5, wire.close)
+        # before the client reads it: wait for the request (briefly), then close at once,
+        # as the file descriptor is what is short.
+        with contextlib.suppress(Exception):
+            await wire.fill(0.5)
+        wire.close()
 
     async def serve_connection(self, wire: Wire) -> None:
         try:
@@ -5218,7 +5235,8 @@ class JsonFormatter(logging.Formatter):
 
 
 #: File descriptors kept apart from client and upstream sockets: the listener, the
-#: database, log files, health checks, idle pooled connections.
+#: database, log files, health checks, idle pooled connections, and connections over the
+#: limit while they get their 503 (at most half of these at once; more are reset).
 FD_RESERVE = 100
 
 

@@ -336,7 +336,7 @@ class Stream(asyncio.Protocol):
     # token line carries its send time as "t" (the chunk framing around it is skipped).
     def __init__(self, done):
         self.done, self.buf, self.head, self.finished = done, bytearray(), False, False
-        self.got_first = False
+        self.got_first, self.status = False, "closed before the last token"
     def connection_made(self, transport):
         self.transport, self.sent = transport, time.monotonic()
         transport.write(REQUEST)
@@ -351,6 +351,10 @@ class Stream(asyncio.Protocol):
             if self.buf.startswith(b"HTTP/1.1 503 "):  # refused at the door: not lost
                 refused += 1
                 self.finished = True
+                self.transport.close()
+                return
+            if not self.buf.startswith(b"HTTP/1.1 200 "):  # lost, for the reason given
+                self.status = bytes(self.buf[:self.buf.find(b"\r\n")]).decode("latin-1")
                 self.transport.close()
                 return
             self.head = True
@@ -373,7 +377,7 @@ class Stream(asyncio.Protocol):
         global lost
         if not self.finished:
             lost += 1
-            key = str(exc or "closed before the last token")[:160]
+            key = str(exc or self.status)[:160]
             why[key] = why.get(key, 0) + 1
         self.done.set_result(None)
 async def one(index):

@@ -3,8 +3,11 @@ into the parser, slowloris, and more connections than allowed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
+import resource
 import socket
 import time
 from typing import Any
@@ -172,6 +175,30 @@ def test_max_connections_is_enforced_and_the_server_stays_up(
         sock.close()
     time.sleep(0.2)
     assert lb.call("GET", "/").status == 200
+
+
+def test_running_out_of_file_descriptors_is_a_503_and_not_the_servers_fault(
+        backend: FakeOllama) -> None:
+    """With no descriptor left for an upstream socket, the client is told to come back
+    (503, Retry-After) rather than given a 502 that would count against the server."""
+    server = ob.Server(1, "127.0.0.1", int(backend.url.rsplit(":", 1)[1]))
+
+    async def connect_with_no_descriptor_left() -> ob.HTTPError:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.dup(0)  # every descriptor below it is taken: allow none more
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            with pytest.raises(ob.HTTPError) as caught:
+                await ob.open_upstream(server, None, 5.0)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        return caught.value
+
+    error = asyncio.run(connect_with_no_descriptor_left())
+    assert error.status == 503
+    assert ("Retry-After", "1") in error.headers
+    assert "file descriptors" in error.message
 
 
 def test_control_characters_in_admin_fields_are_refused(balancer: BalancerProcess) -> None:
