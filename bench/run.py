@@ -436,6 +436,7 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
         for balancer in balancers.values():
             balancer.add_server(backend_port)
         results = {}
+        notes: dict[tuple[str, str], str] = {}
         # /api/version at the root is answered by the balancer itself; the relayed GET is
         # the passthrough to one server.
         # One client as well: the time a request spends in the balancer, with no queue.
@@ -452,13 +453,22 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
                 if relayed != path:
                     targets.append((f"balancer ({loop}), own answer", balancer.port, path))
             for label, port, target in targets:
+                pid = next((b.proc.pid for b in balancers.values() if b.port == port), None)
+                before = cpu_seconds(pid) if pid else (0.0, 0.0)
                 results[(name, label)] = load(port, target, args.seconds, post, clients)
+                if pid:
+                    rate = results[(name, label)][0]
+                    notes[(name, label)] = cpu_note(before, cpu_seconds(pid),
+                                                    rate * max(1, round(args.seconds)),
+                                                    "request")
         for (name, label), (rate, p50, p99) in results.items():
             direct_p50 = results[(name, "direct")][1]
             added = "" if label == "direct" else f"{p50 - direct_p50:+.2f}"
             versus = ""
             if label.startswith("balancer") and (name, "nginx") in results:
                 versus = f"{rate / results[(name, 'nginx')][0]:.2f}x nginx"
+            if (name, label) in notes:
+                versus = f"{versus}, {notes[(name, label)]}".lstrip(", ")
             rows.append([f"{name} via {label}", f"{rate:,.0f} req/s", f"p50 {p50:.2f} ms",
                          f"p99 {p99:.2f} ms", f"added p50 {added} ms" if added else "",
                          versus])
@@ -471,10 +481,20 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
             fallback.terminate()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """The CPU time a process has used so far: in its own code, and in the kernel's."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_note(before: tuple[float, float], after: tuple[float, float], count: float,
+             what: str) -> str:
+    """Microseconds of CPU per ``what``, and how many of them the kernel took."""
+    user, system = (after[0] - before[0]), (after[1] - before[1])
+    count = max(count, 1)
+    return (f"CPU {(user + system) / count * 1e6:.0f} us a {what} "
+            f"({system / count * 1e6:.0f} in the kernel)")
 
 
 def streams(args: argparse.Namespace, workdir: Path, rows: list[list[str]], count: int,
@@ -487,32 +507,32 @@ def streams(args: argparse.Namespace, workdir: Path, rows: list[list[str]], coun
                                 "--event-loop", loop)
             try:
                 balancer.add_server(port)
-                cpu = cpu_seconds(balancer.proc.pid)
+                before = cpu_seconds(balancer.proc.pid)
                 through = run_streams(balancer.port, count, args.ramp)
-                cpu = cpu_seconds(balancer.proc.pid) - cpu
+                after = cpu_seconds(balancer.proc.pid)
             finally:
                 rss = balancer.stop()
+            assert isinstance(through["gaps"], list)
             stream_row(rows, f"{label} ({loop}): {count} streams x {tokens} tokens", direct,
-                       through, rss, cpu)
+                       through, rss, cpu_note(before, after, len(through["gaps"]), "chunk"))
     finally:
         backend.terminate()
 
 
 def stream_row(rows: list[list[str]], label: str, direct: dict[str, object],
-               through: dict[str, object], rss: float, cpu: float) -> None:
+               through: dict[str, object], rss: float, cpu: str) -> None:
     ms = 1000.0
     first_d, first_b = direct["first"], through["first"]
     gaps_d, gaps_b = direct["gaps"], through["gaps"]
     assert isinstance(first_d, list) and isinstance(first_b, list)
     assert isinstance(gaps_d, list) and isinstance(gaps_b, list)
-    per_chunk = cpu / max(1, len(gaps_b)) * 1e6
     rows.append([label,
                  f"added TTFB p50 {(pct(first_b, 50) - pct(first_d, 50)) * ms:+.2f} ms",
                  f"added per chunk p50 {(pct(gaps_b, 50) - pct(gaps_d, 50)) * ms:+.2f} ms",
                  f"p99 {(pct(gaps_b, 99) - pct(gaps_d, 99)) * ms:+.2f} ms",
                  f"peak RSS {rss:.0f} MB",
                  f"lost {through['lost']} (direct {direct['lost']}), refused with 503 "
-                 f"{through['refused']}; balancer CPU {per_chunk:.0f} us a chunk"])
+                 f"{through['refused']}; balancer {cpu}"])
 
 
 def routing(rows: list[list[str]]) -> None:

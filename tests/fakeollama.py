@@ -10,6 +10,8 @@ generate, embed, NDJSON and SSE streaming) plus test-only paths:
     GET  /slow             streams a chunk every 50 ms until the client goes away
     GET  /hang             answers nothing, like a cold model load, until the client leaves
     GET  /die              sends two chunks, then drops the connection mid-stream
+    GET  /flood?mib=N      sends N MiB as fast as the socket takes them, counting in
+                           ``flood_sent`` what it managed to write
 
 Knobs: ``fail_status`` makes model requests answer that status; ``pull_error`` makes a pull
 fail halfway; a body with ``"fake_hold": true`` waits for release(); ``"fake_sleep": s``
@@ -60,6 +62,7 @@ class FakeOllama:
         self.version = "0.12.0"
         self.requests: list[dict[str, Any]] = []
         self.connections = 0
+        self.flood_sent = 0
         self.open_sockets: set[socket.socket] = set()
         self.gate = threading.Semaphore(0)
         self.disconnected = threading.Event()
@@ -287,6 +290,19 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             self.owner.disconnected.set()
             self.close_connection = True
+        elif path == "/flood":
+            piece = b"x" * 65536
+            total = int(urllib.parse.parse_qs(parts.query).get("mib", ["64"])[0]) * 16
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(total * len(piece)))
+            self.end_headers()
+            try:
+                for _ in range(total):
+                    self.wfile.write(piece)
+                    self.owner.flood_sent += len(piece)
+            except OSError:
+                self.close_connection = True
         elif path == "/die":
             self.start_chunked("application/x-ndjson")
             self.chunk(b'{"response":"a","done":false}\n')

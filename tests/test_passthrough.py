@@ -127,6 +127,38 @@ def test_sse_stream_arrives_unchanged(routed: tuple[BalancerProcess, str]) -> No
     assert reply.body.count(b"data: ") == 3
 
 
+def test_a_client_that_stops_reading_stops_the_upstream_too(
+        routed: tuple[BalancerProcess, str], backend: FakeOllama) -> None:
+    """Flow control end to end: while the client reads nothing, the balancer stops reading
+    the server (which then blocks) instead of buffering the answer; once the client reads
+    again, every byte arrives."""
+    lb, sid = routed
+    total = 64 * 1024 * 1024
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", lb.port))
+    sock.sendall(f"GET /servers/ollama/{sid}/flood?mib=64 HTTP/1.1\r\nHost: lb\r\n\r\n"
+                 .encode())
+    time.sleep(1.5)  # reading nothing
+    stalled = backend.flood_sent
+    time.sleep(0.5)
+    assert backend.flood_sent == stalled, "the server was still being read"
+    assert stalled < total // 4, f"{stalled} bytes were taken in for a client reading none"
+    received = 0
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(65536)
+    received = len(head) - head.index(b"\r\n\r\n") - 4
+    assert head.startswith(b"HTTP/1.1 200 ") and f"Content-Length: {total}".encode() in head
+    while received < total:
+        piece = sock.recv(1 << 20)
+        assert piece, f"closed after {received} of {total} bytes"
+        received += len(piece)
+    assert received == total
+    sock.close()
+
+
 def test_client_disconnect_closes_the_upstream_at_once(
         routed: tuple[BalancerProcess, str], backend: FakeOllama) -> None:
     lb, sid = routed
