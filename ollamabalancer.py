@@ -2453,12 +2453,12 @@ def server_models(server: Server) -> dict[str, dict[str, Any]]:
 def server_qualifies(server: Server, models: Sequence[str], size: float | None) -> bool:
     """True if the server has every model in ``models``, and (with ``size``) one of the
     requested models (any model when none is requested) of at least ``size`` billions."""
-    installed = server_models(server)
     wanted = [canonical_model(m) for m in models]
-    if any(name not in installed for name in wanted):
+    if any(name not in server.model_names for name in wanted):
         return False
     if size is None:
         return True
+    installed = server_models(server)
     pool = [installed[name] for name in wanted] if wanted else list(installed.values())
     for model in pool:
         details = model.get("details")
