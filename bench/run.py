@@ -627,6 +627,11 @@ def main() -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
               .rstrip())
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    fits = ob.connection_cap(10**9, None if hard == resource.RLIM_INFINITY else hard)
+    if "scale" in args.only and fits < args.idle_streams:
+        print(f"note: the hard limit on open files is {hard}, two a relayed stream: the "
+              f"balancer holds {fits} streams at most and refuses the rest (ulimit -Hn)")
     return 0
 
 
