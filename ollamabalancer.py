@@ -681,80 +681,10 @@ class EndOfBody:
 END_OF_BODY = EndOfBody()
 
 
-class ChunkedDecoder:
-    """Decodes ``Transfer-Encoding: chunked`` (RFC 9112 7.1) from a buffer, sans-IO.
-
-    ``next_event(buf)`` consumes bytes from ``buf`` and returns body bytes, END_OF_BODY,
-    or None when it needs more data. The CRLF after each chunk is checked, not skipped.
-    """
-
-    __slots__ = ("_remaining", "_state", "_trailer_bytes", "error_status")
-
-    def __init__(self, error_status: int = 400) -> None:
-        self._state: Literal["size", "data", "crlf", "trailer", "done"] = "size"
-        self._remaining = 0
-        self._trailer_bytes = 0
-        self.error_status = error_status
-
-    def next_event(self, buf: bytearray) -> bytes | EndOfBody | None:
-        while True:
-            if self._state == "data":
-                if not buf:
-                    return None
-                n = min(self._remaining, len(buf))
-                data = bytes(buf[:n])
-                del buf[:n]
-                self._remaining -= n
-                if self._remaining == 0:
-                    self._state = "crlf"
-                return data
-            if self._state == "crlf":
-                if len(buf) < 2:
-                    if buf and buf[0] != 0x0D:  # anything but the CR of a CRLF
-                        raise ProtocolError(self.error_status, "chunk data not followed by CRLF")
-                    return None
-                if buf[:2] != b"\r\n":
-                    raise ProtocolError(self.error_status, "chunk data not followed by CRLF")
-                del buf[:2]
-                self._state = "size"
-            elif self._state == "size":
-                line = self._take_line(buf, MAX_CHUNK_LINE, "chunk size line too long")
-                if line is None:
-                    return None
-                match = chunk_size_re.fullmatch(line)
-                if match is None:
-                    raise ProtocolError(self.error_status, "malformed chunk size")
-                self._remaining = int(match.group(1), 16)
-                self._state = "data" if self._remaining else "trailer"
-            elif self._state == "trailer":
-                line = self._take_line(buf, MAX_HEAD, "trailer section too large")
-                if line is None:
-                    return None
-                if not line:
-                    self._state = "done"
-                    return END_OF_BODY
-                self._trailer_bytes += len(line) + 2
-                if self._trailer_bytes > MAX_HEAD:
-                    raise ProtocolError(self.error_status, "trailer section too large")
-                _parse_fields(b"\r\n" + line, self.error_status)  # validated, then dropped
-            else:
-                return END_OF_BODY
-
-    def _take_line(self, buf: bytearray, limit: int, too_long: str) -> bytes | None:
-        end = buf.find(b"\r\n", 0, limit + 2)
-        if end == -1:
-            if len(buf) > limit:
-                raise ProtocolError(self.error_status, too_long)
-            return None
-        line = bytes(buf[:end])
-        del buf[: end + 2]
-        return line
-
-
 class ChunkedScanner:
     """Finds where a chunked body ends without taking it apart (RFC 9112 7.1), sans-IO,
-    for relaying one chunked body into another as it came: chunk sizes, extensions and
-    data pass through untouched, and the trailer section is checked and dropped.
+    so that a relay can pass one on as it came: chunk sizes, extensions and data go
+    through untouched, and the trailer section is checked and dropped.
 
     ``take(buf)`` removes from ``buf`` the bytes it has checked and returns them, whether
     the body ended (the caller then sends the last chunk itself), and where chunk data
@@ -762,12 +692,13 @@ class ChunkedScanner:
     incomplete chunk-size line stay in ``buf`` for the next call.
     """
 
-    __slots__ = ("_remaining", "_state", "_trailer_bytes")
+    __slots__ = ("_remaining", "_state", "_trailer_bytes", "error_status")
 
-    def __init__(self) -> None:
+    def __init__(self, error_status: int = 502) -> None:
         self._state: Literal["size", "data", "crlf", "trailer"] = "size"
         self._remaining = 0
         self._trailer_bytes = 0
+        self.error_status = error_status  # 400 for a client's body, 502 for a server's
 
     def take(self, buf: bytearray) -> tuple[bytes, bool, list[tuple[int, int]]]:
         if self._state == "trailer":
@@ -789,21 +720,22 @@ class ChunkedScanner:
             elif state == "crlf":
                 if end - pos < 2:
                     if end > pos and buf[pos] != 0x0D:
-                        raise ProtocolError(502, "chunk data not followed by CRLF")
+                        raise ProtocolError(self.error_status,
+                                            "chunk data not followed by CRLF")
                     break
                 if buf[pos] != 0x0D or buf[pos + 1] != 0x0A:
-                    raise ProtocolError(502, "chunk data not followed by CRLF")
+                    raise ProtocolError(self.error_status, "chunk data not followed by CRLF")
                 pos += 2
                 state = "size"
             else:
                 line_end = buf.find(b"\r\n", pos, pos + MAX_CHUNK_LINE + 2)
                 if line_end == -1:
                     if end - pos > MAX_CHUNK_LINE:
-                        raise ProtocolError(502, "chunk size line too long")
+                        raise ProtocolError(self.error_status, "chunk size line too long")
                     break
                 match = chunk_size_re.fullmatch(buf, pos, line_end)
                 if match is None:
-                    raise ProtocolError(502, "malformed chunk size")
+                    raise ProtocolError(self.error_status, "malformed chunk size")
                 remaining = int(match.group(1), 16)
                 if not remaining:  # the last chunk: drop its line, then the trailers
                     ended = True
@@ -825,7 +757,7 @@ class ChunkedScanner:
             line_end = buf.find(b"\r\n", 0, MAX_HEAD + 2)
             if line_end == -1:
                 if len(buf) > MAX_HEAD:
-                    raise ProtocolError(502, "trailer section too large")
+                    raise ProtocolError(self.error_status, "trailer section too large")
                 return False
             line = bytes(buf[:line_end])
             del buf[:line_end + 2]
@@ -833,8 +765,31 @@ class ChunkedScanner:
                 return True
             self._trailer_bytes += len(line) + 2
             if self._trailer_bytes > MAX_HEAD:
-                raise ProtocolError(502, "trailer section too large")
-            _parse_fields(b"\r\n" + line, 502)  # validated, then dropped
+                raise ProtocolError(self.error_status, "trailer section too large")
+            _parse_fields(b"\r\n" + line, self.error_status)  # validated, then dropped
+
+
+class ChunkedDecoder:
+    """Decodes ``Transfer-Encoding: chunked`` from a buffer, sans-IO: the chunk data that
+    ChunkedScanner finds, taken out of the framing.
+
+    ``next_event(buf)`` consumes bytes from ``buf`` and returns body bytes, END_OF_BODY,
+    or None when it needs more data.
+    """
+
+    __slots__ = ("_ended", "_scanner")
+
+    def __init__(self, error_status: int = 400) -> None:
+        self._scanner = ChunkedScanner(error_status)
+        self._ended = False
+
+    def next_event(self, buf: bytearray) -> bytes | EndOfBody | None:
+        if self._ended:
+            return END_OF_BODY
+        checked, self._ended, spans = self._scanner.take(buf)
+        if spans:
+            return b"".join(checked[start:stop] for start, stop in spans)
+        return END_OF_BODY if self._ended else None
 
 
 def has_dot_dot_segment(path: str) -> bool:
@@ -4454,73 +4409,49 @@ class Balancer:
         a stream costs one callback, not a task switch. While the client reads slower
         than the server writes, the upstream socket is not read (backpressure)."""
         client = request.wire
-        chunked = framing.kind == "chunked"
-        # Chunked on both sides, the chunks go as they came; else they are taken apart.
-        scanner = ChunkedScanner() if chunked and chunked_out else None
-        decoder = ChunkedDecoder(502) if chunked and not chunked_out else None
+        # A chunked answer to a chunked client goes as it came; else it is taken apart.
+        scanner = ChunkedScanner() if framing.kind == "chunked" else None
         remaining = framing.length if framing.kind == "length" else 0
         tail: collections.deque[bytes] = collections.deque()  # the last TAIL_BYTES or more
         tail_size = 0
 
-        def keep_tail(piece: bytes) -> None:
-            nonlocal tail_size
-            tail.append(piece)
-            tail_size += len(piece)
-            while tail_size - len(tail[0]) >= TAIL_BYTES:
-                tail_size -= len(tail.popleft())
-
         def consume(eof: bool) -> bool:
-            nonlocal head, remaining
+            nonlocal head, remaining, tail_size
             buf = upstream.buf
+            pieces: list[bytes] = []  # the body's own bytes that arrived
+            out: list[bytes | memoryview]  # what goes to the client
             if scanner is not None:
                 checked, done, spans = scanner.take(buf)
-                if checked or head or done:
-                    client.writelines([head, checked, LAST_CHUNK] if done else [head, checked])
-                    head = b""
-                if spans:
-                    first, wanted = len(spans) - 1, TAIL_BYTES
-                    while (wanted := wanted - spans[first][1] + spans[first][0]) > 0 and first:
-                        first -= 1
-                    for start, stop in spans[first:]:
-                        keep_tail(checked[start:stop])
-                    request.bytes_out += sum(stop - start for start, stop in spans)
-                return finish(done, eof)
-            pieces: list[bytes] = []
-            done = False
-            if decoder is not None:
-                while (event := decoder.next_event(buf)) is not None:
-                    if event is END_OF_BODY:
-                        done = True
-                        break
-                    if event:
-                        pieces.append(event)  # type: ignore[arg-type]
-            elif framing.kind == "length":
-                if buf:
-                    piece = bytes(buf[:remaining])
-                    del buf[:remaining]
-                    remaining -= len(piece)
-                    pieces.append(piece)
-                done = not remaining
-            elif framing.kind == "close":
-                if buf:
-                    pieces.append(bytes(buf))
-                    buf.clear()
-                done = eof
+                pieces = [checked[start:stop] for start, stop in spans]
+                out = [head, checked] if chunked_out else [head, *pieces]
             else:
-                done = True
-            out: list[bytes | memoryview] = [head]
-            head = b""
-            for piece in pieces:
-                out += chunk(piece) if chunked_out else (piece,)
-                request.bytes_out += len(piece)
-                keep_tail(piece)
+                if framing.kind == "length":
+                    if buf:
+                        pieces.append(bytes(buf[:remaining]))
+                        del buf[:remaining]
+                        remaining -= len(pieces[0])
+                    done = not remaining
+                elif framing.kind == "close":
+                    if buf:
+                        pieces.append(bytes(buf))
+                        buf.clear()
+                    done = eof
+                else:
+                    done = True
+                out = [head]
+                for piece in pieces:
+                    out += chunk(piece) if chunked_out else (piece,)
             if done and chunked_out:
                 out.append(LAST_CHUNK)
-            if len(out) > 1 or out[0]:
+            if any(out):
                 client.writelines(out)
-            return finish(done, eof)
-
-        def finish(done: bool, eof: bool) -> bool:
+            head = b""
+            for piece in pieces:
+                request.bytes_out += len(piece)
+                tail.append(piece)
+                tail_size += len(piece)
+                while tail_size - len(tail[0]) >= TAIL_BYTES:
+                    tail_size -= len(tail.popleft())
             if done:
                 return True
             if eof:
