@@ -1238,11 +1238,12 @@ class ServerLoad:
     loaded: dict[str, float] = dataclasses.field(default_factory=dict)
     running: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # /api/ps
     version: str | None = None
-    # Circuit breaker: consecutive failures; open until a monotonic time; one probe at a time.
+    # Circuit breaker: consecutive failures; open until a monotonic time; then half-open,
+    # one probe request at a time (``probing`` while one holds a slot).
     failures: int = 0
     open_until: float = 0.0
     breaker_open: bool = False
-    probing: bool = False
+    probing: int = 0
     # For the status page: counts, and times (monotonic) within the last minute.
     requests: int = 0
     errors: int = 0
@@ -1616,28 +1617,83 @@ def is_encrypted(value: str | None) -> bool:
     return bool(value) and str(value).startswith(SECRET_PREFIX)
 
 
-def load_master_key(config: Config) -> tuple[bytes, str]:
-    """The master key, and where it came from (for the startup log, never the key).
+#: A key the balancer generated (or one as strong: 64 hex digits, 256 random bits) is used
+#: as it is; anything else is a passphrase a person chose, stretched with scrypt first.
+random_key_re = re.compile(r"[0-9a-fA-F]{64}")
+#: scrypt's cost for a passphrase: N=2^16, r=8 takes 64 MiB and about 0.1-0.3 s, once at
+#: start (RFC 7914; OWASP's floor is N=2^17 with r=8 for passwords checked per login,
+#: where this runs once per process). Kept with the salt in the database, so it can grow.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**16, 8, 1
+kdf_spec_re = re.compile(
+    r"scrypt:n=([0-9]{1,10}),r=([0-9]{1,3}),p=([0-9]{1,3}):([A-Za-z0-9_-]{22,64})")
 
-    SECRET_KEY, else SECRET_KEY_FILE, else a key generated on first start into a 0600
-    file: beside the SQLite database, or ./ollamabalancer.key for MySQL.
+
+@dataclasses.dataclass(frozen=True)
+class MasterKey:
+    """The key the secrets at rest are sealed with, as the user gave it.
+
+    ``origin`` names where it came from for messages (never the key itself); ``new_file``
+    is set for a key generated just now, written there only once the database takes it.
+    """
+
+    secret: bytes = dataclasses.field(repr=False)
+    origin: str
+    new_file: str | None = None
+
+    @property
+    def random(self) -> bool:
+        return random_key_re.fullmatch(self.secret.decode("utf-8", "replace")) is not None
+
+
+def new_kdf_spec() -> str:
+    salt = base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
+    return f"scrypt:n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}:{salt}"
+
+
+def stretch(passphrase: bytes, spec: str) -> bytes:
+    """The 32-byte master key scrypt derives from a passphrase with a stored ``spec``."""
+    match = kdf_spec_re.fullmatch(spec)
+    if match is None:
+        raise ConfigError(f"the database holds an unknown key derivation {spec[:40]!r}")
+    n, r, p = (int(match.group(i)) for i in (1, 2, 3))
+    salt = base64.urlsafe_b64decode(match.group(4) + "=" * (-len(match.group(4)) % 4))
+    if n < 2 or n & (n - 1) or n > 2**22 or not 1 <= r <= 64 or not 1 <= p <= 16:
+        raise ConfigError(f"the database holds unusable scrypt parameters {spec[:40]!r}")
+    return hashlib.scrypt(passphrase, salt=salt, n=n, r=r, p=p, dklen=32,
+                          maxmem=128 * r * n * p + 2**24)
+
+
+def sealing_box(master: MasterKey, spec: str | None) -> SecretBox:
+    return SecretBox(master.secret if spec is None else stretch(master.secret, spec))
+
+
+def load_master_key(config: Config) -> MasterKey:
+    """SECRET_KEY, else SECRET_KEY_FILE, else the default key file (beside the SQLite
+    database, or ./ollamabalancer.key for MySQL), else a new random key for that file.
+
+    A key file others can read is refused, as ssh refuses such a private key.
     """
     if config.secret_key:
-        return config.secret_key.encode(), "SECRET_KEY"
+        if len(config.secret_key) < 16:
+            raise ConfigError("SECRET_KEY must be at least 16 characters")
+        return MasterKey(config.secret_key.encode(), "SECRET_KEY")
     path = config.secret_key_file or default_key_file(config)
     try:
         with open(path, encoding="utf-8") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
             key = handle.read().strip()
     except FileNotFoundError:
         if config.secret_key_file:
             raise ConfigError(f"SECRET_KEY_FILE {path} does not exist") from None
-        key = write_new_key(path)
-        return key.encode(), f"new key file {path}"
-    except OSError as exc:
-        raise ConfigError(f"cannot read the key file {path}: {exc.strerror}") from None
+        return MasterKey(secrets.token_hex(32).encode(), f"new key file {path}", path)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read the key file {path}: {reason}") from None
+    if os.name == "posix" and mode & 0o077:
+        raise ConfigError(f"the key file {path} can be read by other users: chmod 600 {path}")
     if len(key) < 16:
         raise ConfigError(f"the key in {path} is shorter than 16 characters")
-    return key.encode(), f"key file {path}"
+    return MasterKey(key.encode(), f"key file {path}")
 
 
 def default_key_file(config: Config) -> str:
@@ -1646,13 +1702,11 @@ def default_key_file(config: Config) -> str:
     return "ollamabalancer.key"
 
 
-def write_new_key(path: str) -> str:
-    """A fresh random key in a new file only its owner can read."""
-    key = secrets.token_hex(32)
+def write_key_file(path: str, key: bytes) -> None:
+    """Writes a key to a new file only its owner can read; never over an existing one."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(key + "\n")
-    return key
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(key + b"\n")
 
 
 # ---------------------------------------------------------------------------
@@ -1982,17 +2036,67 @@ class Store:
 
     # -- secrets: the key check, first encryption, rotation ------------------------------
 
-    def check_key(self, box: SecretBox) -> None:
-        """Refuses a key other than the one the stored secrets were encrypted with."""
-        rows = self._rows("SELECT value FROM balancer_meta WHERE name = 'key_check'")
-        if not rows:
-            self._execute("INSERT INTO balancer_meta (name, value) VALUES ('key_check', ?)",
-                          [box.check_value()])
-        elif not hmac.compare_digest(str(rows[0][0]), box.check_value()):
-            raise ConfigError("the secret key does not match the one this database's "
-                              "secrets were encrypted with (key check failed); set "
-                              "SECRET_KEY or SECRET_KEY_FILE to that key")
+    def unlock(self, master: MasterKey) -> str | None:
+        """Opens the secrets with ``master``, or refuses a key other than the one they were
+        sealed with (ConfigError naming where the key came from). The first key a database
+        sees is recorded by a check value and, for a passphrase, scrypt's salt and cost;
+        a passphrase recorded before keys were stretched is re-sealed with scrypt now.
+        Returns what it did worth a log line, if anything."""
+        meta = {str(name): str(value) for name, value in self._rows(
+            "SELECT name, value FROM balancer_meta WHERE name IN ('key_check', 'kdf')")}
+        check, spec = meta.get("key_check"), meta.get("kdf")
+        if check is None:
+            spec = None if master.random else new_kdf_spec()
+            box = sealing_box(master, spec)
+            self._record_first_key(master, box, spec)
+            self.box = box
+            return None
+        if master.new_file is not None:
+            raise ConfigError(
+                f"no key file {master.new_file}: this database's secrets were sealed with a "
+                "key this instance does not have; copy that key file here (chmod 600) or set "
+                "SECRET_KEY_FILE to it. No key file was written")
+        mismatch = ConfigError(
+            f"the key from {master.origin} is not the one this database's secrets were "
+            "sealed with (key check failed); set SECRET_KEY or SECRET_KEY_FILE to that key")
+        if spec is None and not master.random:  # a passphrase used as it was: stretch it
+            legacy = SecretBox(master.secret)
+            if not hmac.compare_digest(check, legacy.check_value()):
+                raise mismatch
+            self.box = legacy
+            spec = new_kdf_spec()
+            count = self.rotate_secrets(sealing_box(master, spec), spec)
+            return f"the passphrase is now stretched with scrypt; {count} secrets re-sealed"
+        box = sealing_box(master, spec)
+        if not hmac.compare_digest(check, box.check_value()):
+            raise mismatch
         self.box = box
+        return None
+
+    def _record_first_key(self, master: MasterKey, box: SecretBox, spec: str | None) -> None:
+        """Writes a generated key's file, then its check value: a failure leaves neither,
+        so the next start is not stuck with a key nobody wanted."""
+        if master.new_file is not None:
+            try:
+                write_key_file(master.new_file, master.secret)
+            except OSError as exc:
+                raise ConfigError(f"cannot write the key file {master.new_file}: "
+                                  f"{exc.strerror}") from None
+        try:
+            with self.transaction():
+                self._execute("INSERT INTO balancer_meta (name, value) VALUES ('key_check', ?)",
+                              [box.check_value()])
+                if spec is not None:
+                    self._execute("INSERT INTO balancer_meta (name, value) VALUES ('kdf', ?)",
+                                  [spec])
+        except BaseException as exc:
+            if master.new_file is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(master.new_file)
+            if isinstance(exc, Exception) and self._is_duplicate(exc):
+                raise ConfigError("another instance recorded this database's key at the same "
+                                  "moment: start again with its key") from None
+            raise
 
     def _secret_cells(self) -> list[tuple[str, str, int, str]]:
         """Every stored secret: (table, column, row id, stored value)."""
@@ -2014,9 +2118,10 @@ class Store:
                 count += 1
         return count
 
-    def rotate_secrets(self, new_box: SecretBox) -> int:
-        """Re-encrypts every secret with ``new_box``, and its key check; returns how many.
-        Every value is decrypted first, so a bad one stops it before anything changed."""
+    def rotate_secrets(self, new_box: SecretBox, spec: str | None) -> int:
+        """Re-seals every secret with ``new_box`` and records its check value and key
+        derivation ``spec`` (None for a random key); returns how many. Every value is
+        opened first, so a bad one stops it before anything changed."""
         assert self.box is not None
         with self.transaction():
             cells = [(t, c, i, self.box.decrypt(v) if is_encrypted(v) else v)
@@ -2026,6 +2131,10 @@ class Store:
                               [new_box.encrypt(plain), row_id])
             self._execute("UPDATE balancer_meta SET value = ? WHERE name = 'key_check'",
                           [new_box.check_value()])
+            self._execute("DELETE FROM balancer_meta WHERE name = 'kdf'")
+            if spec is not None:
+                self._execute("INSERT INTO balancer_meta (name, value) VALUES ('kdf', ?)",
+                              [spec])
         self.box = new_box
         return len(cells)
 
@@ -2363,9 +2472,15 @@ def open_store(config: Config) -> Store:
     )
     store.connect()
     store.migrate()
-    key, source = load_master_key(config)
-    store.check_key(SecretBox(key))
-    log.info("secrets at rest encrypted with the %s", source)
+    master = load_master_key(config)
+    try:
+        note = store.unlock(master)
+    except BaseException:
+        store.close()
+        raise
+    log.info("secrets at rest sealed with the %s", master.origin)
+    if note:
+        log.info("%s", note)
     if config.db_engine == "mysql" and not (config.secret_key or config.secret_key_file):
         log.info("every instance sharing this database needs the same key: copy %s or "
                  "set SECRET_KEY_FILE", os.path.abspath(default_key_file(config)))
@@ -2469,10 +2584,13 @@ class QueueTimeout(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """A place on a server for one request; ``cold`` if its model had to be loaded."""
+    """A place on a server for one request; ``cold`` if its model had to be loaded,
+    ``probe`` if it is the one request let through a half-open circuit."""
 
     server: Server
-    cold: bool
+    model: str | None
+    cold: bool = False
+    probe: bool = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -2516,13 +2634,18 @@ class Scheduler:
         return server.max_concurrency or self.config.max_concurrency
 
     def eligible(self, server: Server, model: str | None, now: float) -> bool:
-        """Could serve ``model`` at all: enabled, reachable, circuit not open, has it."""
-        load = server.load
+        """Could serve ``model`` at all: enabled, reachable, has it, and its circuit is
+        not open (half-open after the cooldown counts: requests wait for the probe)."""
         if not (server.enabled and server.reachable):
             return False
-        if load.breaker_open and (now < load.open_until or load.probing):
+        if server.load.breaker_open and now < server.load.open_until:
             return False
         return model is None or model in server.model_names
+
+    def has_room(self, server: Server) -> bool:
+        """A free slot: under its maxConcurrency, and no probe in flight while half-open."""
+        load = server.load
+        return load.inflight < self.capacity(server) and not load.probing
 
     def candidates(self, servers: Iterable[Server], model: str | None,
                    exclude: frozenset[int] = frozenset()) -> list[Server]:
@@ -2532,7 +2655,7 @@ class Scheduler:
     def choose(self, candidates: Sequence[Server], model: str | None,
                session: str | None = None) -> Server | None:
         """The server to use now among ``candidates``, or None if all are full."""
-        ready = [s for s in candidates if s.load.inflight < self.capacity(s)]
+        ready = [s for s in candidates if self.has_room(s)]
         if not ready:
             return None
         if session is not None:
@@ -2559,9 +2682,8 @@ class Scheduler:
         if not self.eligible(server, model, now):
             return None
         capacity = self.capacity(server)
-        inflight = server.load.inflight
-        tier = self.tier(server, model) if inflight < capacity else FULL
-        return (tier, inflight / capacity / server.weight, -server.weight)
+        tier = self.tier(server, model) if self.has_room(server) else FULL
+        return (tier, server.load.inflight / capacity / server.weight, -server.weight)
 
     def _heap(self, servers: dict[int, Server], model: str | None) -> RankHeap:
         if servers is not self._ranked_fleet:
@@ -2696,22 +2818,33 @@ class Scheduler:
             return self.take(server, model, session)
         if len(self.queue) >= self.config.max_queue:
             raise QueueFull
-        waiter = Waiter(model, exclude, session, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        waiter = Waiter(model, exclude, session, loop.create_future())
         self.queue.append(waiter)
         self.dispatch(servers)  # a slot may be free for this one but not for those ahead
+        # Awaited as it is, neither shielded nor under wait_for: a grant that lands as the
+        # caller is cancelled must come back here to be given back (wait_for on 3.11
+        # would hand it to a task that was told to stop).
+        timer = loop.call_later(self.config.queue_timeout, self._expire, waiter)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future),
-                                          self.config.queue_timeout)
-        except BaseException as exc:
-            if waiter.future.done() and not waiter.future.cancelled():
-                self.release(servers, waiter.future.result().server, model)  # granted late
+            return await waiter.future
+        except BaseException:
+            granted = waiter.future
+            if granted.done() and not granted.cancelled() and granted.exception() is None:
+                self.release(servers, granted.result())  # granted late: given back
             else:
-                waiter.future.cancel()
+                granted.cancel()
                 with contextlib.suppress(ValueError):
                     self.queue.remove(waiter)
-            if isinstance(exc, asyncio.TimeoutError):
-                raise QueueTimeout from None
             raise
+        finally:
+            timer.cancel()
+
+    def _expire(self, waiter: Waiter) -> None:
+        if not waiter.future.done():
+            with contextlib.suppress(ValueError):
+                self.queue.remove(waiter)
+            waiter.future.set_exception(QueueTimeout())
 
     def take(self, server: Server, model: str | None, session: str | None = None) -> Slot:
         load = server.load
@@ -2727,8 +2860,9 @@ class Scheduler:
                     del load.loaded[min(idle, key=load.loaded.__getitem__)]
             load.by_model[model] = load.by_model.get(model, 0) + 1
             load.loaded[model] = time.monotonic()
-        if load.breaker_open:
-            load.probing = True  # half-open: this request is the one probe
+        probe = load.breaker_open
+        if probe:
+            load.probing += 1  # half-open: this request is the probe
         if session is not None:
             self.sessions[session] = server.id
             self.sessions.move_to_end(session)
@@ -2737,10 +2871,16 @@ class Scheduler:
         heap = self._ranked.get(model)
         if cold and heap is not None:  # now loaded: better for this model, worse for others
             self._push(heap, server, model, time.monotonic())
-        return Slot(server, cold)
+        return Slot(server, model, cold, probe)
 
-    def release(self, servers: dict[int, Server], server: Server, model: str | None) -> None:
+    def release(self, servers: dict[int, Server], slot: Slot) -> None:
+        """Gives a slot back, on every path: answered, failed, or abandoned (its client
+        left, its grant came too late). A probe that ended without a verdict (record())
+        leaves the circuit half-open, so the next request probes again."""
+        server, model = slot.server, slot.model
         load = server.load
+        if slot.probe:
+            load.probing -= 1
         load.inflight -= 1
         if model is not None:
             left = load.by_model.get(model, 1) - 1
@@ -2798,8 +2938,13 @@ class Scheduler:
                         max_tier = 1
                 if (model, max_tier) in exhausted:
                     continue
-                server, _ = self.pick(servers, model, waiter.session, waiter.exclude,
-                                      max_tier)
+                server, possible = self.pick(servers, model, waiter.session, waiter.exclude,
+                                             max_tier)
+                if not possible:  # its servers went away while it waited (a failed probe)
+                    self.queue.remove(waiter)
+                    backlog[model] -= 1
+                    waiter.future.set_exception(NoCandidate(model))
+                    continue
                 if server is None:
                     if not waiter.exclude:
                         exhausted.add((model, max_tier))
@@ -2826,14 +2971,9 @@ class Scheduler:
         after which one probe request closes it again or reopens it."""
         load = server.load
         if ok:
-            if load.breaker_open:
-                log.info("circuit of %s closed", server.label)
-            if load.breaker_open or load.probing:
-                load.probing = load.breaker_open = False
-                self.changed(server)
+            self.close_circuit(server, "a request succeeded")
             load.failures = 0
             return
-        load.probing = False
         load.errors += 1
         load.recent_errors.append(time.monotonic())
         load.failures += 1
@@ -2845,6 +2985,13 @@ class Scheduler:
             load.open_until = time.monotonic() + self.config.breaker_cooldown
             loop = asyncio.get_running_loop()
             loop.call_later(self.config.breaker_cooldown + 0.01, self._cooled, servers, server)
+
+    def close_circuit(self, server: Server, why: str) -> None:
+        if server.load.breaker_open:
+            server.load.breaker_open = False
+            server.load.failures = 0
+            log.info("circuit of %s closed: %s", server.label, why)
+            self.changed(server)
 
     def _cooled(self, servers: dict[int, Server], server: Server) -> None:
         """A circuit's cooldown is over: the server may take a probe request."""
@@ -3434,6 +3581,9 @@ class Balancer:
         else:
             server.set_models([m for m in models if isinstance(m, dict)])
             self._mark(server, True, None)
+            if server.load.open_until <= time.monotonic() and not server.load.probing:
+                # Past its cooldown, an answer to the health check is as good as a probe.
+                self.scheduler.close_circuit(server, "its health check passed")
             await self._check_running(server, proxy)
         server.last_checked = utc_now()
         self.scheduler.changed(server)  # its models, health or resident models may differ
@@ -3868,7 +4018,7 @@ class Balancer:
             try:
                 outcome = await self._attempt(request, slot, replay, model)
             finally:
-                self.scheduler.release(self.servers, server, model)
+                self.scheduler.release(self.servers, slot)
             if isinstance(outcome, Relayed):
                 return outcome
             failure = outcome
@@ -4299,12 +4449,12 @@ class Balancer:
         """
         head, chunked = self.upstream_head(request, server, target)
         body = ReplayableBody(request.body_chunks())
-        self.scheduler.take(server, None)
+        slot = self.scheduler.take(server, None)
         try:
             outcome = await until_client_gone(
                 request, self._forward(request, server, proxy, head, chunked, body))
         finally:
-            self.scheduler.release(self.servers, server, None)
+            self.scheduler.release(self.servers, slot)
         return Relayed(False) if outcome is None else outcome
 
     async def _forward(self, request: Request, server: Server, proxy: Proxy | None,
@@ -5265,14 +5415,14 @@ def rotate_secret(config: Config, new_key_file: str) -> int:
     store = open_store(config)
     try:
         if os.path.exists(new_key_file):
-            with open(new_key_file, encoding="utf-8") as handle:
-                new_key = handle.read().strip()
-            if len(new_key) < 16:
-                raise ConfigError(f"the key in {new_key_file} is shorter than 16 characters")
+            master = load_master_key(dataclasses.replace(config, secret_key="",
+                                                         secret_key_file=new_key_file))
         else:
-            new_key = write_new_key(new_key_file)
-        count = store.rotate_secrets(SecretBox(new_key.encode()))
-        store.check_key(SecretBox(new_key.encode()))
+            master = MasterKey(secrets.token_hex(32).encode(), f"key file {new_key_file}")
+            write_key_file(new_key_file, master.secret)
+        spec = None if master.random else new_kdf_spec()
+        count = store.rotate_secrets(sealing_box(master, spec), spec)
+        store.unlock(master)
         store.list_proxies()
         store.list_servers()
     finally:

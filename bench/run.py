@@ -549,8 +549,7 @@ def routing(rows: list[list[str]]) -> None:
                    servers: dict[int, ob.Server] = servers) -> None:
             server, _ = scheduler.pick(servers, "common:latest")
             assert server is not None
-            scheduler.take(server, "common:latest")
-            scheduler.release(servers, server, "common:latest")
+            scheduler.release(servers, scheduler.take(server, "common:latest"))
 
         decide()  # the first decision for a model builds its index
         runs = 2000

@@ -281,6 +281,48 @@ def test_503_from_ollama_fails_over_and_the_breaker_opens(fleet: Any) -> None:
     assert lb.call("GET", f"/servers/{busy_row['id']}").json()["circuitOpen"] is False
 
 
+def open_circuit(lb: BalancerProcess, fake: FakeOllama, row: dict[str, Any]) -> None:
+    """Fails one request on ``fake`` (threshold 1), then lets it work again."""
+    fake.fail_status = 503
+    assert chat(lb).status == 503
+    assert lb.call("GET", f"/servers/{row['id']}").json()["circuitOpen"] is True
+    fake.fail_status = None
+
+
+def test_an_abandoned_probe_does_not_wedge_the_circuit_and_others_queue_behind_it(
+        fleet: Any) -> None:
+    lb, add = fleet("--breaker-threshold", "1", "--breaker-cooldown", "1",
+                    "--health-interval", "600")
+    fake, row = add()  # the only server with the model
+    open_circuit(lb, fake, row)
+    time.sleep(1.2)  # past the cooldown: the next request is the probe
+    body = json.dumps({"model": "llama3", "messages": [], "stream": False,
+                       "fake_hold": True}).encode()
+    probe = socket.create_connection(("127.0.0.1", lb.port))
+    probe.sendall(b"POST /api/chat HTTP/1.1\r\nHost: lb\r\nContent-Type: application/json"
+                  b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    wait_until(lambda: held(fake) == 1)
+    others = [in_thread(chat, lb, order=index) for index in range(6)]
+    time.sleep(0.5)
+    assert all(not result for _, result in others), "requests must queue behind the probe"
+    probe.close()  # the user pressed stop: the probe ends without a verdict
+    for thread, result in others:
+        thread.join(15)
+        assert result and result[0].status == 200, result
+    assert lb.call("GET", f"/servers/{row['id']}").json()["circuitOpen"] is False
+    fake.release()
+
+
+def test_a_passing_health_check_after_the_cooldown_closes_the_circuit(fleet: Any) -> None:
+    lb, add = fleet("--breaker-threshold", "1", "--breaker-cooldown", "0.5",
+                    "--health-interval", "0.3")
+    fake, row = add()
+    open_circuit(lb, fake, row)
+    wait_until(lambda: lb.call("GET", f"/servers/{row['id']}").json()["circuitOpen"] is False,
+               timeout=5)
+    assert chat(lb).status == 200
+
+
 def test_retries_are_bounded_and_the_last_error_is_returned(fleet: Any) -> None:
     lb, add = fleet("--retries", "1", "--health-interval", "600")
     fakes = [add()[0] for _ in range(3)]

@@ -27,9 +27,9 @@ def test_tiers_follow_ollamas_own_scheduling() -> None:
     scheduler, servers = fleet(1)
     server = servers[1]
     assert scheduler.tier(server, "a:latest") == 1  # memory free: a load, no eviction
-    scheduler.take(server, "a:latest")
+    slot = scheduler.take(server, "a:latest")
     assert scheduler.tier(server, "a:latest") == 2  # loaded, its one slot taken
-    scheduler.release(servers, server, "a:latest")
+    scheduler.release(servers, slot)
     assert scheduler.tier(server, "a:latest") == 0  # loaded and free: runs at once
     scheduler.take(server, "b:latest")
     assert scheduler.tier(server, "c:latest") == 3  # full memory, "a" idle: evicts it
@@ -41,18 +41,16 @@ def test_taking_a_model_predicts_the_lru_eviction() -> None:
     scheduler, servers = fleet(1)
     server = servers[1]
     for model in ("a:latest", "b:latest"):
-        scheduler.take(server, model)
-        scheduler.release(servers, server, model)
-    scheduler.take(server, "a:latest")  # "a" used last; "b" is now least recently used
-    scheduler.release(servers, server, "a:latest")
+        scheduler.release(servers, scheduler.take(server, model))
+    # "a" used last; "b" is now least recently used
+    scheduler.release(servers, scheduler.take(server, "a:latest"))
     scheduler.take(server, "c:latest")
     assert set(server.load.loaded) == {"a:latest", "c:latest"}
 
 
 def test_least_load_prefers_a_ready_server_then_memory_then_least_busy() -> None:
     scheduler, servers = fleet(3)
-    scheduler.take(servers[2], "a:latest")
-    scheduler.release(servers, servers[2], "a:latest")
+    scheduler.release(servers, scheduler.take(servers[2], "a:latest"))
     candidates = list(servers.values())
     assert scheduler.choose(candidates, "a:latest") is servers[2]
     scheduler.take(servers[2], "a:latest")  # now busy: a load elsewhere beats waiting
@@ -85,20 +83,19 @@ def queue_order(strategy: str = "least_load") -> list[str]:
     async def scenario() -> list[str]:
         scheduler, servers = fleet(1, max_concurrency=1, strategy=strategy)
         server = servers[1]
-        scheduler.take(server, "a:latest")
-        scheduler.release(servers, server, "a:latest")
-        scheduler.take(server, "b:latest")
+        scheduler.release(servers, scheduler.take(server, "a:latest"))
+        running = scheduler.take(server, "b:latest")
         order: list[str] = []
 
         async def want(model: str) -> None:
             got = await scheduler.acquire(servers, model)
             order.append(model)
             await asyncio.sleep(0)
-            scheduler.release(servers, got.server, model)
+            scheduler.release(servers, got)
 
         tasks = [asyncio.ensure_future(want(m)) for m in ("c:latest", "a:latest")]
         await asyncio.sleep(0.01)
-        scheduler.release(servers, server, "b:latest")
+        scheduler.release(servers, running)
         await asyncio.gather(*tasks)
         return order
 
@@ -124,14 +121,14 @@ def test_a_cancelled_waiter_leaves_the_queue_and_a_late_grant_is_returned() -> N
     async def scenario() -> tuple[int, int]:
         scheduler, servers = fleet(1, max_concurrency=1)
         server = servers[1]
-        scheduler.take(server, None)
+        held = scheduler.take(server, None)
         waiting = asyncio.ensure_future(scheduler.acquire(servers, "a:latest"))
         await asyncio.sleep(0.01)
         assert len(scheduler.queue) == 1
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
         queued = len(scheduler.queue)
-        scheduler.release(servers, server, None)
+        scheduler.release(servers, held)
         return queued, server.load.inflight
 
     assert asyncio.run(scenario()) == (0, 0)
@@ -147,12 +144,53 @@ def test_breaker_opens_after_the_threshold_and_allows_one_probe() -> None:
         assert scheduler.candidates(servers.values(), None) == []
         await asyncio.sleep(0.06)
         assert scheduler.candidates(servers.values(), None) == [server]
-        scheduler.take(server, None)  # the probe
-        assert scheduler.candidates(servers.values(), None) == []
-        scheduler.release(servers, server, None)
+        probe = scheduler.take(server, None)
+        assert probe.probe
+        assert scheduler.choose(scheduler.candidates(servers.values(), None), None) is None
         scheduler.record(servers, server, True)
+        scheduler.release(servers, probe)
         assert not server.load.breaker_open
         assert scheduler.candidates(servers.values(), None) == [server]
+
+    asyncio.run(scenario())
+
+
+def test_a_probe_granted_to_a_waiter_that_leaves_is_given_back() -> None:
+    async def scenario() -> None:
+        scheduler, servers = fleet(1, max_concurrency=1, breaker_threshold=1,
+                                   breaker_cooldown=0.01)
+        server = servers[1]
+        running = scheduler.take(server, None)  # in flight when the circuit opens
+        scheduler.record(servers, server, False)
+        await asyncio.sleep(0.02)  # cooled down: half-open
+        waiting = asyncio.ensure_future(scheduler.acquire(servers, None))
+        await asyncio.sleep(0)
+        assert len(scheduler.queue) == 1
+        scheduler.release(servers, running)  # the slot goes to the waiter, as the probe
+        waiting.cancel()  # ... whose client leaves before it runs
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert (server.load.probing, server.load.inflight) == (0, 0)
+        assert scheduler.pick(servers, None)[0] is server  # free to be probed again
+
+    asyncio.run(scenario())
+
+
+def test_waiters_fail_at_once_when_a_failed_probe_leaves_no_server() -> None:
+    async def scenario() -> None:
+        scheduler, servers = fleet(1, breaker_threshold=1, breaker_cooldown=0.01)
+        server = servers[1]
+        scheduler.record(servers, server, False)
+        await asyncio.sleep(0.02)
+        probe = await scheduler.acquire(servers, "a:latest")
+        assert probe.probe
+        waiting = asyncio.ensure_future(scheduler.acquire(servers, "a:latest"))
+        await asyncio.sleep(0)
+        assert not waiting.done()  # queued behind the probe, not refused
+        scheduler.record(servers, server, False)  # the probe failed: open again
+        scheduler.release(servers, probe)
+        with pytest.raises(ob.NoCandidate):
+            await asyncio.wait_for(waiting, 1)
+        assert not scheduler.queue
 
     asyncio.run(scenario())
 
@@ -202,7 +240,7 @@ def test_the_ranked_index_chooses_as_well_as_a_scan_of_the_fleet(
     scheduler, servers = fleet(6, max_concurrency=3, num_parallel=2, breaker_threshold=2,
                                breaker_cooldown=3600)
     models: list[str | None] = ["a:latest", "b:latest", "c:latest", None]
-    held: list[tuple[ob.Server, str | None]] = []
+    held: list[ob.Slot] = []
     loop = asyncio.new_event_loop()  # the breaker schedules its cooldown on the loop
 
     def check(model: str | None) -> None:
@@ -219,11 +257,9 @@ def test_the_ranked_index_chooses_as_well_as_a_scan_of_the_fleet(
         for what, index, model_index in operations:
             server, model = servers[index], models[model_index]
             if what == "take" and server.load.inflight < 3:
-                scheduler.take(server, model)
-                held.append((server, model))
+                held.append(scheduler.take(server, model))
             elif what == "release" and held:
-                gone_server, gone_model = held.pop(index % len(held))
-                scheduler.release(servers, gone_server, gone_model)
+                scheduler.release(servers, held.pop(index % len(held)))
             elif what in ("fail", "succeed"):
                 scheduler.record(servers, server, what == "succeed")
             elif what in ("unreachable", "reachable", "disable", "enable"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import sqlite3
 import stat
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, BalancerProcess, StoreConfig, call
+from conftest import ROOT, BalancerProcess, StoreConfig, call, mysql_connect
 from fakeollama import FakeOllama
 
 import ollamabalancer as ob
@@ -111,6 +112,128 @@ def test_a_wrong_key_refuses_to_start_with_one_clear_line(
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "key check failed" in errors[0]
     assert "wrong key" not in done.stderr
+
+
+def start_once(store: StoreConfig, **env: str) -> subprocess.CompletedProcess[str]:
+    """One start of the balancer that is expected to stop at once (a refused setting)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SECRET_"))}
+    return subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), "--port", "0",
+                           "--ip", "127.0.0.1"], env={**full, **store.env(), **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_no_key_or_database_is_tracked_by_git() -> None:
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert listed, "not a git checkout"
+    tracked = [name for name in listed if name.endswith((".key", ".db", ".db-wal", ".db-shm"))]
+    assert tracked == []
+    ignored = subprocess.run(["git", "check-ignore", "ollamabalancer.key", "x.db.key",
+                              "x.db"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert ignored == ["ollamabalancer.key", "x.db.key", "x.db"]
+
+
+def test_a_key_file_others_can_read_is_refused(sqlite_store: StoreConfig,
+                                                tmp_path: Path) -> None:
+    key_file = tmp_path / "master.key"
+    key_file.write_text("k" * 64 + "\n")
+    key_file.chmod(0o644)
+    done = start_once(sqlite_store, SECRET_KEY_FILE=str(key_file))
+    assert done.returncode == 1
+    (error,) = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert str(key_file) in error and f"chmod 600 {key_file}" in error
+    key_file.chmod(0o600)
+    default = Path(str(sqlite_store.path) + ".key")  # the default file is checked too
+    default.write_text("d" * 64 + "\n")
+    default.chmod(0o640)
+    assert "chmod 600" in start_once(sqlite_store).stderr
+
+
+def test_a_failed_start_leaves_no_new_key_file_behind(
+        start_balancer: Any, store: StoreConfig, tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.chdir(tmp_path)  # MySQL's default key file is ./ollamabalancer.key
+    start_balancer(store, env={"SECRET_KEY": "the passphrase this database uses"}).stop()
+    default = Path(str(store.path) + ".key") if store.engine == "sqlite" else (
+        tmp_path / "ollamabalancer.key")
+    for _ in range(2):  # and the second start says the same, not "key check failed"
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "ollamabalancer.py"), "--port", "0"], cwd=tmp_path,
+            env={k: v for k, v in {**os.environ, **store.env()}.items()
+                 if not k.startswith("SECRET_")},
+            capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        (error,) = [line for line in done.stderr.splitlines() if "ERROR" in line]
+        assert "no key file" in error and default.name in error, error
+        assert not default.exists()
+
+
+def meta(store: StoreConfig) -> dict[str, str]:
+    if store.engine == "sqlite":
+        with sqlite3.connect(store.path) as conn:
+            return dict(conn.execute("SELECT name, value FROM balancer_meta").fetchall())
+    conn = mysql_connect(store.database)
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT name, value FROM balancer_meta")
+        rows = dict(cursor.fetchall())
+    conn.close()
+    return rows
+
+
+def test_a_passphrase_is_stretched_with_scrypt_and_a_generated_key_is_not(
+        start_balancer: Any, store: StoreConfig, tmp_path: Path) -> None:
+    passphrase = "correct horse battery staple"
+    start_balancer(store, env={"SECRET_KEY": passphrase}).stop()
+    values = meta(store)
+    assert values["kdf"].startswith("scrypt:n=65536,r=8,p=1:")
+    stretched = ob.SecretBox(ob.stretch(passphrase.encode(), values["kdf"]))
+    assert values["key_check"] == stretched.check_value()
+    assert values["key_check"] != ob.SecretBox(passphrase.encode()).check_value()
+    assert start_once(store, SECRET_KEY="not the passphrase at all").returncode == 1
+    generated = StoreConfig("sqlite", tmp_path / "other")
+    generated.path.parent.mkdir()
+    start_balancer(generated).stop()
+    key = Path(str(generated.path) + ".key").read_text().strip()
+    assert "kdf" not in meta(generated)
+    assert meta(generated)["key_check"] == ob.SecretBox(key.encode()).check_value()
+
+
+def test_a_database_sealed_with_a_bare_passphrase_is_migrated_in_place(
+        start_balancer: Any, store: StoreConfig) -> None:
+    passphrase = "an old passphrase, before scrypt"
+    config = ob.load_config([], store.env())
+    old = ob.open_store(dataclasses.replace(config, secret_key="k" * 64))
+    old.close()  # the tables; now make them as the version before stretching left them
+    legacy = ob.SecretBox(passphrase.encode())
+    conn: Any = (sqlite3.connect(store.path, isolation_level=None) if store.engine == "sqlite"
+                 else mysql_connect(store.database))
+    mark = "?" if store.engine == "sqlite" else "%s"
+    sql = [("DELETE FROM balancer_meta", ()),
+           (f"INSERT INTO balancer_meta (name, value) VALUES ('key_check', {mark})",
+            (legacy.check_value(),)),
+           (f"INSERT INTO proxy (name, ip, port, user_name, password) VALUES"
+            f" ('p', '127.0.0.1', 1, 'u', {mark})", (legacy.encrypt("the-old-password"),))]
+    cursor = conn.cursor()
+    for statement, params in sql:
+        cursor.execute(statement, params)
+    conn.close()
+    lb = start_balancer(store, env={"SECRET_KEY": passphrase})
+    assert "stretched with scrypt; 1 secrets re-sealed" in lb.log
+    assert lb.call("GET", "/proxy/allProxies").json()[0]["hasPassword"] is True
+    lb.stop()
+    values = meta(store)
+    stretched = ob.SecretBox(ob.stretch(passphrase.encode(), values["kdf"]))
+    assert values["key_check"] == stretched.check_value()
+    if store.engine == "sqlite":
+        (sealed,) = stored_passwords(store.path)
+    else:
+        conn = mysql_connect(store.database)
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT password FROM proxy")
+            (sealed,) = cursor.fetchone()
+        conn.close()
+    assert stretched.decrypt(sealed) == "the-old-password"
+    again = start_balancer(store, env={"SECRET_KEY": passphrase})  # nothing more to do
+    assert "stretched" not in again.log
 
 
 def test_plain_text_passwords_of_a_seed_database_are_encrypted_on_start(
