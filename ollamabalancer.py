@@ -138,6 +138,25 @@ ROUTE_MEMO_SIZE = 1024
 #: Sessions (X-Session-Id) remembered for affinity, least recently used dropped first.
 MAX_SESSIONS = 10_000
 SERVER_SCHEMES = ("http", "https")
+#: Origins Ollama allows before OLLAMA_ORIGINS adds any (its envconfig), so that browser
+#: front ends that work against Ollama work against the balancer.
+DEFAULT_ORIGINS = (
+    *(f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "0.0.0.0")
+      for scheme in ("http", "https") for port in ("", ":*")),
+    "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*",
+)
+#: What a CORS preflight is told: Ollama's methods and request headers, with ours.
+CORS_PREFLIGHT_FIELDS = (
+    ("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"),
+    ("Access-Control-Allow-Headers",
+     "Authorization, Content-Type, User-Agent, Accept, X-Requested-With, X-Session-Id, "
+     "X-Stainless-Lang, X-Stainless-Package-Version, X-Stainless-Os, X-Stainless-Arch, "
+     "X-Stainless-Retry-Count, X-Stainless-Runtime, X-Stainless-Runtime-Version, "
+     "X-Stainless-Async, X-Stainless-Helper-Method, X-Stainless-Poll-Helper, "
+     "X-Stainless-Custom-Poll-Interval, X-Stainless-Timeout"),
+    ("Access-Control-Max-Age", "43200"),
+)
+request_id_re = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 # ---------------------------------------------------------------------------
@@ -249,6 +268,8 @@ class Config:
     admin_token: str = dataclasses.field(default="", repr=False)
     admin_token_file: str = ""
     require_api_key: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    origins: tuple[str, ...] = ()
     header_timeout: float = HEADER_TIMEOUT
     max_connections: int = 10_000
     drain_timeout: float = 30.0
@@ -330,6 +351,10 @@ def _text(text: str) -> str:
     return text
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip().lower() for name in text.split(",") if name.strip())
+
+
 def _flag(text: str) -> bool:
     value = text.strip().lower()
     if value not in ("0", "1", "true", "false", "yes", "no", ""):
@@ -387,6 +412,13 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "file holding ADMIN_TOKEN"),
     ("REQUIRE_API_KEY", "--require-api-key", "require_api_key", _flag,
      "1 to require a client API key even before any exists (default 0)"),
+    ("ALLOWED_HOSTS", "--allowed-hosts", "allowed_hosts", _names,
+     "comma-separated host names the management API answers to without ADMIN_TOKEN, "
+     "besides IP addresses, localhost and this host's name (stops DNS rebinding)"),
+    ("ORIGINS", "--origins", "origins", _names,
+     "comma-separated browser origins allowed on the Ollama endpoints, as OLLAMA_ORIGINS "
+     "(* wildcards); localhost, 127.0.0.1, 0.0.0.0, app://, file://, tauri:// and "
+     "vscode-webview:// always are"),
     ("HEADER_TIMEOUT", "--header-timeout", "header_timeout", _seconds,
      "seconds a client may take to send a request head (default 30)"),
     ("MAX_CONNECTIONS", "--max-connections", "max_connections", _count(1, 10_000_000),
@@ -3135,6 +3167,10 @@ class Request:
         self.on_body_done: Callable[[], None] | None = None
         self.responded = False  # set once response bytes may have been written
         self.authenticated = False  # its Authorization was the balancer's: not sent on
+        self.privileged = False  # an admin's: errors about upstreams keep their detail
+        self.id = ""  # X-Request-Id, in the response and the access log
+        #: Fields every response to it carries (X-Request-Id, CORS), whoever writes it.
+        self.response_fields: list[tuple[str, str]] = []
         # For the access log and the metrics.
         self.started = time.monotonic()
         self.endpoint = "unmatched"
@@ -3149,6 +3185,7 @@ class Request:
         """Writes a whole response, noting what went out."""
         self.status = response.status
         self.first_byte = time.monotonic() - self.started
+        response.headers = (*response.headers, *self.response_fields)
         self.bytes_out += await send_response(self.wire, response, self.head)
 
     async def _send_continue(self) -> None:
@@ -3199,6 +3236,24 @@ class Request:
 
 
 Handler = Callable[[Request, "re.Match[str]"], Awaitable["Response | Relayed"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """Why one try on one server failed, and whether the words are Ollama's own (safe for
+    any client) rather than the balancer's about its upstreams (for admins only)."""
+
+    status: int
+    detail: str
+    from_ollama: bool
+
+
+#: What clients other than admins are told of an upstream failure, by status.
+UPSTREAM_FAILURES = {
+    502: "the upstream server failed",
+    503: "the upstream server is unavailable",
+    504: "the upstream server did not answer in time",
+}
 
 
 class Relayed:
@@ -3500,6 +3555,10 @@ class Balancer:
              "admin"),
         ]
         self.admin_token = config.admin_token
+        self._origins = origin_matcher((*DEFAULT_ORIGINS, *config.origins))
+        self._own_names = frozenset({socket.gethostname().lower(), *config.allowed_hosts})
+        self._id_prefix = secrets.token_hex(4) + "-"
+        self._id_counter = itertools.count(1)
         self.metrics = Metrics()
         self.recent_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self.keys: dict[str, ApiKey] = {}  # by the SHA-256 of the key
@@ -3996,7 +4055,7 @@ class Balancer:
         request.responded = True
         replay = ReplayableBody.of(body)
         tried: set[int] = set()
-        failure: tuple[int, str] | None = None
+        failure: Failure | None = None
         busy = [("Retry-After", "1")]
         request.model = model
         for _ in range(self.config.retries + 1):
@@ -4022,15 +4081,18 @@ class Balancer:
             if isinstance(outcome, Relayed):
                 return outcome
             failure = outcome
-            log.warning("%s failed for %s: %s", server.label, model, failure[1])
+            log.warning("request %s: %s failed for %s: %s", request.id, server.label, model,
+                        failure.detail)
         if failure is None:
             return await self.send_error(
                 request, 503, f"every server with model '{model}' is failing; try again later",
                 busy)
-        return await self.send_error(request, *failure)
+        if failure.from_ollama:
+            return await self.send_error(request, failure.status, failure.detail)
+        return await self.send_upstream_error(request, failure.status, failure.detail)
 
     async def _attempt(self, request: Request, slot: Slot, body: ReplayableBody,
-                       model: str) -> Relayed | tuple[int, str]:
+                       model: str) -> Relayed | Failure:
         """One try on one server: the relayed response, or why another server should try.
 
         Worth another server: no connection, a timeout, 502/503 (Ollama's "server busy"),
@@ -4050,7 +4112,7 @@ class Balancer:
         except UpstreamError as exc:
             self.upstream_failed(server, "timeout" if exc.status == 504 else "connect",
                                  exc.message)
-            return exc.status, exc.message
+            return Failure(exc.status, exc.message, False)
         if response.status not in (404, 502, 503):
             first_byte = time.monotonic() - started
             relayed, ok = await self.send_upstream_response(request, server, wire, response,
@@ -4059,8 +4121,8 @@ class Balancer:
                 self.scheduler.record(self.servers, server, True)
                 self.scheduler.observe(slot.cold, first_byte, time.monotonic() - started)
             return relayed
-        message = await self._read_error(wire, response, key) or (
-            f"{server.label} answered {response.status}")
+        own = await self._read_error(wire, response, key)
+        message = own or f"{server.label} answered {response.status}"
         if response.status == 404:
             if "not found" not in message:
                 return await self.send_error(request, 404, message)
@@ -4068,9 +4130,9 @@ class Balancer:
             server.set_models([m for m in server.models if canonical_model(
                 str(m.get("name") or m.get("model") or "")) != model])
             self.spawn(self.check_server(server))
-            return 404, message
+            return Failure(404, message, own is not None)
         self.upstream_failed(server, "http_5xx", message)
-        return response.status, message
+        return Failure(response.status, message, own is not None)
 
     async def _read_error(self, wire: Wire, response: ResponseHead, key: PoolKey
                           ) -> str | None:
@@ -4198,7 +4260,7 @@ class Balancer:
         keep = request.body_done and not client_wants_close(request.head)
         if stream:
             request.status, request.first_byte = 200, time.monotonic() - request.started
-            fields = [("Content-Type", "application/x-ndjson")]
+            fields = [("Content-Type", "application/x-ndjson"), *request.response_fields]
             fields.append(("Transfer-Encoding", "chunked") if keep else ("Connection", "close"))
             client.write(render_head("HTTP/1.1 200 OK", fields))
         final: dict[str, Any] = {}
@@ -4421,7 +4483,10 @@ class Balancer:
         """The request head sent upstream, and whether its body goes chunked.
         ``body_length`` is given when the balancer has read the whole body itself."""
         headers = request.head.headers
-        dropped = {*HOP_BY_HOP, *headers.tokens("connection"), "host", "x-forwarded-for"}
+        # Origin: the balancer answers CORS itself, and an Ollama with other ORIGINS would
+        # refuse what the balancer allowed.
+        dropped = {*HOP_BY_HOP, *headers.tokens("connection"), "host", "x-forwarded-for",
+                   "origin"}
         if request.authenticated or server.authorization:
             dropped.add("authorization")  # the balancer's key; or the server's own instead
         fields = [(n, v) for n, v in headers.fields if n.lower() not in dropped]
@@ -4467,7 +4532,7 @@ class Balancer:
             self.upstream_failed(server, "timeout" if exc.status == 504 else "connect",
                                  exc.message)
             request.server = server
-            return await self.send_error(request, exc.status, exc.message)
+            return await self.send_upstream_error(request, exc.status, exc.message)
         relayed, ok = await self.send_upstream_response(request, server, wire, response, key)
         if ok:
             self.scheduler.record(self.servers, server, True)
@@ -4481,6 +4546,22 @@ class Balancer:
                                           headers=headers))
         return Relayed(keep)
 
+    def public_message(self, request: Request | None, status: int, detail: str) -> str:
+        """What a client is told of an upstream's or a proxy's failure: the detail (names,
+        addresses, a proxy's reasons) for an admin; for anyone else a neutral message and
+        the request id, under which the log keeps the detail."""
+        request_id = request.id if request is not None else "-"
+        log.warning("request %s failed upstream: %s", request_id, detail)
+        if request is not None and request.privileged:
+            return detail
+        what = UPSTREAM_FAILURES.get(status, "the upstream request failed")
+        return f"{what} (request id {request_id})"
+
+    async def send_upstream_error(self, request: Request, status: int, detail: str
+                                  ) -> Relayed:
+        return await self.send_error(request, status, self.public_message(request, status,
+                                                                           detail))
+
     async def send_upstream_response(self, request: Request, server: Server, wire: Wire,
                                      response: ResponseHead, key: PoolKey
                                      ) -> tuple[Relayed, bool]:
@@ -4491,9 +4572,11 @@ class Balancer:
             framing = response_framing(response, request.method)
         except ProtocolError as exc:
             wire.abort()
-            return await self.send_error(request, 502, f"{server.label}: {exc.message}"), False
+            return await self.send_upstream_error(request, 502,
+                                                  f"{server.label}: {exc.message}"), False
         keep_alive = request.body_done and not client_wants_close(request.head)
         fields, chunked_out = self._response_fields(response, framing, request)
+        fields += request.response_fields
         if chunked_out is None:
             keep_alive = False  # an HTTP/1.0 client reads the body until we close
         if not keep_alive:
@@ -4645,7 +4728,13 @@ class Balancer:
     async def dispatch(self, request: Request) -> Response | Relayed:
         path = request.path
         allowed: set[str] = set()
-        for methods, match, handler, access in self.matching_routes(path):
+        request.id = self.request_id(request.head)
+        request.response_fields.append(("X-Request-Id", request.id))
+        routes = self.matching_routes(path)
+        if request.method == "OPTIONS" and routes and (
+                "access-control-request-method" in request.head.headers.index):
+            return self.preflight(request, [access for *_, access in routes])
+        for methods, match, handler, access in routes:
             if methods and request.method not in methods:
                 allowed |= methods
                 continue
@@ -4654,7 +4743,9 @@ class Balancer:
                 handler.__name__)
             if access == "admin":
                 self.authorize_admin(request)
+                request.privileged = True
                 return await handler(request, match)
+            self.allow_origin(request)
             usage = self.authorize_client(request) if access == "client" else None
             if usage is None:
                 return await handler(request, match)
@@ -4686,11 +4777,13 @@ class Balancer:
         if request.queue_wait is not None:
             metrics.observe("queue_wait_seconds", (), request.queue_wait)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info("%-15s %-6s %-32s %3d %-20s %-24s %s %s %s %9d", request.wire.peer,
-                            request.method, request.head.target[:200], request.status,
-                            server or "-", model or "-", _secs(request.queue_wait),
-                            _secs(request.first_byte), _secs(duration), request.bytes_out,
+            access_log.info("%-15s %-6s %-32s %3d %-20s %-24s %s %s %s %9d %s",
+                            request.wire.peer, request.method, request.head.target[:200],
+                            request.status, server or "-", model or "-",
+                            _secs(request.queue_wait), _secs(request.first_byte),
+                            _secs(duration), request.bytes_out, request.id or "-",
                             extra={"access": {
+                                "request_id": request.id or None,
                                 "client": request.wire.peer, "method": request.method,
                                 "path": request.head.target, "status": request.status,
                                 "server": server or None, "model": model or None,
@@ -4757,42 +4850,109 @@ class Balancer:
 
     # -- authentication ---------------------------------------------------------------
 
+    def request_id(self, head: RequestHead) -> str:
+        """The client's X-Request-Id when it is a plain token (a proxy in front set it),
+        else one of ours: this process's tag and a counter."""
+        given = head.headers.get("x-request-id")
+        if given is not None and request_id_re.fullmatch(given):
+            return given
+        return f"{self._id_prefix}{next(self._id_counter):x}"
+
+    def names_this_balancer(self, host: str | None) -> bool:
+        """Whether a Host field names the balancer itself: an IP address (a browser sends
+        one only for a page of that address), localhost, this host's name, or a name in
+        ALLOWED_HOSTS. A name an attacker's DNS points here (rebinding) is none of these."""
+        if host is None:
+            return True  # HTTP/1.0 without Host: no browser sends that
+        parsed = split_authority(host, 0)
+        if parsed is None:
+            return False
+        name = parsed[0]
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(name)
+            return True
+        return (name == "localhost" or name.endswith(".localhost")
+                or name in self._own_names or "*" in self._own_names)
+
     def authorize_admin(self, request: Request) -> None:
-        """ADMIN_TOKEN as a bearer token, compared in constant time; without one set, the
-        management endpoints answer loopback clients only."""
+        """The management endpoints: never for a web page of another origin (CSRF), bodies
+        only as JSON (no HTML form can send that), then ADMIN_TOKEN as a bearer token,
+        compared in constant time; without one, loopback clients whose Host names the
+        balancer."""
+        headers = request.head.headers
+        origin = headers.get("origin")
+        if origin is not None and not same_origin(origin, headers.get("host")):
+            raise HTTPError(403, "management requests from a web page of another origin "
+                                 "are refused")
+        if (headers.get("sec-fetch-site") or "").lower() in ("cross-site", "same-site"):
+            raise HTTPError(403, "management requests from another site are refused")
         if not self.admin_token:
             if not is_loopback(request.wire.peer):
                 raise HTTPError(403, "management endpoints answer only loopback clients "
                                      "while ADMIN_TOKEN is not set")
+            if not self.names_this_balancer(headers.get("host")):
+                raise HTTPError(403, f"Host {headers.get('host')!r} does not name this "
+                                     "balancer: add it to ALLOWED_HOSTS, or set ADMIN_TOKEN")
+        else:
+            token = bearer_token(request.head) or basic_password(request.head)
+            challenge = [("WWW-Authenticate", 'Bearer realm="ollamabalancer admin"')]
+            if request.path == "/dashboard":  # a browser asks for it as a password
+                challenge.insert(0, ("WWW-Authenticate", 'Basic realm="ollamabalancer admin"'))
+            if token is None:
+                raise HTTPError(401, "missing admin token: send Authorization: Bearer <token>",
+                                headers=challenge)
+            if not hmac.compare_digest(token.encode(), self.admin_token.encode()):
+                raise HTTPError(401, "invalid admin token", headers=challenge)
+        if request.method in ("POST", "PUT", "PATCH") or not request.body_done:
+            media = (headers.get("content-type") or "").partition(";")[0].strip().lower()
+            if media != "application/json":
+                raise HTTPError(415, "management requests with a body must be sent as "
+                                     "Content-Type: application/json")
+
+    def allow_origin(self, request: Request) -> None:
+        """CORS on the Ollama endpoints, as Ollama answers it: a browser page of an allowed
+        origin (ORIGINS, and Ollama's defaults) may read the answer; another gets 403."""
+        origin = request.head.headers.get("origin")
+        if origin is None:
             return
-        token = bearer_token(request.head) or basic_password(request.head)
-        challenge = [("WWW-Authenticate", 'Bearer realm="ollamabalancer admin"')]
-        if request.path == "/dashboard":  # a browser asks for it as a password
-            challenge.insert(0, ("WWW-Authenticate", 'Basic realm="ollamabalancer admin"'))
-        if token is None:
-            raise HTTPError(401, "missing admin token: send Authorization: Bearer <token>",
-                            headers=challenge)
-        if not hmac.compare_digest(token.encode(), self.admin_token.encode()):
-            raise HTTPError(401, "invalid admin token", headers=challenge)
+        if not self._origins.fullmatch(origin):
+            raise HTTPError(403, f"origin {origin[:100]!r} is not allowed: add it to ORIGINS")
+        request.response_fields += [("Access-Control-Allow-Origin", origin),
+                                    ("Vary", "Origin")]
+
+    def preflight(self, request: Request, accesses: list[str]) -> Response:
+        """A CORS preflight (OPTIONS with Access-Control-Request-Method): 204 with what
+        Ollama allows, for an allowed origin on the Ollama endpoints only."""
+        request.endpoint = "preflight"
+        if "admin" in accesses:
+            raise HTTPError(403, "management endpoints take no cross-origin requests")
+        self.allow_origin(request)
+        return Response(204, headers=CORS_PREFLIGHT_FIELDS)
 
     def authorize_client(self, request: Request) -> KeyUsage | None:
         """Once any API key exists (or REQUIRE_API_KEY=1), a valid key within its limits.
 
-        The key is compared through its SHA-256, so timing reveals nothing of it; the
-        balancer's own key is not sent upstream. Returns the key's usage to count the
-        request against, or None when no key is needed or the admin token was used.
+        The key is compared through its SHA-256, so timing reveals nothing of it. The
+        balancer's own credentials, an API key or the admin token, are recognised in
+        every mode and never sent upstream. Returns the key's usage to count the request
+        against, or None when no key is needed or the admin token was used.
         """
+        token = bearer_token(request.head) or basic_password(request.head)
+        is_admin = bool(token and self.admin_token and hmac.compare_digest(
+            token.encode(), self.admin_token.encode()))
+        key = self.keys.get(hashlib.sha256(token.encode()).hexdigest()) if (
+            token and self.keys and not is_admin) else None
+        request.authenticated = is_admin or key is not None
+        request.privileged = is_admin or (not self.admin_token
+                                          and is_loopback(request.wire.peer))
         if not (self.keys or self.config.require_api_key):
             return None
-        token = bearer_token(request.head)
         challenge = [("WWW-Authenticate", 'Bearer realm="ollamabalancer"')]
         if token is None:
             raise HTTPError(401, "missing API key: send Authorization: Bearer <key>",
                             headers=challenge)
-        request.authenticated = True
-        if self.admin_token and hmac.compare_digest(token.encode(), self.admin_token.encode()):
+        if is_admin:
             return None
-        key = self.keys.get(hashlib.sha256(token.encode()).hexdigest())
         if key is None:
             raise HTTPError(401, "invalid API key", headers=challenge)
         usage = self.key_usage.setdefault(key.id, KeyUsage())
@@ -4881,6 +5041,38 @@ def basic_password(head: RequestHead) -> str | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return decoded.partition(":")[2] or None
+
+
+def origin_matcher(patterns: Iterable[str]) -> re.Pattern[str]:
+    """One regex for origins as OLLAMA_ORIGINS gives them: each whole, ``*`` any run."""
+    parts = [re.escape(pattern).replace(r"\*", ".*") for pattern in patterns]
+    return re.compile("|".join(parts) or "(?!)", re.IGNORECASE)
+
+
+def split_authority(authority: str, default_port: int) -> tuple[str, int] | None:
+    """(host, port) of a Host field or an origin's authority, lower-cased and without
+    IPv6 brackets; None when it is not one."""
+    try:
+        parts = urllib.parse.urlsplit("//" + authority)
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname or parts.username is not None or parts.path:
+        return None
+    return parts.hostname.lower(), port or default_port
+
+
+def same_origin(origin: str, host: str | None) -> bool:
+    """Whether a browser's ``Origin`` is the balancer's own, as the request's Host names it."""
+    try:
+        parts = urllib.parse.urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname or host is None:
+        return False
+    default = 443 if parts.scheme == "https" else 80
+    return split_authority(host, default) == (parts.hostname.lower(), port or default)
 
 
 def is_loopback(peer: str) -> bool:
@@ -5258,8 +5450,9 @@ class HTTPServer:
         except IncompleteBody:
             return False
         except HTTPError as exc:
-            response = error_response(exc.status, exc.message, headers=exc.headers,
-                                      path=head.target if head else "")
+            response = error_response(exc.status, exc.message, path=head.target if head else "",
+                                      headers=[*exc.headers, *(request.response_fields
+                                                               if request else ())])
             if request is not None:
                 request.status = exc.status
             response.close = (
@@ -5269,8 +5462,10 @@ class HTTPServer:
             await self._try_send(wire, response, head)
             return not response.close
         except UpstreamError as exc:
-            await self._try_send(wire, error_response(exc.status, exc.message, close=True),
-                                 head)
+            message = self.app.public_message(request, exc.status, exc.message)
+            await self._try_send(wire, error_response(
+                exc.status, message, close=True, path=head.target if head else "",
+                headers=request.response_fields if request else ()), head)
             return False
         except (ConnectionError, asyncio.CancelledError):
             raise

@@ -156,7 +156,7 @@ async def post(port: int, path: str, payload: object) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         data = json.dumps(payload).encode()
-        writer.write(b"POST %s HTTP/1.1\r\nHost: lb\r\nContent-Type: application/json\r\n"
+        writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
                      % (path.encode(), len(data), data))
         await writer.drain()

@@ -169,7 +169,8 @@ class Balancer:
 
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         conn.request("POST", "/servers/addServer",
-                     json.dumps({"url": f"http://127.0.0.1:{port}"}))
+                     json.dumps({"url": f"http://127.0.0.1:{port}"}),
+                     {"Content-Type": "application/json"})
         answer = conn.getresponse()
         body = json.loads(answer.read())
         conn.close()

@@ -68,7 +68,10 @@ def call(port: int, method: str, path: str, body: Any = None, *, raw: bytes | No
     try:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None
                                             else None)
-        conn.request(method, path, body=data, headers=headers or {})
+        fields = dict(headers or {})
+        if body is not None:  # as curl -H 'Content-Type: application/json' would send
+            fields.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=data, headers=fields)
         response = conn.getresponse()
         return Reply(response.status, response.headers, response.read())
     finally:

@@ -296,7 +296,7 @@ def test_pipelined_requests_are_answered_in_order(routed: tuple[BalancerProcess,
     requests = b"".join(
         f"POST /servers/ollama/{sid}/echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n"
         f"r{i}".encode() for i in range(4)
-    ) + b"GET /servers/allServers HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    ) + b"GET /servers/allServers HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n"
     answer = raw_exchange(lb.port, requests)
     assert answer.count(b"HTTP/1.1 200 OK") == 5
     positions = [answer.index(f"r{i}".encode()) for i in range(4)]
@@ -322,7 +322,8 @@ def test_expect_100_continue_is_answered(routed: tuple[BalancerProcess, str]) ->
         (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
         (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431),
         (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: a\r\n" * 101 + b"\r\n", 431),
-        (b"POST /proxy/addProxy HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n", 413),
+        (b"POST /proxy/addProxy HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+         b"\r\nContent-Length: 2000000\r\n\r\n", 413),
         (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"
          b"\r\n\r\n0\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",

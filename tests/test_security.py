@@ -310,17 +310,18 @@ def test_admin_token_file_is_read(start_balancer: Any, sqlite_store: StoreConfig
 
 
 def test_without_admin_token_only_loopback_may_manage() -> None:
-    app = types.SimpleNamespace(admin_token="")
-    head = ob.RequestHead("GET", "/", "HTTP/1.1", ob.Headers((("Host", "x"),)))
+    app = ob.Balancer(ob.Config(), None)  # type: ignore[arg-type]
+    head = ob.RequestHead("GET", "/", "HTTP/1.1", ob.Headers((("Host", "localhost:8080"),)))
     for peer, allowed in (("127.0.0.1", True), ("::1", True), ("::ffff:127.0.0.1", True),
                           ("127.8.9.10", True), ("10.0.0.1", False), ("192.168.1.9", False),
                           ("2001:db8::1", False)):
-        request = types.SimpleNamespace(wire=types.SimpleNamespace(peer=peer), head=head)
+        request = types.SimpleNamespace(wire=types.SimpleNamespace(peer=peer), head=head,
+                                        method="GET", path="/", body_done=True)
         if allowed:
-            ob.Balancer.authorize_admin(app, request)  # type: ignore[arg-type]
+            app.authorize_admin(request)  # type: ignore[arg-type]
         else:
             with pytest.raises(ob.HTTPError) as caught:
-                ob.Balancer.authorize_admin(app, request)  # type: ignore[arg-type]
+                app.authorize_admin(request)  # type: ignore[arg-type]
             assert caught.value.status == 403 and "loopback" in caught.value.message
 
 
