@@ -83,7 +83,8 @@ def test_admin_body_over_one_mebibyte_is_413_even_when_chunked(
         balancer: BalancerProcess) -> None:
     big = b"[" + b"1," * 600_000 + b"1]"
     request = (b"POST /servers/addServer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(big) + big + b"\r\n0\r\n\r\n")
+               b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"%x\r\n" % len(big) + big + b"\r\n0\r\n\r\n")
     answer = raw_exchange(balancer.port, request)
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert balancer.call("GET", "/servers/allServers").status == 200

@@ -8,28 +8,10 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 from typing import Any
 
-from conftest import BalancerProcess, StoreConfig, free_port, unavailable
+from conftest import BalancerProcess, StoreConfig, chromium, free_port
 from fakeollama import FakeOllama, tag
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
-
-
-def chromium(*args: str) -> str:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        unavailable("chromium is not installed (apt-get install chromium)")
-    with tempfile.TemporaryDirectory() as profile:
-        done = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                              capture_output=True, text=True, timeout=90)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
 
 
 def test_dashboard_shows_live_fleet_data_in_a_real_browser(

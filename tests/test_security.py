@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, BalancerProcess, StoreConfig, call, mysql_connect
+from conftest import ROOT, BalancerProcess, StoreConfig, call, free_port, mysql_connect
 from fakeollama import FakeOllama
 
 import ollamabalancer as ob
@@ -517,3 +517,73 @@ def test_rotation_changes_nothing_when_a_stored_secret_is_damaged(
     with sqlite3.connect(sqlite_store.path) as conn:
         assert [row for row in conn.execute("SELECT password FROM proxy ORDER BY id")] == before
     assert start_balancer(sqlite_store).call("GET", "/proxy/allProxies").status == 200
+
+
+def test_the_admin_token_never_reaches_an_ollama_server(
+        start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama) -> None:
+    lb = start_balancer(sqlite_store, env={"ADMIN_TOKEN": ADMIN})  # and no API keys
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    sid = call(lb.port, "POST", "/servers/addServer", {"url": backend.url},
+               headers=admin).json()["id"]
+    basic = "Basic " + base64.b64encode(f"me:{ADMIN}".encode()).decode()
+    for authorization in (f"Bearer {ADMIN}", basic):
+        headers = {"Authorization": authorization}
+        assert call(lb.port, "POST", "/api/chat", {"model": "llama3", "messages": [],
+                                                   "stream": False}, headers=headers
+                    ).status == 200
+        assert call(lb.port, "GET", f"/servers/ollama/{sid}/api/tags", headers=headers
+                    ).status == 200
+    key = call(lb.port, "POST", "/keys/addKey", {"name": "k"}, headers=admin).json()["key"]
+    call(lb.port, "DELETE", "/keys/1", headers=admin)
+    # A key deleted on another instance is still not the client's to hand on... but a
+    # credential of the client's own (not the balancer's) is.
+    own = {"Authorization": "Bearer the-clients-own-ollama-token"}
+    assert call(lb.port, "GET", f"/servers/ollama/{sid}/api/tags", headers=own).status == 200
+    seen = [r["headers"].get("Authorization") for r in backend.requests]
+    assert not any(ADMIN in (value or "") or basic == value for value in seen)
+    assert seen[-1] == "Bearer the-clients-own-ollama-token"
+    assert key not in str(seen)
+
+
+def test_clients_get_a_neutral_error_with_a_request_id_and_admins_the_detail(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    lb = start_balancer(sqlite_store, "--health-interval", "600",
+                        env={"ADMIN_TOKEN": ADMIN, "RETRIES": "0"})
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    dead = free_port()
+    call(lb.port, "POST", "/proxy/addProxy", {"name": "dc-east-socks", "ip": "127.0.0.1",
+                                              "port": dead, "protocol": "socks5",
+                                              "userName": "ops", "password": "pw-123456"},
+         headers=admin)
+    backend = FakeOllama()
+    row = call(lb.port, "POST", "/servers/addServer",
+               {"url": backend.url, "name": "gpu-secret-7"}, headers=admin).json()
+    backend.close()  # the balancer still believes it is up
+    through_proxy = call(lb.port, "GET", "/servers/getServer?proxy=1").text
+    chat = {"model": "llama3", "messages": [], "stream": False}
+    attempts = [("POST", "/api/chat", chat), ("POST", "/v1/chat/completions", chat),
+                ("GET", f"/servers/ollama/{row['id']}/api/tags", None),
+                ("GET", f"/servers/ollama/{through_proxy}/api/tags", None)]
+    for method, path, body in attempts:
+        reply = call(lb.port, method, path, body)
+        assert reply.status in (502, 503, 504), reply
+        text = reply.text
+        for secret in ("dc-east-socks", "socks5", "127.0.0.1", str(dead), "gpu-secret",
+                       str(backend.port), "refused"):
+            assert secret not in text, (secret, text)
+        request_id = reply.headers["X-Request-Id"]
+        assert f"request id {request_id}" in text
+        lines = [line for line in lb.lines if request_id in line and "WARNING" in line]
+        assert any("gpu-secret-7" in line or "dc-east-socks" in line for line in lines)
+    detailed = call(lb.port, "GET", f"/servers/ollama/{through_proxy}/api/tags",
+                    headers=admin)
+    assert "dc-east-socks" in detailed.json()["error"]
+
+
+def test_a_request_id_from_a_proxy_in_front_is_kept_and_a_bad_one_replaced(
+        balancer: BalancerProcess) -> None:
+    kept = balancer.call("GET", "/api/version", headers={"X-Request-Id": "haproxy-0af3:1"})
+    assert kept.headers["X-Request-Id"] == "haproxy-0af3:1"
+    replaced = balancer.call("GET", "/api/version", headers={"X-Request-Id": "a b\t<c>"})
+    assert replaced.headers["X-Request-Id"] not in ("a b\t<c>", "")
+    assert "haproxy-0af3:1" in balancer.log  # in the access log line
