@@ -82,6 +82,10 @@ MAX_ADMIN_BODY = 1024 * 1024
 #: Largest body of a model-routed request (/api/chat with images, say), read whole so it
 #: can be sent again to another server. 64 MiB, as a dozen large base64 images.
 MAX_ROUTED_BODY = 64 * 1024 * 1024
+#: Deepest nesting of JSON arrays and objects read from a peer. Ollama's bodies nest less
+#: than 10 deep, tool schemas a few levels more; CPython's parser itself gives up near
+#: 1,000 with a RecursionError (and a traceback), so depth is checked before parsing.
+MAX_JSON_DEPTH = 128
 #: Last bytes of a relayed answer kept to read Ollama's final line (its eval_count).
 TAIL_BYTES = 8 * 1024
 #: Largest error body read from an upstream to decide whether to try another server.
@@ -501,6 +505,29 @@ fields_block_re = re.compile(rb"(?:\r\n" + _TOKEN + rb":" + _FIELD_VALUE + rb")*
 # chunk-size in hex, optional extensions (ignored); at most 16 digits so it fits 64 bits.
 chunk_size_re = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;" + _FIELD_VALUE + rb")?")
 content_length_re = re.compile(r"[0-9]{1,18}")
+
+
+#: A JSON string (skipped whole, escapes and all) or one bracket.
+_json_structure_re = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def decode_json(data: bytes | bytearray) -> Any:
+    """``json.loads`` for bytes from a peer: ValueError for anything that is not JSON,
+    including nesting deeper than MAX_JSON_DEPTH, which is refused before parsing."""
+    if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH:
+        depth = 0
+        for match in _json_structure_re.finditer(data):
+            token = match.group()
+            if token in (b"[", b"{"):
+                depth += 1
+                if depth > MAX_JSON_DEPTH:
+                    raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            elif token in (b"]", b"}"):
+                depth -= 1
+    try:
+        return json.loads(data)
+    except RecursionError:  # a backstop: the scan above stops this first
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
 
 
 class Headers:
@@ -3136,7 +3163,7 @@ def eval_count(tail: bytes) -> tuple[int, str | None] | None:
     for line in reversed(tail.split(b"\n")):
         if line.strip():
             try:
-                last = json.loads(line)
+                last = decode_json(line)
             except (ValueError, UnicodeDecodeError):
                 return None
             if isinstance(last, dict) and isinstance(last.get("eval_count"), int):
@@ -3226,8 +3253,8 @@ class Request:
         if not body.strip():
             raise HTTPError(400, "a JSON body is required")
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            return decode_json(body)
+        except ValueError as exc:  # UnicodeDecodeError is one
             raise HTTPError(400, f"body is not valid JSON: {exc}") from None
 
     def query_values(self, *names: str) -> list[str]:
@@ -3285,6 +3312,19 @@ def _field_text(body: dict[str, Any], name: str, *, required: bool = False,
         raise HTTPError(400, f"'{name}' is longer than {max_length} characters")
     if _control_re.search(value):
         raise HTTPError(400, f"'{name}' contains control characters")
+    return value
+
+
+def _field_header_value(body: dict[str, Any], name: str, *, max_length: int) -> str | None:
+    """Text sent as an HTTP field value: latin-1 (RFC 9110 5.5: visible ASCII, and
+    obs-text bytes at most), else a 400 here rather than a 500 on every request later."""
+    value = _field_text(body, name, max_length=max_length)
+    if value is not None:
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise HTTPError(400, f"'{name}' must be a valid header value: ASCII (or "
+                                 "latin-1) characters only") from None
     return value
 
 
@@ -3404,7 +3444,7 @@ def parse_server_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     values["enabled"] = _field_bool(body, "enabled")
     values["proxy_id"] = _field_id(body, "proxyId")
     values["weight"] = _field_number(body, "weight", 0.001, 1000.0)
-    values["upstream_auth"] = _field_text(body, "authorization", max_length=1024)
+    values["upstream_auth"] = _field_header_value(body, "authorization", max_length=1024)
     max_concurrency = _field_number(body, "maxConcurrency", 1, 100_000, integer=True)
     values["max_concurrency"] = None if max_concurrency is None else int(max_concurrency)
     if not partial and values["enabled"] is None:
@@ -3470,9 +3510,9 @@ FALLBACK_OLLAMA_VERSION = "0.0.0"
 def model_field(body: bytes) -> str:
     """The model a request names (``model``, or legacy ``name``), or a 400."""
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise HTTPError(400, "invalid JSON body") from None
+        payload = decode_json(body)
+    except ValueError as exc:
+        raise HTTPError(400, f"invalid JSON body: {exc}") from None
     if not isinstance(payload, dict):
         raise HTTPError(400, "the body must be a JSON object")
     name = payload.get("model") or payload.get("name")
@@ -3484,7 +3524,7 @@ def model_field(body: bytes) -> str:
 def upstream_error_message(body: bytes) -> str | None:
     """The message of an Ollama or OpenAI-shaped error body."""
     try:
-        payload = json.loads(body)
+        payload = decode_json(body)
     except (ValueError, UnicodeDecodeError):
         return None
     error = payload.get("error") if isinstance(payload, dict) else None
@@ -3627,7 +3667,7 @@ class Balancer:
             )
             if status != 200:
                 raise UpstreamError(502, f"/api/tags answered {status}")
-            payload = json.loads(body)
+            payload = decode_json(body)
             models = payload.get("models") if isinstance(payload, dict) else None
             if not isinstance(models, list):
                 raise UpstreamError(502, "/api/tags did not list models")
@@ -3660,7 +3700,7 @@ class Balancer:
         try:
             status, body = await asyncio.wait_for(
                 self.fetch(server, proxy, "GET", "/api/ps"), self.config.health_timeout)
-            payload = json.loads(body) if status == 200 else {}
+            payload = decode_json(body) if status == 200 else {}
             running = payload.get("models") if isinstance(payload, dict) else None
             if isinstance(running, list):
                 load.running = [m for m in running if isinstance(m, dict)]
@@ -3670,7 +3710,7 @@ class Balancer:
                 load.loaded = {m: load.loaded.get(m, now) for m in resident}
             status, body = await asyncio.wait_for(
                 self.fetch(server, proxy, "GET", "/api/version"), self.config.health_timeout)
-            version = json.loads(body).get("version") if status == 200 else None
+            version = decode_json(body).get("version") if status == 200 else None
             load.version = version if isinstance(version, str) else None
         except (asyncio.TimeoutError, UpstreamError, ValueError, AttributeError,
                 IncompleteBody, OSError, ProtocolError) as exc:
@@ -4350,7 +4390,7 @@ class Balancer:
                 for raw in lines:
                     if not raw.strip():
                         continue
-                    line = json.loads(raw)
+                    line = decode_json(raw)
                     if isinstance(line, dict) and "error" in line:
                         error = str(line["error"])
                     elif isinstance(line, dict) and line.get("status") != "success":

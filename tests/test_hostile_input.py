@@ -216,3 +216,35 @@ def test_connection_cap_leaves_room_for_an_upstream_connection_each() -> None:
     assert ob.connection_cap(10_000, 1_000_000) == 10_000
     assert ob.connection_cap(10_000, 20_000) == (20_000 - ob.FD_RESERVE) // 2
     assert ob.connection_cap(10_000, 50) == 1
+
+
+def test_deeply_nested_json_is_a_400_and_never_a_traceback(
+        balancer: BalancerProcess) -> None:
+    deep = b"[" * 10_000 + b"]" * 10_000
+    deep_object = b'{"model": "llama3", "x": ' + b'{"a":' * 5_000 + b"1" + b"}" * 5_001
+    for method, path, body in (("POST", "/api/chat", deep), ("POST", "/api/chat", deep_object),
+                               ("POST", "/v1/chat/completions", deep),
+                               ("POST", "/api/pull", deep), ("POST", "/servers/addServer", deep),
+                               ("DELETE", "/api/delete", deep)):
+        reply = balancer.call(method, path, raw=body,
+                              headers={"Content-Type": "application/json"})
+        assert reply.status == 400, (path, reply)
+        assert "nested deeper than 128 levels" in str(reply.json()), reply
+    # Brackets inside strings are text, and real bodies nest far less than the limit.
+    fine = json.dumps({"model": "nowhere", "messages": [{"content": "[" * 5000}],
+                       "format": json.loads("[" * 60 + "]" * 60)}).encode()
+    assert balancer.call("POST", "/api/chat", raw=fine).status == 404  # parsed: no such model
+    assert "Traceback" not in balancer.log and "RecursionError" not in balancer.log
+
+
+def test_an_authorization_that_is_no_header_value_is_refused_naming_the_field(
+        balancer: BalancerProcess) -> None:
+    for value in ("Bearer tök€n", "Bearer 🔑"):
+        reply = balancer.call("POST", "/servers/addServer",
+                              {"url": "http://127.0.0.1:9", "authorization": value})
+        assert reply.status == 400 and "'authorization'" in reply.json()["error"], reply
+    added = balancer.add_server("http://127.0.0.1:9", authorization="Bearer tökén")  # latin-1
+    patched = balancer.call("PATCH", f"/servers/{added['id']}", {"authorization": "Bearer ✓"})
+    assert patched.status == 400 and "'authorization'" in patched.json()["error"]
+    relayed = balancer.call("GET", f"/servers/ollama/{added['id']}/api/tags")
+    assert relayed.status == 502  # nothing listens there; no 500 from the stored value
