@@ -252,6 +252,7 @@ class Config:
     db_port: int = 3306
     db_username: str = "root"
     db_password: str = dataclasses.field(default="root", repr=False)
+    db_password_file: str = ""
     db_database: str = "ollamaServers"
     db_path: str = "ollamabalancer.db"
     health_interval: float = 10.0
@@ -280,6 +281,8 @@ class Config:
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    #: Flags that carried a secret on the command line, which every user can read (ps).
+    secret_flags: tuple[str, ...] = ()
 
     def describe_store(self) -> str:
         """The store, for the startup log: never the password."""
@@ -376,6 +379,8 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("DB_PORT", "--db-port", "db_port", _port, "MySQL port (default 3306)"),
     ("DB_USERNAME", "--db-username", "db_username", _text, "MySQL user (default root)"),
     ("DB_PASSWORD", "--db-password", "db_password", _text, "MySQL password (default root)"),
+    ("DB_PASSWORD_FILE", "--db-password-file", "db_password_file", _text,
+     "file holding DB_PASSWORD"),
     ("DB_DATABASE", "--db-database", "db_database", _text,
      "MySQL database, created when missing (default ollamaServers)"),
     ("DB_PATH", "--db-path", "db_path", _text, "SQLite file (default ollamabalancer.db)"),
@@ -457,7 +462,27 @@ def load_config(argv: Sequence[str], environ: dict[str, str]) -> Config:
             raise ConfigError(f"{source}={raw!r} {exc}") from None
     if "db_engine" not in values:
         values["db_engine"] = "mysql" if ("db_host" in values) else "sqlite"
+    values["secret_flags"] = tuple(flag for flag, field in SECRET_FLAGS.items()
+                                   if getattr(args, field) is not None)
+    if "db_password" not in values and values.get("db_password_file"):
+        values["db_password"] = read_secret_file(values["db_password_file"],
+                                                 "DB_PASSWORD_FILE")
     return Config(**values)
+
+
+#: Flags that carry a secret, and the field each sets: given on the command line, they
+#: show in ``ps`` to every user of the host, so the balancer says so once at start.
+SECRET_FLAGS = {"--admin-token": "admin_token", "--secret-key": "secret_key",
+                "--db-password": "db_password"}
+
+
+def read_secret_file(path: str, setting: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read {setting} {path}: {reason}") from None
 
 
 def with_admin_token(config: Config) -> Config:
@@ -466,12 +491,7 @@ def with_admin_token(config: Config) -> Config:
         raise ConfigError("ADMIN_TOKEN must be at least 16 characters")
     if config.admin_token or not config.admin_token_file:
         return config
-    try:
-        with open(config.admin_token_file, encoding="utf-8") as handle:
-            token = handle.read().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read ADMIN_TOKEN_FILE {config.admin_token_file}: "
-                          f"{exc.strerror}") from None
+    token = read_secret_file(config.admin_token_file, "ADMIN_TOKEN_FILE")
     if len(token) < 16:
         raise ConfigError("the admin token must be at least 16 characters")
     return dataclasses.replace(config, admin_token=token)
@@ -5715,11 +5735,17 @@ def cli_proxies(store: Store, args: argparse.Namespace) -> int:
             raise HTTPError(400, "the proxy URL has a bad port") from None
         if not parts.hostname or port is None:
             raise HTTPError(400, "give the proxy as protocol://[user:password@]host:port")
+        password = urllib.parse.unquote(parts.password) if parts.password else None
+        if password is not None:
+            log.warning("the proxy password was given on the command line, where every "
+                        "user of this host can read it (ps): use --password-file instead")
+        if args.password_file:
+            password = read_secret_file(args.password_file, "--password-file")
         body = _drop_none({
             "ip": parts.hostname, "port": port, "protocol": parts.scheme,
             "name": args.name or f"{parts.hostname}:{port}",
             "userName": urllib.parse.unquote(parts.username) if parts.username else None,
-            "password": urllib.parse.unquote(parts.password) if parts.password else None})
+            "password": password})
         proxy_id = store.add_proxy(parse_proxy_body(body, partial=False))
         print(f"added proxy {proxy_id}")
     elif args.action == "remove":
@@ -5860,9 +5886,12 @@ def cli_parser() -> argparse.ArgumentParser:
     remove.add_argument("id", type=int)
     proxies = commands.add_parser("proxies", help="add, list or remove proxies")
     proxy_actions = proxies.add_subparsers(dest="action", required=True)
-    add = proxy_actions.add_parser("add", help="proxies add socks5://user:pass@host:1080")
+    add = proxy_actions.add_parser(
+        "add", help="proxies add socks5://user@host:1080 --password-file FILE")
     add.add_argument("url")
     add.add_argument("--name")
+    add.add_argument("--password-file", help="file holding the proxy's password (a password "
+                     "in the URL shows in ps to every user of the host)")
     proxy_actions.add_parser("list", help="a table of the proxies (never their passwords)")
     remove = proxy_actions.add_parser("remove", help="remove a proxy by id")
     remove.add_argument("id", type=int)
@@ -5919,6 +5948,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(JsonFormatter() if config.log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
     logging.basicConfig(level=config.log_level, handlers=[handler])
+    for flag in config.secret_flags:
+        setting = flag[2:].upper().replace("-", "_")
+        log.warning("%s was given on the command line, where every user of this host can "
+                    "read it (ps): use the %s environment variable or %s_FILE instead",
+                    flag, setting, setting)
     if cli_args is not None:
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
         try:

@@ -74,3 +74,28 @@ def test_models_pull_shows_progress_per_server(sqlite_store: StoreConfig,
     second.pull_error = "disk full"
     failed = cli(sqlite_store, "models", "pull", "phi3")
     assert failed.returncode == 1 and "gpu-b: disk full" in failed.stderr
+
+
+def test_a_proxy_password_on_the_command_line_is_warned_about_and_a_file_is_not(
+        sqlite_store: StoreConfig, tmp_path: Any) -> None:
+    in_url = cli(sqlite_store, "proxies", "add", "socks5://bob:pw-in-url@127.0.0.1:1080")
+    assert in_url.returncode == 0
+    assert "password was given on the command line" in in_url.stderr
+    assert "pw-in-url" not in in_url.stderr
+    secret = tmp_path / "proxy-password"
+    secret.write_text("pw-from-a-file\n")
+    from_file = cli(sqlite_store, "proxies", "add", "socks5://bob@127.0.0.1:1081",
+                    "--password-file", str(secret))
+    assert from_file.returncode == 0 and "command line" not in from_file.stderr
+    import sqlite3
+
+    import ollamabalancer as ob
+
+    store = ob.open_store(ob.load_config([], sqlite_store.env()))
+    try:
+        assert [p.password for p in store.list_proxies()] == ["pw-in-url", "pw-from-a-file"]
+    finally:
+        store.close()
+    with sqlite3.connect(sqlite_store.path) as conn:
+        assert all(row[0].startswith("enc:v1:")
+                   for row in conn.execute("SELECT password FROM proxy"))

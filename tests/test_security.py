@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, BalancerProcess, StoreConfig, call, free_port, mysql_connect
+from conftest import (
+    MYSQL,
+    ROOT,
+    BalancerProcess,
+    StoreConfig,
+    call,
+    drop_database,
+    free_port,
+    mysql_connect,
+)
 from fakeollama import FakeOllama
 
 import ollamabalancer as ob
@@ -587,3 +596,40 @@ def test_a_request_id_from_a_proxy_in_front_is_kept_and_a_bad_one_replaced(
     replaced = balancer.call("GET", "/api/version", headers={"X-Request-Id": "a b\t<c>"})
     assert replaced.headers["X-Request-Id"] not in ("a b\t<c>", "")
     assert "haproxy-0af3:1" in balancer.log  # in the access log line
+
+
+def test_secrets_given_as_flags_are_warned_about_once_and_never_logged(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    lb = start_balancer(sqlite_store, "--admin-token", ADMIN, "--secret-key",
+                        "a passphrase on the command line")
+    warnings = [line for line in lb.lines if "given on the command line" in line]
+    assert len(warnings) == 2
+    assert any("--admin-token" in w and "ADMIN_TOKEN_FILE" in w for w in warnings)
+    assert any("--secret-key" in w and "SECRET_KEY_FILE" in w for w in warnings)
+    assert ADMIN not in lb.log and "a passphrase on the command line" not in lb.log
+    quiet = start_balancer(sqlite_store, env={"ADMIN_TOKEN": ADMIN,
+                                              "SECRET_KEY": "a passphrase on the command line"})
+    assert "command line" not in quiet.log
+
+
+def test_db_password_file_is_read(tmp_path: Path) -> None:
+    mysql = StoreConfig("mysql", tmp_path)
+    mysql_connect().close()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DB_")},
+           **{k: v for k, v in mysql.env().items() if k != "DB_PASSWORD"}}
+    password_file = tmp_path / "db-password"
+    password_file.write_text("not-the-password\n")
+    env["DB_PASSWORD_FILE"] = str(password_file)
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), "--port", "0"],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and "Access denied" in done.stderr  # the file's, used
+        assert "not-the-password" not in done.stderr
+        password_file.write_text(MYSQL["password"] + "\n")  # root's, empty here; not "root"
+        lb = BalancerProcess(env, [])
+        try:
+            assert lb.call("GET", "/servers/allServers").status == 200
+        finally:
+            lb.stop()
+    finally:
+        drop_database(mysql.database)
