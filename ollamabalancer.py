@@ -255,6 +255,7 @@ class Config:
     db_password_file: str = ""
     db_database: str = "ollamaServers"
     db_path: str = "ollamabalancer.db"
+    db_timeout: float = 5.0
     health_interval: float = 10.0
     health_timeout: float = 5.0
     connect_timeout: float = 10.0
@@ -384,6 +385,9 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("DB_DATABASE", "--db-database", "db_database", _text,
      "MySQL database, created when missing (default ollamaServers)"),
     ("DB_PATH", "--db-path", "db_path", _text, "SQLite file (default ollamabalancer.db)"),
+    ("DB_TIMEOUT", "--db-timeout", "db_timeout", _seconds,
+     "seconds a database call may take (connect, read, write, a locked SQLite file) "
+     "before 503 database unavailable (default 5)"),
     ("HEALTH_INTERVAL", "--health-interval", "health_interval", _seconds,
      "seconds between health checks of every server (default 10)"),
     ("HEALTH_TIMEOUT", "--health-timeout", "health_timeout", _seconds,
@@ -2085,17 +2089,17 @@ class Store:
         cursor = self._execute("DELETE FROM ollamaServers WHERE id = ?", [server_id])
         return bool(cursor.rowcount)
 
-    def record_health(self, server_id: int, models: list[dict[str, Any]] | None,
-                      checked: datetime.datetime) -> None:
-        if models is None:
-            self._execute(
-                "UPDATE ollamaServers SET last_checked = ? WHERE id = ?", [checked, server_id]
-            )
-        else:
-            self._execute(
-                "UPDATE ollamaServers SET models = ?, last_checked = ? WHERE id = ?",
-                [json.dumps(models), checked, server_id],
-            )
+    def record_health_many(self, results: Sequence[tuple[
+            int, list[dict[str, Any]] | None, datetime.datetime]]) -> None:
+        """Each server's models (None: unreachable, keep the last known) and check time."""
+        for server_id, models, checked in results:
+            if models is None:
+                self._execute("UPDATE ollamaServers SET last_checked = ? WHERE id = ?",
+                              [checked, server_id])
+            else:
+                self._execute(
+                    "UPDATE ollamaServers SET models = ?, last_checked = ? WHERE id = ?",
+                    [json.dumps(models), checked, server_id])
 
     # -- proxies -------------------------------------------------------------
 
@@ -2362,17 +2366,18 @@ def proxy_from_row(row: Sequence[Any]) -> Proxy:
 class SQLiteStore(Store):
     engine = "sqlite"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
         super().__init__()
         self.path = path
+        self.timeout = timeout
 
     def connect(self) -> None:
         try:
             self._conn = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=10
+                self.path, check_same_thread=False, isolation_level=None, timeout=self.timeout
             )
             self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA busy_timeout=10000")
+            self._conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open SQLite file {self.path}: {exc}") from None
 
@@ -2423,9 +2428,9 @@ class MySQLStore(Store):
             database=database,
             charset="utf8mb4",
             autocommit=True,
-            connect_timeout=5,
-            read_timeout=30,
-            write_timeout=30,
+            connect_timeout=self.config.db_timeout,
+            read_timeout=self.config.db_timeout,
+            write_timeout=self.config.db_timeout,
             init_command="SET time_zone = '+00:00'",
         )
 
@@ -2529,15 +2534,26 @@ class MySQLStore(Store):
 
 class AsyncStore:
     """Runs Store calls on one worker thread, so the event loop never waits on the database
-    and the connection is only ever used by one thread."""
+    and the connection is only ever used by one thread.
 
-    def __init__(self, store: Store) -> None:
+    Each call is given up after ``timeout`` seconds (StoreUnavailable), whatever the
+    thread is doing: a database that hangs, rather than refusing, costs each caller its
+    timeout, never the sum of those queued before it. A call given up before it started
+    never runs; one already running may still complete.
+    """
+
+    def __init__(self, store: Store, timeout: float = 5.0) -> None:
         self.store = store
+        self.timeout = timeout
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
 
     async def call(self, method: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(method, *args))
+        future = loop.run_in_executor(self._executor, functools.partial(method, *args))
+        try:
+            return await asyncio.wait_for(future, self.timeout)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"no answer within {self.timeout:g} s") from None
 
     def shutdown(self) -> None:
         self._executor.submit(self.store.close)
@@ -2547,8 +2563,7 @@ class AsyncStore:
 def open_store(config: Config) -> Store:
     """Connects, migrates, checks the secret key and encrypts any plain-text secrets."""
     store: Store = MySQLStore(config) if config.db_engine == "mysql" else SQLiteStore(
-        config.db_path
-    )
+        config.db_path, config.db_timeout)
     store.connect()
     store.migrate()
     master = load_master_key(config)
@@ -3572,6 +3587,10 @@ class Balancer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._store_down_logged = False
         self._catalog_refresh: asyncio.Future[None] | None = None
+        self._health_dirty: dict[int, tuple[list[dict[str, Any]] | None,
+                                            datetime.datetime]] = {}
+        self._persisting: asyncio.Future[None] | None = None
+        self._syncing: asyncio.Future[None] | None = None
         self._catalog_refreshed_at = -1e9
         routed = "|".join(ROUTED_PATHS)
         # (methods, path, handler, who may call it): "open" to anyone, "client" with an API
@@ -3677,7 +3696,11 @@ class Balancer:
         return proxy
 
     async def check_server(self, server: Server) -> None:
-        """Reads the server's /api/tags through its proxy; updates memory and the store."""
+        """Reads the server's /api/tags through its proxy and updates memory; the store
+        learns of it later (_persist_health), so a slow database never holds up a check."""
+        models: list[dict[str, Any]] = []
+        error: str | None = None
+        proxy: Proxy | None = None
         try:
             proxy = self.proxy_of(server)
             if proxy is not None and not proxy.status:
@@ -3688,17 +3711,24 @@ class Balancer:
             if status != 200:
                 raise UpstreamError(502, f"/api/tags answered {status}")
             payload = decode_json(body)
-            models = payload.get("models") if isinstance(payload, dict) else None
-            if not isinstance(models, list):
+            listed = payload.get("models") if isinstance(payload, dict) else None
+            if not isinstance(listed, list):
                 raise UpstreamError(502, "/api/tags did not list models")
+            models = [m for m in listed if isinstance(m, dict)]
         except asyncio.TimeoutError:
-            self._mark(server, False, "health check timed out")
+            error = "health check timed out"
         except UpstreamError as exc:
-            self._mark(server, False, exc.message)
+            error = exc.message
         except (ValueError, IncompleteBody, OSError, ProtocolError) as exc:
-            self._mark(server, False, f"bad /api/tags answer: {exc}")
+            error = f"bad /api/tags answer: {exc}"
+        current = self._current(server)
+        if current is None:
+            return  # deleted, or moved to another address, while it was being checked
+        server = current
+        if error is not None:
+            self._mark(server, False, error)
         else:
-            server.set_models([m for m in models if isinstance(m, dict)])
+            server.set_models(models)
             self._mark(server, True, None)
             if server.load.open_until <= time.monotonic() and not server.load.probing:
                 # Past its cooldown, an answer to the health check is as good as a probe.
@@ -3706,13 +3736,29 @@ class Balancer:
             await self._check_running(server, proxy)
         server.last_checked = utc_now()
         self.scheduler.changed(server)  # its models, health or resident models may differ
-        with contextlib.suppress(StoreUnavailable):
-            await self.store.call(
-                self.store.store.record_health,
-                server.id,
-                server.models if server.reachable else None,
-                server.last_checked,
-            )
+        self._health_dirty[server.id] = (server.models if server.reachable else None,
+                                         server.last_checked)
+        if self._persisting is None or self._persisting.done():
+            self._persisting = asyncio.ensure_future(self._persist_health())
+
+    def _current(self, checked: Server) -> Server | None:
+        """The server's object now: a reload may have replaced the one that was checked
+        (the result holds if the address is the same)."""
+        server = self.servers.get(checked.id)
+        if server is None or server is checked:
+            return server
+        address = (checked.host, checked.port, checked.scheme, checked.proxy_id)
+        return server if (server.host, server.port, server.scheme,
+                          server.proxy_id) == address else None
+
+    async def _persist_health(self) -> None:
+        """Writes the health results gathered since the last write, in one store call, until
+        none are left; when the store is down they are dropped (the next round has its own)."""
+        while self._health_dirty:
+            batch, self._health_dirty = self._health_dirty, {}
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.call(self.store.store.record_health_many,
+                                      [(i, m, c) for i, (m, c) in batch.items()])
 
     async def _check_running(self, server: Server, proxy: Proxy | None) -> None:
         """Reads /api/ps (which models sit on the GPU) and /api/version."""
@@ -3764,20 +3810,39 @@ class Balancer:
         await asyncio.shield(self._catalog_refresh)
 
     async def health_loop(self) -> None:
+        """Checks the fleet on a timer. What other instances wrote is read beside it, never
+        before it: a database that hangs must not stop servers being checked."""
         while True:
             # Jittered, so that instances sharing a fleet do not check it in lockstep.
             await asyncio.sleep(self.config.health_interval * random.uniform(0.9, 1.1))
-            try:
-                await self.reload()
-                if self._store_down_logged:
-                    log.info("database is back")
-                self._store_down_logged = False
-            except StoreUnavailable as exc:
-                if not self._store_down_logged:
-                    log.warning("database unavailable, serving from memory: %s", exc)
-                    self._store_down_logged = True
+            if self._syncing is None or self._syncing.done():
+                self._syncing = asyncio.ensure_future(self._sync())
             await self.check_all()
             self.pool.sweep()
+
+    async def _sync(self) -> None:
+        try:
+            await self.reload()
+            if self._store_down_logged:
+                log.info("database is back")
+            self._store_down_logged = False
+        except StoreUnavailable as exc:
+            if not self._store_down_logged:
+                log.warning("database unavailable, serving from memory: %s", exc)
+                self._store_down_logged = True
+
+    async def close(self) -> None:
+        """Writes the last health results (for as long as the store answers in time), stops
+        what runs in the background, and closes pooled connections."""
+        if self._persisting is not None:
+            with contextlib.suppress(asyncio.TimeoutError, StoreUnavailable):
+                await asyncio.wait_for(asyncio.shield(self._persisting),
+                                       self.config.db_timeout)
+        pending = [t for t in (self._persisting, self._syncing, *self._tasks) if t is not None]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self.pool.close()
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -5615,7 +5680,7 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
                     "MAX_CONNECTIONS=%d), each with its upstream; raise the hard limit "
                     "(ulimit -Hn) to allow more", file_limit, max_connections,
                     config.max_connections)
-    store = AsyncStore(await loop.run_in_executor(None, open_store, config))
+    store = AsyncStore(await loop.run_in_executor(None, open_store, config), config.db_timeout)
     app = Balancer(config, store)
     await app.reload()
     await app.check_all()
@@ -5655,7 +5720,7 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
         for task in list(http_server.connections):
             task.cancel()
         await asyncio.gather(*http_server.connections, health, return_exceptions=True)
-        app.pool.close()
+        await app.close()
         await loop.run_in_executor(None, store.shutdown)
 
 
@@ -5767,7 +5832,7 @@ def cli_proxies(store: Store, args: argparse.Namespace) -> int:
 async def cli_fleet(config: Config, args: argparse.Namespace) -> int:
     """``check`` and ``models pull``: the balancer's own machinery, run once."""
     loop = asyncio.get_running_loop()
-    store = AsyncStore(await loop.run_in_executor(None, open_store, config))
+    store = AsyncStore(await loop.run_in_executor(None, open_store, config), config.db_timeout)
     app = Balancer(config, store)
     try:
         await app.reload()
@@ -5804,7 +5869,7 @@ async def cli_fleet(config: Config, args: argparse.Namespace) -> int:
         print(f"pulled {args.name} on {len(targets)} servers")
         return 0
     finally:
-        app.pool.close()
+        await app.close()
         await loop.run_in_executor(None, store.shutdown)
 
 

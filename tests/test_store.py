@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,7 @@ class TcpRelay:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.up = True
+        self.frozen = False  # connections stay open, but nothing passes: a hung server
         self.pairs: list[socket.socket] = []
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -156,10 +158,11 @@ class TcpRelay:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                while self.frozen and self.up:
+                    time.sleep(0.01)
                 sink.sendall(data)
         except OSError:
             pass
@@ -181,6 +184,7 @@ class TcpRelay:
 
     def restore(self) -> None:
         self.up = True
+        self.frozen = False
 
     def close(self) -> None:
         self.cut()
@@ -209,6 +213,38 @@ def test_database_outage_keeps_passthrough_and_answers_admin_503(
         lb.wait_for(lambda: lb.call("GET", "/servers/allServers").status == 200)
         assert lb.call("POST", "/proxy/addProxy",
                        {"ip": "127.0.0.1", "port": 1, "name": "x"}).status == 200
+    finally:
+        relay.close()
+
+
+def test_a_hung_database_costs_each_call_its_timeout_and_never_stops_health_checks(
+        mysql_store: StoreConfig, start_balancer: Any, make_backend: Any) -> None:
+    relay = TcpRelay(3306)
+    try:
+        lb = start_balancer(mysql_store, "--health-interval", "0.3",
+                            env={"DB_PORT": str(relay.port), "DB_TIMEOUT": "1"})
+        stays, goes = make_backend(), make_backend()
+        lb.add_server(stays.url)
+        gone_id = lb.add_server(goes.url)["id"]
+        relay.frozen = True  # not refusing: silent
+        started = time.monotonic()
+        replies: list[Any] = []
+        calls = [threading.Thread(target=lambda: replies.append(
+            lb.call("GET", "/proxy/allProxies", timeout=12))) for _ in range(4)]
+        for thread in calls:
+            thread.start()
+        for thread in calls:
+            thread.join(15)
+        assert [r.status for r in replies] == [503] * 4, replies
+        assert all(r.json() == {"error": "database unavailable"} for r in replies)
+        assert time.monotonic() - started < 8  # side by side, not 4 x 30 s in a row
+        goes.close()  # the health loop still notices, while the database hangs
+        lb.wait_for(lambda: not next(s for s in lb.call("GET", "/servers/status").json()[
+            "servers"] if s["id"] == gone_id)["reachable"])
+        assert lb.call("POST", "/api/chat", {"model": "llama3", "messages": [],
+                                             "stream": False}).status == 200
+        relay.restore()
+        lb.wait_for(lambda: lb.call("GET", "/proxy/allProxies").status == 200, timeout=20)
     finally:
         relay.close()
 
