@@ -1882,10 +1882,10 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `proxy_id` int NULL,
   `weight` double NOT NULL DEFAULT 1,
   `max_concurrency` int NULL,
-  `upstream_auth` varchar(2048) NULL,
+  `upstream_auth` varchar(3072) NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
-);
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS `proxy` (
   `id` int NOT NULL AUTO_INCREMENT,
@@ -1893,13 +1893,13 @@ CREATE TABLE IF NOT EXISTS `proxy` (
   `ip` varchar(255) NOT NULL,
   `port` int NOT NULL,
   `user_name` varchar(255),
-  `password` varchar(1024),
+  `password` varchar(1536),
   `created_at` timestamp NOT NULL DEFAULT (now()),
   `updated_at` timestamp DEFAULT (now()) ON UPDATE CURRENT_TIMESTAMP,
   `protocol` varchar(255) NOT NULL DEFAULT 'http',
   `status` tinyint NOT NULL DEFAULT 1,
   PRIMARY KEY (`id`)
-);
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS `server_handle` (
   `token` varchar(64) NOT NULL,
@@ -1908,7 +1908,7 @@ CREATE TABLE IF NOT EXISTS `server_handle` (
   `created_at` timestamp NOT NULL DEFAULT (now()),
   PRIMARY KEY (`token`),
   UNIQUE KEY `server_handle_pair` (`server_id`, `proxy_id`)
-);
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS `api_key` (
   `id` int NOT NULL AUTO_INCREMENT,
@@ -1920,13 +1920,13 @@ CREATE TABLE IF NOT EXISTS `api_key` (
   `last_used_at` timestamp NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `api_key_hash` (`key_hash`)
-);
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS `balancer_meta` (
   `name` varchar(64) NOT NULL,
   `value` varchar(255) NOT NULL,
   PRIMARY KEY (`name`)
-);
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 """
 
 # Columns the balancer adds to the seed's tables: (table, column, MySQL definition).
@@ -1938,7 +1938,7 @@ MYSQL_ADDED_COLUMNS = (
     ("ollamaServers", "proxy_id", "int NULL"),
     ("ollamaServers", "weight", "double NOT NULL DEFAULT 1"),
     ("ollamaServers", "max_concurrency", "int NULL"),
-    ("ollamaServers", "upstream_auth", "varchar(2048) NULL"),
+    ("ollamaServers", "upstream_auth", "varchar(3072) NULL"),
     ("proxy", "protocol", "varchar(255) NOT NULL DEFAULT 'http'"),
     ("proxy", "status", "tinyint NOT NULL DEFAULT 1"),
 )
@@ -1952,8 +1952,19 @@ MYSQL_CONFORMED_COLUMNS = (
     ("proxy", "protocol", "varchar(255) NOT NULL DEFAULT 'http'", ("NO", "http", "")),
     ("proxy", "status", "tinyint NOT NULL DEFAULT 1", ("NO", "1", "")),
 )
-# Encrypted values are longer than the seed's varchar(255) allowed for a password.
-MYSQL_WIDENED_COLUMNS = (("proxy", "password", "varchar(1024)"),)
+def sealed_length(plain_bytes: int) -> int:
+    """Characters a secret of ``plain_bytes`` UTF-8 bytes takes once sealed: the prefix,
+    then unpadded base64 of nonce, ciphertext and tag."""
+    return len(SECRET_PREFIX) + math.ceil((_NONCE_BYTES + plain_bytes + _TAG_BYTES) * 4 / 3)
+
+
+# Sealed secrets are longer than the seed's varchar(255) allowed for a password: room for
+# the longest each field takes (255 and 1,024 characters) in the worst case of UTF-8
+# (4 bytes a character for a password, 2 for a latin-1 header value), a test checks.
+MYSQL_WIDENED_COLUMNS = (("proxy", "password", "varchar(1536)"),
+                         ("ollamaServers", "upstream_auth", "varchar(3072)"))
+#: Every table's character set: utf8mb4 (any name, any secret) with exact comparisons.
+MYSQL_COLLATION = "utf8mb4_bin"
 
 
 def _sql_default(value: Any) -> str | None:
@@ -2446,7 +2457,8 @@ class MySQLStore(Store):
                 try:
                     with bootstrap.cursor() as cursor:
                         name = self.config.db_database.replace("`", "``")
-                        cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{name}`")
+                        cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER"
+                                       f" SET utf8mb4 COLLATE {MYSQL_COLLATION}")
                 finally:
                     bootstrap.close()
                 self._conn = self._open(self.config.db_database)
@@ -2459,6 +2471,17 @@ class MySQLStore(Store):
         for statement in MYSQL_SCHEMA.split(";\n"):
             if statement.strip():
                 self._execute(statement)
+        # Tables made on a server or database whose default is latin1 (the seed's, say)
+        # cannot hold most names: a 500 for each, until they are utf8mb4.
+        for table, in self._rows(
+                "SELECT DISTINCT TABLE_NAME FROM information_schema.COLUMNS"
+                " WHERE TABLE_SCHEMA = DATABASE() AND COLLATION_NAME <> ?"
+                " UNION SELECT TABLE_NAME FROM information_schema.TABLES"
+                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_COLLATION <> ?",
+                [MYSQL_COLLATION, MYSQL_COLLATION]):
+            if table in ("ollamaServers", "proxy", "server_handle", "api_key", "balancer_meta"):
+                self._execute(f"ALTER TABLE `{table}` CONVERT TO CHARACTER SET utf8mb4"
+                              f" COLLATE {MYSQL_COLLATION}")
         present = {
             (table, column)
             for table, column in self._rows(

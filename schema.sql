@@ -17,10 +17,10 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `proxy_id` int NULL,
   `weight` double NOT NULL DEFAULT 1,
   `max_concurrency` int NULL,
-  `upstream_auth` varchar(2048) NULL,
+  `upstream_auth` varchar(3072) NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
-);
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS `proxy` (
   `id` int NOT NULL AUTO_INCREMENT,
@@ -28,13 +28,13 @@ CREATE TABLE IF NOT EXISTS `proxy` (
   `ip` varchar(255) NOT NULL,
   `port` int NOT NULL,
   `user_name` varchar(255),
-  `password` varchar(1024),
+  `password` varchar(1536),
   `created_at` timestamp NOT NULL DEFAULT (now()),
   `updated_at` timestamp DEFAULT (now()) ON UPDATE CURRENT_TIMESTAMP,
   `protocol` varchar(255) NOT NULL DEFAULT 'http',
   `status` tinyint NOT NULL DEFAULT 1,
   PRIMARY KEY (`id`)
-);
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS `server_handle` (
   `token` varchar(64) NOT NULL,
@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS `server_handle` (
   `created_at` timestamp NOT NULL DEFAULT (now()),
   PRIMARY KEY (`token`),
   UNIQUE KEY `server_handle_pair` (`server_id`, `proxy_id`)
-);
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS `api_key` (
   `id` int NOT NULL AUTO_INCREMENT,
@@ -55,10 +55,10 @@ CREATE TABLE IF NOT EXISTS `api_key` (
   `last_used_at` timestamp NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `api_key_hash` (`key_hash`)
-);
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS `balancer_meta` (
   `name` varchar(64) NOT NULL,
   `value` varchar(255) NOT NULL,
   PRIMARY KEY (`name`)
-);
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

@@ -129,6 +129,55 @@ def test_mysql_database_is_created_when_missing(mysql_store: StoreConfig,
     conn.close()
 
 
+@pytest.mark.parametrize("seed_tables", [False, True], ids=["new", "seed-upgrade"])
+def test_a_latin1_database_holds_any_name_and_the_longest_secrets(
+        mysql_store: StoreConfig, start_balancer: Any, seed_tables: bool) -> None:
+    conn = mysql_connect()
+    with conn.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE `{mysql_store.database}` CHARACTER SET latin1"
+                       " COLLATE latin1_swedish_ci")
+        if seed_tables:  # made by the seed on that database: latin1 tables
+            cursor.execute(f"USE `{mysql_store.database}`")
+            for statement in SEED_DDL:
+                cursor.execute(statement)
+    conn.close()
+    secret_key = "a passphrase for the latin1 test"
+    lb = start_balancer(mysql_store, env={"SECRET_KEY": secret_key})
+    password, authorization = "🔑" * 255, "Bearer " + "ÿ" * 1017  # the longest allowed
+    proxy_name, server_name = "代理-東京 🔑", "GPU-München-🚀"
+    assert lb.call("POST", "/proxy/addProxy", {"name": proxy_name, "ip": "127.0.0.1",
+                                               "port": 1080, "userName": "ünïcode",
+                                               "password": password}).status == 200
+    added = lb.add_server("http://127.0.0.1:9", name=server_name, authorization=authorization)
+    assert added["name"] == server_name
+    assert lb.call("GET", "/proxy/allProxies").json()[0]["name"] == proxy_name
+    assert lb.call("GET", "/servers/allServers").json()[0]["name"] == server_name
+    assert "Traceback" not in lb.log
+    lb.stop()
+    config = ob.load_config([], {**mysql_store.env(), "SECRET_KEY": secret_key})
+    store = ob.open_store(config)
+    try:
+        (proxy,) = store.list_proxies()
+        (server,) = store.list_servers()
+        assert (proxy.password, proxy.user_name) == (password, "ünïcode")  # whole, not cut
+        assert server.authorization == authorization
+        collations = {str(c) for c, in store._rows(
+            "SELECT DISTINCT COLLATION_NAME FROM information_schema.COLUMNS"
+            " WHERE TABLE_SCHEMA = DATABASE() AND COLLATION_NAME IS NOT NULL")}
+        assert collations == {"utf8mb4_bin"}
+    finally:
+        store.close()
+
+
+def test_secret_columns_hold_the_longest_sealed_value() -> None:
+    widths = {column: int(kind[8:-1]) for _, column, kind in ob.MYSQL_WIDENED_COLUMNS}
+    box = ob.SecretBox(b"k" * 32)
+    assert len(box.encrypt("🔑" * 255)) == ob.sealed_length(255 * 4) <= widths["password"]
+    assert len(box.encrypt("ÿ" * 1024)) == ob.sealed_length(1024 * 2) <= widths["upstream_auth"]
+    for _, column, kind in ob.MYSQL_WIDENED_COLUMNS:
+        assert f"`{column}` {kind}" in ob.MYSQL_SCHEMA
+
+
 class TcpRelay:
     """A TCP relay to MariaDB that the test can cut and restore, to play a database outage
     without touching the real server."""
