@@ -109,10 +109,14 @@ POOL_IDLE_SECONDS = 30.0
 
 #: Seconds a client may take to send a whole request head (slowloris guard); nginx: 60 s.
 HEADER_TIMEOUT = 30.0
-#: Seconds an idle keep-alive client connection is kept open; nginx: 75 s.
+#: Seconds an idle keep-alive client connection is kept open; nginx: 75 s. A new connection
+#: gets HEADER_TIMEOUT for its first request, idle time included.
 KEEPALIVE_TIMEOUT = 75.0
-#: Seconds between two reads of a request body before the client is dropped.
+#: Seconds a request body may take from its first read (BODY_TIMEOUT), plus one second
+#: for every BODY_MIN_RATE bytes that arrived: Apache's mod_reqtimeout (body=N,MinRate=R).
+#: An upload at 64 KiB/s or faster always finishes; a trickle is cut, whatever its size.
 BODY_TIMEOUT = 60.0
+BODY_MIN_RATE = 64 * 1024
 
 #: Hop-by-hop fields (RFC 9110 section 7.6.1), never forwarded. Content-Length and
 #: Transfer-Encoding are re-framed by the balancer on each side; Expect is answered here.
@@ -277,7 +281,9 @@ class Config:
     allowed_hosts: tuple[str, ...] = ()
     origins: tuple[str, ...] = ()
     header_timeout: float = HEADER_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
     max_connections: int = 10_000
+    max_connections_per_client: int = 0  # 0: a quarter of max_connections
     drain_timeout: float = 30.0
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -434,8 +440,15 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "vscode-webview:// always are"),
     ("HEADER_TIMEOUT", "--header-timeout", "header_timeout", _seconds,
      "seconds a client may take to send a request head (default 30)"),
+    ("BODY_TIMEOUT", "--body-timeout", "body_timeout", _seconds,
+     "seconds a request body may take, plus one per 64 KiB received: uploads at 64 KiB/s "
+     "or faster always finish (default 60)"),
     ("MAX_CONNECTIONS", "--max-connections", "max_connections", _count(1, 10_000_000),
      "client connections open at once; more are refused (default 10000)"),
+    ("MAX_CONNECTIONS_PER_CLIENT", "--max-connections-per-client",
+     "max_connections_per_client", _count(0, 10_000_000),
+     "connections one client address may hold; more get 429 (default: a quarter of "
+     "MAX_CONNECTIONS; behind a reverse proxy, which is one address, raise it)"),
     ("DRAIN_TIMEOUT", "--drain-timeout", "drain_timeout", _seconds,
      "seconds requests in flight may take to finish after SIGTERM (default 30)"),
     ("LOG_LEVEL", "--log-level", "log_level", _level,
@@ -1190,13 +1203,27 @@ async def read_head(
             return None
 
 
-async def iter_body(wire: Wire, framing: Framing, timeout: float, error_status: int
-                    ) -> AsyncIterator[bytes]:
+async def iter_body(wire: Wire, framing: Framing, timeout: float, error_status: int,
+                    min_rate: float = 0.0) -> AsyncIterator[bytes]:
     """Yields a body's bytes as they arrive, leaving whatever follows it in ``wire.buf``.
 
-    ``timeout`` bounds each wait for bytes. Raises IncompleteBody if the peer closes early.
+    ``timeout`` bounds each wait for bytes; with ``min_rate`` it bounds the whole body
+    instead, extended by a second per ``min_rate`` bytes received (TimeoutError when it
+    is over). Raises IncompleteBody if the peer closes early.
     """
     buf = wire.buf
+    loop = wire.loop
+    deadline = loop.time() + timeout
+    received = 0
+
+    async def more() -> bool:
+        if not min_rate:
+            return await wire.fill(timeout)
+        remaining = deadline + received / min_rate - loop.time()
+        if remaining <= 0:
+            raise asyncio.TimeoutError
+        return await wire.fill(remaining)
+
     if framing.kind == "length":
         remaining = framing.length
         while True:
@@ -1208,10 +1235,11 @@ async def iter_body(wire: Wire, framing: Framing, timeout: float, error_status: 
                     data = bytes(buf[:remaining])
                     del buf[:remaining]
                 remaining -= len(data)
+                received += len(data)
                 yield data
             if not remaining:
                 return
-            if not await wire.fill(timeout):
+            if not await more():
                 raise IncompleteBody(f"connection closed with {remaining} body bytes missing")
     elif framing.kind == "chunked":
         decoder = ChunkedDecoder(error_status)
@@ -1221,16 +1249,18 @@ async def iter_body(wire: Wire, framing: Framing, timeout: float, error_status: 
                 return
             if isinstance(event, bytes):
                 if event:
+                    received += len(event)
                     yield event
-            elif not await wire.fill(timeout):
+            elif not await more():
                 raise IncompleteBody("connection closed in the middle of a chunked body")
     elif framing.kind == "close":
         while True:
             if buf:
                 data = bytes(buf)
                 buf.clear()
+                received += len(data)
                 yield data
-            if not await wire.fill(timeout):
+            if not await more():
                 return
 
 
@@ -3239,9 +3269,11 @@ def eval_count(tail: bytes) -> tuple[int, str | None] | None:
 class Request:
     """One request on a client connection; the body is read through it at most once."""
 
-    def __init__(self, wire: Wire, head: RequestHead) -> None:
+    def __init__(self, wire: Wire, head: RequestHead, body_timeout: float = BODY_TIMEOUT
+                 ) -> None:
         self.wire = wire
         self.head = head
+        self.body_timeout = body_timeout
         self.method = head.method
         path, _, self.query = head.target.partition("?")
         self.path = path
@@ -3287,10 +3319,13 @@ class Request:
         self.body_started = True
         await self._send_continue()
         try:
-            async for piece in iter_body(self.wire, self.framing, BODY_TIMEOUT, 400):
+            async for piece in iter_body(self.wire, self.framing, self.body_timeout, 400,
+                                         BODY_MIN_RATE):
                 yield piece
         except asyncio.TimeoutError:
-            raise IncompleteBody(f"client sent no body bytes for {BODY_TIMEOUT:g} s") from None
+            raise HTTPError(408, f"request body not received in time ({self.body_timeout:g} s,"
+                                 f" then at least {BODY_MIN_RATE // 1024} KiB/s)",
+                            close=True) from None
         self.body_done = True
         if self.wire.eof and self.on_body_done is not None:
             self.on_body_done()
@@ -5493,9 +5528,12 @@ setInterval(refresh, 3000);
 class HTTPServer:
     """Accepts connections and runs requests on each in order (keep-alive, pipelining)."""
 
-    def __init__(self, app: Balancer, max_connections: int) -> None:
+    def __init__(self, app: Balancer, max_connections: int, per_client: int = 0) -> None:
         self.app = app
         self.max_connections = max_connections
+        #: Connections one address may hold, so that one peer cannot take every slot.
+        self.per_client = per_client or max(1, max_connections // 4)
+        self.by_peer: collections.Counter[str] = collections.Counter()
         self.connections: set[asyncio.Task[Any]] = set()
         self.busy: set[asyncio.Task[Any]] = set()  # serving a request right now
         self.refusing: set[asyncio.Task[None]] = set()  # answering 503, over the limit
@@ -5518,23 +5556,37 @@ class HTTPServer:
 
     def accept(self, wire: Wire) -> None:
         """Each new client connection is served by a task of its own; over
-        MAX_CONNECTIONS, it gets a short 503 instead."""
-        if len(self.connections) < self.max_connections:
+        MAX_CONNECTIONS it gets a short 503 instead, and over its address's share
+        (MAX_CONNECTIONS_PER_CLIENT) a 429."""
+        peer = wire.peer
+        crowded = self.by_peer[peer] >= self.per_client
+        if len(self.connections) < self.max_connections and not crowded:
+            self.by_peer[peer] += 1
             task = asyncio.ensure_future(self.serve_connection(wire))
             self.connections.add(task)
-            task.add_done_callback(self.connections.discard)
+            task.add_done_callback(functools.partial(self._closed, peer))
             return
         if len(self.refusing) >= FD_RESERVE // 2:
             wire.abort()  # a flood: no descriptors to spare for a polite answer
             return
-        task = asyncio.ensure_future(self.refuse(wire))
+        full = len(self.connections) >= self.max_connections
+        task = asyncio.ensure_future(self.refuse(wire, 503 if full else 429))
         self.refusing.add(task)
         task.add_done_callback(self.refusing.discard)
 
+    def _closed(self, peer: str, task: asyncio.Task[Any]) -> None:
+        self.connections.discard(task)
+        left = self.by_peer[peer] - 1
+        if left:
+            self.by_peer[peer] = left
+        else:
+            del self.by_peer[peer]
+
     @staticmethod
-    async def refuse(wire: Wire) -> None:
-        body = b'{"error":"too many open connections"}'
-        wire.write(render_head("HTTP/1.1 503 Service Unavailable", [
+    async def refuse(wire: Wire, status: int) -> None:
+        body = (b'{"error":"too many open connections"}' if status == 503 else
+                b'{"error":"too many open connections from your address"}')
+        wire.write(render_head(f"HTTP/1.1 {status} {reason_phrase(status)}", [
             ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
             ("Retry-After", "1"), ("Connection", "close")]) + body)
         # Closing with the request unread would send a reset that can destroy the 503
@@ -5545,9 +5597,11 @@ class HTTPServer:
         wire.close()
 
     async def serve_connection(self, wire: Wire) -> None:
+        # A new connection has HEADER_TIMEOUT for its first request, idle time included.
+        idle_until, first = wire.loop.time() + self.app.config.header_timeout, True
         try:
-            while await self.serve_one(wire) and not self.draining:
-                pass
+            while await self.serve_one(wire, idle_until, first) and not self.draining:
+                idle_until, first = wire.loop.time() + KEEPALIVE_TIMEOUT, False
         except (ConnectionError, asyncio.CancelledError):
             pass
         except Exception:
@@ -5555,39 +5609,44 @@ class HTTPServer:
         finally:
             wire.close()
 
-    async def serve_one(self, wire: Wire) -> bool:
+    async def serve_one(self, wire: Wire, idle_until: float, first: bool) -> bool:
         """Serves one request; False when the connection should close."""
         try:
-            return await self._serve_one(wire)
+            return await self._serve_one(wire, idle_until, first)
         finally:
             task = asyncio.current_task(wire.loop)
             if task is not None:
                 self.busy.discard(task)
 
-    async def _serve_one(self, wire: Wire) -> bool:
+    async def _serve_one(self, wire: Wire, idle_until: float, first: bool) -> bool:
         current: list[Request] = []  # the request, once its head is parsed
         try:
-            return await self._answer(wire, current)
+            return await self._answer(wire, current, idle_until, first)
         finally:
             if current:
                 self.app.finished(current[0])
 
-    async def _answer(self, wire: Wire, current: list[Request]) -> bool:
+    async def _answer(self, wire: Wire, current: list[Request], idle_until: float,
+                      first: bool) -> bool:
         loop = wire.loop
         head: RequestHead | None = None
         request: Request | None = None
+        config = self.app.config
         try:
-            # Idle keep-alive: wait for the first byte of the next request.
-            if not wire.buf and not await wire.fill(KEEPALIVE_TIMEOUT):
+            # Idle: wait for the first byte of the next request.
+            if not wire.buf and not await wire.fill(idle_until - loop.time()):
                 return False
             task = asyncio.current_task(loop)
             if task is not None:
                 self.busy.add(task)  # from its first byte on, a request may finish
+            # HEADER_TIMEOUT from the head's first byte, and for a new connection's first
+            # request no later than HEADER_TIMEOUT after it opened (idle_until then).
             head = await read_head(wire, maybe_request_head,
-                                   loop.time() + self.app.config.header_timeout)
+                                   min(loop.time() + config.header_timeout, idle_until)
+                                   if first else loop.time() + config.header_timeout)
             if head is None:
                 return False
-            request = Request(wire, head)
+            request = Request(wire, head, config.body_timeout)
             current.append(request)
             result = await self.app.dispatch(request)
         except asyncio.TimeoutError:
@@ -5716,7 +5775,7 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
         log.warning("ADMIN_TOKEN is not set: management endpoints answer loopback clients only")
     if not (app.keys or config.require_api_key):
         log.warning("no API keys exist: the Ollama endpoints are open to every client")
-    http_server = HTTPServer(app, max_connections)
+    http_server = HTTPServer(app, max_connections, config.max_connections_per_client)
     server = await loop.create_server(
         functools.partial(Wire, http_server.accept), config.ip, config.port,
         reuse_address=True, backlog=1024,

@@ -166,7 +166,8 @@ def test_slowloris_is_dropped_at_the_header_timeout(start_balancer: Any,
 
 def test_max_connections_is_enforced_and_the_server_stays_up(
         start_balancer: Any, sqlite_store: StoreConfig) -> None:
-    lb = start_balancer(sqlite_store, "--max-connections", "5")
+    lb = start_balancer(sqlite_store, "--max-connections", "5",
+                        "--max-connections-per-client", "5")
     held = [socket.create_connection(("127.0.0.1", lb.port), timeout=5) for _ in range(5)]
     time.sleep(0.2)
     refused = raw_exchange(lb.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -248,3 +249,72 @@ def test_an_authorization_that_is_no_header_value_is_refused_naming_the_field(
     assert patched.status == 400 and "'authorization'" in patched.json()["error"]
     relayed = balancer.call("GET", f"/servers/ollama/{added['id']}/api/tags")
     assert relayed.status == 502  # nothing listens there; no 500 from the stored value
+
+
+def test_a_body_that_trickles_is_cut_at_the_body_timeout(
+        start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama) -> None:
+    lb = start_balancer(sqlite_store, "--body-timeout", "1")
+    sid = lb.add_server(backend.url)["id"]
+    socks = []
+    for path in ("/api/chat", f"/servers/ollama/{sid}/echo", "/servers/addServer") * 3:
+        sock = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     "application/json\r\nContent-Length: 1000\r\n\r\n{".encode())
+        socks.append(sock)
+    started = time.monotonic()
+    answers = [b""] * len(socks)
+    while time.monotonic() - started < 6 and not all(answers):
+        for index, sock in enumerate(socks):  # a byte each 0.2 s: slow, never silent
+            if not answers[index]:
+                try:
+                    sock.sendall(b" ")
+                except OSError:
+                    answers[index] = b"closed"
+        time.sleep(0.2)
+        for index, sock in enumerate(socks):
+            sock.setblocking(False)
+            try:
+                answers[index] = answers[index] or sock.recv(4096)
+            except BlockingIOError:
+                pass
+            except OSError:
+                answers[index] = b"closed"
+            sock.setblocking(True)
+    for sock in socks:
+        sock.close()
+    assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), answers
+    assert b"request body not received in time" in answers[0]
+    big = b"x" * (4 * 1024 * 1024)  # a fast upload is never cut, whatever its size
+    assert lb.call("POST", f"/servers/ollama/{sid}/echo", raw=big).body == big
+    assert lb.call("GET", "/").status == 200
+
+
+def test_an_idle_new_connection_is_closed_at_the_header_timeout(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    lb = start_balancer(sqlite_store, "--header-timeout", "1")
+    sock = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+    started = time.monotonic()
+    try:
+        closed = sock.recv(100)  # nothing sent, nothing answered: closed
+    except ConnectionResetError:
+        closed = b""
+    sock.close()
+    assert closed == b"" and time.monotonic() - started < 5  # not the 75 s of keep-alive
+
+
+def test_one_client_address_cannot_take_every_connection(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    lb = start_balancer(sqlite_store, "--max-connections", "20")  # a quarter each: 5
+    held = [socket.create_connection(("127.0.0.1", lb.port), timeout=5) for _ in range(5)]
+    time.sleep(0.2)
+    crowded = raw_exchange(lb.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert crowded.startswith(b"HTTP/1.1 429 ") and b"Retry-After: 1" in crowded
+    other = socket.create_connection(("127.0.0.1", lb.port), timeout=5,
+                                     source_address=("127.0.0.2", 0))  # another client
+    other.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert other.recv(100).startswith(b"HTTP/1.1 200 ")
+    other.close()
+    for sock in held:
+        sock.close()
+    time.sleep(0.2)
+    assert lb.call("GET", "/").status == 200
