@@ -86,6 +86,12 @@ MAX_ROUTED_BODY = 64 * 1024 * 1024
 #: than 10 deep, tool schemas a few levels more; CPython's parser itself gives up near
 #: 1,000 with a RecursionError (and a traceback), so depth is checked before parsing.
 MAX_JSON_DEPTH = 128
+#: Request bytes all buffered bodies together may hold (routed requests are read whole so
+#: they can go to another server): past it a request is refused with 503 and Retry-After
+#: rather than memory growing with every concurrent upload. 512 MiB by default.
+MAX_BUFFERED_BODIES = 512 * 1024 * 1024
+#: Body bytes looked at for a leading "model" field before the rest is read.
+MODEL_PEEK = 4096
 #: Last bytes of a relayed answer kept to read Ollama's final line (its eval_count).
 TAIL_BYTES = 8 * 1024
 #: Largest error body read from an upstream to decide whether to try another server.
@@ -284,6 +290,7 @@ class Config:
     body_timeout: float = BODY_TIMEOUT
     max_connections: int = 10_000
     max_connections_per_client: int = 0  # 0: a quarter of max_connections
+    max_buffered_bodies: int = MAX_BUFFERED_BODIES
     drain_timeout: float = 30.0
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -449,6 +456,10 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "max_connections_per_client", _count(0, 10_000_000),
      "connections one client address may hold; more get 429 (default: a quarter of "
      "MAX_CONNECTIONS; behind a reverse proxy, which is one address, raise it)"),
+    ("MAX_BUFFERED_BODIES", "--max-buffered-bodies", "max_buffered_bodies",
+     _count(1024 * 1024, 2**50),
+     "bytes of request bodies held in memory at once, over all requests; past it 503 "
+     "with Retry-After (default 536870912, 512 MiB)"),
     ("DRAIN_TIMEOUT", "--drain-timeout", "drain_timeout", _seconds,
      "seconds requests in flight may take to finish after SIGTERM (default 30)"),
     ("LOG_LEVEL", "--log-level", "log_level", _level,
@@ -1262,6 +1273,25 @@ async def iter_body(wire: Wire, framing: Framing, timeout: float, error_status: 
                 yield data
             if not await more():
                 return
+
+
+class ByteBudget:
+    """Bytes the process may hold for one purpose at once (MAX_BUFFERED_BODIES)."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
 
 
 class ReplayableBody:
@@ -3269,11 +3299,13 @@ def eval_count(tail: bytes) -> tuple[int, str | None] | None:
 class Request:
     """One request on a client connection; the body is read through it at most once."""
 
-    def __init__(self, wire: Wire, head: RequestHead, body_timeout: float = BODY_TIMEOUT
-                 ) -> None:
+    def __init__(self, wire: Wire, head: RequestHead, body_timeout: float = BODY_TIMEOUT,
+                 budget: ByteBudget | None = None) -> None:
         self.wire = wire
         self.head = head
         self.body_timeout = body_timeout
+        self.budget = budget  # what buffered bodies may hold, shared by every request
+        self.held = 0  # bytes of it this request holds, given back by close()
         self.method = head.method
         path, _, self.query = head.target.partition("?")
         self.path = path
@@ -3331,15 +3363,54 @@ class Request:
             self.on_body_done()
 
     async def read_body(self, limit: int) -> bytes:
-        """The whole body, refused with 413 past ``limit`` bytes."""
-        if self.framing.kind == "length" and self.framing.length > limit:
+        """The whole body, refused with 413 past ``limit`` bytes, and with 503 when the
+        buffered bodies of all requests would pass MAX_BUFFERED_BODIES: a known length
+        is counted before a byte is read, a chunked body as it arrives."""
+        known = self.framing.kind == "length"
+        if known and self.framing.length > limit:
             raise HTTPError(413, f"body larger than {limit} bytes", close=True)
-        body = bytearray()
+        if known:
+            self._hold(self.framing.length)
+        pieces: list[bytes] = []
+        size = 0
         async for piece in self.body_chunks():
-            body += piece
-            if len(body) > limit:
+            pieces.append(piece)
+            size += len(piece)
+            if size > limit:
                 raise HTTPError(413, f"body larger than {limit} bytes", close=True)
-        return bytes(body)
+            if not known:
+                self._hold(len(piece))
+        return b"".join(pieces)
+
+    def _hold(self, size: int) -> None:
+        if self.budget is None:
+            return
+        if not self.budget.take(size):
+            raise HTTPError(503, "the balancer holds as many request bodies as it may right "
+                                 "now (MAX_BUFFERED_BODIES); try again",
+                            close=True, headers=[("Retry-After", "1")])
+        self.held += size
+
+    def close(self) -> None:
+        """Gives back what its body held of the budget; once the request is over."""
+        if self.budget is not None and self.held:
+            self.budget.give(self.held)
+            self.held = 0
+
+    async def peek_body(self, size: int) -> bytes:
+        """Up to ``size`` first bytes of a Content-Length body, left unread; b"" where
+        that cannot be done cheaply (chunked, or a client waiting for 100 Continue)."""
+        if (self.framing.kind != "length" or self.body_started
+                or "expect" in self.head.headers.index):
+            return b""
+        want = min(size, self.framing.length)
+        wire = self.wire
+        deadline = wire.loop.time() + self.body_timeout
+        while len(wire.buf) < want:
+            remaining = deadline - wire.loop.time()
+            if remaining <= 0 or not await wire.fill(remaining):
+                break  # the whole read will say what is wrong
+        return bytes(wire.buf[:want])
 
     async def read_json(self, limit: int = MAX_ADMIN_BODY) -> Any:
         body = await self.read_body(limit)
@@ -3614,6 +3685,24 @@ def model_field(body: bytes) -> str:
     return name.strip()
 
 
+#: A body whose first field is its model, as the official clients send it: a top-level
+#: field for sure, being the first after the brace (and ``model`` wins over ``name``).
+_leading_model_re = re.compile(rb'\s*\{\s*"model"\s*:\s*("(?:[^"\\]|\\.){1,1024}")')
+
+
+def leading_model(prefix: bytes) -> str | None:
+    """The model a body names in its first field, read from its first bytes; None when it
+    does not start so (the whole body decides then)."""
+    match = _leading_model_re.match(prefix)
+    if match is None:
+        return None
+    try:
+        name = json.loads(match.group(1))
+    except ValueError:
+        return None
+    return name.strip() if isinstance(name, str) and name.strip() else None
+
+
 def upstream_error_message(body: bytes) -> str | None:
     """The message of an Ollama or OpenAI-shaped error body."""
     try:
@@ -3692,6 +3781,7 @@ class Balancer:
              "admin"),
         ]
         self.admin_token = config.admin_token
+        self.body_budget = ByteBudget(config.max_buffered_bodies)
         self._origins = origin_matcher((*DEFAULT_ORIGINS, *config.origins))
         self._own_names = frozenset({socket.gethostname().lower(), *config.allowed_hosts})
         self._id_prefix = secrets.token_hex(4) + "-"
@@ -4221,17 +4311,28 @@ class Balancer:
 
     async def routed(self, request: Request, match: re.Match[str]) -> Response | Relayed:
         """A request for one model, sent to the best server that has it, queued while the
-        fleet is full, and tried on another server if the first fails before answering."""
+        fleet is full, and tried on another server if the first fails before answering.
+
+        The body is read whole (to be sent again on failover), but where it starts with
+        its model, as Ollama's clients send it, an unknown model is refused first."""
+        leading = leading_model(await request.peek_body(MODEL_PEEK))
+        if leading is not None:
+            await self._known_model(leading)
         body = await request.read_body(MAX_ROUTED_BODY)
         name = model_field(body)
+        model = await self._known_model(name)
+        session = request.head.headers.get("x-session-id")
+        outcome = await until_client_gone(request, self._route(request, body, model, session))
+        return Relayed(False) if outcome is None else outcome
+
+    async def _known_model(self, name: str) -> str:
+        """The canonical name of a model some serving server has, else a 404."""
         model = canonical_model(name)
         if not any(model in s.model_names for s in self._serving()):
             await self.refresh_catalog()  # pulled since the last check, perhaps
             if not any(model in s.model_names for s in self._serving()):
                 raise HTTPError(404, f"model '{name}' not found")
-        session = request.head.headers.get("x-session-id")
-        outcome = await until_client_gone(request, self._route(request, body, model, session))
-        return Relayed(False) if outcome is None else outcome
+        return model
 
     async def _route(self, request: Request, body: bytes, model: str, session: str | None
                      ) -> Relayed:
@@ -5624,6 +5725,7 @@ class HTTPServer:
             return await self._answer(wire, current, idle_until, first)
         finally:
             if current:
+                current[0].close()
                 self.app.finished(current[0])
 
     async def _answer(self, wire: Wire, current: list[Request], idle_until: float,
@@ -5646,7 +5748,7 @@ class HTTPServer:
                                    if first else loop.time() + config.header_timeout)
             if head is None:
                 return False
-            request = Request(wire, head, config.body_timeout)
+            request = Request(wire, head, config.body_timeout, self.app.body_budget)
             current.append(request)
             result = await self.app.dispatch(request)
         except asyncio.TimeoutError:

@@ -318,3 +318,50 @@ def test_one_client_address_cannot_take_every_connection(
         sock.close()
     time.sleep(0.2)
     assert lb.call("GET", "/").status == 200
+
+
+def test_buffered_bodies_have_a_process_wide_budget(
+        start_balancer: Any, sqlite_store: StoreConfig, make_backend: Any) -> None:
+    lb = start_balancer(sqlite_store, "--max-buffered-bodies", str(2 * 1024 * 1024),
+                        "--max-concurrency", "4")
+    fake: FakeOllama = make_backend()
+    lb.add_server(fake.url)
+    padding = "x" * (900 * 1024)
+    body = json.dumps({"model": "llama3", "messages": [], "stream": False,
+                       "fake_hold": True, "pad": padding}).encode()
+
+    def held_request() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        return sock
+
+    first, second = held_request(), held_request()  # 1.8 MiB held while they run
+    deadline = time.monotonic() + 10
+    while len([r for r in fake.model_requests() if b"fake_hold" in r["body"]]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    refused = lb.call("POST", "/api/chat", raw=body)
+    assert refused.status == 503 and refused.headers["Retry-After"] == "1"
+    assert "MAX_BUFFERED_BODIES" in refused.json()["error"]
+    chunked = raw_exchange(lb.port, b"POST /api/chat HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:"
+                           b" chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    assert chunked.startswith(b"HTTP/1.1 503 ")
+    fake.release(2)
+    for sock in (first, second):
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+        sock.close()
+    # Given back when they finished: the next one fits again.
+    small = {"model": "llama3", "messages": [], "stream": False, "pad": padding}
+    assert lb.call("POST", "/api/chat", small).status == 200
+
+
+def test_an_unknown_model_is_refused_before_its_body_is_read(
+        balancer: BalancerProcess) -> None:
+    start = b'{"model": "no-such-model", "messages": [{"role": "user", "content": "'
+    with socket.create_connection(("127.0.0.1", balancer.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%s"
+                     % (60 * 1024 * 1024, start + b"x" * 8192))  # 60 MiB announced, 8 KiB sent
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 404 ") and b"no-such-model" in answer
+    assert b"Connection: close" in answer  # the rest is never read
