@@ -348,6 +348,20 @@ def _count(low: int, high: int) -> Callable[[str], int]:
     return convert
 
 
+_byte_size_re = re.compile(r"([0-9]{1,15})\s*(?:([KMGT])i?B?)?", re.IGNORECASE)
+
+
+def _byte_size(text: str) -> int:
+    """A size in bytes: 536870912, 512M, 512MiB or 1G (powers of 1024), at least 1 MiB."""
+    match = _byte_size_re.fullmatch(text.strip())
+    if match is None:
+        raise ValueError("must be a size in bytes, such as 536870912, 512M or 1G")
+    value: int = int(match.group(1)) << 10 * "_KMGT".index((match.group(2) or "_").upper())
+    if not 1024 * 1024 <= value <= 2**50:
+        raise ValueError("must be from 1M to 1024T")
+    return value
+
+
 def _strategy(text: str) -> str:
     value = text.strip().lower()
     if value not in STRATEGIES:
@@ -464,10 +478,9 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "max_connections_per_client", _count(0, 10_000_000),
      "connections one client address may hold; more get 429 (default: a quarter of "
      "MAX_CONNECTIONS; behind a reverse proxy, which is one address, raise it)"),
-    ("MAX_BUFFERED_BODIES", "--max-buffered-bodies", "max_buffered_bodies",
-     _count(1024 * 1024, 2**50),
-     "bytes of request bodies held in memory at once, over all requests; past it 503 "
-     "with Retry-After (default 536870912, 512 MiB)"),
+    ("MAX_BUFFERED_BODIES", "--max-buffered-bodies", "max_buffered_bodies", _byte_size,
+     "request bodies held in memory at once, over all requests (512M, 2G, in bytes...); "
+     "past it 503 with Retry-After (default 512M)"),
     ("DRAIN_TIMEOUT", "--drain-timeout", "drain_timeout", _seconds,
      "seconds requests in flight may take to finish after SIGTERM (default 30)"),
     ("LOG_LEVEL", "--log-level", "log_level", _level,

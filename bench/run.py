@@ -16,6 +16,9 @@ Everything starts here on 127.0.0.1 and every figure in the table comes from the
   direct and through the balancer: added time to first byte and added delay per chunk
   (p50, p99), and the balancer's peak RSS;
 - scale: many open streams idle between tokens: peak RSS and streams lost;
+- attacks: 20 bodies of 60 MiB at once (peak RSS, answered and refused, with and without
+  MAX_BUFFERED_BODIES), and a 30 MiB body of 1-byte chunks (p50/p99 of another client's
+  GET /api/version before and during it, the balancer's CPU);
 - routing: time per scheduling decision with 10, 100 and 1,000 servers;
 - fleet: the fleet simulator (bench/fleet_sim.py), every strategy.
 
@@ -199,7 +202,7 @@ STREAM_BACKEND = FAST_LOOP + r'''
 import asyncio, json, sys, time
 TOKENS, PACE = int(sys.argv[2]), float(sys.argv[3])
 TAGS = sys.argv[4].encode()
-TICK = min(0.002, PACE / 10)
+TICK = min(0.002, PACE / 10) if PACE else 0.002
 SLOTS = max(1, round(PACE / TICK))
 streaming = {}  # writer -> [tokens sent, future set when the last went]
 slots = [[] for _ in range(SLOTS)]  # the streams whose next token is due at each tick
@@ -538,6 +541,122 @@ def stream_row(rows: list[list[str]], label: str, direct: dict[str, object],
                  f"{through['refused']}; balancer {cpu}"])
 
 
+def rss_mb(pid: int) -> float:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def big_bodies(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) -> None:
+    """Many large routed bodies at once: each is read whole before it is sent (to be sent
+    again on failover), so without a budget memory grows with every one."""
+    import http.client
+
+    count, mib = (6, 8) if args.quick else (20, 60)
+    budgets = [("no budget", 2**40),
+               ("MAX_BUFFERED_BODIES 512 MiB", ob.MAX_BUFFERED_BODIES)]
+    if args.quick:
+        budgets[1] = ("MAX_BUFFERED_BODIES 16 MiB", 16 * 1024 * 1024)
+    body = json.dumps({"model": "bench", "input": "x" * (mib * 1024 * 1024)}).encode()
+    backend, backend_port = start_stream_backend(1, 0.0)
+    try:
+        for label, budget in budgets:
+            balancer = Balancer(workdir / f"bodies-{budget}", "--event-loop", "asyncio",
+                                "--max-buffered-bodies", str(budget))
+            statuses: list[int] = []
+            try:
+                balancer.add_server(backend_port)
+                before = rss_mb(balancer.proc.pid)
+
+                def send(port: int = balancer.port, statuses: list[int] = statuses) -> None:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                    try:
+                        conn.request("POST", "/api/embed", body,
+                                     {"Content-Type": "application/json"})
+                        answer = conn.getresponse()
+                        answer.read()
+                        statuses.append(answer.status)
+                    except OSError:
+                        statuses.append(0)
+                    finally:
+                        conn.close()
+
+                senders = [threading.Thread(target=send) for _ in range(count)]
+                for sender in senders:
+                    sender.start()
+                for sender in senders:
+                    sender.join(300)
+            finally:
+                peak = balancer.stop()
+            refused = statuses.count(503)
+            rows.append([f"{count} bodies of {mib} MiB at once, {label}",
+                         f"{statuses.count(200)} answered", f"{refused} refused (503)",
+                         f"{count - statuses.count(200) - refused} failed otherwise",
+                         f"peak RSS +{peak - before:,.0f} MB", ""])
+    finally:
+        backend.terminate()
+
+
+def tiny_chunks(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) -> None:
+    """One client sends a body of 1-byte chunks as fast as the balancer takes it; another
+    asks GET /api/version on a keep-alive connection meanwhile."""
+    import http.client
+
+    total = (2 if args.quick else 30) * 1024 * 1024
+    samples = 30 if args.quick else 200
+    block = b"1\r\nx\r\n" * (64 * 1024 // 6)
+    balancer = Balancer(workdir / "chunks", "--event-loop", "asyncio")
+
+    def latencies() -> list[float]:
+        conn = http.client.HTTPConnection("127.0.0.1", balancer.port, timeout=30)
+        times = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            conn.request("GET", "/api/version")
+            conn.getresponse().read()
+            times.append((time.perf_counter() - started) * 1000)
+        conn.close()
+        return times
+
+    sent, finished = 0, threading.Event()
+
+    def attack() -> None:
+        nonlocal sent
+        import socket
+
+        with socket.create_connection(("127.0.0.1", balancer.port), timeout=60) as sock:
+            sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: a\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            try:
+                while sent < total and not finished.is_set():
+                    sock.sendall(block)
+                    sent += len(block)
+            except OSError:
+                pass
+
+    try:
+        latencies()  # warm
+        quiet = latencies()
+        attacker = threading.Thread(target=attack, daemon=True)
+        started, cpu_before = time.monotonic(), cpu_seconds(balancer.proc.pid)
+        attacker.start()
+        while sent < min(total, 1024 * 1024) and attacker.is_alive():
+            time.sleep(0.01)
+        loud = latencies()
+        elapsed, cpu_after = time.monotonic() - started, cpu_seconds(balancer.proc.pid)
+        taken = sent
+        finished.set()
+        attacker.join(60)
+    finally:
+        balancer.stop()
+    cpu = sum(cpu_after) - sum(cpu_before)
+    rows.append(["GET /api/version, quiet", f"p50 {pct(quiet, 50):.2f} ms",
+                 f"p99 {pct(quiet, 99):.2f} ms", "", "", ""])
+    rows.append([f"GET /api/version, during a {total >> 20} MiB body of 1-byte chunks",
+                 f"p50 {pct(loud, 50):.2f} ms", f"p99 {pct(loud, 99):.2f} ms",
+                 f"attack taken at {taken / elapsed / 1e6:.1f} MB/s",
+                 f"balancer CPU {cpu / elapsed * 100:.0f}%", ""])
+
+
 def routing(rows: list[list[str]]) -> None:
     """A decision as a request makes it: pick a server for a model, take the slot, and
     give it back when done (which re-ranks the server), over a fleet of N servers that
@@ -592,7 +711,7 @@ def fleet(args: argparse.Namespace, rows: list[list[str]]) -> None:
                      f"p99 {p99} s", f"{loads} cold loads, {failed} failed", setup])
 
 
-SECTIONS = ("small", "streams", "scale", "routing", "fleet")
+SECTIONS = ("small", "streams", "scale", "attacks", "routing", "fleet")
 
 
 def main() -> int:
@@ -619,6 +738,9 @@ def main() -> int:
         if "scale" in args.only:
             streams(args, workdir, rows, args.idle_streams, 3,
                     5.0 if not args.quick else 0.5, "idle streams")
+        if "attacks" in args.only:
+            big_bodies(args, workdir, rows)
+            tiny_chunks(args, workdir, rows)
     if "routing" in args.only:
         routing(rows)
     if "fleet" in args.only:

@@ -28,7 +28,9 @@ def test_the_benchmark_suite_runs_and_prints_its_table() -> None:
     assert "Traceback" not in err
     for row in ("POST /api/embed via direct", "POST /api/embed via balancer (asyncio)",
                 "GET /api/version via balancer (asyncio)", "streams (asyncio): 50 streams",
-                "idle streams (asyncio): 200 streams", "scheduling decision, 1000 servers"):
+                "idle streams (asyncio): 200 streams", "scheduling decision, 1000 servers",
+                "6 bodies of 8 MiB at once, MAX_BUFFERED_BODIES 16 MiB",
+                "GET /api/version, during a 2 MiB body of 1-byte chunks"):
         assert row in out, out
     assert re.search(r"POST /api/embed via balancer \(asyncio\)\s+[0-9,]+ req/s", out), out
     streams = re.findall(r"lost (\d+) \(direct (\d+)\)", out)
@@ -37,3 +39,5 @@ def test_the_benchmark_suite_runs_and_prints_its_table() -> None:
                        out)
     assert {strategy for strategy, _ in fleet} == {"least_load", "round_robin", "random"}, out
     assert all(failed == "0" for _, failed in fleet), out
+    bodies = re.findall(r"(\d+) answered +(\d+) refused \(503\) +(\d+) failed otherwise", out)
+    assert len(bodies) == 2 and all(int(a) + int(r) == 6 and f == "0" for a, r, f in bodies)
