@@ -3363,7 +3363,7 @@ class Request:
         self.on_body_done: Callable[[], None] | None = None
         self.responded = False  # set once response bytes may have been written
         self.authenticated = False  # its Authorization was the balancer's: not sent on
-        self.privileged = False  # an admin's: errors about upstreams keep their detail
+        self.privileged = False  # the admin token's: errors about upstreams keep their detail
         self.id = ""  # X-Request-Id, in the response and the access log
         #: Fields every response to it carries (X-Request-Id, CORS), whoever writes it.
         self.response_fields: list[tuple[str, str]] = []
@@ -4885,7 +4885,8 @@ class Balancer:
         the request id, under which the log keeps the detail."""
         request_id = request.id if request is not None else "-"
         log.warning("request %s failed upstream: %s", request_id, detail)
-        if request is not None and request.privileged:
+        if request is not None and (request.privileged or (
+                not self.admin_token and is_loopback(request.wire.peer))):
             return detail
         what = UPSTREAM_FAILURES.get(status, "the upstream request failed")
         return f"{what} (request id {request_id})"
@@ -5276,8 +5277,7 @@ class Balancer:
         key = self.keys.get(hashlib.sha256(token.encode()).hexdigest()) if (
             token and self.keys and not is_admin) else None
         request.authenticated = is_admin or key is not None
-        request.privileged = is_admin or (not self.admin_token
-                                          and is_loopback(request.wire.peer))
+        request.privileged = is_admin
         if not (self.keys or self.config.require_api_key):
             return None
         challenge = [("WWW-Authenticate", 'Bearer realm="ollamabalancer"')]

@@ -582,8 +582,9 @@ def test_clients_get_a_neutral_error_with_a_request_id_and_admins_the_detail(
             assert secret not in text, (secret, text)
         request_id = reply.headers["X-Request-Id"]
         assert f"request id {request_id}" in text
-        lines = [line for line in lb.lines if request_id in line and "WARNING" in line]
-        assert any("gpu-secret-7" in line or "dc-east-socks" in line for line in lines)
+        lb.wait_for(lambda request_id=request_id: any(  # the detail, in the log
+            request_id in line and ("gpu-secret-7" in line or "dc-east-socks" in line)
+            for line in lb.lines if "WARNING" in line))
     detailed = call(lb.port, "GET", f"/servers/ollama/{through_proxy}/api/tags",
                     headers=admin)
     assert "dc-east-socks" in detailed.json()["error"]
