@@ -5204,9 +5204,9 @@ class Balancer:
     def request_id(self, head: RequestHead) -> str:
         """The client's X-Request-Id when it is a plain token (a proxy in front set it),
         else one of ours: this process's tag and a counter."""
-        given = head.headers.get("x-request-id")
-        if given is not None and request_id_re.fullmatch(given):
-            return given
+        given = head.headers.index.get("x-request-id")
+        if given is not None and len(given) == 1 and request_id_re.fullmatch(given[0]):
+            return given[0]
         return f"{self._id_prefix}{next(self._id_counter):x}"
 
     def names_this_balancer(self, host: str | None) -> bool:
@@ -5263,9 +5263,10 @@ class Balancer:
     def allow_origin(self, request: Request) -> None:
         """CORS on the Ollama endpoints, as Ollama answers it: a browser page of an allowed
         origin (ORIGINS, and Ollama's defaults) may read the answer; another gets 403."""
-        origin = request.head.headers.get("origin")
-        if origin is None:
+        origins = request.head.headers.index.get("origin")
+        if origins is None:
             return
+        origin = ", ".join(origins)
         if not self._origins.fullmatch(origin):
             raise HTTPError(403, f"origin {origin[:100]!r} is not allowed: add it to ORIGINS")
         request.response_fields += [("Access-Control-Allow-Origin", origin),
@@ -5288,6 +5289,8 @@ class Balancer:
         every mode and never sent upstream. Returns the key's usage to count the request
         against, or None when no key is needed or the admin token was used.
         """
+        if not (self.admin_token or self.keys or self.config.require_api_key):
+            return None  # no credential of the balancer's exists to recognise
         token = bearer_token(request.head) or basic_password(request.head)
         is_admin = bool(token and self.admin_token and hmac.compare_digest(
             token.encode(), self.admin_token.encode()))
