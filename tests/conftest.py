@@ -7,6 +7,7 @@ unless OLLAMABALANCER_REQUIRE_ALL=1 (set by .ci/run), which turns the skips into
 from __future__ import annotations
 
 import http.client
+import importlib
 import importlib.util
 import json
 import os
@@ -33,13 +34,24 @@ from fakeollama import FakeOllama
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_ALL = os.environ.get("OLLAMABALANCER_REQUIRE_ALL") == "1"
 MYSQL = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
+#: The addresses the test proxies connect from: what a backend sees of a tunnel.
+SOCKS_SOURCE, HTTP_PROXY_SOURCE = "127.0.0.3", "127.0.0.4"
 
 
 def unavailable(reason: str) -> None:
     """Skips the test, or fails it where every dependency is required (CI)."""
     if REQUIRE_ALL:
         pytest.fail(f"{reason} (OLLAMABALANCER_REQUIRE_ALL=1 forbids skipping)")
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_module(name: str) -> Any:
+    """The module, imported; when missing, the test skips, or fails under REQUIRE_ALL
+    (what pytest.importorskip would skip silently with exit 0)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        unavailable(f"the {name} package is not installed (pip install '.[test]')")
 
 
 # -- HTTP helpers -------------------------------------------------------------------------
@@ -333,8 +345,10 @@ def microsocks() -> Iterator[tuple[int, str, str]]:
         unavailable("microsocks is not installed (apt-get install microsocks)")
     user, password = "sockuser", "s3cret-" + secrets.token_hex(4)
     port = free_port()
+    # Its outgoing connections come from 127.0.0.3, so a backend can tell a request that
+    # came through it (``peer`` in FakeOllama's records) from one that came direct.
     proc = subprocess.Popen([binary, "-i", "127.0.0.1", "-p", str(port), "-u", user,
-                             "-P", password], stdout=subprocess.DEVNULL,
+                             "-P", password, "-b", SOCKS_SOURCE], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         _wait_listening(port, proc, "microsocks")
@@ -354,7 +368,8 @@ def tinyproxy(tmp_path: Path) -> Iterator[tuple[int, str, str]]:
     conf = tmp_path / "tinyproxy.conf"
     # No ConnectPort line: CONNECT is allowed to every port (Ollama listens on 11434).
     conf.write_text(
-        f"Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 50\nAllow 127.0.0.1\n"
+        f"Port {port}\nListen 127.0.0.1\nBind {HTTP_PROXY_SOURCE}\nTimeout 60\nMaxClients 50\n"
+        "Allow 127.0.0.1\n"
         f"BasicAuth {user} {password}\nLogLevel Critical\n"
         + ("User root\nGroup root\n" if os.geteuid() == 0 else "")
     )

@@ -10,6 +10,7 @@ generate, embed, NDJSON and SSE streaming) plus test-only paths:
     GET  /slow             streams a chunk every 50 ms until the client goes away
     GET  /hang             answers nothing, like a cold model load, until the client leaves
     GET  /die              sends two chunks, then drops the connection mid-stream
+    GET  /hop              answers with hop-by-hop fields (Connection, Keep-Alive, ...)
     GET  /flood?mib=N      sends N MiB as fast as the socket takes them, counting in
                            ``flood_sent`` what it managed to write
 
@@ -184,6 +185,7 @@ class _Handler(BaseHTTPRequestHandler):
             "headers": dict(self.headers.items()),
             "header_list": list(self.headers.items()),
             "body": body,
+            "peer": self.client_address[0],  # 127.0.0.3 or .4: through a test proxy
         }
         with self.owner.lock:
             self.owner.requests.append(record)
@@ -259,6 +261,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send(200, body, "application/octet-stream",
                       {**echoed, "X-Echo-Query": parts.query or "-",
                        "X-Echo-Method": self.command, "X-Upstream": "fake"})
+        elif path == "/hop":  # hop-by-hop fields a balancer must not pass on
+            self.send(200, b"hop", "text/plain", {
+                "Connection": "X-Hop-Only, keep-alive", "X-Hop-Only": "secret-of-this-hop",
+                "Keep-Alive": "timeout=5", "Proxy-Authenticate": 'Basic realm="upstream"',
+                "Proxy-Connection": "keep-alive", "Trailer": "X-Checksum", "Upgrade": "h2c",
+                "TE": "trailers", "X-End-To-End": "kept"})
         elif path.startswith("/status/"):
             status = int(path.rsplit("/", 1)[1])
             self.send_json(status, {"error": f"status {status} as asked"})

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import BalancerProcess, Reply, StoreConfig, call
+from conftest import BalancerProcess, Reply, StoreConfig, call, require_module
 from fakeollama import FakeOllama, tag
 
 
@@ -134,8 +134,10 @@ def test_servers_with_the_model_loaded_are_preferred(fleet: Any) -> None:
 
 
 def test_a_full_server_sends_work_to_the_next_and_load_counts(fleet: Any) -> None:
-    lb, add = fleet(MAX_CONCURRENCY="1")
-    first, first_row = add(loaded=["llama3:latest"])
+    # NUM_PARALLEL=4: by Ollama's own scheduling the first (model loaded) stays the best
+    # place with one request running; only its maxConcurrency of 1 sends work elsewhere.
+    lb, add = fleet(MAX_CONCURRENCY="1", NUM_PARALLEL="4")
+    first, first_row = add(loaded=["llama3:latest"], weight=5)
     second, _ = add()
     holder, _ = in_thread(chat, lb, fake_hold=True)
     wait_until(lambda: held(first) == 1)
@@ -204,6 +206,26 @@ def test_a_client_that_leaves_the_queue_is_never_sent_upstream(fleet: Any) -> No
     assert result[0].status == 200
     markers = [json.loads(r["body"]).get("marker") for r in fake.model_requests()]
     assert "gone" not in markers and markers[-1] == "next"
+
+
+def test_a_session_stays_on_its_server_though_another_is_less_loaded(fleet: Any) -> None:
+    lb, add = fleet("--health-interval", "600", NUM_PARALLEL="4")
+    first, _ = add(loaded=["llama3:latest"])
+    second, _ = add(loaded=["llama3:latest"])
+    session = {"X-Session-Id": "conversation-7"}
+    assert chat(lb, headers=session).status == 200
+    home, away = (first, second) if first.model_requests() else (second, first)
+    holders = [in_thread(chat, lb, headers=session, fake_hold=True) for _ in range(2)]
+    wait_until(lambda: held(home) == 2)  # two of its turns running there: the busier one
+    for turn in range(3):
+        assert chat(lb, headers=session, turn=turn).status == 200
+    assert [json.loads(r["body"]).get("turn") for r in home.model_requests()][-3:] == [0, 1, 2]
+    assert not away.model_requests()
+    assert chat(lb).status == 200  # without a session: the least loaded
+    assert len(away.model_requests()) == 1
+    home.release(2)
+    for thread, _ in holders:
+        thread.join(10)
 
 
 def test_session_affinity_keeps_a_conversation_on_one_server(fleet: Any) -> None:
@@ -397,8 +419,10 @@ def test_pull_to_chosen_servers_only(fleet: Any) -> None:
                                           "servers": [row["id"]]})
     assert whole.status == 200 and whole.json() == {"status": "success"}
     assert chosen.has("qwen2") and not other.has("qwen2")
-    assert b"servers" not in chosen.requests[-1]["body"] or all(
-        r["path"] != "/api/pull" or b'"servers"' not in r["body"] for r in chosen.requests)
+    pulls = [r for r in chosen.requests if r["path"] == "/api/pull"]
+    assert len(pulls) == 1 and json.loads(pulls[0]["body"]) == {"model": "qwen2",
+                                                                 "stream": True}
+    assert not [r for r in other.requests if r["path"] == "/api/pull"]
     assert lb.call("POST", "/api/pull", {"model": "x", "servers": ["nobody"]}).status == 404
 
 
@@ -445,7 +469,7 @@ def test_blob_upload_then_create_works_on_every_server(fleet: Any) -> None:
 
 
 def test_official_client_at_the_root(fleet: Any) -> None:
-    ollama = pytest.importorskip("ollama")
+    ollama = require_module("ollama")
     lb, add = fleet()
     add(["llama3:latest", "nomic-embed-text:latest"], loaded=["llama3:latest"])
     add(["mistral:7b"])

@@ -7,10 +7,10 @@ import json
 from typing import Any
 
 import pytest
-from conftest import BalancerProcess, StoreConfig, free_port
+from conftest import BalancerProcess, StoreConfig, free_port, require_module
 from fakeollama import FakeOllama, tag
 
-parser = pytest.importorskip("prometheus_client.parser")
+parser = require_module("prometheus_client.parser")
 
 
 def scrape(lb: BalancerProcess, **headers: str) -> dict[str, dict[tuple[tuple[str, str], ...],

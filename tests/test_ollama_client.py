@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import BalancerProcess, StoreConfig, both_event_loops
+from conftest import BalancerProcess, StoreConfig, both_event_loops, require_module
 from fakeollama import FakeOllama
 
-ollama = pytest.importorskip("ollama")
+ollama = require_module("ollama")
 
 
 #: Every test here runs on both event loops.

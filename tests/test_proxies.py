@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 import pytest
-from conftest import BalancerProcess
+from conftest import HTTP_PROXY_SOURCE, SOCKS_SOURCE, BalancerProcess
 from fakeollama import FakeOllama
 
 
@@ -115,3 +115,30 @@ def test_missing_python_socks_names_the_package(start_balancer: Any, sqlite_stor
     reply = lb.call("GET", f"/servers/ollama/{sid}/api/version")
     assert reply.status == 502
     assert "pip install python-socks" in reply.json()["error"]
+
+
+def test_a_server_with_a_proxy_is_reached_through_it_by_id_and_from_the_root(
+        balancer: BalancerProcess, backend: FakeOllama, microsocks: tuple[int, str, str],
+        tinyproxy: tuple[int, str, str]) -> None:
+    """The server's own proxyId is used whichever way a request comes: its numeric id, a
+    getServer ID made without a proxy, and the Ollama root. The backend tells: a tunnel's
+    connections come from the proxy's source address, not the balancer's."""
+    for (port, user, password), protocol, source in (
+            (microsocks, "socks5", SOCKS_SOURCE), (tinyproxy, "http", HTTP_PROXY_SOURCE)):
+        proxy_id = balancer.add_proxy(name=protocol, ip="127.0.0.1", port=port,
+                                      protocol=protocol, userName=user, password=password)
+        if protocol == "socks5":
+            server_id = balancer.add_server(backend.url, proxyId=proxy_id)["id"]
+        else:
+            assert balancer.call("PATCH", f"/servers/{server_id}",
+                                 {"proxyId": proxy_id}).status == 200
+        sid = balancer.server_id()  # no proxy asked for: the server's own
+        for path, body, marker in (
+                (f"/servers/ollama/{server_id}/echo", None, f"by-id-{protocol}"),
+                (f"/servers/ollama/{sid}/echo", None, f"by-handle-{protocol}"),
+                ("/api/chat", {"model": "llama3", "messages": [], "stream": False,
+                               "marker": f"root-{protocol}"}, f"root-{protocol}")):
+            reply = balancer.call("POST", path, body, raw=None if body else marker.encode())
+            assert reply.status == 200, reply
+            (seen,) = [r for r in backend.requests if marker.encode() in r["body"]]
+            assert seen["peer"] == source, (path, seen["peer"])

@@ -25,6 +25,7 @@ from conftest import (
     drop_database,
     free_port,
     mysql_connect,
+    require_module,
 )
 from fakeollama import FakeOllama
 
@@ -397,7 +398,7 @@ def test_once_a_key_exists_clients_need_one(start_balancer: Any, sqlite_store: S
 def test_official_client_sends_its_key_from_ollama_api_key(
         start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    ollama = pytest.importorskip("ollama")
+    ollama = require_module("ollama")
     lb = start_balancer(sqlite_store)
     lb.add_server(backend.url)
     key = add_key(lb)["key"]
@@ -496,16 +497,43 @@ def test_no_secret_appears_in_any_log_line_or_admin_response(
         answers.append(call(lb.port, "GET", f"/servers/ollama/{sid}/api/version",
                             headers=client).body)
     admin_call("PATCH", "/proxy/1", {"password": socks_password + "-2"})
+    admin_call("PATCH", "/servers/1", {"authorization": upstream_auth + "-2"})
     for path in ("/servers/allServers", "/proxy/allProxies", "/keys/allKeys", "/servers/1",
                  "/proxy/2"):
         admin_call("GET", path)
     answers.append(call(lb.port, "GET", "/servers/allServers",
                         headers={"Authorization": f"Bearer {key}"}).body)
     lb.stop()
-    everything = b"\n".join(answers) + lb.log.encode()
+    rows, files = database_text(store)
+    everything = b"\n".join(answers) + lb.log.encode() + rows + files
     for secret in (secret_key, ADMIN, key, socks_password, http_password, upstream_auth,
                    "upstream-credential"):
         assert secret.encode() not in everything, secret
+    # Three proxy passwords (one patched since) and the server's credentials (patched too).
+    assert rows.count(b"'enc:v1:") == 4, rows
+
+
+def database_text(store: StoreConfig) -> tuple[bytes, bytes]:
+    """Every row of every table; and for SQLite the files themselves (old pages too)."""
+    if store.engine == "sqlite":
+        with sqlite3.connect(store.path) as conn:
+            tables = [t for t, in conn.execute("SELECT name FROM sqlite_master"
+                                               " WHERE type = 'table'")]
+            rows = [repr(row) for table in tables
+                    for row in conn.execute(f"SELECT * FROM {table}")]
+        files = [Path(str(store.path) + suffix) for suffix in ("", "-wal")]
+        raw = b"".join(f.read_bytes() for f in files if f.exists())
+        return "\n".join(rows).encode(), raw
+    conn = mysql_connect(store.database)
+    with conn.cursor() as cursor:
+        cursor.execute("SHOW TABLES")
+        tables = [t for t, in cursor.fetchall()]
+        rows = []
+        for table in tables:
+            cursor.execute(f"SELECT * FROM `{table}`")
+            rows += [repr(row) for row in cursor.fetchall()]
+    conn.close()
+    return "\n".join(rows).encode(), b""
 
 
 def test_rotation_changes_nothing_when_a_stored_secret_is_damaged(
