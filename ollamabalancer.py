@@ -5235,7 +5235,11 @@ class Balancer:
         if origin is not None and not same_origin(origin, headers.get("host")):
             raise HTTPError(403, "management requests from a web page of another origin "
                                  "are refused")
-        if (headers.get("sec-fetch-site") or "").lower() in ("cross-site", "same-site"):
+        if (headers.get("sec-fetch-site") or "").lower() in ("cross-site", "same-site") and not (
+                request.method in ("GET", "HEAD")
+                and (headers.get("sec-fetch-mode") or "").lower() == "navigate"):
+            # A link followed to the dashboard is a person's own page view; anything a
+            # page of another site sends by itself is refused.
             raise HTTPError(403, "management requests from another site are refused")
         if not self.admin_token:
             if not is_loopback(request.wire.peer):

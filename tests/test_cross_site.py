@@ -42,6 +42,12 @@ def test_forged_management_requests_are_refused(balancer: BalancerProcess) -> No
         assert reply.status == status, (headers, reply)
         assert "error" in reply.json()
     assert listing(lb) == ([], [])
+    assert lb.call("GET", "/keys/allKeys", headers={"Sec-Fetch-Site": "cross-site",
+                                                    "Sec-Fetch-Mode": "cors"}).status == 403
+    # A link followed from another site to the dashboard: a person's own page view.
+    followed = lb.call("GET", "/dashboard", headers={"Sec-Fetch-Site": "cross-site",
+                                                     "Sec-Fetch-Mode": "navigate"})
+    assert followed.status == 200
     # The balancer's own page (same origin) and a plain client still manage it.
     own = {**JSON, "Origin": f"http://127.0.0.1:{lb.port}", "Sec-Fetch-Site": "same-origin"}
     assert lb.call("POST", "/keys/addKey", key, headers=own).status == 201
