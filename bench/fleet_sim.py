@@ -10,8 +10,10 @@ Simulated servers behave as Ollama does where it matters for routing:
 
 A seeded workload (Poisson arrivals, models by a skewed popularity, varied lengths) is sent
 through the real balancer, started once per strategy, and the report gives latency
-percentiles and makespan for each. Run it as ``python bench/fleet_sim.py``; ``--quick``
-runs a few seconds, for CI.
+percentiles and makespan for each; a failed request (a 503 from a full queue) counts in
+the percentiles at the balancer's queue timeout. Run it as ``python bench/fleet_sim.py``;
+``--quick`` runs a few seconds, for CI. It runs on real time, real sockets and a real
+balancer, so two runs of one seed differ a little: compare strategies within one run.
 """
 
 from __future__ import annotations
@@ -166,6 +168,10 @@ async def post(port: int, path: str, payload: object) -> tuple[int, bytes]:
         writer.close()
 
 
+#: The balancer's QUEUE_TIMEOUT (its default): what a failed request counts as.
+QUEUE_TIMEOUT = 300.0
+
+
 def start_balancer(strategy: str, db: Path, parallel: int, resident: int
                    ) -> tuple[subprocess.Popen[str], int]:
     """The balancer, told the fleet's Ollama settings as an operator would."""
@@ -218,10 +224,14 @@ async def run_strategy(strategy: str, args: argparse.Namespace, jobs: list[Job],
             status, _ = await post(port, "/api/generate", {
                 "model": job.model, "prompt": "x", "stream": False,
                 "options": {"sim_seconds": job.seconds}})
+            took = time.monotonic() - sent
             if status != 200:
                 failures += 1
-            elif job.at >= args.warmup:  # the fleet's warm-up after a restart is not counted
-                latencies.append(time.monotonic() - sent)
+                # A refusal is fast, but the user got nothing: it counts as if it had
+                # waited the balancer's queue timeout, so failing is never a good figure.
+                took = max(took, QUEUE_TIMEOUT)
+            if job.at >= args.warmup:  # the fleet's warm-up after a restart is not counted
+                latencies.append(took)
 
         await asyncio.gather(*(one(job) for job in jobs))
         makespan = time.monotonic() - start

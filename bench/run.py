@@ -210,7 +210,7 @@ ticks = 0
 def token(writer, state):
     if writer not in streaming:
         return  # the client left
-    last = state[0] == TOKENS
+    last = state[0] == TOKENS - 1  # the TOKENS-th line, counted from 0
     line = b'{"t":%.6f,"done":%s}\n' % (time.monotonic(), b"true" if last else b"false")
     writer.write(b"%x\r\n%s\r\n%s" % (len(line), line, b"0\r\n\r\n" if last else b""))
     state[0] += 1
@@ -278,8 +278,16 @@ def start_stream_backend(tokens: int, pace: float) -> tuple[subprocess.Popen[byt
 # -- load generators --------------------------------------------------------------------------
 
 
-def wrk(url: str, seconds: float, post: bool, clients: int) -> tuple[float, float, float]:
-    """req/s, p50 ms, p99 ms, with ``clients`` keep-alive connections."""
+class Run:
+    """One load run: good answers a second, latency percentiles, and what went wrong."""
+
+    def __init__(self, rate: float, p50: float, p99: float, errors: int) -> None:
+        self.rate, self.p50, self.p99, self.errors = rate, p50, p99, errors
+
+
+def wrk(url: str, seconds: float, post: bool, clients: int) -> Run:
+    """2xx answers a second, p50 ms, p99 ms and errors (non-2xx answers and socket
+    errors), with ``clients`` keep-alive connections."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         if post:
             script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(EMBED_BODY)}\n'
@@ -288,43 +296,62 @@ def wrk(url: str, seconds: float, post: bool, clients: int) -> tuple[float, floa
     done = subprocess.run(["wrk", "-t1", f"-c{clients}", duration, "--latency", "-s",
                            script.name, url], capture_output=True, text=True, timeout=120)
     os.unlink(script.name)
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", done.stdout).group(1))  # type: ignore[union-attr]
+    out = done.stdout
+    total, took, unit = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out).groups()  # type: ignore[union-attr]
+    elapsed = float(took) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = int(bad.group(1)) if bad else 0
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
+                        r"timeout (\d+)", out)
+    if sockets:
+        errors += sum(int(n) for n in sockets.groups())
 
     def percentile(name: str) -> float:
-        value, unit = re.search(rf"\s{name}%\s+([\d.]+)(us|ms|s)", done.stdout).groups()  # type: ignore[union-attr]
+        value, unit = re.search(rf"\s{name}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
-    return rate, percentile("50"), percentile("99")
+    good = int(total) - (int(bad.group(1)) if bad else 0)
+    return Run(good / elapsed, percentile("50"), percentile("99"), errors)
 
 
 async def python_load(port: int, path: str, seconds: float, post: bool, clients: int
-                      ) -> tuple[float, float, float]:
+                      ) -> Run:
     """The same measurement as wrk, in Python, for machines without wrk."""
     body = EMBED_BODY.encode() if post else b""
     method = b"POST" if post else b"GET"
     request = (b"%s %s HTTP/1.1\r\nHost: b\r\nContent-Length: %d\r\n\r\n%s"
                % (method, path.encode(), len(body), body))
     latencies: list[float] = []
+    errors = 0
     stop = time.monotonic() + seconds
 
     async def client() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        while time.monotonic() < stop:
-            sent = time.monotonic()
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
-            await reader.readexactly(length)
-            latencies.append(time.monotonic() - sent)
+        nonlocal errors
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            errors += 1
+            return
+        try:
+            while time.monotonic() < stop:
+                sent = time.monotonic()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                await reader.readexactly(length)
+                latencies.append(time.monotonic() - sent)
+                if not head.startswith(b"HTTP/1.1 2"):
+                    errors += 1
+        except (OSError, asyncio.IncompleteReadError):
+            errors += 1
         writer.close()
 
     await asyncio.gather(*(client() for _ in range(clients)))
     cuts = statistics.quantiles(latencies, n=100)
-    return len(latencies) / seconds, cuts[49] * 1000, cuts[98] * 1000
+    return Run((len(latencies) - errors) / seconds, cuts[49] * 1000, cuts[98] * 1000, errors)
 
 
-def load(port: int, path: str, seconds: float, post: bool, clients: int = 64
-         ) -> tuple[float, float, float]:
+def load(port: int, path: str, seconds: float, post: bool, clients: int = 64) -> Run:
     if shutil.which("wrk"):
         return wrk(f"http://127.0.0.1:{port}{path}", seconds, post, clients)
     return asyncio.run(python_load(port, path, seconds, post, clients))
@@ -333,7 +360,8 @@ def load(port: int, path: str, seconds: float, post: bool, clients: int = 64
 STREAM_CLIENT = FAST_LOOP + r'''
 import asyncio, sys, time
 port, streams, ramp = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-first, gaps, lost, refused, why = [], [], 0, 0, {}
+TOKENS = int(sys.argv[4])  # a stream is served only when every one of them arrived
+first, gaps, lost, refused, served, why = [], [], 0, 0, 0, {}
 BODY = b'{"model":"bench","messages":[],"stream":true}'
 REQUEST = b"POST /api/chat HTTP/1.1\r\nHost: b\r\nContent-Length: %d\r\n\r\n%s" % (
     len(BODY), BODY)
@@ -343,6 +371,7 @@ class Stream(asyncio.Protocol):
     def __init__(self, done):
         self.done, self.buf, self.head, self.finished = done, bytearray(), False, False
         self.got_first, self.status = False, "closed before the last token"
+        self.tokens = 0
     def connection_made(self, transport):
         self.transport, self.sent = transport, time.monotonic()
         transport.write(REQUEST)
@@ -354,7 +383,7 @@ class Stream(asyncio.Protocol):
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
                 return
-            if self.buf.startswith(b"HTTP/1.1 503 "):  # refused at the door: not lost
+            if self.buf.startswith(b"HTTP/1.1 503 "):  # refused at the door: a failure too
                 refused += 1
                 self.finished = True
                 self.transport.close()
@@ -375,8 +404,14 @@ class Stream(asyncio.Protocol):
                 first.append(now - self.sent)
                 self.got_first = True
             gaps.append(now - float(line[4:line.index(b",")]))
+            self.tokens += 1
             if b"true" in line:
-                self.finished = True
+                global served
+                if self.tokens == TOKENS:
+                    served += 1
+                    self.finished = True
+                else:
+                    self.status = f"got {self.tokens} of {TOKENS} tokens"
                 self.transport.close()
                 return
     def connection_lost(self, exc):
@@ -401,15 +436,15 @@ async def one(index):
 async def main():
     await asyncio.gather(*(one(i) for i in range(streams)))
     print(__import__("json").dumps({"first": first, "gaps": gaps, "lost": lost,
-                                    "refused": refused, "why": why}))
+                                    "refused": refused, "served": served, "why": why}))
 run(main())
 '''
 
 
-def run_streams(port: int, streams: int, ramp: float) -> dict[str, object]:
+def run_streams(port: int, streams: int, ramp: float, tokens: int) -> dict[str, object]:
     done = subprocess.run([sys.executable, "-c", STREAM_CLIENT, str(port), str(streams),
-                           str(ramp)], capture_output=True, text=True, timeout=900,
-                          preexec_fn=raise_nofile)
+                           str(ramp), str(tokens)], capture_output=True, text=True,
+                          timeout=900, preexec_fn=raise_nofile)
     return dict(json.loads(done.stdout))
 
 
@@ -441,8 +476,7 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
     try:
         for balancer in balancers.values():
             balancer.add_server(backend_port)
-        results = {}
-        notes: dict[tuple[str, str], str] = {}
+        plan: list[tuple[str, str, int, str, bool, int]] = []
         # /api/version at the root is answered by the balancer itself; the relayed GET is
         # the passthrough to one server.
         # One client as well: the time a request spends in the balancer, with no queue.
@@ -451,33 +485,50 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
                 ("GET /api/version", "/api/version", "/servers/ollama/1/api/version", False,
                  64),
                 ("POST /api/embed, 1 client", "/api/embed", "/api/embed", True, 1)):
-            targets = [("direct", backend_port, path)]
+            plan.append((name, "direct", backend_port, path, post, clients))
             if nginx:
-                targets.append(("nginx", nginx.proxy_port, path))
+                plan.append((name, "nginx", nginx.proxy_port, path, post, clients))
             for loop, balancer in balancers.items():
-                targets.append((f"balancer ({loop})", balancer.port, relayed))
+                plan.append((name, f"balancer ({loop})", balancer.port, relayed, post, clients))
                 if relayed != path:
-                    targets.append((f"balancer ({loop}), own answer", balancer.port, path))
-            for label, port, target in targets:
+                    plan.append((name, f"balancer ({loop}), own answer", balancer.port, path,
+                                 post, clients))
+        for _, _, port, target, post, clients in plan:  # warm-up, not counted
+            load(port, target, 1.0, post, clients)
+        runs: dict[tuple[str, str], list[Run]] = {}
+        cpu: dict[tuple[str, str], list[float]] = {}  # user, system, requests: summed
+        for _ in range(args.repeats):  # each round runs every target: drift hits all alike
+            for name, label, port, target, post, clients in plan:
                 pid = next((b.proc.pid for b in balancers.values() if b.port == port), None)
                 before = cpu_seconds(pid) if pid else (0.0, 0.0)
-                results[(name, label)] = load(port, target, args.seconds, post, clients)
+                run = load(port, target, args.seconds, post, clients)
+                runs.setdefault((name, label), []).append(run)
                 if pid:
-                    rate = results[(name, label)][0]
-                    notes[(name, label)] = cpu_note(before, cpu_seconds(pid),
-                                                    rate * max(1, round(args.seconds)),
-                                                    "request")
-        for (name, label), (rate, p50, p99) in results.items():
-            direct_p50 = results[(name, "direct")][1]
+                    after = cpu_seconds(pid)
+                    sums = cpu.setdefault((name, label), [0.0, 0.0, 0.0])
+                    sums[0] += after[0] - before[0]
+                    sums[1] += after[1] - before[1]
+                    sums[2] += (run.rate + run.errors / args.seconds) * args.seconds
+        for (name, label), measured in runs.items():
+            rate, p50, p99 = (statistics.median(getattr(r, f) for r in measured)
+                              for f in ("rate", "p50", "p99"))
+            direct_p50 = statistics.median(r.p50 for r in runs[(name, "direct")])
             added = "" if label == "direct" else f"{p50 - direct_p50:+.2f}"
-            versus = ""
-            if label.startswith("balancer") and (name, "nginx") in results:
-                versus = f"{rate / results[(name, 'nginx')][0]:.2f}x nginx"
-            if (name, label) in notes:
-                versus = f"{versus}, {notes[(name, label)]}".lstrip(", ")
-            rows.append([f"{name} via {label}", f"{rate:,.0f} req/s", f"p50 {p50:.2f} ms",
-                         f"p99 {p99:.2f} ms", f"added p50 {added} ms" if added else "",
-                         versus])
+            notes = []
+            if label.startswith("balancer") and (name, "nginx") in runs:
+                nginx_rate = statistics.median(r.rate for r in runs[(name, "nginx")])
+                notes.append(f"{rate / nginx_rate:.2f}x nginx")
+            if (name, label) in cpu:
+                user, system, count = cpu[(name, label)]
+                count = max(count, 1)
+                notes.append(f"CPU {(user + system) / count * 1e6:.0f} us a request "
+                             f"({system / count * 1e6:.0f} in the kernel)")
+            errors = sum(r.errors for r in measured)
+            if errors:
+                notes.append(f"ERRORS: {errors} answers not 2xx or broken")
+            rows.append([f"{name} via {label}", f"{rate:,.0f} req/s {spread(measured, 'rate')}",
+                         f"p50 {p50:.2f} ms", f"p99 {p99:.2f} ms",
+                         f"added p50 {added} ms" if added else "", ", ".join(notes)])
     finally:
         for balancer in balancers.values():
             balancer.stop()
@@ -485,6 +536,15 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
             nginx.stop()
         if fallback:
             fallback.terminate()
+
+
+def spread(runs: list[Run], field: str) -> str:
+    """The range of a figure over the repeats, as a share of their median."""
+    values = [getattr(r, field) for r in runs]
+    middle = statistics.median(values)
+    if len(values) < 2 or not middle:
+        return ""
+    return f"(±{(max(values) - min(values)) / 2 / middle * 100:.0f}%)"
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -507,38 +567,68 @@ def streams(args: argparse.Namespace, workdir: Path, rows: list[list[str]], coun
             tokens: int, pace: float, label: str) -> None:
     backend, port = start_stream_backend(tokens, pace)
     try:
-        direct = run_streams(port, count, args.ramp)
         for loop in event_loops():
             balancer = Balancer(workdir / f"{label}-{loop}", "--upstream-timeout", "600",
                                 "--event-loop", loop)
+            pairs: list[tuple[dict[str, object], dict[str, object]]] = []
+            user = system = 0.0
+            chunks = 0
             try:
                 balancer.add_server(port)
-                before = cpu_seconds(balancer.proc.pid)
-                through = run_streams(balancer.port, count, args.ramp)
-                after = cpu_seconds(balancer.proc.pid)
+                for _ in range(args.repeats):  # direct, then through it: drift hits both
+                    direct = run_streams(port, count, args.ramp, tokens)
+                    before = cpu_seconds(balancer.proc.pid)
+                    through = run_streams(balancer.port, count, args.ramp, tokens)
+                    after = cpu_seconds(balancer.proc.pid)
+                    user, system = user + after[0] - before[0], system + after[1] - before[1]
+                    gaps = through["gaps"]
+                    assert isinstance(gaps, list)
+                    chunks += len(gaps)
+                    pairs.append((direct, through))
             finally:
                 rss = balancer.stop()
-            assert isinstance(through["gaps"], list)
-            stream_row(rows, f"{label} ({loop}): {count} streams x {tokens} tokens", direct,
-                       through, rss, cpu_note(before, after, len(through["gaps"]), "chunk"))
+            chunks = max(chunks, 1)
+            cpu = (f"CPU {(user + system) / chunks * 1e6:.0f} us a chunk "
+                   f"({system / chunks * 1e6:.0f} in the kernel)")
+            stream_row(rows, f"{label} ({loop}): {count} streams x {tokens} tokens", pairs,
+                       rss, cpu)
     finally:
         backend.terminate()
 
 
-def stream_row(rows: list[list[str]], label: str, direct: dict[str, object],
-               through: dict[str, object], rss: float, cpu: str) -> None:
+def stream_row(rows: list[list[str]], label: str,
+               pairs: list[tuple[dict[str, object], dict[str, object]]], rss: float,
+               cpu: str) -> None:
+    """Added delays as the median over the repeats (± half their range), and every stream
+    that did not get all its tokens: refused at the door and lost apart, both failures."""
     ms = 1000.0
-    first_d, first_b = direct["first"], through["first"]
-    gaps_d, gaps_b = direct["gaps"], through["gaps"]
-    assert isinstance(first_d, list) and isinstance(first_b, list)
-    assert isinstance(gaps_d, list) and isinstance(gaps_b, list)
-    rows.append([label,
-                 f"added TTFB p50 {(pct(first_b, 50) - pct(first_d, 50)) * ms:+.2f} ms",
-                 f"added per chunk p50 {(pct(gaps_b, 50) - pct(gaps_d, 50)) * ms:+.2f} ms",
-                 f"p99 {(pct(gaps_b, 99) - pct(gaps_d, 99)) * ms:+.2f} ms",
-                 f"peak RSS {rss:.0f} MB",
-                 f"lost {through['lost']} (direct {direct['lost']}), refused with 503 "
-                 f"{through['refused']}; balancer {cpu}"])
+    figures: dict[str, list[float]] = {"ttfb": [], "p50": [], "p99": []}
+    served = refused = lost = direct_failed = 0
+    for direct, through in pairs:
+        first_d, first_b = direct["first"], through["first"]
+        gaps_d, gaps_b = direct["gaps"], through["gaps"]
+        assert isinstance(first_d, list) and isinstance(first_b, list)
+        assert isinstance(gaps_d, list) and isinstance(gaps_b, list)
+        figures["ttfb"].append((pct(first_b, 50) - pct(first_d, 50)) * ms)
+        figures["p50"].append((pct(gaps_b, 50) - pct(gaps_d, 50)) * ms)
+        figures["p99"].append((pct(gaps_b, 99) - pct(gaps_d, 99)) * ms)
+        served += int(through["served"])  # type: ignore[call-overload]
+        refused += int(through["refused"])  # type: ignore[call-overload]
+        lost += int(through["lost"])  # type: ignore[call-overload]
+        direct_failed += int(direct["lost"]) + int(direct["refused"])  # type: ignore[call-overload]
+
+    def shown(values: list[float]) -> str:
+        middle = statistics.median(values)
+        half = (max(values) - min(values)) / 2
+        return f"{middle:+.2f} ms" + (f" (±{half:.2f})" if len(values) > 1 else "")
+
+    total = served + refused + lost
+    failed = "" if served == total else " FAILED:"
+    rows.append([label, f"added TTFB p50 {shown(figures['ttfb'])}",
+                 f"added per chunk p50 {shown(figures['p50'])}",
+                 f"p99 {shown(figures['p99'])}", f"peak RSS {rss:.0f} MB",
+                 f"served {served} of {total}{failed} refused {refused}, lost {lost} (direct: "
+                 f"{direct_failed} failed); balancer {cpu}"])
 
 
 def rss_mb(pid: int) -> float:
@@ -546,11 +636,36 @@ def rss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
-def big_bodies(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) -> None:
-    """Many large routed bodies at once: each is read whole before it is sent (to be sent
-    again on failover), so without a budget memory grows with every one."""
+def post_bodies(port: int, body: bytes, count: int) -> list[int]:
+    """``count`` POST /api/embed of ``body`` at once; their statuses (0: no answer)."""
     import http.client
 
+    statuses: list[int] = []
+
+    def send() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            conn.request("POST", "/api/embed", body, {"Content-Type": "application/json"})
+            answer = conn.getresponse()
+            answer.read()
+            statuses.append(answer.status)
+        except OSError:
+            statuses.append(0)
+        finally:
+            conn.close()
+
+    senders = [threading.Thread(target=send) for _ in range(count)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(300)
+    return statuses
+
+
+def big_bodies(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) -> None:
+    """Many large routed bodies at once: each is read whole before it is sent (to be sent
+    again on failover), so without a budget memory grows with every one. A fresh balancer
+    each repeat, as peak RSS only grows."""
     count, mib = (6, 8) if args.quick else (20, 60)
     budgets = [("no budget", 2**40),
                ("MAX_BUFFERED_BODIES 512 MiB", ob.MAX_BUFFERED_BODIES)]
@@ -558,48 +673,39 @@ def big_bodies(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) -
         budgets[1] = ("MAX_BUFFERED_BODIES 16 MiB", 16 * 1024 * 1024)
     body = json.dumps({"model": "bench", "input": "x" * (mib * 1024 * 1024)}).encode()
     backend, backend_port = start_stream_backend(1, 0.0)
+    results: dict[str, tuple[list[float], list[int]]] = {}
     try:
-        for label, budget in budgets:
-            balancer = Balancer(workdir / f"bodies-{budget}", "--event-loop", "asyncio",
-                                "--max-buffered-bodies", str(budget))
-            statuses: list[int] = []
-            try:
-                balancer.add_server(backend_port)
-                before = rss_mb(balancer.proc.pid)
-
-                def send(port: int = balancer.port, statuses: list[int] = statuses) -> None:
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-                    try:
-                        conn.request("POST", "/api/embed", body,
-                                     {"Content-Type": "application/json"})
-                        answer = conn.getresponse()
-                        answer.read()
-                        statuses.append(answer.status)
-                    except OSError:
-                        statuses.append(0)
-                    finally:
-                        conn.close()
-
-                senders = [threading.Thread(target=send) for _ in range(count)]
-                for sender in senders:
-                    sender.start()
-                for sender in senders:
-                    sender.join(300)
-            finally:
-                peak = balancer.stop()
-            refused = statuses.count(503)
-            rows.append([f"{count} bodies of {mib} MiB at once, {label}",
-                         f"{statuses.count(200)} answered", f"{refused} refused (503)",
-                         f"{count - statuses.count(200) - refused} failed otherwise",
-                         f"peak RSS +{peak - before:,.0f} MB", ""])
+        for repeat in range(args.repeats):
+            for label, budget in budgets:
+                balancer = Balancer(workdir / f"bodies-{budget}-{repeat}", "--event-loop",
+                                    "asyncio", "--max-buffered-bodies", str(budget))
+                try:
+                    balancer.add_server(backend_port)
+                    before = rss_mb(balancer.proc.pid)
+                    statuses = post_bodies(balancer.port, body, count)
+                finally:
+                    peak = balancer.stop()
+                growths, seen = results.setdefault(label, ([], []))
+                growths.append(peak - before)
+                seen.extend(statuses)
     finally:
         backend.terminate()
+    for label, (growths, seen) in results.items():
+        answered, refused = seen.count(200), seen.count(503)
+        middle, half = statistics.median(growths), (max(growths) - min(growths)) / 2
+        rows.append([f"{count} bodies of {mib} MiB at once, {label}",
+                     f"{answered / args.repeats:g} answered",
+                     f"{refused / args.repeats:g} refused (503)",
+                     f"{(len(seen) - answered - refused) / args.repeats:g} failed otherwise",
+                     f"peak RSS +{middle:,.0f} MB" + (f" (±{half:,.0f})" if half else ""),
+                     f"a run: median of {args.repeats}" if args.repeats > 1 else ""])
 
 
 def tiny_chunks(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) -> None:
     """One client sends a body of 1-byte chunks as fast as the balancer takes it; another
-    asks GET /api/version on a keep-alive connection meanwhile."""
+    asks GET /api/version on a keep-alive connection meanwhile, and before it."""
     import http.client
+    import socket
 
     total = (2 if args.quick else 30) * 1024 * 1024
     samples = 30 if args.quick else 200
@@ -612,49 +718,59 @@ def tiny_chunks(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) 
         for _ in range(samples):
             started = time.perf_counter()
             conn.request("GET", "/api/version")
-            conn.getresponse().read()
+            answer = conn.getresponse()
+            answer.read()
+            assert answer.status == 200, answer.status
             times.append((time.perf_counter() - started) * 1000)
         conn.close()
         return times
 
-    sent, finished = 0, threading.Event()
-
-    def attack() -> None:
-        nonlocal sent
-        import socket
-
-        with socket.create_connection(("127.0.0.1", balancer.port), timeout=60) as sock:
-            sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: a\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n")
-            try:
-                while sent < total and not finished.is_set():
-                    sock.sendall(block)
-                    sent += len(block)
-            except OSError:
-                pass
-
+    quiet: list[list[float]] = []
+    loud: list[list[float]] = []
+    rates: list[float] = []
+    cpu_share: list[float] = []
     try:
-        latencies()  # warm
-        quiet = latencies()
-        attacker = threading.Thread(target=attack, daemon=True)
-        started, cpu_before = time.monotonic(), cpu_seconds(balancer.proc.pid)
-        attacker.start()
-        while sent < min(total, 1024 * 1024) and attacker.is_alive():
-            time.sleep(0.01)
-        loud = latencies()
-        elapsed, cpu_after = time.monotonic() - started, cpu_seconds(balancer.proc.pid)
-        taken = sent
-        finished.set()
-        attacker.join(60)
+        latencies()  # warm-up
+        for _ in range(args.repeats):
+            quiet.append(latencies())
+            sent, finished = 0, threading.Event()
+
+            def attack(finished: threading.Event = finished) -> None:
+                nonlocal sent
+                with socket.create_connection(("127.0.0.1", balancer.port), timeout=60) as sock:
+                    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: a\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n")
+                    try:
+                        while sent < total and not finished.is_set():
+                            sock.sendall(block)
+                            sent += len(block)
+                    except OSError:
+                        pass
+
+            attacker = threading.Thread(target=attack, daemon=True)
+            started, cpu_before = time.monotonic(), cpu_seconds(balancer.proc.pid)
+            attacker.start()
+            while sent < min(total, 1024 * 1024) and attacker.is_alive():
+                time.sleep(0.01)
+            loud.append(latencies())
+            elapsed = time.monotonic() - started
+            cpu_share.append((sum(cpu_seconds(balancer.proc.pid)) - sum(cpu_before)) / elapsed)
+            rates.append(sent / elapsed / 1e6)
+            finished.set()
+            attacker.join(60)
     finally:
         balancer.stop()
-    cpu = sum(cpu_after) - sum(cpu_before)
-    rows.append(["GET /api/version, quiet", f"p50 {pct(quiet, 50):.2f} ms",
-                 f"p99 {pct(quiet, 99):.2f} ms", "", "", ""])
+
+    def shown(runs: list[list[float]], q: int) -> str:
+        values = [pct(run, q) for run in runs]
+        half = (max(values) - min(values)) / 2
+        return f"p{q} {statistics.median(values):.2f} ms" + (f" (±{half:.2f})" if half else "")
+
+    rows.append(["GET /api/version, quiet", shown(quiet, 50), shown(quiet, 99), "", "", ""])
     rows.append([f"GET /api/version, during a {total >> 20} MiB body of 1-byte chunks",
-                 f"p50 {pct(loud, 50):.2f} ms", f"p99 {pct(loud, 99):.2f} ms",
-                 f"attack taken at {taken / elapsed / 1e6:.1f} MB/s",
-                 f"balancer CPU {cpu / elapsed * 100:.0f}%", ""])
+                 shown(loud, 50), shown(loud, 99),
+                 f"attack taken at {statistics.median(rates):.1f} MB/s",
+                 f"balancer CPU {statistics.median(cpu_share) * 100:.0f}%", ""])
 
 
 def routing(rows: list[list[str]]) -> None:
@@ -675,8 +791,10 @@ def routing(rows: list[list[str]]) -> None:
 
         decide()  # the first decision for a model builds its index
         runs = 2000
-        seconds = min(timeit.repeat(decide, number=runs, repeat=5)) / runs
-        rows.append([f"scheduling decision, {count} servers", f"{seconds * 1e6:,.1f} us",
+        times = [t / runs * 1e6 for t in timeit.repeat(decide, number=runs, repeat=5)]
+        half = (max(times) - min(times)) / 2
+        rows.append([f"scheduling decision, {count} servers",
+                     f"{statistics.median(times):,.1f} us (±{half:.1f})",
                      "pick + take + release", "", "", ""])
 
 
@@ -718,6 +836,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds, for CI")
     parser.add_argument("--seconds", type=float, default=5.0, help="per load run")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of every measurement; rows show the median and spread")
     parser.add_argument("--ramp", type=float, default=2.0, help="seconds to open streams")
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--idle-streams", type=int, default=10_000)
@@ -726,6 +846,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.streams, args.idle_streams, args.ramp = 1.0, 50, 200, 0.2
+        args.repeats = 1
     raise_nofile()
     rows: list[list[str]] = []
     with tempfile.TemporaryDirectory() as name:

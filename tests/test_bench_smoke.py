@@ -33,8 +33,12 @@ def test_the_benchmark_suite_runs_and_prints_its_table() -> None:
                 "GET /api/version, during a 2 MiB body of 1-byte chunks"):
         assert row in out, out
     assert re.search(r"POST /api/embed via balancer \(asyncio\)\s+[0-9,]+ req/s", out), out
-    streams = re.findall(r"lost (\d+) \(direct (\d+)\)", out)
-    assert streams and all(pair == ("0", "0") for pair in streams), out
+    streams = re.findall(r"served (\d+) of (\d+) refused (\d+), lost (\d+) \(direct: (\d+) "
+                         r"failed\)", out)
+    assert len(streams) >= 2, out
+    assert all(served == total and refused == lost == direct == "0"
+               for served, total, refused, lost, direct in streams), out
+    assert "ERRORS" not in out and "FAILED" not in out, out
     fleet = re.findall(r"fleet simulator, (least_load|round_robin|random) .*?(\d+) failed",
                        out)
     assert {strategy for strategy, _ in fleet} == {"least_load", "round_robin", "random"}, out
