@@ -1,0 +1,128 @@
+"""Mutation testing of the sections where a silent bug costs most, with mutmut.
+
+    python tests/mutate.py secrets          # one section (see SECTIONS); several may follow
+    python tests/mutate.py all
+    python tests/mutate.py --list secrets   # the functions a section covers, and its tests
+
+mutmut (pip install ".[test]") changes ollamabalancer.py in place one mutant at a time and
+runs the section's tests; a mutant the tests do not catch "survives". mutmut mutates only
+the lines of a patch file: this script writes one that names every line of the section's
+functions, so a run takes minutes, not the hours the whole module would. Results stay in
+.mutmut-cache (mutmut results, mutmut show ID); the tests of a section are chosen to be the
+ones that exercise it, fast ones first. Not part of CI: a run takes minutes per section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import fnmatch
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE = "ollamabalancer.py"
+PYTEST = f"{sys.executable} -m pytest -x -q -p no:cacheprovider -p no:randomly"
+
+#: section: (function patterns, the tests that should catch a change in them)
+SECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "secrets": (
+        ("hkdf_sha256", "SecretBox.*", "is_encrypted", "MasterKey.*", "new_kdf_spec",
+         "stretch", "sealing_box", "load_master_key", "write_key_file", "sealed_length",
+         "Store._seal", "Store._open_secret", "Store._sealed", "Store.unlock",
+         "Store._record_first_key", "Store.protect_secrets", "Store.rotate_secrets",
+         "rotate_secret"),
+        "tests/test_sealing.py"
+        " tests/test_security.py::test_hkdf_matches_the_rfc_5869_vectors"
+        " tests/test_security.py::test_secrets_round_trip"
+        " tests/test_security.py::test_the_same_value_encrypts_differently_each_time"
+        " tests/test_security.py::test_tampering_with_any_byte_is_detected"
+        " tests/test_security.py::test_another_key_cannot_decrypt_and_has_another_check_value"),
+    "access": (
+        ("Balancer.request_id", "Balancer.names_this_balancer", "Balancer.authorize_admin",
+         "Balancer.allow_origin", "Balancer.preflight", "Balancer.authorize_client",
+         "bearer_token", "basic_password", "origin_matcher", "split_authority",
+         "same_origin", "is_loopback"),
+        "tests/test_access_control.py"),
+    "parsing": (
+        ("_split_head", "_parse_fields", "maybe_request_head", "maybe_response_head",
+         "_content_length", "request_framing", "response_framing", "ChunkedScanner.*",
+         "ChunkedDecoder.*", "decode_json", "has_dot_dot_segment", "Headers.*"),
+        "tests/test_http_parsing.py"),
+    "scheduler": (
+        ("Scheduler.*",),
+        "tests/test_scheduler.py"),
+    "relay": (
+        ("Balancer.exchange", "Balancer._send_request", "Balancer._read_response_head",
+         "Balancer.upstream_head", "Balancer.send_upstream_response",
+         "Balancer._response_fields", "Balancer._relay_body", "ReplayableBody.*",
+         "iter_body"),
+        "tests/test_passthrough.py"),
+}
+
+
+def functions(tree: ast.Module) -> dict[str, tuple[int, int]]:
+    """Every function and method by qualified name: its first and last line."""
+    found: dict[str, tuple[int, int]] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found[node.name] = (node.lineno, node.end_lineno or node.lineno)
+        elif isinstance(node, ast.ClassDef):
+            for member in node.body:
+                if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    found[f"{node.name}.{member.name}"] = (
+                        member.lineno, member.end_lineno or member.lineno)
+    return found
+
+
+def selected(patterns: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    source = (ROOT / MODULE).read_text()
+    every = functions(ast.parse(source))
+    chosen = {name: span for name, span in every.items()
+              if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+    missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in every)]
+    if missing:
+        raise SystemExit(f"no function matches {missing}: update SECTIONS")
+    return chosen
+
+
+def patch_for(spans: dict[str, tuple[int, int]]) -> str:
+    """A unified diff that shows the lines of ``spans`` as added: what mutmut mutates."""
+    lines = (ROOT / MODULE).read_text().splitlines()
+    hunks = [f"--- a/{MODULE}", f"+++ b/{MODULE}"]
+    for start, end in sorted(spans.values()):
+        hunks.append(f"@@ -0,0 +{start},{end - start + 1} @@")
+        hunks += ["+" + line for line in lines[start - 1:end]]
+    return "\n".join(hunks) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sections", nargs="+", choices=[*SECTIONS, "all"])
+    parser.add_argument("--list", action="store_true", help="show what would be mutated")
+    args = parser.parse_args()
+    names = list(SECTIONS) if "all" in args.sections else args.sections
+    for name in names:
+        patterns, tests = SECTIONS[name]
+        spans = selected(patterns)
+        if args.list:
+            print(f"{name}: {len(spans)} functions, {sum(e - s + 1 for s, e in spans.values())}"
+                  f" lines; tests: {tests}")
+            for function in sorted(spans):
+                print(f"  {function}")
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".patch", delete=False) as patch:
+            patch.write(patch_for(spans))
+        print(f"== {name}: {len(spans)} functions; runner: pytest {tests}", flush=True)
+        subprocess.run(["mutmut", "run", "--paths-to-mutate", MODULE, "--use-patch-file",
+                        patch.name, "--runner", f"{PYTEST} {tests}", "--no-progress",
+                        "--simple-output"], cwd=ROOT, check=False)
+        Path(patch.name).unlink()
+        subprocess.run(["mutmut", "results"], cwd=ROOT, check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Access control in-process, decision by decision: who may manage the balancer, which
+browser origins may read it, which credentials are the balancer's own (never sent on),
+and what an error may tell. The same rules end to end: test_cross_site, test_security."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import types
+from typing import Any
+
+import pytest
+
+import ollamabalancer as ob
+
+TOKEN = "an-admin-token-of-32-characters!"
+
+
+def request(method: str = "GET", path: str = "/servers/allServers", *,
+            peer: str = "127.0.0.1", body: bool = False, **fields: str) -> Any:
+    """What the access rules read of a request: its head, peer, method, path, body."""
+    headers = ob.Headers(tuple((name.replace("_", "-"), value)
+                               for name, value in {"Host": "127.0.0.1:8080", **fields}.items()
+                               if value is not None))
+    head = ob.RequestHead(method, path, "HTTP/1.1", headers)
+    return types.SimpleNamespace(head=head, method=method, path=path, body_done=not body,
+                                 wire=types.SimpleNamespace(peer=peer), response_fields=[],
+                                 authenticated=False, privileged=False, endpoint="")
+
+
+def app(**settings: Any) -> ob.Balancer:
+    return ob.Balancer(ob.Config(**settings), None)  # type: ignore[arg-type]
+
+
+def refused(check: Any, *args: Any) -> ob.HTTPError:
+    with pytest.raises(ob.HTTPError) as caught:
+        check(*args)
+    return caught.value
+
+
+# -- pure helpers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("authority", "default", "expected"), [
+    ("example.com", 80, ("example.com", 80)), ("Example.COM:8080", 80, ("example.com", 8080)),
+    ("[::1]:9", 80, ("::1", 9)), ("[::1]", 443, ("::1", 443)), ("127.0.0.1:0", 80,
+                                                                ("127.0.0.1", 80)),
+    ("", 80, None), ("user@host", 80, None), ("host/path", 80, None), ("host:99999", 80, None),
+    ("host:x", 80, None)])
+def test_split_authority_reads_host_and_port_or_nothing(
+        authority: str, default: int, expected: tuple[str, int] | None) -> None:
+    assert ob.split_authority(authority, default) == expected
+
+
+@pytest.mark.parametrize(("origin", "host", "same"), [
+    ("http://127.0.0.1:8080", "127.0.0.1:8080", True),
+    ("http://LB.example", "lb.example:80", True),
+    ("https://lb.example", "lb.example", True),
+    ("https://lb.example:443", "lb.example", True),
+    ("http://lb.example", "lb.example:8080", False),
+    ("https://lb.example", "lb.example:80", False),
+    ("http://evil.example", "lb.example", False),
+    ("null", "lb.example", False), ("file://", "lb.example", False),
+    ("http://lb.example", None, False), ("http://lb.example:bad", "lb.example", False)])
+def test_same_origin_compares_scheme_host_and_port(origin: str, host: str | None,
+                                                   same: bool) -> None:
+    assert ob.same_origin(origin, host) is same
+
+
+@pytest.mark.parametrize(("peer", "loopback"), [
+    ("127.0.0.1", True), ("127.255.0.9", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("unix", True), ("10.0.0.1", False), ("::ffff:10.0.0.1", False), ("fe80::1", False),
+    ("localhost", False), ("", False)])
+def test_loopback_peers(peer: str, loopback: bool) -> None:
+    assert ob.is_loopback(peer) is loopback
+
+
+def test_origin_patterns_match_whole_origins_with_wildcards() -> None:
+    matcher = ob.origin_matcher(("http://localhost:*", "https://*.corp", "app://x"))
+    for origin in ("http://localhost:3000", "https://a.corp", "https://a.b.corp", "app://x"):
+        assert matcher.fullmatch(origin), origin
+    for origin in ("http://localhost", "https://corp", "https://a.corp.evil", "app://xy",
+                   "http://localhost.evil:1"):
+        assert not matcher.fullmatch(origin), origin
+    assert not ob.origin_matcher(()).fullmatch("http://anything")
+
+
+def test_bearer_tokens_and_basic_passwords_are_read_exactly() -> None:
+    def head(value: str | None) -> ob.RequestHead:
+        fields = () if value is None else (("Authorization", value),)
+        return ob.RequestHead("GET", "/", "HTTP/1.1", ob.Headers(fields))
+
+    assert ob.bearer_token(head("Bearer abc")) == "abc"
+    assert ob.bearer_token(head("bearer  abc ")) == "abc"
+    for value in (None, "Bearer", "Bearer ", "Basic abc", "Token abc"):
+        assert ob.bearer_token(head(value)) is None, value
+    basic = "Basic " + base64.b64encode(b"user:pa:ss").decode()
+    assert ob.basic_password(head(basic)) == "pa:ss"
+    for value in (None, "Basic !!!", "Basic " + base64.b64encode(b"nocolon").decode(),
+                  "Basic " + base64.b64encode(b"user:").decode(), "Bearer x",
+                  "Basic " + base64.b64encode(b"\xff:\xfe").decode()):
+        assert ob.basic_password(head(value)) is None, value
+
+
+# -- the management endpoints -----------------------------------------------------------------
+
+
+def test_without_a_token_loopback_clients_naming_the_balancer_may_manage() -> None:
+    balancer = app(allowed_hosts=("lb.internal",))
+    for host in ("127.0.0.1:8080", "localhost", "LOCALHOST:1", "a.localhost", "[::1]:8080",
+                 "10.1.2.3", "lb.internal:80", None):
+        balancer.authorize_admin(request(Host=host))  # type: ignore[arg-type]
+    for host in ("evil.example", "localhost.evil.example", "lb.internal.evil", "",
+                 "bad host"):
+        error = refused(balancer.authorize_admin, request(Host=host))
+        assert error.status == 403 and "ALLOWED_HOSTS" in error.message, host
+    error = refused(balancer.authorize_admin, request(peer="10.0.0.7"))
+    assert error.status == 403 and "loopback" in error.message
+    anything = app(allowed_hosts=("*",))
+    anything.authorize_admin(request(Host="whatever.example"))
+
+
+def test_cross_site_requests_are_refused_but_a_followed_link_is_a_page_view() -> None:
+    balancer = app()
+    for fields in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                   {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "Same-Site"},
+                   {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"}):
+        assert refused(balancer.authorize_admin, request(**fields)).status == 403, fields
+    post_navigation = request("POST", Sec_Fetch_Site="cross-site", Sec_Fetch_Mode="navigate",
+                              Content_Type="application/json", body=True)
+    assert refused(balancer.authorize_admin, post_navigation).status == 403
+    for fields in ({"Origin": "http://127.0.0.1:8080"}, {"Sec-Fetch-Site": "same-origin"},
+                   {"Sec-Fetch-Site": "none"},
+                   {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}):
+        balancer.authorize_admin(request(**fields))
+    balancer.authorize_admin(request("HEAD", Sec_Fetch_Site="cross-site",
+                                     Sec_Fetch_Mode="navigate"))
+
+
+def test_management_bodies_must_be_json() -> None:
+    balancer = app()
+    for method in ("POST", "PUT", "PATCH"):
+        for content_type in (None, "text/plain", "application/x-www-form-urlencoded",
+                             "multipart/form-data; boundary=x", "application/jsonx"):
+            error = refused(balancer.authorize_admin,
+                            request(method, Content_Type=content_type, body=True))
+            assert error.status == 415, (method, content_type)
+        balancer.authorize_admin(request(method, Content_Type="application/json", body=True))
+        balancer.authorize_admin(request(method, Content_Type="Application/JSON; charset=utf-8",
+                                         body=True))
+    assert refused(balancer.authorize_admin, request("DELETE", body=True)).status == 415
+    balancer.authorize_admin(request("DELETE"))  # no body: nothing to check
+    balancer.authorize_admin(request("GET"))
+
+
+def test_with_a_token_only_the_token_manages_from_any_host() -> None:
+    balancer = app(admin_token=TOKEN)
+    missing = refused(balancer.authorize_admin, request(peer="127.0.0.1"))
+    assert missing.status == 401 and "missing admin token" in missing.message
+    assert missing.headers == (("WWW-Authenticate", 'Bearer realm="ollamabalancer admin"'),)
+    page = refused(balancer.authorize_admin, request(path="/dashboard"))
+    assert [value for _, value in page.headers] == ['Basic realm="ollamabalancer admin"',
+                                                    'Bearer realm="ollamabalancer admin"']
+    for value in ("Bearer " + TOKEN[:-1], "Bearer " + TOKEN + "x", "Bearer x",
+                  "Basic " + base64.b64encode(b"admin:wrong").decode()):
+        error = refused(balancer.authorize_admin, request(Authorization=value))
+        assert error.status == 401 and error.message == "invalid admin token", value
+    basic = "Basic " + base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
+    for value in ("Bearer " + TOKEN, basic):
+        balancer.authorize_admin(request(Authorization=value, Host="lb.example",
+                                         peer="10.0.0.7"))
+    forged = request("POST", Authorization="Bearer " + TOKEN, Origin="https://evil.example",
+                     Content_Type="application/json", body=True)
+    assert refused(balancer.authorize_admin, forged).status == 403
+
+
+# -- browsers on the Ollama endpoints ----------------------------------------------------------
+
+
+def test_allowed_origins_get_cors_fields_and_others_403() -> None:
+    balancer = app(origins=("https://chat.example.com",))
+    for origin in ("http://localhost:5173", "https://127.0.0.1", "http://0.0.0.0:1",
+                   "app://obsidian.md", "file://", "tauri://localhost", "vscode-webview://x",
+                   "vscode-file://vscode-app", "https://chat.example.com"):
+        allowed = request("POST", "/api/chat", Origin=origin)
+        balancer.allow_origin(allowed)
+        assert allowed.response_fields == [("Access-Control-Allow-Origin", origin),
+                                           ("Vary", "Origin")], origin
+    for origin in ("https://evil.example", "https://chat.example.com.evil", "null",
+                   "http://localhost.evil"):
+        error = refused(balancer.allow_origin, request("POST", "/api/chat", Origin=origin))
+        assert error.status == 403 and "ORIGINS" in error.message
+    plain = request("POST", "/api/chat")
+    balancer.allow_origin(plain)
+    assert plain.response_fields == []
+
+
+def test_preflights_are_answered_for_the_ollama_endpoints_only() -> None:
+    balancer = app()
+    asked = request("OPTIONS", "/api/chat", Origin="http://localhost:3000",
+                    Access_Control_Request_Method="POST")
+    answer = balancer.preflight(asked, ["client"])
+    assert answer.status == 204 and dict(answer.headers)["Access-Control-Max-Age"] == "43200"
+    assert ("Access-Control-Allow-Origin", "http://localhost:3000") in asked.response_fields
+    assert "Authorization" in dict(answer.headers)["Access-Control-Allow-Headers"]
+    assert refused(balancer.preflight, request("OPTIONS", Origin="http://localhost:3000"),
+                   ["admin"]).status == 403
+    assert refused(balancer.preflight, request("OPTIONS", Origin="https://evil.example"),
+                   ["client", "open"]).status == 403
+
+
+# -- the balancer's own credentials -------------------------------------------------------------
+
+
+def with_keys(balancer: ob.Balancer, *keys: ob.ApiKey) -> ob.Balancer:
+    balancer.keys = {key.key_hash: key for key in keys}
+
+    async def call(method: Any, *args: Any) -> Any:
+        return method(*args)
+
+    balancer.store = types.SimpleNamespace(  # type: ignore[assignment]
+        call=call, store=types.SimpleNamespace(touch_key=lambda *_: None))
+    return balancer
+
+
+def key(key_id: int, secret: str, **limits: Any) -> ob.ApiKey:
+    return ob.ApiKey(key_id, f"key{key_id}", hashlib.sha256(secret.encode()).hexdigest(),
+                     **limits)
+
+
+def test_with_no_credentials_configured_nothing_is_checked_or_stripped() -> None:
+    balancer = app()
+    open_request = request("POST", "/api/chat", Authorization="Bearer the-clients-own")
+    assert balancer.authorize_client(open_request) is None
+    assert not open_request.authenticated and not open_request.privileged
+
+
+def test_the_admin_token_is_recognised_in_every_mode_and_never_sent_on() -> None:
+    for keys in ((), (key(1, "olb-k1"),)):
+        balancer = with_keys(app(admin_token=TOKEN), *keys)
+        basic = "Basic " + base64.b64encode(f"me:{TOKEN}".encode()).decode()
+        for value in ("Bearer " + TOKEN, basic):
+            admin = request("POST", "/api/chat", Authorization=value)
+            assert balancer.authorize_client(admin) is None
+            assert admin.authenticated and admin.privileged, (keys, value)
+        other = request("POST", "/api/chat", Authorization="Bearer the-clients-own")
+        if keys:
+            assert refused(balancer.authorize_client, other).status == 401
+        else:
+            assert balancer.authorize_client(other) is None
+            assert not other.authenticated and not other.privileged
+
+
+def test_api_keys_are_required_once_one_exists_and_counted_within_their_limits() -> None:
+    async def scenario() -> None:
+        balancer = with_keys(app(), key(1, "olb-one", requests_per_minute=2),
+                             key(2, "olb-two", max_concurrent=1))
+        missing = refused(balancer.authorize_client, request("POST", "/api/chat"))
+        assert missing.status == 401 and missing.headers[0][0] == "WWW-Authenticate"
+        wrong = refused(balancer.authorize_client,
+                        request("POST", "/api/chat", Authorization="Bearer olb-nope"))
+        assert wrong.status == 401 and wrong.message == "invalid API key"
+        first = request("POST", "/api/chat", Authorization="Bearer olb-one")
+        usage = balancer.authorize_client(first)
+        assert usage is not None and first.authenticated and not first.privileged
+        basic = "Basic " + base64.b64encode(b"x:olb-one").decode()
+        assert balancer.authorize_client(request(Authorization=basic)) is usage
+        over = refused(balancer.authorize_client,
+                       request(Authorization="Bearer olb-one"))
+        assert over.status == 429 and dict(over.headers)["Retry-After"] in {
+            str(n) for n in range(55, 61)}
+        usage.recent[0] -= 61  # a minute on, one of the two is forgotten
+        assert balancer.authorize_client(request(Authorization="Bearer olb-one")) is usage
+        two = balancer.authorize_client(request(Authorization="Bearer olb-two"))
+        assert two is not None
+        two.inflight = 1
+        busy = refused(balancer.authorize_client, request(Authorization="Bearer olb-two"))
+        assert busy.status == 429 and dict(busy.headers)["Retry-After"] == "1"
+        two.inflight = 0
+        assert balancer.authorize_client(request(Authorization="Bearer olb-two")) is two
+        await asyncio.sleep(0)  # lastUsedAt written in the background
+
+    asyncio.run(scenario())
+
+
+def test_require_api_key_closes_the_door_before_any_key_exists() -> None:
+    balancer = with_keys(app(require_api_key=True))
+    assert refused(balancer.authorize_client, request("POST", "/api/chat")).status == 401
+    assert refused(balancer.authorize_client,
+                   request("POST", "/api/chat", Authorization="Bearer x")).status == 401
+
+
+# -- request ids and what errors tell ----------------------------------------------------------
+
+
+def test_request_ids_are_kept_when_plain_and_made_unique_otherwise() -> None:
+    balancer = app()
+
+    def made(**fields: str) -> str:
+        return balancer.request_id(request(**fields).head)
+
+    assert made(X_Request_Id="haproxy-1f:2") == "haproxy-1f:2"
+    assert made(X_Request_Id="a" * 64) == "a" * 64
+    ours = {made(), made(), made(X_Request_Id="a b"), made(X_Request_Id="a" * 65),
+            made(X_Request_Id="")}
+    assert len(ours) == 5 and all(i.startswith(balancer._id_prefix) for i in ours)
+
+
+def test_upstream_detail_goes_to_admins_and_loopback_and_a_neutral_word_to_others() -> None:
+    detail = "cannot connect to proxy 'dc' (socks5://10.0.0.5:1080): auth failed"
+    open_balancer, guarded = app(), app(admin_token=TOKEN)
+    local, remote = request(peer="127.0.0.1"), request(peer="10.9.8.7")
+    for req in (local, remote):
+        req.id = "abc-1"
+    assert open_balancer.public_message(local, 502, detail) == detail
+    for balancer, req in ((open_balancer, remote), (guarded, local), (guarded, remote)):
+        message = balancer.public_message(req, 502, detail)
+        assert message == "the upstream server failed (request id abc-1)"
+    local.privileged = True  # the admin token was sent
+    assert guarded.public_message(local, 504, detail) == detail
+    assert guarded.public_message(remote, 504, detail).startswith("the upstream server did "
+                                                                  "not answer in time")
+    assert guarded.public_message(None, 599, detail) == ("the upstream request failed "
+                                                         "(request id -)")

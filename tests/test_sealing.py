@@ -1,0 +1,246 @@
+"""Secrets at rest in-process: where the master key comes from, how a database takes its
+first key, refuses another, moves a bare passphrase to scrypt, and re-seals on rotation.
+The same end to end, through the balancer's process: test_security."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ollamabalancer as ob
+
+RANDOM = "0123456789abcdef" * 4  # 64 hex digits: what the balancer generates
+SPEC = "scrypt:n=1024,r=8,p=1:" + "A" * 22  # cheap, for tests that stretch
+
+
+def fresh_store(tmp_path: Path) -> ob.SQLiteStore:
+    store = ob.SQLiteStore(str(tmp_path / "b.db"))
+    store.connect()
+    store.migrate()
+    return store
+
+
+def meta(store: ob.Store) -> dict[str, str]:
+    return {str(n): str(v) for n, v in store._rows("SELECT name, value FROM balancer_meta")}
+
+
+def stored_passwords(store: ob.Store) -> list[str]:
+    return [str(p) for p, in store._rows("SELECT password FROM proxy ORDER BY id")]
+
+
+def test_only_64_hex_digits_count_as_a_random_key() -> None:
+    assert ob.MasterKey(RANDOM.encode(), "x").random
+    assert ob.MasterKey(RANDOM.upper().encode(), "x").random
+    for text in (RANDOM[:-1], RANDOM + "0", RANDOM[:-1] + "g", "correct horse battery staple"):
+        assert not ob.MasterKey(text.encode(), "x").random, text
+
+
+def test_stretching_is_scrypt_with_the_stored_salt_and_cost() -> None:
+    key = ob.stretch(b"passphrase", SPEC)
+    assert len(key) == 32 and key == ob.stretch(b"passphrase", SPEC)
+    assert key != ob.stretch(b"passphrase", SPEC.replace("A" * 22, "B" * 22))
+    assert key != ob.stretch(b"passphrase", SPEC.replace("n=1024", "n=2048"))
+    assert key != ob.stretch(b"Passphrase", SPEC)
+    import base64
+    import hashlib
+    assert key == hashlib.scrypt(b"passphrase", salt=base64.urlsafe_b64decode("A" * 22 + "=="),
+                                 n=1024, r=8, p=1, dklen=32)
+    for bad in ("pbkdf2:n=1024,r=8,p=1:" + "A" * 22, "scrypt:n=1000,r=8,p=1:" + "A" * 22,
+                "scrypt:n=1,r=8,p=1:" + "A" * 22, "scrypt:n=1024,r=0,p=1:" + "A" * 22,
+                "scrypt:n=1024,r=8,p=17:" + "A" * 22, "scrypt:n=8388608,r=8,p=1:" + "A" * 22,
+                "scrypt:n=1024,r=8,p=1:short"):
+        with pytest.raises(ob.ConfigError):
+            ob.stretch(b"passphrase", bad)
+    spec = ob.new_kdf_spec()
+    assert spec.startswith("scrypt:n=65536,r=8,p=1:") and ob.kdf_spec_re.fullmatch(spec)
+    assert spec != ob.new_kdf_spec()  # a salt of its own each time
+
+
+def test_the_master_key_comes_from_the_setting_the_named_file_or_a_new_one(
+        tmp_path: Path) -> None:
+    config = ob.Config(db_path=str(tmp_path / "b.db"))
+    assert ob.load_master_key(ob.dataclasses.replace(config, secret_key="k" * 16)) == (
+        ob.MasterKey(b"k" * 16, "SECRET_KEY"))
+    with pytest.raises(ob.ConfigError, match="at least 16"):
+        ob.load_master_key(ob.dataclasses.replace(config, secret_key="k" * 15))
+    new = ob.load_master_key(config)
+    assert new.random and new.new_file == str(tmp_path / "b.db.key")
+    assert new.origin == f"new key file {tmp_path / 'b.db.key'}"
+    assert not (tmp_path / "b.db.key").exists()  # written only once a database takes it
+    named = tmp_path / "named.key"
+    with pytest.raises(ob.ConfigError, match="does not exist"):
+        ob.load_master_key(ob.dataclasses.replace(config, secret_key_file=str(named)))
+    ob.write_key_file(str(named), b"a passphrase in a file")
+    assert stat.S_IMODE(named.stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError):
+        ob.write_key_file(str(named), b"another")
+    got = ob.load_master_key(ob.dataclasses.replace(config, secret_key_file=str(named)))
+    assert got == ob.MasterKey(b"a passphrase in a file", f"key file {named}")
+    for mode in (0o640, 0o604, 0o660):
+        named.chmod(mode)
+        with pytest.raises(ob.ConfigError, match=f"chmod 600 {named}"):
+            ob.load_master_key(ob.dataclasses.replace(config, secret_key_file=str(named)))
+    named.chmod(0o400)
+    ob.load_master_key(ob.dataclasses.replace(config, secret_key_file=str(named)))
+    short = tmp_path / "short.key"
+    ob.write_key_file(str(short), b"tooshort")
+    with pytest.raises(ob.ConfigError, match="shorter than 16"):
+        ob.load_master_key(ob.dataclasses.replace(config, secret_key_file=str(short)))
+    binary = tmp_path / "binary.key"
+    fd = os.open(binary, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"\xff\xfe" * 20)
+    os.close(fd)
+    with pytest.raises(ob.ConfigError, match="not UTF-8"):
+        ob.load_master_key(ob.dataclasses.replace(config, secret_key_file=str(binary)))
+    mysql = ob.Config(db_engine="mysql")
+    assert ob.default_key_file(mysql) == "ollamabalancer.key"
+
+
+def test_a_first_random_key_is_written_and_recorded_without_stretching(
+        tmp_path: Path) -> None:
+    store = fresh_store(tmp_path)
+    path = tmp_path / "new.key"
+    master = ob.MasterKey(RANDOM.encode(), f"new key file {path}", str(path))
+    assert store.unlock(master) is None
+    assert path.read_text() == RANDOM + "\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert meta(store) == {"key_check": ob.SecretBox(RANDOM.encode()).check_value()}
+    assert store.box is not None and store.box.decrypt(
+        ob.SecretBox(RANDOM.encode()).encrypt("x")) == "x"
+    again = fresh_store(tmp_path)  # the next start: the same key opens it
+    assert again.unlock(ob.MasterKey(RANDOM.encode(), f"key file {path}")) is None
+
+
+def test_a_first_passphrase_is_stretched_and_its_salt_and_cost_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ob, "new_kdf_spec", lambda: SPEC)
+    store = fresh_store(tmp_path)
+    master = ob.MasterKey(b"correct horse battery", "SECRET_KEY")
+    store.unlock(master)
+    stretched = ob.SecretBox(ob.stretch(b"correct horse battery", SPEC))
+    assert meta(store) == {"key_check": stretched.check_value(), "kdf": SPEC}
+    with pytest.raises(ob.ConfigError) as wrong:
+        fresh_store(tmp_path).unlock(ob.MasterKey(b"correct horse battery!", "SECRET_KEY"))
+    assert "key from SECRET_KEY" in str(wrong.value) and "key check failed" in str(wrong.value)
+    fresh_store(tmp_path).unlock(master)
+
+
+def test_another_key_is_refused_and_a_generated_one_never_written(tmp_path: Path) -> None:
+    store = fresh_store(tmp_path)
+    store.unlock(ob.MasterKey(RANDOM.encode(), "SECRET_KEY"))
+    path = tmp_path / "would-be.key"
+    generated = ob.MasterKey(("f" * 64).encode(), f"new key file {path}", str(path))
+    with pytest.raises(ob.ConfigError) as caught:
+        fresh_store(tmp_path).unlock(generated)
+    assert f"no key file {path}" in str(caught.value) and not path.exists()
+    with pytest.raises(ob.ConfigError, match="key file /x"):
+        fresh_store(tmp_path).unlock(ob.MasterKey(("e" * 64).encode(), "key file /x"))
+
+
+def test_a_failed_first_record_leaves_no_key_file(tmp_path: Path) -> None:
+    class Failing(ob.SQLiteStore):
+        def _execute(self, sql: str, params: Any = ()) -> Any:
+            if sql.startswith("INSERT INTO balancer_meta"):
+                raise ob.StoreUnavailable("disk full")
+            return super()._execute(sql, params)
+
+    store = Failing(str(tmp_path / "b.db"))
+    store.connect()
+    store.migrate()
+    path = tmp_path / "new.key"
+    with pytest.raises(ob.StoreUnavailable):
+        store.unlock(ob.MasterKey(RANDOM.encode(), "new", str(path)))
+    assert not path.exists() and meta(store) == {}
+
+    class Raced(ob.SQLiteStore):  # another instance recorded its key in between
+        def _execute(self, sql: str, params: Any = ()) -> Any:
+            if sql.startswith("INSERT INTO balancer_meta") and not meta_rows(self):
+                super()._execute("INSERT INTO balancer_meta (name, value) VALUES"
+                                 " ('key_check', 'theirs')")
+            return super()._execute(sql, params)
+
+    def meta_rows(store: ob.Store) -> list[Any]:
+        return list(ob.SQLiteStore._execute(store, "SELECT * FROM balancer_meta").fetchall())  # type: ignore[arg-type]
+
+    raced = Raced(str(tmp_path / "c.db"))
+    raced.connect()
+    raced.migrate()
+    with pytest.raises(ob.ConfigError, match="at the same moment"):
+        raced.unlock(ob.MasterKey(RANDOM.encode(), "new", str(path)))
+    assert not path.exists()
+
+
+def test_a_bare_passphrase_database_is_resealed_with_scrypt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ob, "new_kdf_spec", lambda: SPEC)
+    store = fresh_store(tmp_path)
+    legacy = ob.SecretBox(b"an old passphrase")
+    store._execute("INSERT INTO balancer_meta (name, value) VALUES ('key_check', ?)",
+                   [legacy.check_value()])
+    for name, secret in (("a", "pw-a"), ("b", "pw-b")):
+        store._execute("INSERT INTO proxy (name, ip, port, password) VALUES (?, 'h', 1, ?)",
+                       [name, legacy.encrypt(secret)])
+    with pytest.raises(ob.ConfigError, match="key check failed"):
+        fresh_store(tmp_path).unlock(ob.MasterKey(b"not the old passphrase", "SECRET_KEY"))
+    assert meta(store) == {"key_check": legacy.check_value()}  # nothing changed
+    note = fresh_store(tmp_path).unlock(ob.MasterKey(b"an old passphrase", "SECRET_KEY"))
+    assert note == "the passphrase is now stretched with scrypt; 2 secrets re-sealed"
+    stretched = ob.SecretBox(ob.stretch(b"an old passphrase", SPEC))
+    assert meta(store) == {"key_check": stretched.check_value(), "kdf": SPEC}
+    assert [stretched.decrypt(p) for p in stored_passwords(store)] == ["pw-a", "pw-b"]
+    assert fresh_store(tmp_path).unlock(ob.MasterKey(b"an old passphrase", "x")) is None
+
+
+def test_rotation_reseals_everything_and_records_the_new_derivation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = fresh_store(tmp_path)
+    store.unlock(ob.MasterKey(RANDOM.encode(), "SECRET_KEY"))
+    store.add_proxy({"name": "p", "ip": "h", "port": 1, "password": "pw-1"})
+    store.add_server({"host": "h", "port": 2, "upstream_auth": "Bearer t"})
+    store._execute("INSERT INTO proxy (name, ip, port, password) VALUES ('plain', 'h', 3,"
+                   " 'pw-plain')")  # a seed's plain value, sealed on rotation too
+    stretched = ob.SecretBox(ob.stretch(b"a passphrase now", SPEC))
+    assert store.rotate_secrets(stretched, SPEC) == 3
+    assert meta(store) == {"key_check": stretched.check_value(), "kdf": SPEC}
+    sealed = stored_passwords(store)
+    assert all(ob.is_encrypted(p) for p in sealed)
+    assert [stretched.decrypt(p) for p in sealed] == ["pw-1", "pw-plain"]
+    back = ob.SecretBox(RANDOM.encode())
+    assert store.rotate_secrets(back, None) == 3
+    assert meta(store) == {"key_check": back.check_value()}
+    store._execute("UPDATE proxy SET password = 'enc:v1:AAAA' WHERE name = 'p'")
+    with pytest.raises(ob.SecretError):
+        store.rotate_secrets(stretched, SPEC)
+    assert meta(store) == {"key_check": back.check_value()}  # all or nothing
+
+
+def test_secrets_are_sealed_on_every_write_and_opened_on_every_read(tmp_path: Path) -> None:
+    store = fresh_store(tmp_path)
+    store.unlock(ob.MasterKey(RANDOM.encode(), "SECRET_KEY"))
+    proxy = store.add_proxy({"name": "p", "ip": "h", "port": 1, "password": "pw-add"})
+    server = store.add_server({"host": "h", "port": 2, "upstream_auth": "Bearer add"})
+    assert store.update_proxy(proxy, {"password": "pw-patch"})
+    assert store.update_server(server, {"upstream_auth": "Bearer patch", "name": "n"})
+    raw = sqlite3.connect(tmp_path / "b.db")
+    (password,) = raw.execute("SELECT password FROM proxy").fetchone()
+    (auth,) = raw.execute("SELECT upstream_auth FROM ollamaServers").fetchone()
+    assert ob.is_encrypted(password) and "pw-" not in password
+    assert ob.is_encrypted(auth) and "Bearer" not in auth
+    assert store.list_proxies()[0].password == "pw-patch"
+    assert store.list_servers()[0].authorization == "Bearer patch"
+    assert store.update_proxy(proxy, {"password": None, "user_name": "u"})
+    assert store.list_proxies()[0].password is None
+    raw.execute("UPDATE proxy SET password = 'plain-from-a-seed'")
+    raw.commit()
+    assert store.list_proxies()[0].password == "plain-from-a-seed"  # until protected
+    assert store.protect_secrets() == 1 and store.protect_secrets() == 0
+    (password,) = raw.execute("SELECT password FROM proxy").fetchone()
+    assert ob.is_encrypted(password)
+    raw.execute("UPDATE proxy SET password = 'enc:v1:damaged'")
+    raw.commit()
+    assert store.list_proxies()[0].password is None  # unreadable: none, logged
+    raw.close()
