@@ -39,7 +39,9 @@ SECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
         " tests/test_security.py::test_secrets_round_trip"
         " tests/test_security.py::test_the_same_value_encrypts_differently_each_time"
         " tests/test_security.py::test_tampering_with_any_byte_is_detected"
-        " tests/test_security.py::test_another_key_cannot_decrypt_and_has_another_check_value"),
+        " tests/test_security.py::test_another_key_cannot_decrypt_and_has_another_check_value"
+        " tests/test_security.py::test_rotate_secret_re_encrypts_everything"
+        " tests/test_security.py::test_rotation_changes_nothing_when_a_stored_secret_is_damaged"),
     "access": (
         ("Balancer.request_id", "Balancer.names_this_balancer", "Balancer.authorize_admin",
          "Balancer.allow_origin", "Balancer.preflight", "Balancer.authorize_client",
