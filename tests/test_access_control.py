@@ -415,9 +415,16 @@ def test_rate_windows_and_retry_after_are_exact(monkeypatch: pytest.MonkeyPatch)
     clock[0] = 1075.0  # the oldest now 1030: 15 s to wait
     assert dict(refused(balancer.authorize_client, request(**one)).headers)[
         "Retry-After"] == "15"
-    clock[0] = 1090.5  # 1030 is 60.5 s old; lastUsedAt 90.5 s old: written again
+    clock[0] = 1090.5  # 1030 is 60.5 s old: room again; lastUsedAt written again
     balancer.authorize_client(request(**one))
     assert touched == [1, 1]
+    unlimited = with_keys(app(), key(3, "olb-three"))
+    unlimited.spawn = lambda coro: (coro.close(), touched.append(3))  # type: ignore[method-assign]
+    three = {"Authorization": "Bearer olb-three"}
+    for at, written in ((2000.0, 1), (2060.0, 1), (2060.5, 2)):  # more than a minute: again
+        clock[0] = at
+        unlimited.authorize_client(request(**three))
+        assert touched.count(3) == written, at
 
 
 def test_a_key_over_its_concurrency_is_told_so() -> None:
