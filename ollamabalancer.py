@@ -1730,11 +1730,26 @@ class SecretError(Exception):
     """A stored secret failed its integrity check (tampered, or another key)."""
 
 
+def b64url_encode(data: bytes) -> str:
+    """base64url without padding (RFC 4648 section 5), as sealed values and salts are kept."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> bytes:
+    """The inverse of b64url_encode; the decoder ignores padding past what it needs, so
+    two "=" always restore it. Raises ValueError for text no encoding can produce."""
+    return base64.urlsafe_b64decode(text + "==")
+
+
 def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
-    """HKDF (RFC 5869) with SHA-256: extract, then expand to ``length`` bytes."""
+    """HKDF (RFC 5869) with SHA-256: extract, then expand to ``length`` bytes.
+
+    An empty salt stands for 32 zero bytes (RFC 5869 section 2.2); HMAC pads its key with
+    zeros, so passing the empty salt as it is computes exactly that.
+    """
     if length > 255 * 32:
         raise ValueError("HKDF-SHA256 output is at most 8160 bytes")
-    prk = hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
     okm, block, counter = b"", b"", 1
     while len(okm) < length:
         block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
@@ -1763,7 +1778,7 @@ class SecretBox:
         self._check_key = hkdf_sha256(master_key, salt, b"key check v1", 32)
 
     def _keystream(self, nonce: bytes, length: int) -> bytes:
-        blocks = (length + 31) // 32
+        blocks = -(-length // 32)  # rounded up
         return b"".join(
             hmac.new(self._enc_key, nonce + counter.to_bytes(8, "big"), hashlib.sha256).digest()
             for counter in range(blocks)
@@ -1779,8 +1794,7 @@ class SecretBox:
         nonce = secrets.token_bytes(_NONCE_BYTES)
         ciphertext = self._xor(data, self._keystream(nonce, len(data)))
         tag = hmac.new(self._mac_key, self.VERSION + nonce + ciphertext, hashlib.sha256)
-        packed = base64.urlsafe_b64encode(nonce + ciphertext + tag.digest()).rstrip(b"=")
-        return SECRET_PREFIX + packed.decode()
+        return SECRET_PREFIX + b64url_encode(nonce + ciphertext + tag.digest())
 
     def decrypt(self, stored: str) -> str:
         if not is_encrypted(stored):
@@ -1789,7 +1803,7 @@ class SecretBox:
         if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
             raise SecretError("malformed encrypted value")
         try:
-            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            raw = b64url_decode(text)
         except ValueError:  # binascii.Error: a length no base64 text can have
             raise SecretError("malformed encrypted value") from None
         if len(raw) < _NONCE_BYTES + _TAG_BYTES:
@@ -1841,7 +1855,7 @@ class MasterKey:
 
 
 def new_kdf_spec() -> str:
-    salt = base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
+    salt = b64url_encode(secrets.token_bytes(16))
     return f"scrypt:n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}:{salt}"
 
 
@@ -1852,8 +1866,12 @@ def kdf_params(spec: str) -> tuple[int, int, int, bytes]:
     if match is None:
         raise ConfigError(f"the database holds an unknown key derivation {spec[:40]!r}")
     n, r, p = (int(match.group(i)) for i in (1, 2, 3))
-    salt = base64.urlsafe_b64decode(match.group(4) + "=" * (-len(match.group(4)) % 4))
-    if n < 2 or n & (n - 1) or n > 2**22 or not 1 <= r <= 64 or not 1 <= p <= 16:
+    try:
+        salt = b64url_decode(match.group(4))
+    except ValueError:  # a length no encoding gives: 4k + 1 characters
+        raise ConfigError(f"the database holds an unknown key derivation {spec[:40]!r}"
+                          ) from None
+    if n < 2 or n.bit_count() != 1 or n > 2**22 or not 1 <= r <= 64 or not 1 <= p <= 16:
         raise ConfigError(f"the database holds unusable scrypt parameters {spec[:40]!r}")
     return n, r, p, salt
 

@@ -257,6 +257,11 @@ def test_the_sealing_construction_is_fixed_so_old_databases_still_open(
     assert box.check_value() == "3b0e69f615e7b0ada3f2ff717c96f7f1"
     monkeypatch.setattr(ob.secrets, "token_bytes", lambda n: bytes(range(n)))
     assert box.encrypt("proxy password ünï 🔑") == stored
+    # 33 bytes take a second keystream block, and this text's sealed form ends in "X".
+    two_blocks = ("enc:v1:AAECAwQFBgcICQoLDA0OD7cCCYGtS0LVFpkUwOSeDXH6s0MKXAuSYM66vSGWjMJGADlxXAPS"
+                  "Jyq5eWgQPKPdDIJ4TkPEHyEvKTExunb2RqqX")
+    assert box.encrypt("thirty-three bytes, two blocks006") == two_blocks
+    assert box.decrypt(two_blocks) == "thirty-three bytes, two blocks006"
     assert ob.hkdf_sha256(b"k", b"s", b"i", 40).hex() == (
         "02b0929a9d46e9236e23320ea2a8c3b46b410a54f1d138fb3a26f1792fecdf1e5221a02bec21c10d")
     with pytest.raises(ValueError, match=r"^HKDF-SHA256 output is at most 8160 bytes$"):
@@ -281,6 +286,17 @@ def test_what_a_stored_key_derivation_may_ask_for() -> None:
     assert str(unknown.value) == f"the database holds an unknown key derivation {odd[:40]!r}"
     assert ob.kdf_params("scrypt:n=2,r=1,p=1:" + "A" * 23)[3] == base64.urlsafe_b64decode(
         "A" * 23 + "=")
+    no_encoding = "scrypt:n=2,r=1,p=1:" + "A" * 25
+    with pytest.raises(ob.ConfigError) as unknown:
+        ob.kdf_params(no_encoding)
+    assert str(unknown.value) == (
+        f"the database holds an unknown key derivation {no_encoding[:40]!r}")
+
+
+def test_a_new_key_derivation_is_scrypt_with_a_fresh_16_byte_salt(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ob.secrets, "token_bytes", lambda n: bytes(range(n)))
+    assert ob.new_kdf_spec() == "scrypt:n=65536,r=8,p=1:AAECAwQFBgcICQoLDA0ODw"
 
 
 def test_sealed_lengths_are_exact() -> None:
