@@ -29,8 +29,9 @@ PYTEST = f"{sys.executable} -m pytest -x -q -p no:cacheprovider -p no:randomly"
 #: section: (function patterns, the tests that should catch a change in them)
 SECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "secrets": (
-        ("b64url_encode", "b64url_decode", "hkdf_sha256", "SecretBox.*", "is_encrypted", "MasterKey.*", "new_kdf_spec",
-         "kdf_params", "stretch", "sealing_box", "load_master_key", "write_key_file",
+        ("b64url_encode", "b64url_decode", "hkdf_sha256", "SecretBox.*", "is_encrypted",
+         "MasterKey.*", "new_kdf_spec", "kdf_params", "stretch", "sealing_box",
+         "load_master_key", "write_key_file",
          "sealed_length", "Store._seal", "Store._open_secret", "Store._sealed", "Store.unlock",
          "Store._record_first_key", "Store.protect_secrets", "Store.rotate_secrets",
          "rotate_secret"),
