@@ -6049,12 +6049,10 @@ def rotate_secret(config: Config, new_key_file: str) -> int:
     F (made, 0600, if F does not exist), then checks that it reads back."""
     store = open_store(config)
     try:
-        if os.path.exists(new_key_file):
-            master = load_master_key(dataclasses.replace(config, secret_key="",
-                                                         secret_key_file=new_key_file))
-        else:
-            master = MasterKey(secrets.token_hex(32).encode(), f"key file {new_key_file}")
-            write_key_file(new_key_file, master.secret)
+        if not os.path.exists(new_key_file):
+            write_key_file(new_key_file, secrets.token_hex(32).encode())
+        master = load_master_key(dataclasses.replace(config, secret_key="",
+                                                     secret_key_file=new_key_file))
         spec = None if master.random else new_kdf_spec()
         count = store.rotate_secrets(sealing_box(master, spec), spec)
         store.unlock(master)

@@ -218,7 +218,8 @@ def test_rotation_reseals_everything_and_records_the_new_derivation(
     assert meta(store) == {"key_check": back.check_value()}  # all or nothing
 
 
-def test_secrets_are_sealed_on_every_write_and_opened_on_every_read(tmp_path: Path) -> None:
+def test_secrets_are_sealed_on_every_write_and_opened_on_every_read(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = fresh_store(tmp_path)
     store.unlock(ob.MasterKey(RANDOM.encode(), "SECRET_KEY"))
     proxy = store.add_proxy({"name": "p", "ip": "h", "port": 1, "password": "pw-add"})
@@ -237,13 +238,50 @@ def test_secrets_are_sealed_on_every_write_and_opened_on_every_read(tmp_path: Pa
     raw.execute("UPDATE proxy SET password = 'plain-from-a-seed'")
     raw.commit()
     assert store.list_proxies()[0].password == "plain-from-a-seed"  # until protected
-    assert store.protect_secrets() == 1 and store.protect_secrets() == 0
+    raw.execute("UPDATE ollamaServers SET upstream_auth = 'Bearer from-a-seed'")
+    raw.commit()
+    assert store.protect_secrets() == 2 and store.protect_secrets() == 0
     (password,) = raw.execute("SELECT password FROM proxy").fetchone()
     assert ob.is_encrypted(password)
+    assert store.list_servers()[0].authorization == "Bearer from-a-seed"
     raw.execute("UPDATE proxy SET password = 'enc:v1:damaged'")
     raw.commit()
-    assert store.list_proxies()[0].password is None  # unreadable: none, logged
+    with caplog.at_level("ERROR", "ollamabalancer"):
+        assert store.list_proxies()[0].password is None  # unreadable: none, logged
+    assert caplog.messages == [f"cannot decrypt proxy {proxy}'s password: truncated encrypted "
+                               "value"]
     raw.close()
+
+
+def test_rotation_seals_with_a_new_key_file_or_the_one_given(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = ob.Config(db_path=str(tmp_path / "b.db"), secret_key=RANDOM)
+    store = ob.open_store(config)
+    store.add_proxy({"name": "p", "ip": "h", "port": 1, "password": "pw"})
+    store.add_server({"host": "h", "port": 2, "upstream_auth": "Bearer b"})
+    store.close()
+    new = tmp_path / "new.key"
+    assert ob.rotate_secret(config, str(new)) == 0
+    assert capsys.readouterr().out == (
+        f"re-encrypted 2 secrets with the key in {new}; start the balancer with "
+        f"SECRET_KEY_FILE={new} from now on\n")
+    generated = new.read_text().rstrip("\n")  # written with a newline
+    assert ob.random_key_re.fullmatch(generated), generated  # 64 hex digits, used as is
+    assert stat.S_IMODE(new.stat().st_mode) == 0o600
+    settings = ob.dataclasses.replace(config, secret_key="", secret_key_file=str(new))
+    reopened = ob.open_store(settings)  # opens with the new key, or refuses
+    assert "kdf" not in meta(reopened)
+    assert reopened.list_proxies()[0].password == "pw"
+    reopened.close()
+    chosen = tmp_path / "passphrase.key"
+    ob.write_key_file(str(chosen), b"a passphrase a person chose")
+    assert ob.rotate_secret(settings, str(chosen)) == 0
+    assert f"re-encrypted 2 secrets with the key in {chosen}" in capsys.readouterr().out
+    assert new.read_text() == generated + "\n"
+    reopened = ob.open_store(ob.dataclasses.replace(settings, secret_key_file=str(chosen)))
+    assert meta(reopened)["kdf"].startswith("scrypt:n=65536,r=8,p=1:")  # stretched
+    assert reopened.list_servers()[0].authorization == "Bearer b"
+    reopened.close()
 
 
 def test_the_sealing_construction_is_fixed_so_old_databases_still_open(
@@ -344,6 +382,11 @@ def test_key_settings_say_what_is_wrong_in_words(tmp_path: Path) -> None:
         ob.load_master_key(ob.dataclasses.replace(config, secret_key_file=str(short)))
     assert str(caught.value) == (f"the key file {short} can be read by other users: "
                                  f"chmod 600 {short}")
+    garbled = tmp_path / "garbled.key"
+    ob.write_key_file(str(garbled), b"\xff" * 32)
+    with pytest.raises(ob.ConfigError) as caught:
+        ob.load_master_key(ob.dataclasses.replace(config, secret_key_file=str(garbled)))
+    assert str(caught.value) == f"cannot read the key file {garbled}: not UTF-8 text"
     folder = tmp_path / "a-folder.key"
     folder.mkdir()
     with pytest.raises(ob.ConfigError) as caught:
