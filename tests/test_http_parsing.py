@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import json
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -55,33 +59,167 @@ def test_leading_empty_lines_before_request_line_are_ignored() -> None:
 
 
 @pytest.mark.parametrize(
-    ("data", "status"),
+    ("data", "status", "message"),
     [
-        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
-        (b"GET /" + b"a" * 9000, 414),
-        (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-A: " + b"b" * 70000 + b"\r\n\r\n", 431),
-        (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
-        (b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nBad Name: a\r\nHost: a\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
-        (b"GET http://evil/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-        (b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400),
-        (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414, "request line too long"),
+        (b"GET /" + b"a" * 9000, 414, "request line too long"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-A: " + b"b" * 70000 + b"\r\n\r\n", 431,
+         "request head too large"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-A: b\r\n" * 100 + b"\r\n", 431,
+         "too many header fields"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400,
+         "obsolete line folding in header"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\tfolded\r\n\r\n", 400,
+         "obsolete line folding in header"),
+        (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400, "malformed header line b'Host : a'"),
+        (b"GET / HTTP/1.1\r\nBad Name: a\r\nHost: a\r\n\r\n", 400,
+         "malformed header line b'Bad Name: a'"),
+        (b"GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n", 400,
+         "malformed header line b'Host: a\\x00b'"),
+        (b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", 400,
+         "malformed header line b'Host: a\\nX: b'"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + b"v" * 50 + b"\x01\r\n\r\n", 400,
+         "malformed header line b'X-Long: " + "v" * 32 + "'"),
+        (b"GET / HTTP/1.1\r\n\r\n", 400, "an HTTP/1.1 request needs exactly one Host header"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400,
+         "an HTTP/1.1 request needs exactly one Host header"),
+        (b"GET http://evil/ HTTP/1.1\r\nHost: a\r\n\r\n", 400,
+         "request target must be an absolute path"),
+        (b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", 400,
+         "request target must be an absolute path"),
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400, "malformed request line"),
+        (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400, "malformed request line"),
     ],
     ids=["long-line", "long-line-unfinished", "big-head", "many-headers", "obs-fold",
-         "space-before-colon", "bad-name", "nul", "bare-lf", "no-host", "two-hosts",
-         "absolute-form", "asterisk-form", "http2", "double-space"],
+         "obs-fold-tab", "space-before-colon", "bad-name", "nul", "bare-lf", "quoted-40",
+         "no-host", "two-hosts", "absolute-form", "asterisk-form", "http2", "double-space"],
 )
-def test_malformed_heads_are_refused_with_their_status(data: bytes, status: int) -> None:
+def test_malformed_heads_are_refused_with_their_status(data: bytes, status: int,
+                                                       message: str) -> None:
     with pytest.raises(ob.ProtocolError) as caught:
         ob.maybe_request_head(bytearray(data))
-    assert caught.value.status == status
+    assert (caught.value.status, str(caught.value)) == (status, message)
     assert caught.value.close
+
+
+def refusal(parse: object, data: bytes) -> tuple[int, str]:
+    with pytest.raises(ob.ProtocolError) as caught:
+        parse(bytearray(data))  # type: ignore[operator]
+    return caught.value.status, str(caught.value)
+
+
+def test_each_limit_takes_exactly_its_size_and_refuses_one_byte_more() -> None:
+    """MAX_REQUEST_LINE, MAX_HEAD and MAX_HEADERS at the edge, finished or still arriving."""
+    def request_line(size: int) -> bytes:
+        line = b"GET /" + b"a" * (size - len(b"GET / HTTP/1.1")) + b" HTTP/1.1"
+        assert len(line) == size
+        return line
+
+    longest = request_line(ob.MAX_REQUEST_LINE)
+    assert ob.maybe_request_head(bytearray(longest + b"\r\nHost: a\r\n\r\n")) is not None
+    assert ob.maybe_request_head(bytearray(longest)) is None  # may still end in time
+    assert ob.maybe_request_head(bytearray(longest + b"\r\n")) is None
+    too_long = request_line(ob.MAX_REQUEST_LINE + 1)
+    for data in (too_long, too_long + b"\r\n", too_long + b"\r\nHost: a\r\n\r\n"):
+        assert refusal(ob.maybe_request_head, data) == (414, "request line too long")
+
+    def head(size: int, *, response: bool = False) -> bytes:
+        start = b"HTTP/1.1 200 OK\r\nX: " if response else b"GET / HTTP/1.1\r\nHost: a\r\nX: "
+        data = start + b"v" * (size - len(start))
+        assert len(data) == size
+        return data
+
+    assert ob.maybe_request_head(bytearray(head(ob.MAX_HEAD) + b"\r\n\r\n")) is not None
+    assert ob.maybe_request_head(bytearray(head(ob.MAX_HEAD))) is None
+    assert refusal(ob.maybe_request_head, head(ob.MAX_HEAD + 1)) == (
+        431, "request head too large")
+    assert refusal(ob.maybe_request_head, head(ob.MAX_HEAD + 1) + b"\r\n\r\n") == (
+        431, "request head too large")
+    assert ob.maybe_response_head(bytearray(head(ob.MAX_HEAD, response=True) + b"\r\n\r\n"))
+    assert ob.maybe_response_head(bytearray(head(ob.MAX_HEAD, response=True))) is None
+    assert refusal(ob.maybe_response_head, head(ob.MAX_HEAD + 1, response=True)) == (
+        502, "upstream response head too large")
+
+    fields = b"GET / HTTP/1.1\r\n" + b"Host: a\r\n" + b"X: b\r\n" * (ob.MAX_HEADERS - 1)
+    parsed = ob.maybe_request_head(bytearray(fields + b"\r\n"))
+    assert parsed is not None and len(parsed.headers.fields) == ob.MAX_HEADERS
+    assert refusal(ob.maybe_request_head, fields + b"X: b\r\n\r\n") == (
+        431, "too many header fields")
+    # With a bad line among them, the count is still what is refused first...
+    assert refusal(ob.maybe_request_head, fields + b"X : b\r\n\r\n") == (
+        431, "too many header fields")
+    # ...and within the count, the bad line is.
+    assert refusal(ob.maybe_request_head, fields[:-6] + b"X : b\r\n\r\n") == (
+        400, "malformed header line b'X : b'")
+    answer = b"HTTP/1.1 200 OK\r\n" + b"X: b\r\n" * (ob.MAX_HEADERS + 1) + b"\r\n"
+    assert refusal(ob.maybe_response_head, answer) == (502, "too many header fields")
+    assert refusal(ob.maybe_response_head, answer.replace(b"X: b\r\n\r\n", b"X :b\r\n\r\n")
+                   ) == (502, "too many header fields")
+
+
+def test_an_upstream_head_is_refused_in_its_own_words() -> None:
+    for data, message in (
+            (b"\r\n\r\n", "malformed upstream status line"),
+            (b"HTTP/1.1 2000 OK\r\n\r\n", "malformed upstream status line"),
+            (b"HTTP/1.1 200 OK\r\n folded\r\n\r\n", "obsolete line folding in header"),
+            (b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n", "malformed header line b'Bad Name: x'"),
+            (b"HTTP/1.1 200 " + b"r" * ob.MAX_HEAD, "upstream status line too long"),
+            (b"\r\n" + b"r" * ob.MAX_HEAD, "upstream response head too large")):
+        assert refusal(ob.maybe_response_head, data) == (502, message), data[:30]
+
+
+def test_a_head_without_fields_is_its_start_line_alone() -> None:
+    request = ob.maybe_request_head(bytearray(b"GET /x HTTP/1.0\r\n\r\nrest"))
+    assert request == ob.RequestHead("GET", "/x", "HTTP/1.0", ob.Headers(()))
+    answer = ob.maybe_response_head(bytearray(b"HTTP/1.0 204\r\n\r\n"))
+    assert answer == ob.ResponseHead("HTTP/1.0", 204, "", ob.Headers(()))
+
+
+def test_fields_keep_their_order_names_and_values_without_surrounding_whitespace() -> None:
+    head = ob.maybe_request_head(bytearray(
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Ray: \tXylophone X \t\r\nx-ray:second\r\n"
+        b"Connection: X-Trace , close,,\r\n\r\n"))
+    assert head is not None
+    assert head.headers.fields == (("Host", "a"), ("X-Ray", "Xylophone X"),
+                                   ("x-ray", "second"), ("Connection", "X-Trace , close,,"))
+    assert head.headers.get("X-RAY") == "Xylophone X, second"
+    assert head.headers.get_all("x-ray") == ["Xylophone X", "second"]
+    assert head.headers.get("missing") is None and head.headers.get_all("missing") == ()
+    assert head.headers.tokens("connection") == ["x-trace", "close"]
+    assert head.headers.tokens("missing") == []
+    assert head.headers == ob.Headers(head.headers.fields)
+    assert head.headers != ob.Headers(head.headers.fields[:-1])
+    assert head.headers != head.headers.fields  # only Headers equal Headers
+    assert repr(ob.Headers((("A", "1"),))) == "Headers((('A', '1'),))"
+
+
+def test_json_may_nest_128_levels_and_no_deeper() -> None:
+    deepest = b"[" * ob.MAX_JSON_DEPTH + b"]" * ob.MAX_JSON_DEPTH
+    assert ob.decode_json(deepest) == json.loads(deepest)
+    mixed = b'{"a":' * 64 + b"[" * 64 + b"]" * 64 + b"}" * 64
+    assert ob.decode_json(mixed) == json.loads(mixed)
+    for deeper in (b"[" * 129 + b"]" * 129, b'{"a":' * 129 + b"1" + b"}" * 129,
+                   b"[" * 129, b"{" * 129, b"[" * 200_000):
+        with pytest.raises(ValueError) as caught:
+            ob.decode_json(deeper)
+        assert str(caught.value) == "nested deeper than 128 levels"
+    # Many brackets, none deep: siblings, and brackets inside strings (escapes and all).
+    siblings = b"[" + b",".join([b"[]", b"{}"] * 200) + b"]"
+    assert ob.decode_json(siblings) == json.loads(siblings)
+    quoted = json.dumps(["[" * 300, '\\"{' * 300, {"k": "}" * 10}]).encode()
+    assert ob.decode_json(quoted) == json.loads(quoted)
+
+
+def test_json_nesting_past_the_interpreter_stack_is_refused_in_words() -> None:
+    """The backstop: json.loads running out of stack (shallower than 128 here)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack()) + 40)
+    try:
+        with pytest.raises(ValueError) as caught:
+            ob.decode_json(b"[" * 100 + b"]" * 100)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert str(caught.value) == "nested deeper than 128 levels"
 
 
 def head_with(*fields: str, version: str = "1.1") -> ob.RequestHead:
