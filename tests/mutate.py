@@ -3,13 +3,20 @@
     python tests/mutate.py secrets          # one section (see SECTIONS); several may follow
     python tests/mutate.py all
     python tests/mutate.py --list secrets   # the functions a section covers, and its tests
+    python tests/mutate.py --report secrets # the last run's figures and survivors again
 
-mutmut (pip install ".[test]") changes ollamabalancer.py in place one mutant at a time and
-runs the section's tests; a mutant the tests do not catch "survives". mutmut mutates only
-the lines of a patch file: this script writes one that names every line of the section's
-functions, so a run takes minutes, not the hours the whole module would. Results stay in
-.mutmut-cache (mutmut results, mutmut show ID); the tests of a section are chosen to be the
-ones that exercise it, fast ones first. Not part of CI: a run takes minutes per section.
+mutmut (pip install ".[test]") changes ollamabalancer.py one mutant at a time and runs the
+section's tests; a mutant the tests do not catch "survives". mutmut mutates only the lines
+of a patch file: this script writes one that names every line of the section's functions,
+so a run takes minutes, not the hours the whole module would.
+
+Each section runs in a copy of the tree, .mutmut/<section>/ (the files git tracks, as they
+are in the working tree now), so the module being edited is never the one mutated and
+sections can run side by side. Its .mutmut-cache keeps the results; a run made after the
+tests changed starts again from nothing. At the end the script prints how many mutants
+were made, killed and survived, and each survivor. Do not run mutmut's own commands in a
+copy while its run goes on: they record the mutated line in the cache and break the run.
+Not part of CI: a run takes minutes per section.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from __future__ import annotations
 import argparse
 import ast
 import fnmatch
+import shutil
+import sqlite3
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,8 +88,8 @@ def functions(tree: ast.Module) -> dict[str, tuple[int, int]]:
     return found
 
 
-def selected(patterns: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    source = (ROOT / MODULE).read_text()
+def selected(patterns: tuple[str, ...], root: Path = ROOT) -> dict[str, tuple[int, int]]:
+    source = (root / MODULE).read_text()
     every = functions(ast.parse(source))
     chosen = {name: span for name, span in every.items()
               if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
@@ -91,9 +99,9 @@ def selected(patterns: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     return chosen
 
 
-def patch_for(spans: dict[str, tuple[int, int]]) -> str:
+def patch_for(spans: dict[str, tuple[int, int]], root: Path = ROOT) -> str:
     """A unified diff that shows the lines of ``spans`` as added: what mutmut mutates."""
-    lines = (ROOT / MODULE).read_text().splitlines()
+    lines = (root / MODULE).read_text().splitlines()
     hunks = [f"--- a/{MODULE}", f"+++ b/{MODULE}"]
     for start, end in sorted(spans.values()):
         hunks.append(f"@@ -0,0 +{start},{end - start + 1} @@")
@@ -101,14 +109,56 @@ def patch_for(spans: dict[str, tuple[int, int]]) -> str:
     return "\n".join(hunks) + "\n"
 
 
+def copy_tree(section: str) -> Path:
+    """.mutmut/<section>/: the tracked files as they are now, the cache of the last run kept."""
+    work = ROOT / ".mutmut" / section
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
+                             capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, tracked):
+        source, target = ROOT / name, work / name
+        if source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    (work / f"{MODULE}.bak").unlink(missing_ok=True)
+    return work
+
+
+def report(section: str) -> bool:
+    """Prints a section's figures and each surviving mutant; False if it has no results."""
+    work = ROOT / ".mutmut" / section
+    cache = work / ".mutmut-cache"
+    if not cache.exists():
+        return False
+    with sqlite3.connect(f"file:{cache}?mode=ro", uri=True) as db:
+        counts = dict(db.execute("SELECT status, count(*) FROM Mutant GROUP BY status"))
+        survivors = [row[0] for row in db.execute(
+            "SELECT id FROM Mutant WHERE status = 'bad_survived' ORDER BY id")]
+    made = sum(counts.values())
+    print(f"== {section}: {made} mutants, {counts.get('ok_killed', 0)} killed, "
+          f"{len(survivors)} survived, {counts.get('bad_timeout', 0)} timed out, "
+          f"{counts.get('untested', 0)} not run")
+    for mutant in survivors:
+        shown = subprocess.run(["mutmut", "show", str(mutant)], cwd=work, check=False,
+                               capture_output=True, text=True).stdout
+        print(f"-- survivor {mutant}")
+        print("\n".join(line for line in shown.splitlines()
+                        if line[:1] in "-+" and not line.startswith(("---", "+++"))))
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sections", nargs="+", choices=[*SECTIONS, "all"])
     parser.add_argument("--list", action="store_true", help="show what would be mutated")
+    parser.add_argument("--report", action="store_true", help="show the last run's results")
     args = parser.parse_args()
     names = list(SECTIONS) if "all" in args.sections else args.sections
     for name in names:
         patterns, tests = SECTIONS[name]
+        if args.report:
+            if not report(name):
+                print(f"== {name}: not run yet")
+            continue
         spans = selected(patterns)
         if args.list:
             print(f"{name}: {len(spans)} functions, {sum(e - s + 1 for s, e in spans.values())}"
@@ -116,14 +166,15 @@ def main() -> int:
             for function in sorted(spans):
                 print(f"  {function}")
             continue
-        with tempfile.NamedTemporaryFile("w", suffix=".patch", delete=False) as patch:
-            patch.write(patch_for(spans))
-        print(f"== {name}: {len(spans)} functions; runner: pytest {tests}", flush=True)
+        work = copy_tree(name)
+        patch = work / ".mutate.patch"
+        patch.write_text(patch_for(selected(patterns, work), work))
+        print(f"== {name}: {len(spans)} functions in {work}; runner: pytest {tests}",
+              flush=True)
         subprocess.run(["mutmut", "run", "--paths-to-mutate", MODULE, "--use-patch-file",
                         patch.name, "--runner", f"{PYTEST} {tests}", "--no-progress",
-                        "--simple-output"], cwd=ROOT, check=False)
-        Path(patch.name).unlink()
-        subprocess.run(["mutmut", "results"], cwd=ROOT, check=False)
+                        "--simple-output"], cwd=work, check=False, stdout=subprocess.DEVNULL)
+        report(name)
     return 0
 
 
