@@ -32,7 +32,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = "ollamabalancer.py"
-PYTEST = f"{sys.executable} -m pytest -x -q -p no:cacheprovider -p no:randomly"
+#: mutmut counts a mutant as caught only when its runner exits with 1, and pytest exits
+#: with 2 when the module no longer imports (a mutant that is a syntax error): the runner
+#: is this script again (--pytest), turning any failure into 1.
+PYTEST = f"{sys.executable} tests/mutate.py --pytest -x -q -p no:cacheprovider -p no:randomly"
 
 #: section: (function patterns, the tests that should catch a change in them)
 SECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -148,6 +151,9 @@ def report(section: str) -> bool:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--pytest"]:  # the runner mutmut calls: see PYTEST
+        tests = subprocess.run([sys.executable, "-m", "pytest", *sys.argv[2:]], check=False)
+        return 1 if tests.returncode else 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sections", nargs="+", choices=[*SECTIONS, "all"])
     parser.add_argument("--list", action="store_true", help="show what would be mutated")

@@ -278,8 +278,11 @@ def test_rotation_seals_with_a_new_key_file_or_the_one_given(
     assert ob.rotate_secret(settings, str(chosen)) == 0
     assert f"re-encrypted 2 secrets with the key in {chosen}" in capsys.readouterr().out
     assert new.read_text() == generated + "\n"
+    raw = sqlite3.connect(tmp_path / "b.db")  # as rotation left it, before a start reseals
+    recorded = dict(raw.execute("SELECT name, value FROM balancer_meta").fetchall())
+    raw.close()
+    assert recorded["kdf"].startswith("scrypt:n=65536,r=8,p=1:")  # stretched
     reopened = ob.open_store(ob.dataclasses.replace(settings, secret_key_file=str(chosen)))
-    assert meta(reopened)["kdf"].startswith("scrypt:n=65536,r=8,p=1:")  # stretched
     assert reopened.list_servers()[0].authorization == "Bearer b"
     reopened.close()
 
