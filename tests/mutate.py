@@ -10,9 +10,9 @@ section's tests; a mutant the tests do not catch "survives". mutmut mutates only
 of a patch file: this script writes one that names every line of the section's functions,
 so a run takes minutes, not the hours the whole module would.
 
-Each section runs in a copy of the tree, .mutmut/<section>/ (the files git tracks, as they
-are in the working tree now), so the module being edited is never the one mutated and
-sections can run side by side. Its .mutmut-cache keeps the results; a run made after the
+Each section runs in a copy of the tree, .mutmut/<section>/, as the last commit has it
+(--ref for another), so the module being edited is never the one mutated and sections can
+run side by side. Its .mutmut-cache keeps the results; a run made after the
 tests changed starts again from nothing. At the end the script prints how many mutants
 were made, killed and survived, and each survivor. Do not run mutmut's own commands in a
 copy while its run goes on: they record the mutated line in the cache and break the run.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import ast
 import fnmatch
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -113,16 +112,13 @@ def patch_for(spans: dict[str, tuple[int, int]], root: Path = ROOT) -> str:
     return "\n".join(hunks) + "\n"
 
 
-def copy_tree(section: str) -> Path:
-    """.mutmut/<section>/: the tracked files as they are now, the cache of the last run kept."""
+def copy_tree(section: str, ref: str) -> Path:
+    """.mutmut/<section>/: the tree as commit ``ref`` has it, the cache of the last run kept."""
     work = ROOT / ".mutmut" / section
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
-                             capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, tracked):
-        source, target = ROOT / name, work / name
-        if source.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
+    work.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", ref], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
     (work / f"{MODULE}.bak").unlink(missing_ok=True)
     return work
 
@@ -158,6 +154,7 @@ def main() -> int:
     parser.add_argument("sections", nargs="+", choices=[*SECTIONS, "all"])
     parser.add_argument("--list", action="store_true", help="show what would be mutated")
     parser.add_argument("--report", action="store_true", help="show the last run's results")
+    parser.add_argument("--ref", default="HEAD", help="the commit to mutate (default HEAD)")
     args = parser.parse_args()
     names = list(SECTIONS) if "all" in args.sections else args.sections
     for name in names:
@@ -173,7 +170,7 @@ def main() -> int:
             for function in sorted(spans):
                 print(f"  {function}")
             continue
-        work = copy_tree(name)
+        work = copy_tree(name, args.ref)
         patch = work / ".mutate.patch"
         patch.write_text(patch_for(selected(patterns, work), work))
         print(f"== {name}: {len(spans)} functions in {work}; runner: pytest {tests}",
