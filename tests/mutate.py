@@ -54,9 +54,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
         " tests/test_security.py::test_rotate_secret_re_encrypts_everything"
         " tests/test_security.py::test_rotation_changes_nothing_when_a_stored_secret_is_damaged"),
     "access": (
-        ("Balancer.request_id", "Balancer.names_this_balancer", "Balancer.authorize_admin",
-         "Balancer.allow_origin", "Balancer.preflight", "Balancer.authorize_client",
-         "bearer_token", "basic_password", "origin_matcher", "split_authority",
+        ("Access.*", "bearer_token", "basic_password", "origin_matcher", "split_authority",
          "same_origin", "is_loopback"),
         "tests/test_access_control.py"),
     "parsing": (
@@ -68,10 +66,9 @@ SECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
         ("Scheduler.*",),
         "tests/test_scheduler.py"),
     "relay": (
-        ("Balancer.exchange", "Balancer._send_request", "Balancer._read_response_head",
-         "Balancer.upstream_head", "Balancer.send_upstream_response",
-         "Balancer._response_fields", "Balancer._relay_body", "ReplayableBody.*",
-         "iter_body"),
+        ("Upstreams.exchange", "Upstreams._send_request", "Upstreams._read_response_head",
+         "Relay.upstream_head", "Relay.send_upstream_response", "Relay._response_fields",
+         "Relay._relay_body", "ReplayableBody.*", "iter_body"),
         # The relay's tests on asyncio's loop only: uvloop runs the same code.
         "tests/test_passthrough.py -k 'not uvloop'"),
 }

@@ -29,8 +29,8 @@ def request(method: str = "GET", path: str = "/servers/allServers", *,
                                  authenticated=False, privileged=False, endpoint="")
 
 
-def app(**settings: Any) -> ob.Balancer:
-    return ob.Balancer(ob.Config(**settings), None)  # type: ignore[arg-type]
+def app(**settings: Any) -> ob.Access:
+    return ob.Balancer(ob.Config(**settings), None).access  # type: ignore[arg-type]
 
 
 def refused(check: Any, *args: Any) -> ob.HTTPError:
@@ -213,13 +213,13 @@ def test_preflights_are_answered_for_the_ollama_endpoints_only() -> None:
 # -- the balancer's own credentials -------------------------------------------------------------
 
 
-def with_keys(balancer: ob.Balancer, *keys: ob.ApiKey) -> ob.Balancer:
-    balancer.keys = {key.key_hash: key for key in keys}
+def with_keys(balancer: ob.Access, *keys: ob.ApiKey) -> ob.Access:
+    balancer.fleet.keys = {key.key_hash: key for key in keys}
 
     async def call(method: Any, *args: Any) -> Any:
         return method(*args)
 
-    balancer.store = types.SimpleNamespace(  # type: ignore[assignment]
+    balancer.fleet.store = types.SimpleNamespace(  # type: ignore[assignment]
         call=call, store=types.SimpleNamespace(touch_key=lambda *_: None))
     return balancer
 
@@ -398,7 +398,7 @@ def test_rate_windows_and_retry_after_are_exact(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(ob.time, "monotonic", lambda: clock[0])
     touched: list[int] = []
     balancer = with_keys(app(), key(1, "olb-one", requests_per_minute=2))
-    balancer.spawn = lambda coro: (coro.close(), touched.append(1))  # type: ignore[method-assign]
+    balancer.fleet.spawn = lambda coro: (coro.close(), touched.append(1))  # type: ignore[method-assign]
     one = {"Authorization": "Bearer olb-one"}
     usage = balancer.authorize_client(request(**one))
     assert usage is not None and touched == [1]  # lastUsedAt: written now
@@ -419,7 +419,7 @@ def test_rate_windows_and_retry_after_are_exact(monkeypatch: pytest.MonkeyPatch)
     balancer.authorize_client(request(**one))
     assert touched == [1, 1]
     unlimited = with_keys(app(), key(3, "olb-three"))
-    unlimited.spawn = lambda coro: (coro.close(), touched.append(3))  # type: ignore[method-assign]
+    unlimited.fleet.spawn = lambda coro: (coro.close(), touched.append(3))  # type: ignore[method-assign]
     three = {"Authorization": "Bearer olb-three"}
     for at, written in ((2000.0, 1), (2060.0, 1), (2060.5, 2)):  # more than a minute: again
         clock[0] = at
@@ -429,7 +429,7 @@ def test_rate_windows_and_retry_after_are_exact(monkeypatch: pytest.MonkeyPatch)
 
 def test_a_key_over_its_concurrency_is_told_so() -> None:
     balancer = with_keys(app(), key(2, "olb-two", max_concurrent=3))
-    balancer.spawn = lambda coro: coro.close()  # type: ignore[method-assign]
+    balancer.fleet.spawn = lambda coro: coro.close()  # type: ignore[method-assign]
     usage = balancer.authorize_client(request(Authorization="Bearer olb-two"))
     assert usage is not None
     usage.inflight = 3

@@ -223,6 +223,73 @@ def test_load_and_service_times_are_learned_from_requests() -> None:
     assert scheduler.load_seconds == pytest.approx(4.0, rel=0.01)
 
 
+def test_one_request_moves_each_estimate_a_tenth_of_the_way_from_its_prior() -> None:
+    scheduler, _ = fleet(1)
+    assert (scheduler.service_seconds, scheduler.first_byte_seconds,
+            scheduler.load_seconds) == (1.0, 0.1, 5.0)  # priors, before any request
+    scheduler.observe(False, 0.3, 2.0)  # warm: first byte and whole request
+    assert scheduler.first_byte_seconds == pytest.approx(0.12)
+    assert scheduler.service_seconds == pytest.approx(1.1)
+    scheduler.observe(True, 1.12, 9.0)  # cold: what its first byte took past a warm one's
+    assert scheduler.load_seconds == pytest.approx(5.0 + 0.1 * (1.0 - 5.0))
+    assert scheduler.service_seconds == pytest.approx(1.1)  # a cold request says nothing
+    scheduler.observe(True, 0.05, 1.0)  # faster than a warm first byte: no load at all
+    assert scheduler.load_seconds == pytest.approx(4.6 + 0.1 * (0.0 - 4.6))
+
+
+def test_a_candidate_is_enabled_reachable_has_the_model_and_no_open_circuit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduler, servers = fleet(4)
+    servers[1].enabled = False
+    servers[2].reachable = False
+    servers[3].load.breaker_open, servers[3].load.open_until = True, 100.0
+    monkeypatch.setattr(ob.time, "monotonic", lambda: 99.5)
+    every = list(servers.values())
+    assert scheduler.candidates(every, "a:latest") == [servers[4]]
+    assert scheduler.candidates(every, None) == [servers[4]]
+    assert scheduler.candidates(every, "z:latest") == []
+    monkeypatch.setattr(ob.time, "monotonic", lambda: 100.0)  # cooled down: half-open
+    assert scheduler.candidates(every, "a:latest") == [servers[3], servers[4]]
+    assert scheduler.candidates(every, "a:latest", frozenset({3})) == [servers[4]]
+
+
+def test_round_robin_takes_the_ready_servers_in_id_order_turn_by_turn() -> None:
+    scheduler, servers = fleet(3, strategy="round_robin")
+    ready = [servers[3], servers[1], servers[2]]
+    picks = [scheduler.choose(ready, "a:latest") for _ in range(6)]
+    assert [s.id for s in picks if s] == [2, 3, 1, 2, 3, 1]
+    picked = scheduler.pick(servers, "a:latest", exclude=frozenset({3}))
+    assert picked == (servers[2], True)  # turn 7 of the two left: [1, 2][7 % 2]
+
+
+def test_random_ignores_load_where_least_load_does_not() -> None:
+    for strategy, expected in (("random", {1, 2}), ("least_load", {2})):
+        scheduler, servers = fleet(2, strategy=strategy, max_concurrency=4)
+        for _ in range(3):
+            scheduler.take(servers[1], None)  # three of its four slots busy
+        scheduler._random.seed(7)
+        picks = [scheduler.choose(list(servers.values()), None) for _ in range(100)]
+        assert {s.id for s in picks if s} == expected, strategy
+        assert {scheduler.pick(servers, None)[0].id for _ in range(100)  # type: ignore[union-attr]
+                } == expected, strategy
+
+
+def test_least_load_compares_the_busy_share_of_capacity_per_unit_of_weight() -> None:
+    """Within a tier, inflight / capacity / weight: scanned (choose) and indexed (pick)."""
+    for (busy_a, capacity_a, weight_a), (busy_b, capacity_b, weight_b) in (
+            ((2, 4, 4.0), (1, 4, 1.0)),  # 0.125 beats 0.25: the heavier may be busier
+            ((3, 12, 1.0), (1, 2, 1.0)),  # 0.25 beats 0.5: the bigger may be busier
+    ):
+        scheduler, servers = fleet(2)
+        for server, busy, capacity, weight in ((servers[1], busy_a, capacity_a, weight_a),
+                                               (servers[2], busy_b, capacity_b, weight_b)):
+            server.max_concurrency, server.weight = capacity, weight
+            for _ in range(busy):
+                scheduler.take(server, None)
+        assert scheduler.choose(list(servers.values()), None) is servers[1]
+        assert scheduler.pick(servers, None) == (servers[1], True)
+
+
 # Operations on a small fleet: (what, server index, model index).
 fleet_operations = st.lists(st.tuples(
     st.sampled_from(["take", "release", "fail", "succeed", "unreachable", "reachable",

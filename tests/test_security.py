@@ -320,7 +320,7 @@ def test_admin_token_file_is_read(start_balancer: Any, sqlite_store: StoreConfig
 
 
 def test_without_admin_token_only_loopback_may_manage() -> None:
-    app = ob.Balancer(ob.Config(), None)  # type: ignore[arg-type]
+    app = ob.Balancer(ob.Config(), None).access  # type: ignore[arg-type]
     head = ob.RequestHead("GET", "/", "HTTP/1.1", ob.Headers((("Host", "localhost:8080"),)))
     for peer, allowed in (("127.0.0.1", True), ("::1", True), ("::ffff:127.0.0.1", True),
                           ("127.8.9.10", True), ("10.0.0.1", False), ("192.168.1.9", False),
