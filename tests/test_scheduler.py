@@ -68,6 +68,23 @@ def test_weight_breaks_ties_and_scales_load() -> None:
     assert scheduler.choose(list(servers.values()), None) is servers[2]
 
 
+def test_the_index_breaks_ties_by_weight_too() -> None:
+    scheduler, servers = fleet(3, max_concurrency=4)
+    servers[2].weight = 3.0
+    assert scheduler.pick(servers, None) == (servers[2], True)  # idle tie: the heavier
+
+
+def test_the_index_is_kept_for_a_fleet_and_made_anew_for_another() -> None:
+    scheduler, servers = fleet(2)
+    assert scheduler.pick(servers, "a:latest")[1]
+    heap = scheduler._ranked["a:latest"]
+    scheduler.pick(servers, "a:latest")
+    assert scheduler._ranked["a:latest"] is heap  # kept: a decision costs O(log n)
+    reloaded = {5: ob.Server(5, "h5", 11434, reachable=True, models=[{"name": "a:latest"}])}
+    assert scheduler.pick(reloaded, "a:latest") == (reloaded[5], True)
+    assert scheduler.pick(servers, "a:latest")[0] in (servers[1], servers[2])
+
+
 def test_capacity_is_enforced_and_the_server_value_wins() -> None:
     scheduler, servers = fleet(1, max_concurrency=1)
     server = servers[1]
