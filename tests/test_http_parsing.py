@@ -203,6 +203,13 @@ def test_json_may_nest_128_levels_and_no_deeper() -> None:
         with pytest.raises(ValueError) as caught:
             ob.decode_json(deeper)
         assert str(caught.value) == "nested deeper than 128 levels"
+    # Deep enough only with what follows closings counted right, past a shallow count.
+    exact = b"[[]," + b"[" * 127 + b"]" * 127 + b"]"  # 128 deep, 129 brackets
+    assert ob.decode_json(exact) == json.loads(exact)
+    for deeper in (b"[" + b"[]," * 10 + b"[" * 128 + b"]" * 128 + b"]",
+                   b"[[" + b"[[]]" + b"," + b"[" * 127 + b"]" * 127 + b"]]"):
+        with pytest.raises(ValueError, match=r"^nested deeper than 128 levels$"):
+            ob.decode_json(deeper)
     # Many brackets, none deep: siblings, and brackets inside strings (escapes and all).
     siblings = b"[" + b",".join([b"[]", b"{}"] * 200) + b"]"
     assert ob.decode_json(siblings) == json.loads(siblings)
@@ -231,31 +238,37 @@ def head_with(*fields: str, version: str = "1.1") -> ob.RequestHead:
 
 
 @pytest.mark.parametrize(
-    ("fields", "status"),
+    ("fields", "status", "message"),
     [
-        (["Content-Length: 3", "Transfer-Encoding: chunked"], 400),
-        (["Content-Length: 3", "Content-Length: 4"], 400),
-        (["Content-Length: 3", "Content-Length: 3"], 400),
-        (["Content-Length: 3, 3"], 400),
-        (["Content-Length: -1"], 400),
-        (["Content-Length: +5"], 400),
-        (["Content-Length: 9999999999999999999999"], 400),
-        (["Transfer-Encoding: gzip"], 501),
-        (["Transfer-Encoding: gzip, chunked"], 501),
-        (["Transfer-Encoding: chunked, gzip"], 400),
-        (["Transfer-Encoding: chunked", "Transfer-Encoding: chunked"], 400),
-        (["Transfer-Encoding: ,"], 400),
+        (["Content-Length: 3", "Transfer-Encoding: chunked"], 400,
+         "Content-Length together with Transfer-Encoding"),
+        (["Content-Length: 3", "Content-Length: 4"], 400, "more than one Content-Length"),
+        (["Content-Length: 3", "Content-Length: 3"], 400, "more than one Content-Length"),
+        (["Content-Length: 3, 3"], 400, "malformed Content-Length"),
+        (["Content-Length: -1"], 400, "malformed Content-Length"),
+        (["Content-Length: +5"], 400, "malformed Content-Length"),
+        (["Content-Length: 9999999999999999999999"], 400, "malformed Content-Length"),
+        (["Transfer-Encoding: gzip"], 501, "unsupported Transfer-Encoding gzip"),
+        (["Transfer-Encoding: gzip, chunked"], 501,
+         "unsupported Transfer-Encoding gzip, chunked"),
+        (["Transfer-Encoding: chunked, gzip"], 400,
+         "chunked must be the last transfer coding, once"),
+        (["Transfer-Encoding: chunked", "Transfer-Encoding: chunked"], 400,
+         "chunked must be the last transfer coding, once"),
+        (["Transfer-Encoding: ,"], 400, "chunked must be the last transfer coding, once"),
     ],
 )
-def test_ambiguous_framing_is_refused(fields: list[str], status: int) -> None:
+def test_ambiguous_framing_is_refused(fields: list[str], status: int, message: str) -> None:
     with pytest.raises(ob.ProtocolError) as caught:
         ob.request_framing(head_with(*fields))
-    assert caught.value.status == status
+    assert (caught.value.status, str(caught.value)) == (status, message)
 
 
 def test_transfer_encoding_in_http10_is_refused() -> None:
-    with pytest.raises(ob.ProtocolError):
+    with pytest.raises(ob.ProtocolError) as caught:
         ob.request_framing(head_with("Transfer-Encoding: chunked", version="1.0"))
+    assert (caught.value.status, str(caught.value)) == (
+        400, "Transfer-Encoding in an HTTP/1.0 request")
 
 
 def test_framing_of_good_requests() -> None:
