@@ -361,6 +361,45 @@ def test_response_head_and_framing() -> None:
     assert ob.response_framing(no_length, "GET") == ob.Framing("close")
 
 
+@pytest.mark.parametrize(("status_line", "fields", "method", "framing"), [
+    ("HTTP/1.1 200 OK", ["Content-Length: 10"], "GET", ob.Framing("length", 10)),
+    ("HTTP/1.1 200 OK", ["Content-Length: 0"], "GET", ob.NO_BODY),
+    ("HTTP/1.1 200 OK", [], "GET", ob.Framing("close")),
+    ("HTTP/1.1 200 OK", ["Transfer-Encoding: gzip"], "GET", ob.Framing("close")),
+    ("HTTP/1.1 200 OK", ["Transfer-Encoding: gzip, chunked"], "GET", ob.Framing("close")),
+    ("HTTP/1.1 200 OK", ["Transfer-Encoding: Chunked"], "POST", ob.Framing("chunked")),
+    ("HTTP/1.1 200 OK", ["Content-Length: 10"], "HEAD", ob.NO_BODY),
+    ("HTTP/1.1 103 Early Hints", ["Content-Length: 10"], "GET", ob.NO_BODY),
+    ("HTTP/1.1 204 No Content", ["Content-Length: 10"], "GET", ob.NO_BODY),
+    ("HTTP/1.1 304 Not Modified", ["Content-Length: 10"], "GET", ob.NO_BODY),
+    # Their neighbours have bodies.
+    ("HTTP/1.1 205 Reset Content", ["Content-Length: 10"], "GET", ob.Framing("length", 10)),
+    ("HTTP/1.1 305 Use Proxy", ["Content-Length: 10"], "GET", ob.Framing("length", 10)),
+    ("HTTP/1.1 200 OK", ["content-length: 7"], "GET", ob.Framing("length", 7)),
+])
+def test_an_upstream_answer_is_framed_as_rfc_9112_says(
+        status_line: str, fields: list[str], method: str, framing: ob.Framing) -> None:
+    head = ob.maybe_response_head(bytearray(
+        (status_line + "\r\n" + "".join(f + "\r\n" for f in fields) + "\r\n").encode()))
+    assert head is not None
+    assert ob.response_framing(head, method) == framing
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    (["Content-Length: 1", "Transfer-Encoding: chunked"],
+     "upstream sent Content-Length with Transfer-Encoding"),
+    (["Content-Length: 1", "Content-Length: 2"], "more than one Content-Length"),
+    (["Content-Length: x"], "malformed Content-Length"),
+])
+def test_an_upstream_answer_framed_two_ways_is_refused(fields: list[str], message: str) -> None:
+    head = ob.maybe_response_head(bytearray(
+        ("HTTP/1.1 200 OK\r\n" + "".join(f + "\r\n" for f in fields) + "\r\n").encode()))
+    assert head is not None
+    with pytest.raises(ob.ProtocolError) as caught:
+        ob.response_framing(head, "GET")
+    assert (caught.value.status, str(caught.value)) == (502, message)
+
+
 @pytest.mark.parametrize(
     ("path", "bad"),
     [("/api/tags", False), ("/a/../b", True), ("/a/%2e%2e/b", True), ("/a/%2E%2e", True),
