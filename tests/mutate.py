@@ -70,7 +70,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
          "Relay.upstream_head", "Relay.send_upstream_response", "Relay._response_fields",
          "Relay._relay_body", "ReplayableBody.*", "iter_body"),
         # The relay's tests on asyncio's loop only: uvloop runs the same code.
-        "tests/test_passthrough.py -k 'not uvloop'"),
+        "tests/test_bodies.py tests/test_passthrough.py -k 'not uvloop'"),
 }
 
 

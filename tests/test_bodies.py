@@ -1,0 +1,106 @@
+"""Reading a body off a connection, in-process and on a clock the test controls: how long
+each wait may be, when a slow body is cut, and what is left for the next request."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+import ollamabalancer as ob
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+class ScriptedWire:
+    """What iter_body reads: ``buf``, ``loop.time()`` and ``fill(timeout)``. Each fill
+    appends the next scripted piece (None: the peer closed) after ``pace`` seconds."""
+
+    def __init__(self, pieces: list[bytes | None], pace: float = 0.0) -> None:
+        self.buf = bytearray()
+        self.loop = Clock()
+        self.pieces = list(pieces)
+        self.pace = pace
+        self.waits: list[float] = []
+
+    async def fill(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        self.loop.now += self.pace
+        piece = self.pieces.pop(0) if self.pieces else None
+        if piece is None:
+            return False
+        self.buf += piece
+        return True
+
+
+def read(wire: ScriptedWire, framing: ob.Framing, **limits: Any) -> list[bytes]:
+    async def main() -> list[bytes]:
+        return [piece async for piece in ob.iter_body(wire, framing, **limits)]  # type: ignore[arg-type]
+    return asyncio.run(main())
+
+
+def test_without_a_rate_each_wait_gets_the_whole_timeout() -> None:
+    wire = ScriptedWire([b"ab", b"cd", b"e"], pace=4.0)
+    assert read(wire, ob.Framing("length", 5), timeout=5.0, error_status=400) == [
+        b"ab", b"cd", b"e"]
+    assert wire.waits == [5.0, 5.0, 5.0]  # 12 s in all, but no wait over 5 s
+
+
+def test_with_a_rate_the_whole_body_has_its_timeout_plus_a_second_per_rate_received() -> None:
+    wire = ScriptedWire([b"x" * 3000, b"x" * 1000, b"x" * 1000], pace=1.5)
+    started = wire.loop.now - 1.0  # its head came a second ago
+    pieces = read(wire, ob.Framing("length", 5000), timeout=2.0, error_status=400,
+                  min_rate=1000.0, started=started)
+    assert b"".join(pieces) == b"x" * 5000
+    # What is left of 2 s from the start, plus 1 s per 1000 bytes so far.
+    assert wire.waits == pytest.approx([1.0, 1.0 - 1.5 + 3.0, 1.0 - 3.0 + 4.0], abs=1e-9)
+
+
+def test_a_body_slower_than_the_rate_is_cut_when_its_time_is_spent() -> None:
+    wire = ScriptedWire([b"x" * 500] * 4, pace=1.0)
+    with pytest.raises(asyncio.TimeoutError):
+        read(wire, ob.Framing("length", 5000), timeout=1.5, error_status=400,
+             min_rate=1000.0)
+    # 1.5 s, then 1.5 - 1 + 0.5 = 1 s, then 1.5 - 2 + 1 = 0.5 s, then 1.5 - 3 + 1.5 = 0.
+    assert wire.waits == pytest.approx([1.5, 1.0, 0.5], abs=1e-9)
+
+
+def test_a_body_whose_time_is_spent_exactly_waits_no_more() -> None:
+    wire = ScriptedWire([b"x" * 1000], pace=2.0)
+    with pytest.raises(asyncio.TimeoutError):
+        read(wire, ob.Framing("length", 2000), timeout=1.0, error_status=400,
+             min_rate=1000.0)
+    assert wire.waits == [1.0]  # then 1 - 2 + 1 = 0 s left: cut, not a wait of nothing
+
+
+def test_a_body_leaves_what_follows_it_and_says_how_many_bytes_were_missing() -> None:
+    wire = ScriptedWire([b"hello", b"wor", b"ld" + b"GET / HTTP/1.1\r\n"])
+    assert read(wire, ob.Framing("length", 10), timeout=1.0, error_status=400) == [
+        b"hello", b"wor", b"ld"]
+    assert bytes(wire.buf) == b"GET / HTTP/1.1\r\n"
+    short = ScriptedWire([b"abc", None])
+    with pytest.raises(ob.IncompleteBody, match=r"^connection closed with 7 body bytes "
+                                                r"missing$"):
+        read(short, ob.Framing("length", 10), timeout=1.0, error_status=400)
+
+
+def test_chunked_and_until_close_bodies_come_as_they_arrive() -> None:
+    chunked = ScriptedWire([b"3\r\nabc\r\n", b"2\r\nde\r\n0\r\n\r\nNEXT"])
+    assert read(chunked, ob.Framing("chunked"), timeout=1.0, error_status=400) == [
+        b"abc", b"de"]
+    assert bytes(chunked.buf) == b"NEXT"
+    cut = ScriptedWire([b"3\r\nabc\r\n", None])
+    with pytest.raises(ob.IncompleteBody, match=r"^connection closed in the middle of a "
+                                                r"chunked body$"):
+        read(cut, ob.Framing("chunked"), timeout=1.0, error_status=400)
+    until_close = ScriptedWire([b"ab", b"c", None])
+    assert read(until_close, ob.Framing("close"), timeout=1.0, error_status=502) == [
+        b"ab", b"c"]
+    assert read(ScriptedWire([]), ob.NO_BODY, timeout=1.0, error_status=400) == []
