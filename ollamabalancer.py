@@ -2850,6 +2850,8 @@ class NoCandidate(Exception):
 
 #: The tier of a server with no free slot: after every tier a request could start in.
 FULL = 9
+#: The last tier a request may be sent to: any server with a free slot (see tier()).
+ANY_FREE = FULL - 1
 
 
 @dataclasses.dataclass(eq=False)
@@ -3011,7 +3013,7 @@ class Scheduler:
                 self._push(heap, server, model, now)
 
     def best(self, servers: dict[int, Server], model: str | None,
-             exclude: frozenset[int] = frozenset(), max_tier: int = FULL - 1
+             exclude: frozenset[int] = frozenset(), max_tier: int = ANY_FREE
              ) -> tuple[Server | None, bool]:
         """least_load's choice, from a heap per model instead of a scan of the fleet: the
         top entry is checked against the server's state now and pushed again when it
@@ -3022,8 +3024,8 @@ class Scheduler:
         entries, latest = heap.entries, heap.latest
         now = time.monotonic()
         aside = []
-        found: Server | None = None
-        tier = FULL
+        found: Server | None = None  # pragma: no mutate (an annotation, never evaluated)
+        tier = FULL  # pragma: no mutate (read only once found is set, and set with it)
         while entries:
             top = entries[0]
             server = servers.get(top[5])
@@ -3051,7 +3053,7 @@ class Scheduler:
         return (found if tier <= max_tier else None), True
 
     def pick(self, servers: dict[int, Server], model: str | None, session: str | None = None,
-             exclude: frozenset[int] = frozenset(), max_tier: int = FULL - 1
+             exclude: frozenset[int] = frozenset(), max_tier: int = ANY_FREE
              ) -> tuple[Server | None, bool]:
         """The server for a request now, by the configured strategy (None when every
         candidate is full, or past ``max_tier``), and whether any could serve it."""
@@ -3208,7 +3210,7 @@ class Scheduler:
                 if pass_ == "aged" and now - waiter.since < QUEUE_AGING:
                     break  # the queue is in arrival order: no older waiter follows
                 model = waiter.model
-                max_tier = FULL - 1
+                max_tier = ANY_FREE
                 if pass_ == "ready":
                     max_tier = 0
                 elif pass_ == "any" and len(passes) > 1:

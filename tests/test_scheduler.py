@@ -85,6 +85,44 @@ def test_the_index_is_kept_for_a_fleet_and_made_anew_for_another() -> None:
     assert scheduler.pick(servers, "a:latest")[0] in (servers[1], servers[2])
 
 
+def test_a_server_that_got_better_is_ranked_anew_for_every_model_it_serves() -> None:
+    """Worse is found out lazily, at the top of the index; better must be pushed at once,
+    or a freed server would stay buried under one that is busier."""
+    for model in (None, "a:latest"):
+        scheduler, servers = fleet(2, max_concurrency=4, num_parallel=4)
+        first = [scheduler.take(servers[1], model) for _ in range(2)]
+        scheduler.take(servers[2], model)
+        assert scheduler.pick(servers, model) == (servers[2], True)  # the index is made
+        for slot in first:
+            scheduler.release(servers, slot)  # server 1 idle now, server 2 still busy
+        assert scheduler.pick(servers, model) == (servers[1], True), model
+
+
+def test_the_index_stays_bounded_however_often_servers_change() -> None:
+    """Stale entries are dropped once they outnumber the live ones twice over (plus 64)."""
+    scheduler, servers = fleet(2, max_concurrency=4)
+    scheduler.pick(servers, None)
+    heap = scheduler._ranked[None]
+    sizes = []
+    for _ in range(300):
+        scheduler.release(servers, scheduler.take(servers[1], None))
+        sizes.append(len(heap.entries))
+    assert max(sizes) == 2 * len(heap.latest) + 64
+    assert min(sizes) <= len(heap.latest) + 1  # compacted down to the live entries
+    scheduler.take(servers[2], None)
+    assert scheduler.pick(servers, None) == (servers[1], True)  # and still right
+
+
+def test_pick_goes_as_far_as_a_server_that_must_wait_but_never_to_a_full_one() -> None:
+    scheduler, servers = fleet(1, max_loaded_models=1, num_parallel=1, max_concurrency=2)
+    server = servers[1]
+    scheduler.take(server, "a:latest")  # "a" loaded and busy: "b" would wait (tier 4)
+    assert scheduler.tier(server, "b:latest") == 4
+    assert scheduler.pick(servers, "b:latest") == (server, True)
+    scheduler.take(server, "a:latest")  # both slots taken: full
+    assert scheduler.pick(servers, "b:latest") == (None, True)
+
+
 def test_capacity_is_enforced_and_the_server_value_wins() -> None:
     scheduler, servers = fleet(1, max_concurrency=1)
     server = servers[1]
