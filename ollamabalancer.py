@@ -1921,6 +1921,13 @@ def sealing_box(master: MasterKey, spec: str | None) -> SecretBox:
     return SecretBox(master.secret if spec is None else stretch(master.secret, spec))
 
 
+def new_sealing(master: MasterKey) -> tuple[SecretBox, str | None]:
+    """The box for a key new to a database, and the key derivation to record with it:
+    none for a random key, scrypt with a fresh salt for a passphrase."""
+    spec = None if master.random else new_kdf_spec()
+    return sealing_box(master, spec), spec
+
+
 def load_master_key(config: Config) -> MasterKey:
     """SECRET_KEY, else SECRET_KEY_FILE, else the default key file (beside the SQLite
     database, or ./ollamabalancer.key for MySQL), else a new random key for that file.
@@ -2311,8 +2318,7 @@ class Store:
             "SELECT name, value FROM balancer_meta WHERE name IN ('key_check', 'kdf')")}
         check, spec = meta.get("key_check"), meta.get("kdf")
         if check is None:
-            spec = None if master.random else new_kdf_spec()
-            box = sealing_box(master, spec)
+            box, spec = new_sealing(master)
             self._record_first_key(master, box, spec)
             self.box = box
             return None
@@ -6284,8 +6290,7 @@ def rotate_secret(config: Config, new_key_file: str) -> int:
             write_key_file(new_key_file, secrets.token_hex(32).encode())
         master = load_master_key(dataclasses.replace(config, secret_key="",
                                                      secret_key_file=new_key_file))
-        spec = None if master.random else new_kdf_spec()
-        count = store.rotate_secrets(sealing_box(master, spec), spec)
+        count = store.rotate_secrets(*new_sealing(master))
         store.unlock(master)
         store.list_proxies()
         store.list_servers()

@@ -40,7 +40,7 @@ PYTEST = f"{sys.executable} tests/mutate.py --pytest -x -q -p no:cacheprovider -
 SECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "secrets": (
         ("b64url_encode", "b64url_decode", "hkdf_sha256", "SecretBox.*", "is_encrypted",
-         "MasterKey.*", "new_kdf_spec", "kdf_params", "stretch", "sealing_box",
+         "MasterKey.*", "new_kdf_spec", "kdf_params", "stretch", "sealing_box", "new_sealing",
          "load_master_key", "write_key_file",
          "sealed_length", "Store._seal", "Store._open_secret", "Store._sealed", "Store.unlock",
          "Store._record_first_key", "Store.protect_secrets", "Store.rotate_secrets",
