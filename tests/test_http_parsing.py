@@ -324,31 +324,6 @@ def test_chunked_body_decodes_and_leaves_the_next_request(bytewise: bool) -> Non
         assert bytes(rest) == b"NEXT"
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"0x3\r\nabc\r\n0\r\n\r\n",
-        b"+3\r\nabc\r\n0\r\n\r\n",
-        b"1_0\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n",
-        b"-3\r\nabc\r\n0\r\n\r\n",
-        b"00000000000000000003\r\nabc\r\n0\r\n\r\n",
-        b" 3\r\nabc\r\n0\r\n\r\n",
-        b"3\r\nxxx__1\r\na\r\n0\r\n\r\n",  # proxy.py's bug: the CRLF after data unchecked
-        b"3\nabc\r\n0\r\n\r\n",
-        b"3\r\nabc\n0\r\n\r\n",
-        b"\r\n",
-        b"3\r\nabc\r\n0\r\nBad Trailer\r\n\r\n",
-    ],
-    ids=["0x", "plus", "underscore", "negative", "20-digits", "leading-space",
-         "no-crlf-after-data", "bare-lf-size", "bare-lf-data", "empty-size", "bad-trailer"],
-)
-@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "byte-by-byte"])
-def test_malformed_chunked_bodies_are_refused(data: bytes, bytewise: bool) -> None:
-    with pytest.raises(ob.ProtocolError) as caught:
-        decode_all(data, bytewise=bytewise)
-    assert caught.value.status == 400
-
-
 def test_response_head_and_framing() -> None:
     buf = bytearray(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n")
     head = ob.maybe_response_head(buf)
@@ -470,9 +445,78 @@ def test_a_chunked_body_relayed_as_it_came_keeps_its_bytes_however_it_arrives(
     assert bytes(buf) + wire[sent:] == b"NEXT"
 
 
-@pytest.mark.parametrize("wire", [b"zz\r\n", b"3\r\nabcX", b"1\r\na\r\n0\r\nBad Trailer\r\n\r\n",
-                                  b"1" * (ob.MAX_CHUNK_LINE + 10)])
-def test_the_relay_scanner_refuses_a_broken_chunked_body(wire: bytes) -> None:
+@pytest.mark.parametrize(("wire", "message"), [
+    (b"zz\r\n", "malformed chunk size"),
+    (b"3\r\nabcX", "chunk data not followed by CRLF"),
+    (b"3\r\nabc\rX", "chunk data not followed by CRLF"),
+    (b"3\r\nabcX\n", "chunk data not followed by CRLF"),
+    (b"1\r\na\r\n0\r\nBad Trailer\r\n\r\n", "malformed header line b'Bad Trailer'"),
+    (b"1" * (ob.MAX_CHUNK_LINE + 10), "chunk size line too long")])
+def test_the_relay_scanner_refuses_a_broken_chunked_body(wire: bytes, message: str) -> None:
     with pytest.raises(ob.ProtocolError) as caught:
         ob.ChunkedScanner().take(bytearray(wire))
-    assert caught.value.status == 502
+    assert (caught.value.status, str(caught.value)) == (502, message)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"0x3\r\nabc\r\n0\r\n\r\n", "malformed chunk size"),
+        (b"+3\r\nabc\r\n0\r\n\r\n", "malformed chunk size"),
+        (b"1_0\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n", "malformed chunk size"),
+        (b"-3\r\nabc\r\n0\r\n\r\n", "malformed chunk size"),
+        (b"00000000000000000003\r\nabc\r\n0\r\n\r\n", "malformed chunk size"),
+        (b" 3\r\nabc\r\n0\r\n\r\n", "malformed chunk size"),
+        # proxy.py's bug: the CRLF after data unchecked
+        (b"3\r\nxxx__1\r\na\r\n0\r\n\r\n", "chunk data not followed by CRLF"),
+        (b"3\nabc\r\n0\r\n\r\n", "malformed chunk size"),
+        (b"3\r\nabc\n0\r\n\r\n", "chunk data not followed by CRLF"),
+        (b"\r\n", "malformed chunk size"),
+        (b"3\r\nabc\r\n0\r\nBad Trailer\r\n\r\n", "malformed header line b'Bad Trailer'"),
+        (b"3\r\nabc\r\n0\r\nX: " + b"t" * ob.MAX_HEAD, "trailer section too large"),
+    ],
+    ids=["0x", "plus", "underscore", "negative", "20-digits", "leading-space",
+         "no-crlf-after-data", "bare-lf-size", "bare-lf-data", "empty-size", "bad-trailer",
+         "endless-trailer"],
+)
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "byte-by-byte"])
+def test_malformed_chunked_bodies_are_refused(data: bytes, message: str,
+                                              bytewise: bool) -> None:
+    with pytest.raises(ob.ProtocolError) as caught:
+        decode_all(data, bytewise=bytewise)
+    assert (caught.value.status, str(caught.value)) == (400, message)
+
+
+def test_a_trailer_section_may_take_max_head_bytes_and_no_more() -> None:
+    def trailers(size: int) -> bytes:
+        lines, left = [], size
+        while left:
+            line = b"X: " + b"t" * min(1000, left - 5)  # and its CRLF: left - 5 + 5
+            lines.append(line + b"\r\n")
+            left -= len(line) + 2
+        assert sum(map(len, lines)) == size
+        return b"".join(lines)
+
+    exact = trailers(ob.MAX_HEAD)
+    body = b"1\r\na\r\n0\r\n"
+    assert decode_all(body + exact + b"\r\nNEXT", bytewise=False) == (b"a", bytearray(b"NEXT"))
+    over = exact[:-2] + b"t\r\n"
+    with pytest.raises(ob.ProtocolError) as caught:
+        decode_all(body + over + b"\r\n", bytewise=False)
+    assert str(caught.value) == "trailer section too large"
+
+
+def test_a_body_of_many_chunks_is_taken_a_slice_at_a_time() -> None:
+    chunks = b"".join(b"1\r\n%c\r\n" % letter for letter in b"abcde")
+    buf = bytearray(chunks + b"0\r\n\r\n")
+    scanner = ob.ChunkedScanner()
+    checked, ended, spans = scanner.take(buf, max_chunks=2)
+    assert (checked, ended) == (b"1\r\na\r\n1\r\nb\r\n", False)
+    assert [checked[a:b] for a, b in spans] == [b"a", b"b"]
+    checked, ended, _ = scanner.take(buf)  # no limit: the rest at once
+    assert (checked, ended, bytes(buf)) == (b"1\r\nc\r\n1\r\nd\r\n1\r\ne\r\n", True, b"")
+    decoder = ob.ChunkedDecoder()
+    buf = bytearray(chunks + b"0\r\n\r\n")
+    assert decoder.next_event(buf, 3) == b"abc"
+    assert decoder.next_event(buf, 3) == b"de"
+    assert decoder.next_event(buf, 3) is ob.END_OF_BODY
