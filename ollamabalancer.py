@@ -1492,6 +1492,12 @@ class ServerLoad:
         return len(self.recent_requests), len(self.recent_errors)
 
 
+def canonical_model(name: str) -> str:
+    """``llama3`` -> ``llama3:latest``: Ollama's default tag."""
+    name = name.strip()
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
 @dataclasses.dataclass(eq=False)
 class Server:
     id: int
@@ -2804,12 +2810,6 @@ def parameter_billions(text: Any) -> float | None:
     if match is None:
         return None
     return float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
-
-
-def canonical_model(name: str) -> str:
-    """``llama3`` -> ``llama3:latest``: Ollama's default tag."""
-    name = name.strip()
-    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
 
 
 def server_models(server: Server) -> dict[str, dict[str, Any]]:

@@ -36,6 +36,53 @@ def test_the_table_of_contents_lists_every_section_in_order() -> None:
     assert listed == titles
 
 
+def test_no_section_uses_what_a_later_section_defines() -> None:
+    """Dependency order: read top to bottom, every name is known before it is used
+    (annotations aside, which are never evaluated)."""
+    starts = [start for _, start, _ in sections()]
+
+    def section_of(line: int) -> int:
+        return sum(1 for start in starts if start <= line) - 1
+
+    defined: dict[str, int] = {}
+    for node in TREE.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined[node.name] = section_of(node.lineno)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    defined[target.id] = section_of(node.lineno)
+
+    class Uses(ast.NodeVisitor):
+        def __init__(self) -> None:
+            self.names: set[str] = set()
+
+        def visit_Name(self, node: ast.Name) -> None:
+            self.names.add(node.id)
+
+        def visit_arg(self, node: ast.arg) -> None:
+            pass  # its annotation
+
+        def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+            if node.value is not None:
+                self.visit(node.value)
+
+        def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+            for part in (*node.decorator_list, *node.args.defaults, *node.body):
+                self.visit(part)
+
+        visit_AsyncFunctionDef = visit_FunctionDef
+
+    later = []
+    for node in TREE.body:
+        uses = Uses()
+        uses.visit(node)
+        here = section_of(node.lineno)
+        later += [(name, getattr(node, "name", "?")) for name in uses.names
+                  if defined.get(name, -1) > here]
+    assert not later
+
+
 def test_no_section_class_or_function_is_too_long_to_read_whole() -> None:
     long_sections = [(t, end - start + 1) for t, start, end in sections() if end - start >= 900]
     assert not long_sections
