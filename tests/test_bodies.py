@@ -104,3 +104,29 @@ def test_chunked_and_until_close_bodies_come_as_they_arrive() -> None:
     assert read(until_close, ob.Framing("close"), timeout=1.0, error_status=502) == [
         b"ab", b"c"]
     assert read(ScriptedWire([]), ob.NO_BODY, timeout=1.0, error_status=400) == []
+
+
+def test_a_chunked_body_counts_its_bytes_against_the_rate_too() -> None:
+    wire = ScriptedWire([b"bb8\r\n" + b"x" * 3000 + b"\r\n", b"3e8\r\n" + b"x" * 1000 + b"\r\n",
+                         b"0\r\n\r\n"], pace=1.5)
+    pieces = read(wire, ob.Framing("chunked"), timeout=2.0, error_status=400, min_rate=1000.0,
+                  started=wire.loop.now - 1.0)
+    assert b"".join(pieces) == b"x" * 4000
+    assert wire.waits == pytest.approx([1.0, 1.0 - 1.5 + 3.0, 1.0 - 3.0 + 4.0], abs=1e-9)
+
+
+def test_a_body_of_many_small_chunks_yields_to_other_connections_between_slices(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+    sleep = asyncio.sleep
+
+    async def pause(delay: float) -> None:
+        pauses.append(delay)
+        await sleep(0)
+
+    monkeypatch.setattr(ob.asyncio, "sleep", pause)
+    count = 2 * ob.CHUNKED_SLICE + 10
+    wire = ScriptedWire([b"1\r\nx\r\n" * count + b"0\r\n\r\n"])
+    pieces = read(wire, ob.Framing("chunked"), timeout=1.0, error_status=400)
+    assert b"".join(pieces) == b"x" * count
+    assert pauses == [0, 0]  # after each full slice, only until the loop's next turn
