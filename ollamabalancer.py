@@ -1388,7 +1388,7 @@ class ReplayableBody:
 
     def __init__(self, source: AsyncIterator[bytes] | None) -> None:
         self._source = source
-        self._kept: list[bytes | bytearray] = []
+        self._kept: list[bytes | bytearray] = []  # pragma: no mutate (an annotation)
         self._kept_size = 0
         self.replayable = True
 
@@ -1423,6 +1423,7 @@ class ReplayableBody:
                 else:
                     self.replayable = False
                     self._kept.clear()
+                    self._kept_size = 0
             yield piece
         self._source = None
 

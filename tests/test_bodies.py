@@ -130,3 +130,42 @@ def test_a_body_of_many_small_chunks_yields_to_other_connections_between_slices(
     pieces = read(wire, ob.Framing("chunked"), timeout=1.0, error_status=400)
     assert b"".join(pieces) == b"x" * count
     assert pauses == [0, 0]  # after each full slice, only until the loop's next turn
+
+
+def test_an_until_close_body_counts_its_bytes_against_the_rate_too() -> None:
+    wire = ScriptedWire([b"x" * 3000, b"x" * 1000, None], pace=1.5)
+    pieces = read(wire, ob.Framing("close"), timeout=2.0, error_status=502, min_rate=1000.0,
+                  started=wire.loop.now - 1.0)
+    assert b"".join(pieces) == b"x" * 4000
+    assert wire.waits == pytest.approx([1.0, 1.0 - 1.5 + 3.0, 1.0 - 3.0 + 4.0], abs=1e-9)
+
+
+def replay(body: ob.ReplayableBody) -> list[bytes]:
+    async def main() -> list[bytes]:
+        return [bytes(piece) async for piece in body.chunks()]
+    return asyncio.run(main())
+
+
+def test_a_body_in_memory_is_sent_again_whole_a_slice_at_a_time() -> None:
+    assert ob.ReplayableBody.of(b"").size == 0 and replay(ob.ReplayableBody.of(b"")) == []
+    data = b"x" * (2 * ob.SEND_SLICE + 1)
+    body = ob.ReplayableBody.of(data)
+    assert body.size == len(data) and body.replayable
+    for _ in range(2):  # and again, for a retry on another server
+        assert [len(p) for p in replay(body)] == [ob.SEND_SLICE, ob.SEND_SLICE, 1]
+
+
+def test_a_streamed_body_may_be_sent_again_while_what_was_read_fits_the_replay_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ob, "REPLAY_LIMIT", 10)
+
+    async def source(*pieces: bytes) -> Any:
+        for piece in pieces:
+            yield piece
+
+    fits = ob.ReplayableBody(source(b"abcd", b"efghij"))  # 10 bytes: exactly the limit
+    assert replay(fits) == [b"abcd", b"efghij"] and fits.replayable and fits.size == 10
+    assert replay(fits) == [b"abcd", b"efghij"]
+    over = ob.ReplayableBody(source(b"abcd", b"efghijk"))
+    assert replay(over) == [b"abcd", b"efghijk"]
+    assert not over.replayable and over.size == 0  # nothing kept once it gave up
