@@ -109,8 +109,21 @@ def test_the_index_stays_bounded_however_often_servers_change() -> None:
         sizes.append(len(heap.entries))
     assert max(sizes) == 2 * len(heap.latest) + 64
     assert min(sizes) <= len(heap.latest) + 1  # compacted down to the live entries
-    scheduler.take(servers[2], None)
-    assert scheduler.pick(servers, None) == (servers[1], True)  # and still right
+    scheduler.take(servers[1], None)  # server 2 is the better now: its entry must be live
+    assert scheduler.pick(servers, None) == (servers[2], True)
+
+
+def test_pick_keeps_a_session_on_its_server_unless_excluded_or_full() -> None:
+    scheduler, servers = fleet(3, max_concurrency=2)
+    scheduler.release(servers, scheduler.take(servers[2], None, session="conv"))
+    scheduler.take(servers[2], None)  # server 2 is now the busiest
+    assert scheduler.pick(servers, None, "conv") == (servers[2], True)
+    others = (servers[1], servers[3])
+    assert scheduler.pick(servers, None, "conv", exclude=frozenset({2}))[0] in others
+    scheduler.take(servers[2], None)  # and now full
+    assert scheduler.pick(servers, None, "conv")[0] in others
+    scheduler.take(servers[1], None)  # server 3 is the least loaded
+    assert scheduler.pick(servers, None, "a new conversation") == (servers[3], True)
 
 
 def test_pick_goes_as_far_as_a_server_that_must_wait_but_never_to_a_full_one() -> None:
