@@ -311,7 +311,8 @@ def test_request_ids_are_kept_when_plain_and_made_unique_otherwise() -> None:
     assert ours == [f"{tag}-{n}" for n in range(1, 6)]
 
 
-def test_upstream_detail_goes_to_admins_and_loopback_and_a_neutral_word_to_others() -> None:
+def test_upstream_detail_goes_to_admins_and_loopback_and_a_neutral_word_to_others(
+        caplog: pytest.LogCaptureFixture) -> None:
     detail = "cannot connect to proxy 'dc' (socks5://10.0.0.5:1080): auth failed"
     open_balancer, guarded = app(), app(admin_token=TOKEN)
     local, remote = request(peer="127.0.0.1"), request(peer="10.9.8.7")
@@ -327,6 +328,9 @@ def test_upstream_detail_goes_to_admins_and_loopback_and_a_neutral_word_to_other
                                                                   "not answer in time")
     assert guarded.public_message(None, 599, detail) == ("the upstream request failed "
                                                          "(request id -)")
+    # Whatever the client is told, the log keeps the detail under the request id.
+    assert caplog.messages[-1] == f"request - failed upstream: {detail}"
+    assert caplog.messages[0] == f"request abc-1 failed upstream: {detail}"
 
 
 # -- the exact words and edges ------------------------------------------------------------------

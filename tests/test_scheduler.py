@@ -126,6 +126,15 @@ def test_pick_keeps_a_session_on_its_server_unless_excluded_or_full() -> None:
     assert scheduler.pick(servers, None, "a new conversation") == (servers[3], True)
 
 
+def test_a_session_stays_put_in_the_queues_ready_pass_too() -> None:
+    scheduler, servers = fleet(2, num_parallel=2, max_concurrency=4)
+    for server in servers.values():
+        scheduler.release(servers, scheduler.take(server, "a:latest"))  # loaded on both
+    scheduler.release(servers, scheduler.take(servers[2], "a:latest", session="conv"))
+    scheduler.take(servers[2], "a:latest")  # the busier, yet ready (1 of 2 parallel)
+    assert scheduler.pick(servers, "a:latest", "conv", max_tier=0) == (servers[2], True)
+
+
 def test_pick_goes_as_far_as_a_server_that_must_wait_but_never_to_a_full_one() -> None:
     scheduler, servers = fleet(1, max_loaded_models=1, num_parallel=1, max_concurrency=2)
     server = servers[1]
@@ -200,6 +209,29 @@ def test_a_cancelled_waiter_leaves_the_queue_and_a_late_grant_is_returned() -> N
         return queued, server.load.inflight
 
     assert asyncio.run(scenario()) == (0, 0)
+
+
+def test_the_queue_holds_max_queue_waiters_each_for_queue_timeout() -> None:
+    async def scenario() -> None:
+        scheduler, servers = fleet(1, max_concurrency=1, max_queue=2, queue_timeout=0.2)
+        scheduler.take(servers[1], None)
+        waiting = [asyncio.ensure_future(scheduler.acquire(servers, "a:latest"))
+                   for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(ob.QueueFull):
+            await scheduler.acquire(servers, "a:latest")  # the third: no room to wait
+        for waiter in waiting:
+            with pytest.raises(ob.QueueTimeout):
+                await waiter
+        assert not scheduler.queue
+
+    asyncio.run(scenario())
+
+
+def test_a_request_for_no_model_may_start_anywhere_at_once() -> None:
+    scheduler, servers = fleet(2)
+    assert {scheduler.tier(s, None) for s in servers.values()} == {0}
+    assert scheduler.pick(servers, None, max_tier=0)[0] is not None
 
 
 def test_breaker_opens_after_the_threshold_and_allows_one_probe() -> None:
