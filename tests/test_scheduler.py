@@ -234,6 +234,42 @@ def test_a_request_for_no_model_may_start_anywhere_at_once() -> None:
     assert scheduler.pick(servers, None, max_tier=0)[0] is not None
 
 
+def test_slots_count_what_runs_per_server_and_model() -> None:
+    scheduler, servers = fleet(1, max_concurrency=4, num_parallel=4)
+    server = servers[1]
+    slots = [scheduler.take(server, "a:latest") for _ in range(3)]
+    assert (server.load.inflight, server.load.requests, server.load.by_model) == (
+        3, 3, {"a:latest": 3})
+    scheduler.release(servers, slots.pop())
+    assert (server.load.inflight, server.load.requests, server.load.by_model) == (
+        2, 3, {"a:latest": 2})
+    for slot in slots:
+        scheduler.release(servers, slot)
+    assert (server.load.inflight, server.load.by_model) == (0, {})
+
+
+def test_requests_relayed_to_a_half_open_server_are_each_its_probe() -> None:
+    """The passthrough takes a slot without asking for room: two at once on a half-open
+    server are two probes, and both must be given back for it to take work again."""
+    scheduler, servers = fleet(1, max_concurrency=4)
+    server = servers[1]
+    server.load.breaker_open = True
+    slots = [scheduler.take(server, None), scheduler.take(server, None)]
+    assert server.load.probing == 2 and not scheduler.has_room(server)
+    for slot in slots:
+        scheduler.release(servers, slot)
+    assert server.load.probing == 0 and scheduler.has_room(server)
+
+
+def test_sessions_are_remembered_up_to_max_sessions_the_oldest_forgotten_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ob, "MAX_SESSIONS", 3)
+    scheduler, servers = fleet(1, max_concurrency=9)
+    for name in ("s1", "s2", "s3", "s4"):
+        scheduler.take(servers[1], None, session=name)
+    assert list(scheduler.sessions) == ["s2", "s3", "s4"]
+
+
 def test_breaker_opens_after_the_threshold_and_allows_one_probe() -> None:
     async def scenario() -> None:
         scheduler, servers = fleet(1, breaker_threshold=2, breaker_cooldown=0.05)
