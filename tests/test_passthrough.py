@@ -420,3 +420,70 @@ def test_hop_by_hop_fields_of_an_upstream_answer_never_reach_the_client(
                  "Trailer", "Upgrade", "TE"):
         assert name not in reply.headers, name
     assert reply.headers.get("Connection") in (None, "close")  # its own, never upstream's
+
+
+class ScriptedUpstream:
+    """A raw upstream that answers each request by its path's script: bytes to send (or
+    nothing, to hold the connection), then closes."""
+
+    SCRIPTS: dict[str, bytes | None] = {
+        "/close": b"",
+        "/silent": None,
+        "/switch": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+        "/hints": (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                   b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        "/garbage": b"HTTP/9 nope\r\n\r\n",
+    }
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            request = b""
+            while b"\r\n\r\n" not in request:
+                piece = conn.recv(65536)
+                if not piece:
+                    break
+                request += piece
+            path = request.split(b" ")[1].decode() if b" " in request else ""
+            script = self.SCRIPTS.get(path, b"")
+            if script is None:
+                self.held.append(conn)
+                continue
+            conn.sendall(script)
+            conn.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_an_upstream_that_fails_before_answering_is_told_in_its_own_words(
+        start_balancer: Any, sqlite_store: Any) -> None:
+    upstream = ScriptedUpstream()
+    lb = start_balancer(sqlite_store, "--upstream-timeout", "1")
+    try:
+        server = lb.add_server(f"http://127.0.0.1:{upstream.port}")
+        label = f"http://127.0.0.1:{upstream.port}"
+
+        def fetch(path: str) -> tuple[int, str]:
+            reply = lb.call("GET", f"/servers/ollama/{server['id']}{path}")
+            return reply.status, reply.json()["error"] if reply.status != 200 else reply.text
+
+        assert fetch("/close") == (
+            502, f"{label} closed the connection: closed before answering")
+        assert fetch("/silent") == (504, f"{label} did not answer within 1 s")
+        assert fetch("/switch") == (502, f"{label} switched protocols")
+        assert fetch("/hints") == (200, "ok")  # the interim answer is not relayed
+        assert fetch("/garbage") == (502, f"{label}: malformed upstream status line")
+    finally:
+        upstream.close()
