@@ -7,7 +7,7 @@ import json
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from conftest import BalancerProcess, both_event_loops, free_port, raw_exchange
@@ -426,7 +426,7 @@ class ScriptedUpstream:
     """A raw upstream that answers each request by its path's script: bytes to send (or
     nothing, to hold the connection), then closes."""
 
-    SCRIPTS: dict[str, bytes | None] = {
+    SCRIPTS: ClassVar[dict[str, bytes | None]] = {
         "/close": b"",
         "/silent": None,
         "/switch": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
