@@ -703,6 +703,13 @@ class Framing:
 NO_BODY = Framing("none")
 
 
+def _line_too_long(buf: bytearray, start: int, limit: int) -> bool:
+    """Whether a line from ``start`` with no CRLF yet is past ``limit`` bytes for sure:
+    one byte over is still fine if it is the CR, and the LF may follow."""
+    size = len(buf) - start
+    return size > limit + 1 or (size == limit + 1 and buf[-1] != 0x0D)
+
+
 def _split_head(buf: bytearray, start_line_limit: int, *, request: bool) -> bytes | None:
     """Takes a complete head off the front of ``buf``, or returns None if more is needed."""
     if request:
@@ -711,7 +718,7 @@ def _split_head(buf: bytearray, start_line_limit: int, *, request: bool) -> byte
             del buf[:2]
     end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
     first_line_end = buf.find(b"\r\n", 0, start_line_limit + 2)
-    if first_line_end == -1 and len(buf) > start_line_limit:
+    if first_line_end == -1 and _line_too_long(buf, 0, start_line_limit):
         raise ProtocolError(414 if request else 502, "request line too long" if request
                             else "upstream status line too long")
     if end == -1:
@@ -919,7 +926,7 @@ class ChunkedScanner:
                 if match is None:  # incomplete, or bad: the line decides
                     line_end = buf.find(b"\r\n", pos, pos + MAX_CHUNK_LINE + 2)
                     if line_end == -1:
-                        if end - pos > MAX_CHUNK_LINE:
+                        if _line_too_long(buf, pos, MAX_CHUNK_LINE):
                             raise ProtocolError(self.error_status, "chunk size line too long")
                         break
                     raise ProtocolError(self.error_status, "malformed chunk size")

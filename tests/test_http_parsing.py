@@ -119,6 +119,7 @@ def test_each_limit_takes_exactly_its_size_and_refuses_one_byte_more() -> None:
     assert ob.maybe_request_head(bytearray(longest + b"\r\nHost: a\r\n\r\n")) is not None
     assert ob.maybe_request_head(bytearray(longest)) is None  # may still end in time
     assert ob.maybe_request_head(bytearray(longest + b"\r\n")) is None
+    assert ob.maybe_request_head(bytearray(longest + b"\r")) is None  # the LF may follow
     too_long = request_line(ob.MAX_REQUEST_LINE + 1)
     for data in (too_long, too_long + b"\r\n", too_long + b"\r\nHost: a\r\n\r\n"):
         assert refusal(ob.maybe_request_head, data) == (414, "request line too long")
@@ -471,13 +472,14 @@ def test_the_relay_scanner_refuses_a_broken_chunked_body(wire: bytes, message: s
         (b"3\r\nxxx__1\r\na\r\n0\r\n\r\n", "chunk data not followed by CRLF"),
         (b"3\nabc\r\n0\r\n\r\n", "malformed chunk size"),
         (b"3\r\nabc\n0\r\n\r\n", "chunk data not followed by CRLF"),
+        (b"3\r\nabc\rX0\r\n\r\n", "chunk data not followed by CRLF"),
         (b"\r\n", "malformed chunk size"),
         (b"3\r\nabc\r\n0\r\nBad Trailer\r\n\r\n", "malformed header line b'Bad Trailer'"),
         (b"3\r\nabc\r\n0\r\nX: " + b"t" * ob.MAX_HEAD, "trailer section too large"),
     ],
     ids=["0x", "plus", "underscore", "negative", "20-digits", "leading-space",
-         "no-crlf-after-data", "bare-lf-size", "bare-lf-data", "empty-size", "bad-trailer",
-         "endless-trailer"],
+         "no-crlf-after-data", "bare-lf-size", "bare-lf-data", "cr-then-junk", "empty-size",
+         "bad-trailer", "endless-trailer"],
 )
 @pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "byte-by-byte"])
 def test_malformed_chunked_bodies_are_refused(data: bytes, message: str,
@@ -485,6 +487,19 @@ def test_malformed_chunked_bodies_are_refused(data: bytes, message: str,
     with pytest.raises(ob.ProtocolError) as caught:
         decode_all(data, bytewise=bytewise)
     assert (caught.value.status, str(caught.value)) == (400, message)
+
+
+def test_a_chunk_size_line_may_take_max_chunk_line_bytes_and_no_more() -> None:
+    longest = b"1;" + b"e" * (ob.MAX_CHUNK_LINE - 2)  # a size and an extension
+    checked, ended, spans = ob.ChunkedScanner().take(bytearray(longest + b"\r\nx\r\n0\r\n\r\n"))
+    assert ended and [checked[a:b] for a, b in spans] == [b"x"]
+    assert ob.ChunkedScanner().take(bytearray(longest)) == (b"", False, [])  # may end yet
+    # Its CR may come alone, the LF in the next read.
+    assert ob.ChunkedScanner().take(bytearray(longest + b"\r")) == (b"", False, [])
+    for data in (longest + b"e", longest + b"\re", longest + b"e\r\nx\r\n0\r\n\r\n"):
+        with pytest.raises(ob.ProtocolError) as caught:
+            ob.ChunkedScanner().take(bytearray(data))
+        assert str(caught.value) == "chunk size line too long"
 
 
 def test_a_trailer_section_may_take_max_head_bytes_and_no_more() -> None:
