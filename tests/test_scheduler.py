@@ -291,6 +291,41 @@ def test_breaker_opens_after_the_threshold_and_allows_one_probe() -> None:
     asyncio.run(scenario())
 
 
+def test_the_breaker_counts_errors_says_when_it_opens_and_forgets_on_success(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        scheduler, servers = fleet(1, breaker_threshold=2, breaker_cooldown=30)
+        server = servers[1]
+        server.name = "gpu1"
+        with caplog.at_level("INFO", "ollamabalancer"):
+            scheduler.record(servers, server, False)
+            scheduler.record(servers, server, True)  # a success in between: start again
+            assert (server.load.failures, server.load.errors) == (0, 1)
+            for _ in range(3):
+                scheduler.record(servers, server, False)
+            assert (server.load.failures, server.load.errors) == (3, 4)
+            scheduler.record(servers, server, True)
+        assert caplog.messages == ["circuit of gpu1 opened after 2 failures",
+                                   "circuit of gpu1 closed: a request succeeded"]
+        assert server.load.failures == 0 and not server.load.breaker_open
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_gets_the_probe_of_a_circuit_whose_cooldown_ends() -> None:
+    """Nothing else happens in this fleet: the end of the cooldown alone must hand the
+    queued request a slot on the server that cooled down, as its probe."""
+    async def scenario() -> None:
+        scheduler, servers = fleet(2, max_concurrency=1, breaker_threshold=1,
+                                   breaker_cooldown=0.1, queue_timeout=5)
+        scheduler.record(servers, servers[1], False)  # server 1: open for 0.1 s
+        scheduler.take(servers[2], None)  # server 2: full
+        slot = await asyncio.wait_for(scheduler.acquire(servers, None), 2)
+        assert slot.probe and slot.server is servers[1]
+
+    asyncio.run(scenario())
+
+
 def test_a_probe_granted_to_a_waiter_that_leaves_is_given_back() -> None:
     async def scenario() -> None:
         scheduler, servers = fleet(1, max_concurrency=1, breaker_threshold=1,
