@@ -250,6 +250,8 @@ def head_with(*fields: str, version: str = "1.1") -> ob.RequestHead:
         (["Content-Length: +5"], 400, "malformed Content-Length"),
         (["Content-Length: 9999999999999999999999"], 400, "malformed Content-Length"),
         (["Transfer-Encoding: gzip"], 501, "unsupported Transfer-Encoding gzip"),
+        (["Transfer-Encoding: gzip, deflate"], 501,
+         "unsupported Transfer-Encoding gzip, deflate"),
         (["Transfer-Encoding: gzip, chunked"], 501,
          "unsupported Transfer-Encoding gzip, chunked"),
         (["Transfer-Encoding: chunked, gzip"], 400,
