@@ -498,6 +498,9 @@ def test_a_chunk_size_line_may_take_max_chunk_line_bytes_and_no_more() -> None:
     assert ob.ChunkedScanner().take(bytearray(longest)) == (b"", False, [])  # may end yet
     # Its CR may come alone, the LF in the next read.
     assert ob.ChunkedScanner().take(bytearray(longest + b"\r")) == (b"", False, [])
+    bad = b"z" * ob.MAX_CHUNK_LINE  # as long as may be, and no size: bad, not unfinished
+    with pytest.raises(ob.ProtocolError, match=r"^malformed chunk size$"):
+        ob.ChunkedScanner().take(bytearray(bad + b"\r\n"))
     for data in (longest + b"e", longest + b"\re", longest + b"e\r\nx\r\n0\r\n\r\n"):
         with pytest.raises(ob.ProtocolError) as caught:
             ob.ChunkedScanner().take(bytearray(data))
@@ -532,6 +535,7 @@ def test_a_body_of_many_chunks_is_taken_a_slice_at_a_time() -> None:
     assert [checked[a:b] for a, b in spans] == [b"a", b"b"]
     checked, ended, _ = scanner.take(buf)  # no limit: the rest at once
     assert (checked, ended, bytes(buf)) == (b"1\r\nc\r\n1\r\nd\r\n1\r\ne\r\n", True, b"")
+    assert ob.ChunkedDecoder().next_event(bytearray(chunks + b"0\r\n\r\n")) == b"abcde"
     decoder = ob.ChunkedDecoder()
     buf = bytearray(chunks + b"0\r\n\r\n")
     assert decoder.next_event(buf, 3) == b"abc"
