@@ -77,8 +77,14 @@ def test_hop_by_hop_headers_are_stripped_and_host_is_the_upstreams(
     reply = lb.call("POST", f"/servers/ollama/{sid}/echo", raw=b"x", headers={
         "Connection": "keep-alive, X-Custom", "X-Custom": "hop", "Keep-Alive": "timeout=5",
         "Proxy-Authorization": "Basic Zm9vOmJhcg==", "X-Forwarded-For": "10.9.9.9",
+        "Origin": "http://localhost:3000",  # allowed, answered here, never sent on
     })
     assert reply.status == 200
+    # Exactly these, in this order: Host first, each once, the end-to-end ones as sent.
+    sent = [name.lower() for name, _ in backend.requests[-1]["header_list"]]
+    assert sent[0] == "host" and "origin" not in sent
+    assert sorted(sent) == sorted(set(sent))
+    assert set(sent) >= {"host", "content-length", "x-forwarded-for"}
     headers = {k.lower(): v for k, v in backend.requests[-1]["headers"].items()}
     assert headers["host"] == f"127.0.0.1:{backend.port}"
     assert "x-custom" not in headers  # named in Connection: hop-by-hop
@@ -433,6 +439,7 @@ class ScriptedUpstream:
         "/hints": (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
         "/garbage": b"HTTP/9 nope\r\n\r\n",
+        "/no-reason": b"HTTP/1.1 200\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
     }
 
     def __init__(self) -> None:
@@ -485,5 +492,12 @@ def test_an_upstream_that_fails_before_answering_is_told_in_its_own_words(
         assert fetch("/switch") == (502, f"{label} switched protocols")
         assert fetch("/hints") == (200, "ok")  # the interim answer is not relayed
         assert fetch("/garbage") == (502, f"{label}: malformed upstream status line")
+        # An HTTP/1.0 client: the chunked answer unframed, until the close; the missing
+        # reason phrase filled in.
+        answer = raw_exchange(lb.port, f"GET /servers/ollama/{server['id']}/no-reason "
+                                       "HTTP/1.0\r\n\r\n".encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"ok"
+        assert b"\r\nConnection: close" in head and b"Transfer-Encoding" not in head
     finally:
         upstream.close()
