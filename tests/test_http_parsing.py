@@ -496,6 +496,10 @@ def test_a_chunk_size_line_may_take_max_chunk_line_bytes_and_no_more() -> None:
     checked, ended, spans = ob.ChunkedScanner().take(bytearray(longest + b"\r\nx\r\n0\r\n\r\n"))
     assert ended and [checked[a:b] for a, b in spans] == [b"x"]
     assert ob.ChunkedScanner().take(bytearray(longest)) == (b"", False, [])  # may end yet
+    # Counted from where the line starts, after what came before it in the buffer.
+    after_a_chunk = bytearray(b"1\r\na\r\n" + longest)
+    checked, ended, _ = ob.ChunkedScanner().take(after_a_chunk)
+    assert (checked, ended, bytes(after_a_chunk)) == (b"1\r\na\r\n", False, longest)
     # Its CR may come alone, the LF in the next read.
     assert ob.ChunkedScanner().take(bytearray(longest + b"\r")) == (b"", False, [])
     bad = b"z" * ob.MAX_CHUNK_LINE  # as long as may be, and no size: bad, not unfinished
