@@ -194,6 +194,63 @@ def test_aged_waiters_are_served_in_order(monkeypatch: pytest.MonkeyPatch) -> No
     assert queue_order() == ["c:latest", "a:latest"]
 
 
+def queue_up(scheduler: ob.Scheduler, *models: str, since: float | None = None
+             ) -> list[ob.Waiter]:
+    """Waiters put in the queue as acquire() would, to see what one dispatch() does."""
+    loop = asyncio.new_event_loop()
+    waiters = [ob.Waiter(model, frozenset(), None, loop.create_future())
+               for model in models]
+    for waiter in waiters:
+        if since is not None:
+            waiter.since = since
+        scheduler.queue.append(waiter)
+    return waiters
+
+
+def served(waiters: list[ob.Waiter]) -> list[int | None]:
+    return [w.future.result().server.id if w.future.done() else None for w in waiters]
+
+
+def test_a_waiter_exactly_queue_aging_old_is_served_in_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ob.time, "monotonic", lambda: 1000.0)
+    scheduler, servers = fleet(1, max_concurrency=1)
+    scheduler.release(servers, scheduler.take(servers[1], "a:latest"))  # "a" loaded, idle
+    running = scheduler.take(servers[1], "b:latest")
+    cold, ready = queue_up(scheduler, "c:latest", "a:latest", since=1000.0 - ob.QUEUE_AGING)
+    scheduler.release(servers, running)
+    assert served([cold, ready]) == [1, None]  # the aged one first, though "a" is ready
+
+
+def test_the_ready_pass_takes_only_a_loaded_model_with_a_free_slot() -> None:
+    """A request that needs a load, even into free memory, waits behind one whose model
+    is loaded and free: the ready pass is for tier 0 only."""
+    scheduler, servers = fleet(1, max_concurrency=1, max_loaded_models=3)
+    scheduler.release(servers, scheduler.take(servers[1], "a:latest"))
+    running = scheduler.take(servers[1], "b:latest")
+    cold, ready = queue_up(scheduler, "c:latest", "a:latest")  # "c": tier 1, a cold load
+    scheduler.release(servers, running)
+    assert served([cold, ready]) == [None, 1]
+
+
+@pytest.mark.parametrize(("service", "backlog", "loads"), [
+    (1.25, 1, False), (1.25, 4, False), (1.25, 5, True),  # worth 5 / 1.25 = 4 per slot
+    (0.5, 6, False), (0.5, 10, False), (0.5, 11, True),  # worth 10
+])
+def test_a_model_loaded_elsewhere_is_loaded_again_only_when_its_backlog_pays_for_it(
+        service: float, backlog: int, loads: bool) -> None:
+    """"a" runs on server 1 (full); server 2 could take it only by evicting idle "b". The
+    waiters wait for server 1 while their backlog is at most slots x load / service."""
+    scheduler, servers = fleet(2, max_concurrency=1, max_loaded_models=1, num_parallel=1)
+    scheduler.service_seconds, scheduler.load_seconds = service, 5.0
+    scheduler.take(servers[1], "a:latest")
+    scheduler.release(servers, scheduler.take(servers[2], "b:latest"))
+    assert scheduler.tier(servers[2], "a:latest") == 3
+    waiters = queue_up(scheduler, *["a:latest"] * backlog)
+    scheduler.dispatch(servers)
+    assert served(waiters)[0] == (2 if loads else None)
+
+
 def test_a_cancelled_waiter_leaves_the_queue_and_a_late_grant_is_returned() -> None:
     async def scenario() -> tuple[int, int]:
         scheduler, servers = fleet(1, max_concurrency=1)
