@@ -126,6 +126,10 @@ MODEL_PEEK = 4096
 TAIL_BYTES = 8 * 1024
 #: Largest error body read from an upstream to decide whether to try another server.
 MAX_ERROR_BODY = 64 * 1024
+#: The status page's history of each server: requests and errors per HISTORY_STEP seconds
+#: over the last HISTORY_POINTS steps (five minutes), so a chart is whole at page load.
+HISTORY_STEP = 10
+HISTORY_POINTS = 30
 #: Largest /api/tags answer the health check reads, in bytes (a big model library is ~100 KiB).
 MAX_HEALTH_BODY = 16 * 1024 * 1024
 #: Chunks of a request body taken apart per turn of the event loop. Each costs about
@@ -247,6 +251,16 @@ class ProtocolError(HTTPError):
         super().__init__(status, message, close=True)
 
 
+class ModelUnavailable(HTTPError):
+    """A model the fleet has whose servers cannot take a request now: down, disabled or
+    failing. 503 and not 404, which clients read as "not installed"."""
+
+    def __init__(self, model: str, name: str, retry_after: float) -> None:
+        super().__init__(503, f"model '{name}' is unavailable: its servers are down",
+                         headers=[("Retry-After", str(max(1, math.ceil(retry_after))))])
+        self.model = model
+
+
 class IncompleteBody(Exception):
     """A peer closed the connection, or stopped sending, in the middle of a body."""
 
@@ -337,6 +351,8 @@ class Config:
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     #: Flags that carried a secret on the command line, which every user can read (ps).
     secret_flags: tuple[str, ...] = ()
+    #: The fields the user set (by flag or environment), not left at their defaults.
+    explicit: frozenset[str] = frozenset()
 
     def describe_store(self) -> str:
         """The store, for the startup log: never the password."""
@@ -541,6 +557,7 @@ def load_config(argv: Sequence[str], environ: dict[str, str]) -> Config:
             values[field] = convert(raw)
         except ValueError as exc:
             raise ConfigError(f"{source}={raw!r} {exc}") from None
+    values["explicit"] = frozenset(values)
     if "db_engine" not in values:
         values["db_engine"] = "mysql" if ("db_host" in values) else "sqlite"
     values["secret_flags"] = tuple(flag for flag, field in SECRET_FLAGS.items()
@@ -578,11 +595,27 @@ def with_admin_token(config: Config) -> Config:
     return dataclasses.replace(config, admin_token=token)
 
 
+#: The words the program takes first, each with its line in --help; with none, it serves.
+COMMANDS = {
+    "serve": "run the balancer (what it does with no command); the options above apply",
+    "servers": "servers add URL [--name N] | list | remove ID: the servers in the store",
+    "proxies": "proxies add URL [--password-file F] | list | remove ID: the proxies",
+    "check": "try every server through its proxy now; exit 1 if any is down",
+    "models": "models pull NAME [--servers ID ...]: pull a model on every server",
+    "rotate-secret": "rotate-secret --new-key-file F: seal every stored secret anew",
+}
+
+
 def argument_parser() -> argparse.ArgumentParser:
+    commands = "\n".join(f"  {name:<15} {text}" for name, text in COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="ollamabalancer",
-        description="A load balancer for Ollama servers. Every flag can also be set by "
+        usage="%(prog)s [COMMAND] [options]",
+        description="A load balancer for Ollama servers. Every option can also be set by "
         "the environment variable named in its help.",
+        epilog=f"commands:\n{commands}\n\n'%(prog)s COMMAND --help' shows a command's own "
+        "words;\nthe options apply to every command (the store's, above all).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for env, flag, field, _, text in SETTINGS:
         parser.add_argument(flag, dest=field, metavar=env, help=f"{text} [env {env}]")
@@ -1016,6 +1049,15 @@ def render_head(
     lines = [start_line]
     lines.extend(f"{name}: {value}" for name, value in headers)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+#: What a header value may hold as it is: printable ASCII but "%", which escapes the rest.
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def header_text(text: str) -> str:
+    """Any text as a header value: control and non-ASCII characters percent-encoded."""
+    return urllib.parse.quote(text, safe=_HEADER_SAFE)
 
 
 def chunk(data: bytes | memoryview) -> list[bytes | memoryview]:
@@ -1485,21 +1527,31 @@ class ServerLoad:
     open_until: float = 0.0
     breaker_open: bool = False
     probing: int = 0
-    # For the status page: counts, and times (monotonic) within the last minute.
+    # For the status page: counts, and [step, requests, errors] per HISTORY_STEP seconds
+    # (monotonic), the newest last; steps with nothing in them are left out.
     requests: int = 0
     errors: int = 0
-    recent_requests: collections.deque[float] = dataclasses.field(
-        default_factory=collections.deque)
-    recent_errors: collections.deque[float] = dataclasses.field(
-        default_factory=collections.deque)
+    history: collections.deque[list[int]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=HISTORY_POINTS))
+
+    def tally(self, column: int) -> None:
+        """Counts a request (column 1) or an error (column 2) in the current step."""
+        step = int(time.monotonic() // HISTORY_STEP)
+        history = self.history
+        if not history or history[-1][0] != step:
+            history.append([step, 0, 0])
+        history[-1][column] += 1
+
+    def recent(self, points: int = HISTORY_POINTS) -> list[list[int]]:
+        """[requests, errors] in each of the last ``points`` steps, the oldest first."""
+        now = int(time.monotonic() // HISTORY_STEP)
+        counts = {step: [requests, errors] for step, requests, errors in self.history}
+        return [counts.get(step, [0, 0]) for step in range(now - points + 1, now + 1)]
 
     def per_minute(self) -> tuple[int, int]:
-        """Requests and errors in the last 60 seconds."""
-        cutoff = time.monotonic() - 60
-        for times in (self.recent_requests, self.recent_errors):
-            while times and times[0] < cutoff:
-                times.popleft()
-        return len(self.recent_requests), len(self.recent_errors)
+        """Requests and errors in the last minute (whole steps, the current one too)."""
+        last = self.recent(60 // HISTORY_STEP)
+        return sum(p[0] for p in last), sum(p[1] for p in last)
 
 
 def canonical_model(name: str) -> str:
@@ -1565,7 +1617,7 @@ class Server:
             "lastChecked": iso_time(self.last_checked),
             "reachable": self.reachable,
             "lastError": self.last_error,
-            "weight": self.weight,
+            "weight": int(self.weight) if self.weight.is_integer() else self.weight,
             "maxConcurrency": self.max_concurrency,
             "hasAuthorization": bool(self.authorization),
             "inflight": self.load.inflight,
@@ -3162,7 +3214,7 @@ class Scheduler:
         cold = model is not None and model not in load.loaded
         load.inflight += 1
         load.requests += 1
-        load.recent_requests.append(time.monotonic())
+        load.tally(1)
         if model is not None:
             if model not in load.loaded and len(load.loaded) >= self.config.max_loaded_models:
                 # Ollama makes room by unloading the least recently used idle model.
@@ -3288,7 +3340,7 @@ class Scheduler:
             load.failures = 0
             return
         load.errors += 1
-        load.recent_errors.append(time.monotonic())
+        load.tally(2)
         load.failures += 1
         if load.breaker_open or load.failures >= self.config.breaker_threshold:
             if not load.breaker_open:
@@ -3891,12 +3943,20 @@ def leading_model(prefix: bytes) -> str | None:
         return None
     return name.strip() if isinstance(name, str) and name.strip() else None
 
+#: Ollama's answer for a model it does not have: "model 'x' not found" (and, in older
+#: releases, 'model "x" not found, try pulling it first').
+MODEL_NOT_FOUND = re.compile(r"""model (['"]).*\1 not found""")
+
+
 def upstream_error_message(body: bytes) -> str | None:
-    """The message of an Ollama or OpenAI-shaped error body."""
+    """The message of an Ollama or OpenAI-shaped error body, or of one short line of plain
+    text (Go's "404 page not found"); None for anything else (an HTML page, say)."""
     try:
         payload = decode_json(body)
     except (ValueError, UnicodeDecodeError):
-        return None
+        text = body.decode("utf-8", "replace").strip()
+        return text if 0 < len(text) <= 200 and text.isprintable() and "<" not in text else (
+            None)
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict):
         error = error.get("message")
@@ -4074,6 +4134,8 @@ class Fleet:
                                             datetime.datetime]] = {}
         self._persisting: asyncio.Future[None] | None = None
         self._syncing: asyncio.Future[None] | None = None
+        self._reloading: asyncio.Future[None] | None = None
+        self._reloaded_at = -1e9
 
     async def db(self, method: Callable[..., T], *args: Any) -> T:
         """A store call a request waits on: a 503 for it when the database is down."""
@@ -4115,6 +4177,19 @@ class Fleet:
         self.handles = handles
         self.handle_tokens = {pair: token for token, pair in handles.items()}
         self.keys = {key.key_hash: key for key in keys}
+
+    async def reload_soon(self) -> None:
+        """A reload for a request that names a server or proxy this instance does not know
+        (another instance may have added it): at most one a second, shared by every caller;
+        a store that is down leaves memory as it was."""
+        loop = asyncio.get_running_loop()
+        if self._reloading is None or (
+            self._reloading.done() and loop.time() - self._reloaded_at > 1.0
+        ):
+            self._reloaded_at = loop.time()
+            self._reloading = asyncio.ensure_future(self.reload())
+        with contextlib.suppress(StoreUnavailable):
+            await asyncio.shield(self._reloading)
 
     async def reload_or_503(self) -> None:
         try:
@@ -4255,6 +4330,15 @@ class Fleet:
                 log.info("server %s is reachable (%d models)", server.label, len(server.models))
             else:
                 log.warning("server %s is unreachable: %s", server.label, error)
+                self.recent_errors.appendleft({
+                    "time": iso_time(utc_now()), "server": server.label, "kind": "health",
+                    "message": f"health check failed: {error}"})
+        if not reachable:
+            # What ran there is gone with it, or unknown: nothing counts as loaded but the
+            # models of requests still in flight.
+            load = server.load
+            load.running = []
+            load.loaded = {m: t for m, t in load.loaded.items() if load.by_model.get(m)}
         server.reachable, server.last_error = reachable, error
 
     async def check_all(self) -> None:
@@ -4344,13 +4428,29 @@ class Fleet:
         return catalog
 
     async def known_model(self, name: str) -> str:
-        """The canonical name of a model some serving server has, else a 404."""
+        """The canonical name of a model some server can run now. Else a 404 when no
+        server has it, or ModelUnavailable when those that have it cannot take it."""
         model = canonical_model(name)
-        if not any(model in s.model_names for s in self.serving()):
+        if not self._runnable(model):
             await self.refresh_catalog()  # pulled since the last check, perhaps
-            if not any(model in s.model_names for s in self.serving()):
-                raise HTTPError(404, f"model '{name}' not found")
+            if not self._runnable(model):
+                raise self.unavailable(model, name)
         return model
+
+    def _runnable(self, model: str) -> bool:
+        now = time.monotonic()
+        return any(self.scheduler.eligible(s, model, now) for s in self.servers.values())
+
+    def unavailable(self, model: str, name: str) -> HTTPError:
+        """Why no server takes ``model``: not found, or its servers are down (with when
+        to try again: the soonest circuit to half-open, else the next health round)."""
+        having = [s for s in self.servers.values() if model in s.model_names]
+        if not having:
+            return HTTPError(404, f"model '{name}' not found")
+        now = time.monotonic()
+        reopening = [s.load.open_until - now for s in having
+                     if s.enabled and s.reachable and s.load.open_until > now]
+        return ModelUnavailable(model, name, min(reopening, default=self.config.health_interval))
 
 
 # ---------------------------------------------------------------------------
@@ -4639,22 +4739,25 @@ class Relay:
         return await self.relay(request, server, proxy, target)
 
     async def _resolve_target(self, key: str) -> tuple[Server, Proxy | None]:
-        """A getServer ID, or a server's numeric id, to the server and proxy to use."""
+        """A getServer ID, or a server's numeric id, to the server and proxy to use; what
+        this instance does not know is looked for in the store before a 404."""
         if re.fullmatch(r"[0-9]{1,9}", key):
-            server = self.fleet.servers.get(int(key))
-            if server is None:
-                raise HTTPError(404, "unknown server id")
-            return server, self.fleet.proxy_of(server)
-        pair = await self.fleet.resolve_handle(key)
+            pair: tuple[int, int | None] | None = (int(key), None)
+        else:
+            pair = await self.fleet.resolve_handle(key)
         if pair is None:
             raise HTTPError(404, "unknown server id")
         server_id, proxy_id = pair
-        server = self.fleet.servers.get(server_id)
+        fleet = self.fleet
+        if server_id not in fleet.servers or (proxy_id is not None and
+                                              proxy_id not in fleet.proxies):
+            await fleet.reload_soon()
+        server = fleet.servers.get(server_id)
         if server is None:
             raise HTTPError(404, "unknown server id")
         if proxy_id is None:
-            return server, self.fleet.proxy_of(server)
-        proxy = self.fleet.proxies.get(proxy_id)
+            return server, fleet.proxy_of(server)
+        proxy = fleet.proxies.get(proxy_id)
         if proxy is None:
             raise HTTPError(404, "unknown server id")
         return server, proxy
@@ -4938,16 +5041,26 @@ class OllamaFront:
         its model, as Ollama's clients send it, an unknown model is refused first."""
         leading = leading_model(await request.peek_body(MODEL_PEEK))
         if leading is not None:
-            await self.fleet.known_model(leading)
+            await self._known_model(request, leading)
         body = await request.read_body(MAX_ROUTED_BODY)
         # The leading model is the model when no other "model" follows; then the body is
         # not parsed here (Ollama answers bad JSON itself), which saves a copy and time.
         name = leading if leading is not None and body.count(b'"model"') == 1 else (
             model_field(body))
-        model = await self.fleet.known_model(name)
+        model = await self._known_model(request, name)
         session = request.head.headers.get("x-session-id")
         outcome = await until_client_gone(request, self._route(request, body, model, session))
         return Relayed(False) if outcome is None else outcome
+
+    async def _known_model(self, request: Request, name: str) -> str:
+        """The model's canonical name, on the request for its metrics; a model nobody has
+        is not named there (any client could make any number of labels)."""
+        try:
+            request.model = await self.fleet.known_model(name)
+        except ModelUnavailable as exc:
+            request.model = exc.model
+            raise
+        return request.model
 
     async def _route(self, request: Request, body: bytes | bytearray, model: str,
                      session: str | None
@@ -4965,6 +5078,10 @@ class OllamaFront:
                                                           frozenset(tried))
                 request.queue_wait = (request.queue_wait or 0.0) + time.monotonic() - waited
             except NoCandidate:
+                if failure is None:  # its servers went down since known_model()
+                    error = self.fleet.unavailable(model, model)
+                    return await request.send_error(error.status, error.message,
+                                                    error.headers)
                 break
             except QueueFull:
                 return await request.send_error(503, "server busy, please try again."
@@ -4983,9 +5100,7 @@ class OllamaFront:
             failure = outcome
             log.warning("request %s: %s failed for %s: %s", request.id, server.label, model,
                         failure.detail)
-        if failure is None:
-            return await request.send_error(
-                503, f"every server with model '{model}' is failing; try again later", busy)
+        assert failure is not None  # the loop ran at least once, and broke with one
         if failure.from_ollama:
             return await request.send_error(failure.status, failure.detail)
         return await self.relay.send_upstream_error(request, failure.status, failure.detail)
@@ -5012,7 +5127,9 @@ class OllamaFront:
             self.fleet.upstream_failed(server, "timeout" if exc.status == 504 else "connect",
                                        exc.message)
             return Failure(exc.status, exc.message, False)
+        answered_by = ("X-Ollama-Server", header_text(server.name or str(server.id)))
         if response.status not in (404, 502, 503):
+            request.response_fields.append(answered_by)
             first_byte = time.monotonic() - started
             relayed, ok = await self.relay.send_upstream_response(request, server, wire,
                                                                   response, key)
@@ -5023,8 +5140,8 @@ class OllamaFront:
         own = await self.upstreams.read_error(wire, response, key)
         message = own or f"{server.label} answered {response.status}"
         if response.status == 404:
-            if "not found" not in message:
-                return await request.send_error(404, message)
+            if not MODEL_NOT_FOUND.match(message):  # Ollama's own 404: not a stale catalog
+                return await request.send_error(404, message, [answered_by])
             # The catalog was stale: forget the model there now, and recheck the server.
             server.set_models([m for m in server.models if canonical_model(
                 str(m.get("name") or m.get("model") or "")) != model])
@@ -5144,18 +5261,19 @@ class FanOut:
         over the fleet, so one progress bar per layer fills as the slowest server does."""
         payload = _json_object(await request.read_json(MAX_ROUTED_BODY))
         name = model_field(json.dumps(payload).encode())
+        skipped = self.skipped(payload)  # before targets() takes "servers" out
         targets = self.targets(payload)
         stream = payload.get("stream", True) is not False
         body = json.dumps({**payload, "stream": True}).encode()
         try:
             outcome = await until_client_gone(
-                request, self._merge_progress(request, targets, body, stream, name))
+                request, self._merge_progress(request, targets, body, stream, name, skipped))
         finally:
             self.fleet.recheck(targets)  # even when the client left: some layers may have landed
         return Relayed(False) if outcome is None else outcome
 
     async def _merge_progress(self, request: Request, targets: list[Server], body: bytes,
-                              stream: bool, name: str) -> Relayed:
+                              stream: bool, name: str, skipped: list[str]) -> Relayed:
         request.responded = True
         client = request.wire
         keep = request.body_done and not client_wants_close(request.head)
@@ -5165,7 +5283,7 @@ class FanOut:
             fields.append(("Transfer-Encoding", "chunked") if keep else ("Connection", "close"))
             client.write(render_head("HTTP/1.1 200 OK", fields))
         final: dict[str, Any] = {}
-        async for line in self.merged_progress(targets, request.path, body, name):
+        async for line in self.merged_progress(targets, request.path, body, name, skipped):
             if stream or "server" not in line:
                 data = json.dumps(line).encode() + b"\n"
                 if not stream:
@@ -5182,48 +5300,74 @@ class FanOut:
             await client.drain()
         return Relayed(keep)
 
-    async def merged_progress(self, targets: list[Server], path: str, body: bytes, name: str
-                              ) -> AsyncIterator[dict[str, Any]]:
+    async def merged_progress(self, targets: list[Server], path: str, body: bytes, name: str,
+                              skipped: Sequence[str] = ()) -> AsyncIterator[dict[str, Any]]:
         """The progress of one pull (or create) on many servers, as one stream of lines.
 
         Each line names its ``server`` and carries that server's own ``server_total`` and
-        ``server_completed``; ``total`` and ``completed`` are summed per layer over the
-        fleet. A line per server says when it is done or failed; the last line, without a
-        ``server``, is ``{"status": "success"}`` or an error naming the failures.
+        ``server_completed``; ``total`` and ``completed`` are the layer's over the fleet
+        (see _fleet_layer), and neither ever goes back. A server's end is a line with its
+        ``outcome``, done or failed (and the ``reason``), and no ``error`` key: a client
+        such as Ollama's own stops at the first line with one, and the other servers'
+        progress goes on. The last line, without a ``server``, is ``{"status": "success"}``
+        or one error naming every failure; either names the ``skipped`` servers (down).
         """
         events: asyncio.Queue[tuple[Server, dict[str, Any] | None, str | None]] = (
             asyncio.Queue())
         tasks = [asyncio.ensure_future(self._progress_of(s, path, body, events))
                  for s in targets]
-        totals: dict[str, dict[int, tuple[int, int]]] = {}
+        layers: dict[str, dict[int, tuple[int, int]]] = {}
+        shown: dict[str, tuple[int, int]] = {}
+        running = {s.id for s in targets}
         failures: list[str] = []
-        pending = len(tasks)
         try:
-            while pending:
+            while running:
                 server, line, error = await events.get()
                 if line is None:  # this server is done
-                    pending -= 1
+                    running.discard(server.id)
+                    outcome = "failed" if error is not None else "done"
+                    line = {"status": f"{server.label}: {outcome}", "server": server.label,
+                            "outcome": outcome}
                     if error is not None:
                         failures.append(f"{server.label}: {error}")
-                    line = {"status": "failed" if error else "done", "server": server.label}
-                    if error:
-                        line["error"] = error
+                        line.update(status=f"{server.label}: failed: {error}", reason=error)
                 else:
                     line = dict(line, server=server.label)
                     digest = line.get("digest")
                     if isinstance(digest, str) and isinstance(line.get("total"), int):
-                        layer = totals.setdefault(digest, {})
+                        layer = layers.setdefault(digest, {})
                         own = (line["total"], int(line.get("completed") or 0))
                         layer[server.id] = own
                         line["server_total"], line["server_completed"] = own
-                        line["total"] = sum(t for t, _ in layer.values())
-                        line["completed"] = sum(c for _, c in layer.values())
+                        line["total"], line["completed"] = shown[digest] = self._fleet_layer(
+                            layer, len(running - layer.keys()), shown.get(digest, (0, 0)))
                 yield line
         finally:
             for task in tasks:
                 task.cancel()
-        yield ({"error": f"{name}: failed on {'; '.join(failures)}"} if failures
-               else {"status": "success"})
+        down = f"; skipped, being down: {', '.join(skipped)}" if skipped else ""
+        if failures:
+            yield {"error": f"{name}: failed on {'; '.join(failures)}{down}"}
+        else:
+            yield {"status": "success", **({"skipped": list(skipped)} if skipped else {})}
+
+    @staticmethod
+    def _fleet_layer(layer: dict[int, tuple[int, int]], unreported: int,
+                     before: tuple[int, int]) -> tuple[int, int]:
+        """A layer's (total, completed) over the fleet. Servers still pulling that have not
+        reported the layer yet count at its size from the start, so that the total does not
+        grow as they join (a bar at 100 % would fall back to 50 %); and what was shown
+        before is a floor to both: a server that fails leaves the bar short, not lower."""
+        size = max(total for total, _ in layer.values())
+        total = max(before[0], sum(t for t, _ in layer.values()) + unreported * size)
+        completed = max(before[1], min(total, sum(c for _, c in layer.values())))
+        return total, completed
+
+    def skipped(self, payload: dict[str, Any]) -> list[str]:
+        """The enabled servers a fan-out to the whole fleet leaves out, being down."""
+        if "servers" in payload:
+            return []
+        return [s.label for s in self.fleet.servers.values() if s.enabled and not s.reachable]
 
     async def _progress_of(self, server: Server, path: str, body: bytes,
                            events: asyncio.Queue[tuple[Server, dict[str, Any] | None,
@@ -5548,6 +5692,8 @@ DASHBOARD_HTML = """<!doctype html>
          display: inline-block; vertical-align: middle; margin-right: 6px; }
   .bar > span { display: block; height: 100%; background: var(--accent); }
   .dim { color: var(--dim); }
+  .why { color: var(--dim); font-size: 12px; max-width: 28em; }
+  td.load { white-space: nowrap; }
   .empty { padding: 12px 16px; color: var(--dim); }
   svg { display: block; }
 </style>
@@ -5596,7 +5742,6 @@ DASHBOARD_HTML = """<!doctype html>
 <script>
 "use strict";
 const initial = /*INITIAL*/null;
-const history = new Map();  // server id -> [[requests, errors] per poll], last 5 minutes
 
 function el(tag, text, cls) {
   const node = document.createElement(tag);
@@ -5650,19 +5795,16 @@ function render(data) {
   document.getElementById("card-rpm").textContent =
     servers.reduce((sum, s) => sum + s.requestsPerMinute, 0);
   fill("servers", servers.map(s => {
-    const points = history.get(s.id) || [];
-    points.push([s.requestsPerMinute, s.errorsPerMinute]);
-    while (points.length > 100) points.shift();
-    history.set(s.id, points);
     const name = el("div"); name.appendChild(el("div", s.name || s.host));
     name.appendChild(el("div", `${s.scheme}://${s.host}:${s.port}` +
       (s.proxyId ? ` via proxy ${s.proxyId}` : ""), "dim"));
-    const health = !s.enabled ? el("span", "disabled", "dim")
-      : s.reachable ? el("span", "up", "up") : el("span", "down", "down");
-    if (!s.reachable && s.lastError) health.title = s.lastError;
+    const health = el("div");
+    health.appendChild(!s.enabled ? el("span", "disabled", "dim")
+      : s.reachable ? el("span", "up", "up") : el("span", "down", "down"));
+    if (s.enabled && !s.reachable && s.lastError) health.appendChild(el("div", s.lastError, "why"));
     const models = el("div");
     for (const model of s.models) {
-      const loaded = s.loadedModels.includes(model);
+      const loaded = s.reachable && s.loadedModels.includes(model);
       models.appendChild(el("span", model, loaded ? "pill loaded" : "pill"));
     }
     const load = el("div");
@@ -5671,8 +5813,10 @@ function render(data) {
     bar.appendChild(fillBar); load.appendChild(bar);
     load.appendChild(el("span", `${s.inflight} / ${s.capacity}`));
     const circuit = s.circuitOpen ? el("span", "open", "open") : el("span", "closed", "dim");
-    return row([name, health, circuit, models, load, String(s.requestsPerMinute),
-                String(s.errorsPerMinute), chart(points)]);
+    const tr = row([name, health, circuit, models, load, String(s.requestsPerMinute),
+                    String(s.errorsPerMinute), chart(s.history)]);
+    tr.children[4].className = "load";
+    return tr;
   }), 8, "No servers yet: POST /servers/addServer or `ollamabalancer servers add URL`.");
   fill("proxies", data.proxies.map(p => row([p.name, p.protocol, `${p.ip}:${p.port}`,
       p.userName || "-", p.status ? "yes" : "no"])), 5, "No proxies.");
@@ -5746,6 +5890,7 @@ class Observability:
             entry = server.to_json()
             per_minute = server.load.per_minute()
             entry.update(requestsPerMinute=per_minute[0], errorsPerMinute=per_minute[1],
+                         history=server.load.recent(),
                          capacity=self.fleet.scheduler.capacity(server),
                          version=server.load.version)
             servers.append(entry)
@@ -6244,10 +6389,13 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
     file_limit = raise_file_limit(config.max_connections)
     max_connections = connection_cap(config.max_connections, file_limit)
     if max_connections < config.max_connections:
-        log.warning("open files are limited to %s: at most %d client connections (not "
-                    "MAX_CONNECTIONS=%d), each with its upstream; raise the hard limit "
-                    "(ulimit -Hn) to allow more", file_limit, max_connections,
-                    config.max_connections)
+        # An alarm only for a number the user chose; the default is a ceiling, not a need.
+        chosen = "max_connections" in config.explicit
+        log.log(logging.WARNING if chosen else logging.INFO,
+                "open files are limited to %s: at most %d client connections (not "
+                "MAX_CONNECTIONS=%d), each with its upstream; raise the hard limit "
+                "(ulimit -Hn) to allow more", file_limit, max_connections,
+                config.max_connections)
     store = AsyncStore(await loop.run_in_executor(None, open_store, config), config.db_timeout)
     app = Balancer(config, store)
     await app.start()
@@ -6328,7 +6476,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
             print("  ".join("-" * width for width in widths))
 
 
-def cli_servers(store: Store, args: argparse.Namespace) -> int:
+def cli_servers(config: Config, store: Store, args: argparse.Namespace) -> int:
     if args.action == "add":
         body = _drop_none({"url": args.url, "name": args.name, "proxyId": args.proxy,
                            "weight": args.weight, "maxConcurrency": args.max_concurrency})
@@ -6342,6 +6490,10 @@ def cli_servers(store: Store, args: argparse.Namespace) -> int:
             raise HTTPError(409, f"a server at {values['host']}:{values['port']} "
                                  "already exists") from None
         print(f"added server {server_id}; a running balancer picks it up at its next check")
+        sys.stdout.flush()
+        problem = asyncio.run(cli_reach(config, server_id))
+        if problem is not None:
+            print(f"warning: {problem}", file=sys.stderr)
     elif args.action == "remove":
         if not store.delete_server(args.id):
             raise HTTPError(404, f"no server with id {args.id}")
@@ -6356,7 +6508,7 @@ def cli_servers(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
-def cli_proxies(store: Store, args: argparse.Namespace) -> int:
+def cli_proxies(config: Config, store: Store, args: argparse.Namespace) -> int:
     if args.action == "add":
         parts = urllib.parse.urlsplit(args.url)
         try:
@@ -6394,14 +6546,33 @@ def cli_proxies(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cli_fleet(config: Config, args: argparse.Namespace) -> int:
-    """``check`` and ``models pull``: the balancer's own machinery, run once."""
+@contextlib.asynccontextmanager
+async def balancer_once(config: Config) -> AsyncIterator[Balancer]:
+    """The balancer's own machinery over the store, for one command, without serving."""
     loop = asyncio.get_running_loop()
     store = AsyncStore(await loop.run_in_executor(None, open_store, config), config.db_timeout)
     app = Balancer(config, store)
-    fleet = app.fleet
     try:
-        await fleet.reload()
+        await app.fleet.reload()
+        yield app
+    finally:
+        await app.close()
+        await loop.run_in_executor(None, store.shutdown)
+
+
+async def cli_reach(config: Config, server_id: int) -> str | None:
+    """Why the server cannot be reached now, through its proxy; None if it answers."""
+    async with balancer_once(config) as app:
+        server = app.fleet.servers[server_id]
+        await app.fleet.check_server(server)
+        return None if server.reachable else (
+            f"server {server.id} ({server.label}) is not reachable now: {server.last_error}")
+
+
+async def cli_fleet(config: Config, args: argparse.Namespace) -> int:
+    """``check`` and ``models pull``: the balancer's own machinery, run once."""
+    async with balancer_once(config) as app:
+        fleet = app.fleet
         if args.command == "check":
             rows = []
             for server in fleet.servers.values():
@@ -6419,11 +6590,13 @@ async def cli_fleet(config: Config, args: argparse.Namespace) -> int:
         payload: dict[str, Any] = {"model": args.name}
         if args.servers:
             payload["servers"] = args.servers
+        skipped = app.fan_out.skipped(payload)
         targets = app.fan_out.targets(payload)
         body = json.dumps({**payload, "stream": True}).encode()
         bars = ProgressBars([s.label for s in targets])
         final: dict[str, Any] = {}
-        async for line in app.fan_out.merged_progress(targets, "/api/pull", body, args.name):
+        async for line in app.fan_out.merged_progress(targets, "/api/pull", body, args.name,
+                                                      skipped):
             if "server" in line:
                 bars.update(line)
             else:
@@ -6433,10 +6606,9 @@ async def cli_fleet(config: Config, args: argparse.Namespace) -> int:
             print(f"error: {final['error']}", file=sys.stderr)
             return 1
         print(f"pulled {args.name} on {len(targets)} servers")
+        if skipped:
+            print(f"warning: skipped, being down: {', '.join(skipped)}", file=sys.stderr)
         return 0
-    finally:
-        await app.close()
-        await loop.run_in_executor(None, store.shutdown)
 
 
 class ProgressBars:
@@ -6454,11 +6626,13 @@ class ProgressBars:
 
     def update(self, line: dict[str, Any]) -> None:
         label = str(line["server"])
-        status = str(line.get("error") or line.get("status") or "")
+        status = str(line.get("outcome") or line.get("status") or "")
+        if line.get("reason"):
+            status = f"{status}: {line['reason']}"
         done = int(line.get("server_completed") or 0)
         total = int(line.get("server_total") or 0)
         previous = self.state.get(label, ("", 0, 0))
-        if status in ("done", "failed") or not total:
+        if "outcome" in line or not total:
             done, total = previous[1], previous[2]
         self.state[label] = (status, done, total)
         if self.tty:
@@ -6493,12 +6667,13 @@ def run_cli(config: Config, args: argparse.Namespace) -> int:
             return asyncio.run(cli_fleet(config, args))
         store = open_store(config)
         try:
-            return (cli_servers if args.command == "servers" else cli_proxies)(store, args)
+            command = cli_servers if args.command == "servers" else cli_proxies
+            return command(config, store, args)
         finally:
             store.close()
-    except HTTPError as exc:
+    except HTTPError as exc:  # bad input (a 4xx) exits 2, as argparse does
         print(f"error: {exc.message}", file=sys.stderr)
-        return 2 if exc.status == 400 else 1
+        return 2 if exc.status < 500 else 1
 
 
 def cli_parser() -> argparse.ArgumentParser:
@@ -6557,7 +6732,11 @@ def run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] == "rotate-secret" else "serve"
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        print(f"ollamabalancer: error: unknown command {argv[0]!r}; the commands are "
+              f"{', '.join(COMMANDS)} (see --help)", file=sys.stderr)
+        return 2
+    command = argv.pop(0) if argv and argv[0] in ("serve", "rotate-secret") else "serve"
     new_key_file = ""
     cli_args: argparse.Namespace | None = None
     if argv and argv[0] in CLI_COMMANDS:

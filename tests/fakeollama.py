@@ -15,8 +15,11 @@ generate, embed, NDJSON and SSE streaming) plus test-only paths:
                            ``flood_sent`` what it managed to write
 
 Knobs: ``fail_status`` makes model requests answer that status; ``pull_error`` makes a pull
-fail halfway; a body with ``"fake_hold": true`` waits for release(); ``"fake_sleep": s``
-sleeps first. ``loaded`` is what /api/ps reports; ``blobs`` what /api/blobs has.
+fail halfway, ``pull_delay`` start its layer that many seconds late; a body with
+``"fake_hold": true`` waits for release(); ``"fake_sleep": s``
+sleeps first. ``loaded`` is what /api/ps reports; ``blobs`` what /api/blobs has;
+``missing_paths`` answer 404 with ``missing_answer`` (by default "404 page not found" in
+plain text, as an Ollama too old to have them does).
 """
 
 from __future__ import annotations
@@ -59,7 +62,10 @@ class FakeOllama:
         self.loaded: list[str] = []
         self.blobs: dict[str, bytes] = {}
         self.fail_status: int | None = None
+        self.missing_paths: set[str] = set()
+        self.missing_answer = (b"404 page not found", "text/plain")
         self.pull_error: str | None = None
+        self.pull_delay = 0.0
         self.version = "0.12.0"
         self.requests: list[dict[str, Any]] = []
         self.connections = 0
@@ -193,7 +199,9 @@ class _Handler(BaseHTTPRequestHandler):
         with self.owner.lock:
             self.owner.requests.append(record)
         path = parts.path
-        if path == "/" and self.command in ("GET", "HEAD"):
+        if path in self.owner.missing_paths:
+            self.send(404, *self.owner.missing_answer)
+        elif path == "/" and self.command in ("GET", "HEAD"):
             self.send(200, b"Ollama is running", "text/plain; charset=utf-8")
         elif path == "/api/tags":
             self.send_json(200, {"models": self.owner.models})
@@ -350,6 +358,7 @@ class _Handler(BaseHTTPRequestHandler):
         name = request.get("model") or request.get("name")
         self.start_chunked("application/x-ndjson")
         self.chunk(b'{"status":"pulling manifest"}\n')
+        time.sleep(self.owner.pull_delay)
         for done in (0, 500, 1000):
             self.chunk(json.dumps({"status": "pulling aaaa", "digest": "sha256:aaaa",
                                    "total": 1000, "completed": done}).encode() + b"\n")

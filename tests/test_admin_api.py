@@ -263,6 +263,22 @@ def test_server_ids_survive_a_restart_and_are_shared_by_instances(
     assert restarted.server_id() == sid  # the same (server, proxy) keeps its ID
 
 
+def test_an_id_made_on_one_instance_works_at_once_on_another_that_runs_already(
+        store: StoreConfig, start_balancer: Any, backend: FakeOllama) -> None:
+    first = start_balancer(store)
+    second = start_balancer(store, "--health-interval", "600")  # no round to wait for
+    server = first.add_server(backend.url)
+    proxy_id = first.add_proxy(name="p", ip="127.0.0.1", port=1)
+    for key in (first.server_id(), str(server["id"])):
+        reply = second.call("GET", f"/servers/ollama/{key}/api/version")
+        assert reply.status == 200, (key, reply)
+    proxied = second.call("GET", f"/servers/ollama/{first.server_id(proxy=str(proxy_id))}"
+                                 "/api/version")
+    assert proxied.status == 502  # through the new proxy, which nobody listens for
+    unknown = second.call("GET", "/servers/ollama/999/api/version")
+    assert unknown.status == 404 and unknown.json() == {"error": "unknown server id"}
+
+
 def test_deleting_the_server_or_proxy_invalidates_its_ids(
         store: StoreConfig, start_balancer: Any, backend: FakeOllama) -> None:
     lb = start_balancer(store)

@@ -31,7 +31,7 @@ def test_servers_and_proxies_are_managed_from_the_command_line(store: StoreConfi
     assert "socks5" in proxies.stdout and "bob" in proxies.stdout and "set" in proxies.stdout
     assert "s@cret-pw" not in proxies.stdout + proxies.stderr
     in_use = cli(store, "proxies", "remove", "1")
-    assert in_use.returncode == 1 and "used by servers 1" in in_use.stderr
+    assert in_use.returncode == 2 and "used by servers 1" in in_use.stderr
     assert cli(store, "servers", "remove", "1").returncode == 0
     assert cli(store, "proxies", "remove", "1").returncode == 0
     assert cli(store, "servers", "list").stdout.count("\n") == 2  # the header only
@@ -41,7 +41,9 @@ def test_bad_input_on_the_command_line_is_one_clear_error(sqlite_store: StoreCon
     bad = cli(sqlite_store, "servers", "add", "ftp://x")
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "error: 'url' must look like http://host:11434")
-    assert cli(sqlite_store, "servers", "remove", "7").returncode == 1
+    unknown = cli(sqlite_store, "servers", "remove", "7")
+    assert unknown.returncode == 2 and unknown.stderr.strip() == "error: no server with id 7"
+    assert cli(sqlite_store, "proxies", "remove", "7").returncode == 2
     assert cli(sqlite_store, "proxies", "add", "socks5://nohost").returncode == 2
     assert cli(sqlite_store, "servers", "add", "http://h.invalid", "--proxy", "4"
                ).returncode == 2
@@ -99,3 +101,28 @@ def test_a_proxy_password_on_the_command_line_is_warned_about_and_a_file_is_not(
     with sqlite3.connect(sqlite_store.path) as conn:
         assert all(row[0].startswith("enc:v1:")
                    for row in conn.execute("SELECT password FROM proxy"))
+
+
+def test_help_lists_every_subcommand_and_an_unknown_word_names_them(
+        sqlite_store: StoreConfig) -> None:
+    shown = cli(sqlite_store, "--help")
+    assert shown.returncode == 0
+    commands = shown.stdout.split("commands:", 1)[1]
+    listed = {line.split()[0] for line in commands.splitlines() if line.startswith("  ")}
+    assert {"serve", "servers", "proxies", "check", "models", "rotate-secret"} <= listed
+    wrong = cli(sqlite_store, "srevers", "list")
+    assert wrong.returncode == 2
+    assert "unknown command 'srevers'" in wrong.stderr and "servers" in wrong.stderr
+    assert "unrecognized arguments" not in wrong.stderr
+    assert cli(sqlite_store, "servers", "--help").returncode == 0
+
+
+def test_adding_an_unreachable_server_adds_it_and_warns(sqlite_store: StoreConfig,
+                                                        backend: FakeOllama) -> None:
+    dead = cli(sqlite_store, "servers", "add", "http://127.0.0.1:9", "--name", "dead")
+    assert dead.returncode == 0
+    assert "added server 1" in dead.stdout
+    assert "warning: server 1 (dead) is not reachable now: cannot connect" in dead.stderr
+    alive = cli(sqlite_store, "servers", "add", backend.url)
+    assert alive.returncode == 0 and alive.stderr == ""
+    assert len(cli(sqlite_store, "servers", "list").stdout.splitlines()) == 4

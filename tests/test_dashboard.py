@@ -72,3 +72,39 @@ def test_names_are_shown_as_text_never_as_html(start_balancer: Any,
                    f"http://127.0.0.1:{lb.port}/dashboard")
     assert "&lt;img src=x onerror=alert(1)&gt;&lt;/script&gt;" in dom
     assert "<img src" not in dom
+
+
+def test_a_dead_server_shows_why_and_the_last_minutes_are_drawn_at_page_load(
+        start_balancer: Any, sqlite_store: StoreConfig, make_backend: Any) -> None:
+    lb: BalancerProcess = start_balancer(sqlite_store, "--health-interval", "600")
+    doomed: FakeOllama = make_backend(models=[tag("llama3:latest")])
+    doomed.loaded = ["llama3:latest"]
+    row = lb.add_server(doomed.url, name="gpu-doomed")
+    for _ in range(4):
+        reply = lb.call("POST", "/api/chat", {"model": "llama3", "messages": [],
+                                              "stream": False})
+        assert reply.status == 200 and reply.headers["X-Ollama-Server"] == "gpu-doomed"
+    doomed.close()
+    lb.call("PATCH", f"/servers/{row['id']}", {"weight": 1})  # checked again: down
+    lb.wait_for(lambda: not lb.call("GET", f"/servers/{row['id']}").json()["reachable"])
+    status = lb.call("GET", "/servers/status").json()
+    server = status["servers"][0]
+    assert server["loadedModels"] == []  # nothing is known to be loaded on a dead server
+    assert len(server["history"]) == 30 and sum(p[0] for p in server["history"]) == 4
+    health = [e for e in status["recentErrors"] if e["kind"] == "health"]
+    assert [e["server"] for e in health] == ["gpu-doomed"]
+    assert "cannot connect" in health[0]["message"]
+    assert '"weight":1,' in lb.call("GET", "/servers/allServers").text  # 1, not 1.0
+    dom = chromium("--virtual-time-budget=1000", "--dump-dom",
+                   f"http://127.0.0.1:{lb.port}/dashboard")
+    assert '<span class="pill">llama3:latest</span>' in dom  # not green
+    cell = re.search(r'<span class="down">down</span><div class="why">([^<]*)</div>', dom)
+    assert cell and "cannot connect" in cell.group(1), dom  # said, not hidden in a tooltip
+    assert re.search(r"<td>health</td><td>health check failed: cannot connect", dom), dom
+    # The chart is drawn from the balancer's own history, not from this page's polls.
+    line = re.search(r'<polyline points="([^"]+)"', dom)
+    assert line, dom
+    ys = {point.split(",")[1] for point in line.group(1).split()}
+    assert len(line.group(1).split()) == 30 and len(ys) > 1
+    assert re.search(r'<td class="load">', dom)
+    assert "td.load { white-space: nowrap; }" in dom

@@ -114,6 +114,38 @@ def test_unknown_model_is_404_in_each_apis_shape(fleet: Any) -> None:
     assert lb.call("POST", "/api/chat", {"messages": []}).json() == {"error": "model is required"}
 
 
+def test_a_model_whose_servers_are_all_down_is_503_not_404(fleet: Any) -> None:
+    # A UI reads 404 as "not installed" and offers to pull it: a model the fleet has but
+    # cannot run now is unavailable (503, Retry-After), whatever made its servers unusable.
+    lb, add = fleet("--breaker-threshold", "1", "--breaker-cooldown", "30",
+                    "--health-interval", "600")
+    down, down_row = add(["phi3:latest"])
+    _, off_row = add(["phi3:latest", "qwen2:latest"])
+    failing, failing_row = add(["phi3:latest", "gemma:2b"])
+    add(["llama3:latest"])
+    down.close()
+    lb.call("PATCH", f"/servers/{down_row['id']}", {"name": "gpu1"})  # checked again: down
+    wait_until(lambda: lb.call("GET", f"/servers/{down_row['id']}").json()["reachable"]
+               is False)
+    assert lb.call("PATCH", f"/servers/{off_row['id']}", {"enabled": False}).status == 200
+    failing.fail_status = 500  # its circuit opens on the first failure
+    assert chat(lb, "gemma:2b").status == 500
+    assert lb.call("GET", f"/servers/{failing_row['id']}").json()["circuitOpen"] is True
+    for model in ("phi3", "qwen2", "gemma:2b"):
+        reply = chat(lb, model)
+        assert reply.status == 503, (model, reply)
+        assert reply.json() == {"error": f"model '{model}' is unavailable: its servers are down"}
+        assert int(reply.headers["retry-after"]) >= 1
+    openai_style = lb.call("POST", "/v1/chat/completions", {"model": "phi3", "messages": []})
+    assert openai_style.status == 503 and "unavailable" in openai_style.json()["error"]["message"]
+    assert chat(lb, "nope").status == 404  # no server has it: not found, as before
+    assert chat(lb, "llama3").status == 200
+    metrics = lb.call("GET", "/metrics").text
+    assert ('endpoint="/api/chat",server="",model="phi3:latest",status="503"} 1' in metrics)
+    assert 'model="nope:latest"' not in metrics  # names nobody has are not labels
+    failing.fail_status = None
+
+
 def test_a_model_pulled_since_the_last_check_is_found_by_one_refresh(fleet: Any) -> None:
     lb, add = fleet("--health-interval", "600")
     fake, _ = add(["llama3:latest"])
@@ -303,6 +335,27 @@ def test_503_from_ollama_fails_over_and_the_breaker_opens(fleet: Any) -> None:
     assert lb.call("GET", f"/servers/{busy_row['id']}").json()["circuitOpen"] is False
 
 
+def test_only_a_model_not_found_is_tried_on_another_server(fleet: Any) -> None:
+    # An old Ollama without /v1/embeddings answers "404 page not found" (or a proxy in
+    # front of it, in JSON): not a stale catalog, so no other server is tried.
+    lb, add = fleet("--health-interval", "600")
+    old, _ = add(loaded=["llama3:latest"], weight=5)
+    new, _ = add()
+    old.missing_paths = {"/v1/embeddings"}
+    for answer in [(b"404 page not found", "text/plain"),
+                   (b'{"error": "404 page not found"}', "application/json")]:
+        old.missing_answer = answer
+        reply = lb.call("POST", "/v1/embeddings", {"model": "llama3", "input": "hi"})
+        assert reply.status == 404, reply
+        assert "404 page not found" in reply.text
+    assert not new.model_requests()
+    assert [r["path"] for r in old.model_requests()] == ["/v1/embeddings"] * 2
+    old.missing_paths = set()
+    old.models = []  # "model 'llama3' not found" from a stale catalog: the other server
+    assert chat(lb).status == 200
+    assert [r["path"] for r in new.model_requests()] == ["/api/chat"]
+
+
 def open_circuit(lb: BalancerProcess, fake: FakeOllama, row: dict[str, Any]) -> None:
     """Fails one request on ``fake`` (threshold 1), then lets it work again."""
     fake.fail_status = 503
@@ -409,6 +462,52 @@ def test_pull_failure_on_one_server_ends_with_an_error_naming_it(fleet: Any) -> 
     assert {"status": "success"} not in lines
     whole = lb.call("POST", "/api/pull", {"model": "qwen2", "stream": False})
     assert whole.status == 502 and "gpu-b" in whole.json()["error"]
+
+
+def test_the_official_client_sees_every_healthy_servers_pull_then_one_error(
+        fleet: Any) -> None:
+    ollama = require_module("ollama")
+    lb, add = fleet("--health-interval", "600")
+    add(name="gpu-fast")
+    late, _ = add(name="gpu-late")
+    late.pull_delay = 0.5  # joins the layer when gpu-fast has it whole
+    broken, _ = add(name="gpu-broken")
+    broken.pull_error = "disk full"  # halfway, before gpu-late has begun
+    down, down_row = add(name="gpu-down")
+    down.close()
+    lb.call("PATCH", f"/servers/{down_row['id']}", {"weight": 1})  # checked again: down
+    wait_until(lambda: not lb.call("GET", f"/servers/{down_row['id']}").json()["reachable"])
+    client = ollama.Client(host=f"http://127.0.0.1:{lb.port}")
+    seen = []
+    with pytest.raises(ollama.ResponseError) as caught:
+        for progress in client.pull("qwen2", stream=True):
+            seen.append(progress)
+    assert caught.value.error == ("qwen2: failed on gpu-broken: disk full; "
+                                  "skipped, being down: gpu-down")
+    statuses = [p.status for p in seen]
+    assert "gpu-broken: failed: disk full" in statuses
+    assert statuses.index("gpu-broken: failed: disk full") < statuses.index("gpu-late: done")
+    assert "gpu-fast: done" in statuses
+    layer = [(p.total, p.completed) for p in seen if p.digest == "sha256:aaaa"]
+    assert layer[0][0] == 3000  # three servers pulling the layer, from the first line
+    assert {total for total, _ in layer} == {3000}
+    completed = [done for _, done in layer]
+    assert completed == sorted(completed) and completed[-1] == 2500  # gpu-broken: 500
+    assert late.has("qwen2") and not broken.has("qwen2")
+
+
+def test_a_pull_that_skips_a_down_server_says_so_on_its_last_line(fleet: Any) -> None:
+    lb, add = fleet("--health-interval", "600")
+    add(name="gpu-a")
+    down, down_row = add(name="gpu-down")
+    down.close()
+    lb.call("PATCH", f"/servers/{down_row['id']}", {"weight": 1})
+    wait_until(lambda: not lb.call("GET", f"/servers/{down_row['id']}").json()["reachable"])
+    lines = progress_lines(lb.call("POST", "/api/pull", {"model": "qwen2"}))
+    assert lines[-1] == {"status": "success", "skipped": ["gpu-down"]}
+    named = progress_lines(lb.call("POST", "/api/pull", {"model": "qwen2",
+                                                         "servers": ["gpu-a"]}))
+    assert named[-1] == {"status": "success"}  # what was asked for: nothing skipped
 
 
 def test_pull_to_chosen_servers_only(fleet: Any) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from conftest import BalancerProcess, StoreConfig
+from conftest import ROOT, BalancerProcess, StoreConfig
 from fakeollama import FakeOllama
 
 
@@ -63,3 +67,38 @@ def test_drain_timeout_cuts_what_does_not_finish(start_balancer: Any,
     assert time.monotonic() - started < 5
     assert backend.disconnected.wait(5)
     assert "cutting 1 unfinished requests" in lb.log
+
+
+def start_with_open_files(where: Path, limit: int, *args: str) -> list[str]:
+    """The balancer's log up to "listening on", started with RLIMIT_NOFILE at ``limit``."""
+    script = ("import resource, runpy, sys; "
+              f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); "
+              f"sys.argv = ['ollamabalancer', '--ip', '127.0.0.1', '--port', '0', *{args!r}]; "
+              f"runpy.run_path({str(ROOT / 'ollamabalancer.py')!r}, run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "MAX_"))}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=where)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return lines
+
+
+def test_the_open_file_limit_is_a_warning_only_when_a_configured_cap_needs_more(
+        tmp_path: Path) -> None:
+    quiet = start_with_open_files(tmp_path, 1024)  # a tiny deployment on defaults: no alarm
+    said = [line for line in quiet if "open files are limited" in line]
+    assert said and " INFO " in said[0], quiet
+    loud = start_with_open_files(tmp_path, 1024, "--max-connections", "5000")
+    said = [line for line in loud if "open files are limited" in line]
+    assert said and " WARNING " in said[0], loud
+    enough = start_with_open_files(tmp_path, 1024, "--max-connections", "400")
+    assert not [line for line in enough if "open files are limited" in line]
