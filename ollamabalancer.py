@@ -38,6 +38,7 @@ Sections, in dependency order (each uses only those above it):
     Fan-out                     FanOut: pull, create, delete, copy, blobs on every server
     Management API              Management: proxies, servers, API keys, getServer
     Observability               Observability: access log, /metrics, status, dashboard
+    API description             Route, and OpenAPI 3.1 made from the route table; /api-docs
     Application                 Balancer and the route table: dispatch
     HTTP server and lifecycle   HTTPServer: connections, keep-alive, limits; serve()
     CLI                         the command line: serve, servers, proxies, check, models
@@ -1470,7 +1471,7 @@ class ReplayableBody:
                     self._kept.append(piece)
                     self._kept_size += len(piece)
                 else:
-                    self.replayable = False
+                    self.replayable = False  # pragma: no mutate (None: as false)
                     self._kept.clear()
                     self._kept_size = 0
             yield piece
@@ -3717,12 +3718,75 @@ def client_wants_close(head: RequestHead) -> bool:
 # ---------------------------------------------------------------------------
 
 
-_control_re = re.compile(r"[\x00-\x1f\x7f]")
+# Each field's JSON Schema, as the API's description (/openapi.json) gives it, is made of
+# the same patterns and bounds as the code that checks the field: what the description
+# allows is what is accepted, and what it does not is a 400 naming the field.
 
-_hostname_re = re.compile(r"[A-Za-z0-9._\-]{1,253}|\[?[0-9A-Fa-f:.]{2,45}\]?")
+#: Text: no control characters. (Nor lone surrogates, which no database can keep and
+#: I-JSON, RFC 7493, forbids: checked apart, as tools that read the schema choke on them.)
+_TEXT = r"[^\x00-\x1f\x7f]"
+#: An HTTP field value (RFC 9110 5.5): visible ASCII and spaces, or obs-text bytes.
+_HEADER_VALUE = r"[ -~\x80-\xff]"
+_HOST = r"[A-Za-z0-9._\-]{1,253}|\[?[0-9A-Fa-f:.]{2,45}\]?"
+#: A port number from 1 to 65535, as decimal text.
+_PORT = r"[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]"
+#: An id in a path or a body: what MySQL's INT and the paths' nine digits both hold.
+MAX_ID = 999_999_999
+
+
+def _any_case(word: str) -> str:
+    """A pattern for ``word`` in any letter case, without the (?i) flag JSON Schema lacks."""
+    return "".join(f"[{c.upper()}{c}]" if c.isalpha() else re.escape(c) for c in word)
+
+
+_URL = (rf"(?P<scheme>{_any_case('https')}|{_any_case('http')})://"
+        rf"(?P<host>[A-Za-z0-9._\-]{{1,253}}|\[[0-9A-Fa-f:.]{{2,45}}\])"
+        rf"(?::(?P<port>{_PORT}))?/?")
+_text_re = re.compile(f"{_TEXT}*")
+_name_re = re.compile(rf"{_TEXT}*[^\s\x00-\x1f\x7f]{_TEXT}*")
+_surrogate_re = re.compile(r"[\ud800-\udfff]")
+_header_value_re = re.compile(f"{_HEADER_VALUE}*")
+_hostname_re = re.compile(_HOST)
+_port_re = re.compile(_PORT)
+_url_re = re.compile(_URL)
+
+
+def _string(pattern: re.Pattern[str], max_length: int, description: str, *,
+            min_length: int = 0) -> dict[str, Any]:
+    # Without Python's named groups, which JSON Schema's (ECMA 262) patterns do not have.
+    portable = re.sub(r"\(\?P<\w+>", "(?:", pattern.pattern)
+    return {"type": "string", "pattern": f"^(?:{portable})$", "maxLength": max_length,
+            "minLength": min_length, "description": description}
+
+
+def _integer(low: int, high: int, digits: str = "") -> dict[str, Any]:
+    """An integer from ``low`` to ``high``, or, with ``digits``, also text matching it."""
+    number = {"type": "integer", "minimum": low, "maximum": high}
+    return {"anyOf": [number, {"type": "string", "pattern": f"^(?:{digits})$"}]} if (
+        digits) else number
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+TEXT_SCHEMA = _string(_text_re, 255, "text without control characters")
+NAME_SCHEMA = _string(_name_re, 255, "text with something in it, without control characters",
+                      min_length=1)
+HOST_SCHEMA = _string(_hostname_re, 255, "a host name or IP address", min_length=1)
+PORT_SCHEMA = _integer(1, 65535, _PORT)
+ID_SCHEMA = _integer(1, MAX_ID, "[1-9][0-9]{0,8}")
+FLAG_SCHEMA = {"enum": [True, False, 0, 1]}
+
+
+def _choice_schema(choices: Sequence[str]) -> dict[str, Any]:
+    return {"type": "string", "pattern": f"^(?:{'|'.join(map(_any_case, choices))})$",
+            "description": f"one of {', '.join(choices)}, in any case"}
+
 
 def _field_text(body: dict[str, Any], name: str, *, required: bool = False,
                 max_length: int = 255) -> str | None:
+    """Text as TEXT_SCHEMA (NAME_SCHEMA if ``required``) says, without its outer spaces."""
     value = body.get(name)
     if value is None:
         if required:
@@ -3730,44 +3794,54 @@ def _field_text(body: dict[str, Any], name: str, *, required: bool = False,
         return None
     if not isinstance(value, str):
         raise HTTPError(400, f"'{name}' must be a string")
-    value = value.strip()
-    if required and not value:
-        raise HTTPError(400, f"'{name}' must not be empty")
     if len(value) > max_length:
         raise HTTPError(400, f"'{name}' is longer than {max_length} characters")
-    if _control_re.search(value):
-        raise HTTPError(400, f"'{name}' contains control characters")
-    return value
+    if not _text_re.fullmatch(value) or _surrogate_re.search(value):
+        raise HTTPError(400, f"'{name}' contains control characters or broken Unicode")
+    if required and not value.strip():
+        raise HTTPError(400, f"'{name}' must not be empty")
+    return value.strip()
+
 
 def _field_header_value(body: dict[str, Any], name: str, *, max_length: int) -> str | None:
     """Text sent as an HTTP field value: latin-1 (RFC 9110 5.5: visible ASCII, and
     obs-text bytes at most), else a 400 here rather than a 500 on every request later."""
     value = _field_text(body, name, max_length=max_length)
-    if value is not None:
-        try:
-            value.encode("latin-1")
-        except UnicodeEncodeError:
-            raise HTTPError(400, f"'{name}' must be a valid header value: ASCII (or "
-                                 "latin-1) characters only") from None
+    if value is not None and not _header_value_re.fullmatch(value):
+        raise HTTPError(400, f"'{name}' must be a valid header value: ASCII (or "
+                             "latin-1) characters only")
     return value
+
 
 def _field_host(body: dict[str, Any], name: str, *, required: bool = False) -> str | None:
     value = _field_text(body, name, required=required)
     if value is None:
         return None
-    if not _hostname_re.fullmatch(value):
+    if not _hostname_re.fullmatch(body[name]):
         raise HTTPError(400, f"'{name}' is not a host name or IP address")
     return value.strip("[]")
+
+
+def _integral(value: Any) -> int | None:
+    """A JSON number with no fraction (5 or 5.0, as JSON Schema's integer), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) else None
+
 
 def _field_port(body: dict[str, Any], name: str, default: int | None = None) -> int | None:
     value = body.get(name, default)
     if value is None:
         return None
-    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,5}", value):
+    if isinstance(value, str) and _port_re.fullmatch(value):
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+    number = _integral(value)
+    if number is None or not 1 <= number <= 65535:
         raise HTTPError(400, f"'{name}' must be a port number from 1 to 65535")
-    return value
+    return number
+
 
 def _field_bool(body: dict[str, Any], name: str) -> bool | None:
     value = body.get(name)
@@ -3779,73 +3853,125 @@ def _field_bool(body: dict[str, Any], name: str) -> bool | None:
         return bool(value)
     raise HTTPError(400, f"'{name}' must be true or false")
 
+
 def _field_choice(body: dict[str, Any], name: str, choices: Sequence[str]) -> str | None:
     value = body.get(name)
     if value is None:
         return None
-    if not isinstance(value, str) or value.lower() not in choices:
+    if not isinstance(value, str) or value.lower() not in choices or not value.isascii():
         raise HTTPError(400, f"'{name}' must be one of {', '.join(choices)}")
     return value.lower()
+
 
 def _field_id(body: dict[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and re.fullmatch(r"[1-9][0-9]{0,8}", value):
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    number = _integral(value)
+    if number is None or not 1 <= number <= MAX_ID:
         raise HTTPError(400, f"'{name}' must be a positive integer id")
-    return value
+    return number
+
 
 def _field_number(body: dict[str, Any], name: str, low: float, high: float, *,
                   integer: bool = False) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+    number = _integral(value) if integer else value
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not (
+            low <= number <= high):
         what = "an integer" if integer else "a number"
         raise HTTPError(400, f"'{name}' must be {what} from {low:g} to {high:g}")
-    return float(value)
+    return float(number)
+
 
 def _json_object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise HTTPError(400, "the body must be a JSON object")
     return body
 
+
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
-def _unknown_fields(body: dict[str, Any], allowed: Iterable[str]) -> None:
+
+def _unknown_fields(body: dict[str, Any], allowed: Iterable[str], *,
+                    nullable: Iterable[str] = ()) -> None:
+    """A 400 for a field the body may not have, or a null where it means nothing."""
     unknown = sorted(set(body) - set(allowed))
     if unknown:
         raise HTTPError(400, f"unknown field '{unknown[0]}'")
+    nulls = sorted(k for k, v in body.items() if v is None and k not in set(nullable))
+    if nulls:
+        raise HTTPError(400, f"'{nulls[0]}' must not be null")
 
-SERVER_BODY_FIELDS = ("url", "host", "port", "scheme", "name", "location", "runner",
-                      "enabled", "proxyId", "weight", "maxConcurrency", "authorization")
 
-PROXY_BODY_FIELDS = ("ip", "port", "protocol", "name", "status", "userName", "password")
+#: The fields of a server's body, each with its schema. PATCH may set to null those that
+#: can be cleared (SERVER_CLEARABLE); addServer takes either "url" or "host"/"port"/"scheme".
+SERVER_FIELDS: dict[str, dict[str, Any]] = {
+    "url": _string(_url_re, 2048, "http(s)://host[:port], the port 11434 when left out"),
+    "host": HOST_SCHEMA,
+    "port": PORT_SCHEMA,
+    "scheme": _choice_schema(SERVER_SCHEMES),
+    "name": TEXT_SCHEMA,
+    "location": TEXT_SCHEMA,
+    "runner": TEXT_SCHEMA,
+    "enabled": FLAG_SCHEMA,
+    "proxyId": ID_SCHEMA,
+    "weight": {"type": "number", "minimum": 0.001, "maximum": 1000},
+    "maxConcurrency": _integer(1, 100_000),
+    "authorization": _string(_header_value_re, 1024, "the Authorization header value the "
+                             "server wants (an authenticating proxy in front of it)"),
+}
+SERVER_CLEARABLE = ("name", "location", "runner", "proxyId", "maxConcurrency",
+                    "authorization")
+SERVER_BODY_FIELDS = tuple(SERVER_FIELDS)
+
+PROXY_FIELDS: dict[str, dict[str, Any]] = {
+    "ip": HOST_SCHEMA,
+    "port": PORT_SCHEMA,
+    "protocol": _choice_schema(PROXY_PROTOCOLS),
+    "name": NAME_SCHEMA,
+    "status": FLAG_SCHEMA,
+    "userName": TEXT_SCHEMA,
+    "password": TEXT_SCHEMA,
+}
+PROXY_CLEARABLE = ("userName", "password")
+PROXY_BODY_FIELDS = tuple(PROXY_FIELDS)
+
+
+KEY_FIELDS: dict[str, dict[str, Any]] = {
+    "name": NAME_SCHEMA,
+    "requestsPerMinute": _integer(1, 1_000_000_000),
+    "maxConcurrent": _integer(1, 1_000_000_000),
+}
+KEY_CLEARABLE = ("requestsPerMinute", "maxConcurrent")  # null: no limit
+
+
+def body_schema(fields: dict[str, dict[str, Any]], clearable: Sequence[str],
+                required: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON Schema of a body made of ``fields``."""
+    return {"type": "object", "additionalProperties": False, "required": list(required),
+            "properties": {name: _nullable(schema) if name in clearable else schema
+                           for name, schema in fields.items()}}
+
 
 def parse_server_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     """Validated store columns from an addServer or PATCH body."""
-    _unknown_fields(body, SERVER_BODY_FIELDS)
+    _unknown_fields(body, SERVER_BODY_FIELDS, nullable=SERVER_CLEARABLE)
     values: dict[str, Any] = {}
-    url = _field_text(body, "url", max_length=2048)
-    if url is not None:
+    if "url" in body:
         if "host" in body or "port" in body or "scheme" in body:
             raise HTTPError(400, "give either 'url' or 'host'/'port'/'scheme', not both")
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in SERVER_SCHEMES or not parts.hostname:
+        url = body["url"]
+        match = _url_re.fullmatch(url) if isinstance(url, str) and len(url) <= 2048 else None
+        if match is None:
             raise HTTPError(400, "'url' must look like http://host:11434")
-        if parts.path not in ("", "/") or parts.query or parts.username:
-            raise HTTPError(400, "'url' must be only scheme, host and port")
-        try:
-            port = parts.port
-        except ValueError:
-            raise HTTPError(400, "'url' has a bad port") from None
-        values.update(_drop_none({"scheme": parts.scheme, "host": parts.hostname,
-                                  "port": port or 11434}))
-        _field_host({"url": values["host"]}, "url")
+        values.update(scheme=match["scheme"].lower(), host=match["host"].strip("[]"),
+                      port=int(match["port"] or 11434))
     else:
         values["host"] = _field_host(body, "host", required=not partial)
         values["port"] = _field_port(body, "port", None if partial else 11434)
@@ -3876,14 +4002,15 @@ def parse_server_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
         result["enabled"] = int(result["enabled"])
     return result
 
+
 def parse_proxy_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     """Validated store columns from an addProxy or PATCH body."""
-    _unknown_fields(body, PROXY_BODY_FIELDS)
+    _unknown_fields(body, PROXY_BODY_FIELDS, nullable=PROXY_CLEARABLE)
     values = {
         "ip": _field_host(body, "ip", required=not partial),
         "port": _field_port(body, "port") if partial else _field_port(body, "port", -1),
         "protocol": _field_choice(body, "protocol", PROXY_PROTOCOLS),
-        "name": _field_text(body, "name", required=not partial),
+        "name": _field_text(body, "name", required="name" in body or not partial),
         "status": _field_bool(body, "status"),
         "user_name": _field_text(body, "userName"),
         "password": _field_text(body, "password", max_length=255),
@@ -3899,6 +4026,7 @@ def parse_proxy_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     if "status" in result:
         result["status"] = int(result["status"])
     return result
+
 
 def _path_id(match: re.Match[str]) -> int:
     return int(match.group("id"))
@@ -4696,6 +4824,26 @@ class Access:
 # ---------------------------------------------------------------------------
 
 
+class Tail:
+    """The last TAIL_BYTES of a body (or a piece more), kept as its pieces arrive without
+    copying them: where Ollama's last line, with the token count, is found."""
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self) -> None:
+        self.pieces: collections.deque[bytes] = collections.deque()
+        self.size = 0
+
+    def add(self, piece: bytes) -> None:
+        self.pieces.append(piece)
+        self.size += len(piece)
+        while self.size - len(self.pieces[0]) >= TAIL_BYTES:
+            self.size -= len(self.pieces.popleft())
+
+    def last(self) -> bytes:
+        return b"".join(self.pieces)[-TAIL_BYTES:]
+
+
 class Relay:
     """Forwards a request to one server and copies the answer back as it arrives, byte
     for byte, with flow control both ways, and counts how it went against the server;
@@ -4837,13 +4985,15 @@ class Relay:
             framing = response_framing(response, request.method)
         except ProtocolError as exc:
             wire.abort()
-            return await self.send_upstream_error(request, 502,
-                                                  f"{server.label}: {exc.message}"), False
+            message = f"{server.label}: {exc.message}"
+            self.fleet.upstream_failed(server, "protocol", message)
+            return await self.send_upstream_error(request, 502, message), False
         keep_alive = request.body_done and not client_wants_close(request.head)
         fields, chunked_out = self._response_fields(response, framing, request)
         fields += request.response_fields
         if chunked_out is None:
-            keep_alive = False  # an HTTP/1.0 client reads the body until we close
+            # An HTTP/1.0 client reads the body until we close.
+            keep_alive = False  # pragma: no mutate (None: as false)
         if not keep_alive:
             fields.append(("Connection", "close"))
         reason = response.reason or reason_phrase(response.status)
@@ -4851,28 +5001,30 @@ class Relay:
         request.first_byte = time.monotonic() - request.started
         head = render_head(f"HTTP/1.1 {response.status} {reason}", fields)
         request.bytes_out += len(head)
+        failed = response.status >= 500
+        if failed:  # now: whether its client stays for the body or not
+            self.fleet.upstream_failed(server, "http_5xx", f"answered {response.status}")
         if not wire.buf and framing.kind != "none":
             client.write(head)  # no body yet, perhaps for long (a model loading): say so now
             head = b""
         try:
-            complete, tail = await self._relay_body(wire, framing, request, head,
-                                                    bool(chunked_out))
+            tail = await self._relay_body(wire, framing, request, head, bool(chunked_out))
         except BaseException:
             wire.abort()
             raise
-        if not complete:
+        if tail is None:
             wire.abort()
-            self.fleet.upstream_failed(server, "cut_stream", "the stream broke off mid-answer")
+            if not failed:
+                self.fleet.upstream_failed(server, "cut_stream",
+                                           "the stream broke off mid-answer")
             return Relayed(False), False
         self.upstreams.release(key, wire, response)
-        if response.status >= 500:
-            self.fleet.upstream_failed(server, "http_5xx", f"answered {response.status}")
-        elif response.status == 200 and (counted := eval_count(tail)) is not None:
+        if response.status == 200 and (counted := eval_count(tail)) is not None:
             tokens, model = counted
             request.model = request.model or (canonical_model(model) if model else None)
             self.metrics.count("tokens_total", (("server", server.label),
                                                 ("model", request.model or "")), tokens)
-        return Relayed(keep_alive), response.status < 500
+        return Relayed(keep_alive), not failed
 
     @staticmethod
     def _response_fields(response: ResponseHead, framing: Framing, request: Request
@@ -4898,10 +5050,10 @@ class Relay:
         return fields, False
 
     async def _relay_body(self, upstream: Wire, framing: Framing, request: Request,
-                          head: bytes, chunked_out: bool) -> tuple[bool, bytes]:
+                          head: bytes, chunked_out: bool) -> bytes | None:
         """Copies the response body to the client as it arrives, after ``head`` (in the
-        same write as the first bytes). Returns whether it came whole, and its last bytes
-        (where Ollama's final line holds the token count).
+        same write as the first bytes). Returns its last bytes (where Ollama's final line
+        holds the token count), or None if it broke off.
 
         The copying happens in the upstream connection's ``data_received``: a token of
         a stream costs one callback, not a task switch. While the client reads slower
@@ -4909,12 +5061,11 @@ class Relay:
         client = request.wire
         # A chunked answer to a chunked client goes as it came; else it is taken apart.
         scanner = ChunkedScanner() if framing.kind == "chunked" else None
-        remaining = framing.length if framing.kind == "length" else 0
-        tail: collections.deque[bytes] = collections.deque()  # the last TAIL_BYTES or more
-        tail_size = 0
+        remaining = framing.length
+        tail = Tail()
 
         def consume(eof: bool) -> bool:
-            nonlocal head, remaining, tail_size
+            nonlocal head, remaining
             buf = upstream.buf
             pieces: list[bytes] = []  # the body's own bytes that arrived
             out: list[bytes | memoryview]  # what goes to the client
@@ -4946,16 +5097,13 @@ class Relay:
             head = b""
             for piece in pieces:
                 request.bytes_out += len(piece)
-                tail.append(piece)
-                tail_size += len(piece)
-                while tail_size - len(tail[0]) >= TAIL_BYTES:
-                    tail_size -= len(tail.popleft())
+                tail.add(piece)
             if done:
                 return True
             if eof:
                 raise IncompleteBody("upstream closed in the middle of the body")
             if client.lost:
-                raise ConnectionResetError("client gone")
+                raise ConnectionResetError("client gone")  # pragma: no mutate (nobody reads it)
             if client.backed_up:
                 upstream.pause_reading()  # until the client catches up
             return False
@@ -4967,12 +5115,12 @@ class Relay:
             # No final chunk: the client must not mistake a cut stream for a whole one.
             client.write(head)
             log.warning("stream from upstream cut: %s", exc or type(exc).__name__)
-            return False, b""
+            return None
         finally:
             client.on_writable = None
             upstream.resume_reading()
         await client.drain()
-        return True, b"".join(tail)[-TAIL_BYTES:]
+        return tail.last()
 
 
 # ---------------------------------------------------------------------------
@@ -5471,6 +5619,11 @@ class FanOut:
 # ---------------------------------------------------------------------------
 
 
+#: getServer's ``size`` and ``proxy``: a number (below a million) or an id, or blank.
+SIZE_QUERY_RE = re.compile(r"\s*(?:[0-9]{1,6}(?:\.[0-9]*)?|\.[0-9]+)?\s*")
+PROXY_QUERY_RE = re.compile(r"\s*(?:[0-9]{1,9})?\s*")
+
+
 class Management:
     """The seed's endpoints and the ones it lacked: proxies, servers and API keys, each
     written to the store and reloaded from it, and getServer's ID for a server (and
@@ -5523,7 +5676,8 @@ class Management:
     def _check_proxy_reference(self, values: dict[str, Any]) -> None:
         proxy_id = values.get("proxy_id")
         if proxy_id is not None and proxy_id not in self.fleet.proxies:
-            raise HTTPError(400, f"'proxyId' {proxy_id} is not a known proxy")
+            # Well formed, but naming nothing: 422, as the body's schema cannot say this.
+            raise HTTPError(422, f"'proxyId' {proxy_id} is not a known proxy")
 
     async def add_server(self, request: Request, match: re.Match[str]) -> Response:
         values = parse_server_body(_json_object(await request.read_json()), partial=False)
@@ -5580,19 +5734,17 @@ class Management:
             for name in value.split(",")
             if name.strip()
         ]
+        # The seed's clients send every parameter, empty when unused: blank is left out.
         size: float | None = None
         size_values = [v for v in request.query_values("size") if v.strip()]
         if size_values:
-            try:
-                size = float(size_values[-1])
-            except ValueError:
-                size = -1.0
-            if not 0 <= size < 1e6:
+            if not SIZE_QUERY_RE.fullmatch(size_values[-1]):
                 raise HTTPError(400, "'size' must be a number of billions of parameters")
+            size = float(size_values[-1])
         proxy: Proxy | None = None
         proxy_values = [v for v in request.query_values("proxy") if v.strip()]
         if proxy_values:
-            if not re.fullmatch(r"[0-9]{1,9}", proxy_values[-1].strip()):
+            if not PROXY_QUERY_RE.fullmatch(proxy_values[-1]):
                 raise HTTPError(400, "'proxy' must be the id of a proxy")
             proxy_id = int(proxy_values[-1])
             if proxy_id not in self.fleet.proxies:
@@ -5618,7 +5770,7 @@ class Management:
 
     async def add_key(self, request: Request, match: re.Match[str]) -> Response:
         body = _json_object(await request.read_json())
-        _unknown_fields(body, ("name", "requestsPerMinute", "maxConcurrent"))
+        _unknown_fields(body, KEY_FIELDS, nullable=KEY_CLEARABLE)
         name = _field_text(body, "name", required=True)
         rpm = _field_number(body, "requestsPerMinute", 1, 1e9, integer=True)
         concurrent = _field_number(body, "maxConcurrent", 1, 1e9, integer=True)
@@ -5935,16 +6087,21 @@ class Observability:
 
 
 # ---------------------------------------------------------------------------
-# Application: the route table, and dispatch through it
+# API description: the route table's lines, and OpenAPI 3.1 made from them
 # ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
+#: What a route's answer holds: a schema of API_SCHEMAS by name, a media type ("text/plain"),
+#: several media types, or None for no body.
+Answer = str | tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Route:
     """One line of the route table: what it matches, who may call it ("open" to anyone,
     "client" with an API key once keys exist, "admin" with ADMIN_TOKEN or, without one,
     from loopback), the handler ("room.method" on the application), and what it takes and
-    answers, for people and for the self-description."""
+    answers, for people and for the description at /openapi.json."""
 
     methods: frozenset[str]  # empty: any method
     pattern: re.Pattern[str]
@@ -5954,93 +6111,447 @@ class Route:
     #: The endpoint label of the metrics and the access log: the path itself where the
     #: route's paths are few and fixed (""), else a name, so that labels stay bounded.
     label: str = ""
-    params: tuple[str, ...] = ()
-    answers: tuple[int, ...] = ()
+    #: The paths it serves as OpenAPI writes them ("/proxy/{id}"); each is checked to match
+    #: ``pattern`` (tests/test_openapi.py). Names in braces and ``query`` are API_PARAMETERS.
+    paths: tuple[str, ...] = ()
+    query: tuple[str, ...] = ()
+    body: str | None = None  # the JSON body's schema in API_SCHEMAS
+    answers: dict[int, Answer] = dataclasses.field(default_factory=dict)
 
 
-def route(methods: str, path: str, handler: str, access: Literal["open", "client", "admin"],
-          summary: str, *, label: str = "", params: tuple[str, ...] = (),
-          answers: tuple[int, ...] = ()) -> Route:
-    return Route(frozenset(methods.split()), re.compile(path), handler, access, summary,
-                 label, params, answers)
+def route(methods: str, path: str | tuple[str, ...], handler: str,
+          access: Literal["open", "client", "admin"], summary: str, *, label: str = "",
+          pattern: str = "", query: tuple[str, ...] = (), body: str | None = None,
+          answers: dict[int, Answer] | None = None, errors: tuple[int, ...] = ()) -> Route:
+    """A line of the route table. ``path`` is one path or several, fixed or with {names};
+    ``pattern`` the regular expression that matches them, when they are not fixed;
+    ``errors`` the statuses of its own refusals (those of its access come with it)."""
+    paths = (path,) if isinstance(path, str) else path
+    regex = pattern or "|".join(map(re.escape, paths))
+    answered = {**(answers or {200: "application/json"}), **dict.fromkeys(errors, "Error")}
+    return Route(frozenset(methods.split()), re.compile(regex), handler, access, summary,
+                 label, paths, query, body, answered)
 
 
-_MODEL_PATHS = "|".join(map(re.escape, ROUTED_PATHS))
+#: The methods a route for any method is described with.
+ANY_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+_SERVER_ID = {"type": "integer", "minimum": 0, "maximum": MAX_ID}
+#: Parameters by name: where they go, their schema, what they mean.
+API_PARAMETERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "id": ("path", _SERVER_ID, "the id the list gives"),
+    "model": ("path", {"type": "string"}, "a model name, as llama3:latest"),
+    "digest": ("path", {"type": "string", "pattern": "^sha256[:-][0-9a-fA-F]{64}$"},
+               "the blob's SHA-256"),
+    "server": ("path", {"type": "string", "pattern": "^(?:[0-9a-f]{32}|[0-9]{1,9})$"},
+               "a getServer ID, or a server's numeric id"),
+    "path": ("path", {"type": "string"}, "the rest of the path, sent on as it is"),
+    "models": ("query", {"type": "array", "items": {"type": "string"}},
+               "models the server must have: repeated, as models[]=, or comma-separated"),
+    "size": ("query", {"type": "string", "pattern": f"^(?:{SIZE_QUERY_RE.pattern})$"},
+             "billions of parameters a requested model must have at least (blank: any)"),
+    "proxy": ("query", {"type": "string", "pattern": f"^(?:{PROXY_QUERY_RE.pattern})$"},
+              "the id of a proxy to reach the server through (blank: its own, if any)"),
+    "X-Session-Id": ("header", {"type": "string"},
+                     "keeps a conversation on one server while it can take it"),
+}
+
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_NULLABLE_TEXT = {"type": ["string", "null"]}
+
+
+def _record(**properties: Any) -> dict[str, Any]:
+    """An object schema whose every property is always there."""
+    return {"type": "object", "required": list(properties), "properties": properties}
+
+
+SERVER_SCHEMA = _record(
+    id={"type": "integer"}, name=_NULLABLE_TEXT, host={"type": "string"},
+    port={"type": "integer"}, scheme={"enum": list(SERVER_SCHEMES)},
+    location=_NULLABLE_TEXT, runner=_NULLABLE_TEXT, enabled={"type": "boolean"},
+    proxyId={"type": ["integer", "null"]}, models=_STRINGS, lastChecked=_NULLABLE_TEXT,
+    reachable={"type": "boolean"}, lastError=_NULLABLE_TEXT, weight={"type": "number"},
+    maxConcurrency={"type": ["integer", "null"]}, hasAuthorization={"type": "boolean"},
+    inflight={"type": "integer"}, loadedModels=_STRINGS, circuitOpen={"type": "boolean"})
+PROXY_SCHEMA = _record(
+    id={"type": "integer"}, ip={"type": "string"}, port={"type": "integer"},
+    protocol={"enum": list(PROXY_PROTOCOLS)}, name={"type": "string"},
+    status={"type": "boolean"}, userName=_NULLABLE_TEXT, hasPassword={"type": "boolean"})
+KEY_SCHEMA = _record(
+    id={"type": "integer"}, name={"type": "string"},
+    requestsPerMinute={"type": ["integer", "null"]}, maxConcurrent={"type": ["integer", "null"]},
+    createdAt=_NULLABLE_TEXT, lastUsedAt=_NULLABLE_TEXT)
+_ONE_OF_URL_OR_HOST = {
+    "dependentSchemas": {"url": {"not": {"anyOf": [
+        {"required": ["host"]}, {"required": ["port"]}, {"required": ["scheme"]}]}}}}
+_FAN_OUT_TARGETS = {"type": "array", "items": {"type": ["string", "integer"]},
+                    "description": "only these servers, by id or name (the balancer's own "
+                                   "field, not sent on)"}
+_OLLAMA_BODY = {"type": "object", "description": "Ollama's (or OpenAI's) request, with its "
+                "model; sent on as it is", "anyOf": [{"required": ["model"]},
+                                                     {"required": ["name"]}]}
+
+#: The schemas the route table names, and the error every refusal carries.
+API_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {
+        "error": {"type": ["string", "object"],
+                  "description": "what went wrong (OpenAI's and Anthropic's shape under "
+                                 "/v1)"}}},
+    "Proxy": PROXY_SCHEMA,
+    "Proxies": {"type": "array", "items": {"$ref": "#/components/schemas/Proxy"}},
+    "NewProxy": body_schema(PROXY_FIELDS, PROXY_CLEARABLE, ("ip", "port", "name")),
+    "ProxyChange": body_schema(PROXY_FIELDS, PROXY_CLEARABLE),
+    "Server": SERVER_SCHEMA,
+    "Servers": {"type": "array", "items": {"$ref": "#/components/schemas/Server"}},
+    "NewServer": {**body_schema(SERVER_FIELDS, SERVER_CLEARABLE), **_ONE_OF_URL_OR_HOST,
+                  "oneOf": [{"required": ["url"]}, {"required": ["host"]}]},
+    "ServerChange": {**body_schema(SERVER_FIELDS, SERVER_CLEARABLE), **_ONE_OF_URL_OR_HOST},
+    "ApiKey": KEY_SCHEMA,
+    "ApiKeys": {"type": "array", "items": {"$ref": "#/components/schemas/ApiKey"}},
+    "NewApiKey": body_schema(KEY_FIELDS, KEY_CLEARABLE, ("name",)),
+    "CreatedApiKey": _record(id={"type": "integer"}, name={"type": "string"},
+                             key={"type": "string", "description": "shown this once"}),
+    "True": {"const": True},
+    "Status": {"type": "object", "required": [
+        "version", "time", "strategy", "queue", "servers", "proxies", "recentErrors"]},
+    "OllamaRequest": _OLLAMA_BODY,
+    "FanOutRequest": {**_OLLAMA_BODY, "properties": {
+        "servers": _FAN_OUT_TARGETS, "stream": {"type": "boolean"}}},
+    "CopyRequest": {"type": "object", "required": ["source", "destination"], "properties": {
+        "source": {"type": "string"}, "destination": {"type": "string"},
+        "servers": _FAN_OUT_TARGETS}},
+}
+
+#: What an Ollama server answers, relayed as it is: JSON, NDJSON or server-sent events.
+OLLAMA_ANSWER = ("application/json", "application/x-ndjson", "text/event-stream")
+ROOM_TAGS = {"front": "Ollama API", "fan_out": "Ollama API: every server",
+             "relay": "Passthrough", "management": "Management",
+             "observability": "Observability", "docs": "Description"}
+
+
+def _common_answers(route: Route, method: str) -> dict[int, Answer]:
+    """The refusals any call of the route may get, besides its own answers."""
+    found: dict[int, Answer] = {}
+    if route.body is not None:
+        found.update({400: "Error", 408: "Error", 413: "Error"})
+    if route.access == "client":
+        found.update({401: "Error", 403: "Error", 429: "Error"})
+    elif route.access == "admin":
+        found.update({401: "Error", 403: "Error", 503: "Error"})
+        if method in ("POST", "PATCH", "PUT"):
+            found[415] = "Error"
+    return found
+
+
+def _content(answer: Answer) -> dict[str, Any]:
+    if answer is None:
+        return {}
+    if isinstance(answer, tuple):
+        return {media: {} for media in answer}
+    if "/" in answer:
+        return {answer: {}}
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{answer}"}}}
+
+
+def _operation(route: Route, path: str, method: str) -> dict[str, Any]:
+    parameters = []
+    for name in [*re.findall(r"\{(\w+)\}", path), *route.query]:
+        where, schema, description = API_PARAMETERS[name]
+        parameters.append({"name": name, "in": where, "required": where == "path",
+                           "schema": schema, "description": description})
+    answers = {**_common_answers(route, method), **route.answers}
+    responses = {}
+    for status, answer in sorted(answers.items()):
+        reason = http.HTTPStatus(status).phrase
+        content = _content("Error" if status >= 400 and answer is None else answer)
+        responses[str(status)] = {"description": reason, **(
+            {"content": content} if content and method != "HEAD" else {})}
+    operation: dict[str, Any] = {
+        "operationId": re.sub(r"[^A-Za-z0-9]+", "_", f"{method}{path}").strip("_").lower(),
+        "summary": route.summary, "tags": [ROOM_TAGS[route.handler.split(".")[0]]],
+        "parameters": parameters, "responses": responses,
+        "security": API_SECURITY[route.access]}
+    if route.body is not None and method not in ("GET", "HEAD", "DELETE"):
+        operation["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{route.body}"}}}}
+    return operation
+
+
+API_SECURITY: dict[str, list[dict[str, list[str]]]] = {
+    "open": [],
+    "client": [{"apiKey": []}, {}],  # {}: without one until the first key is made
+    "admin": [{"adminToken": []}, {"adminPassword": []}],
+}
+SECURITY_SCHEMES = {
+    "adminToken": {"type": "http", "scheme": "bearer", "description":
+                   "ADMIN_TOKEN. Without one set, only loopback clients may manage."},
+    "adminPassword": {"type": "http", "scheme": "basic", "description":
+                      "ADMIN_TOKEN as the password (any user name), as a browser asks"},
+    "apiKey": {"type": "http", "scheme": "bearer", "description":
+               "an API key from /keys/addKey (or the admin token); needed once a key exists, "
+               "or always with REQUIRE_API_KEY"},
+}
+
+
+def openapi_document(routes: Sequence[Route]) -> dict[str, Any]:
+    """OpenAPI 3.1 for ``routes``: every path of every route with its parameters, body,
+    answers, refusals and authentication, in the table's order."""
+    paths: dict[str, dict[str, Any]] = {}
+    for line in routes:
+        for path in line.paths:
+            item = paths.setdefault(path, {})
+            for method in sorted(line.methods or ANY_METHODS, key=ANY_METHODS.index):
+                item[method.lower()] = _operation(line, path, method)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ollamabalancer", "version": __version__, "description":
+                 "One endpoint in front of a fleet of Ollama servers: the fleet as one "
+                 "Ollama at the root, the seed project's proxy and server API, and the "
+                 "management of servers, proxies and API keys."},
+        "paths": paths,
+        "components": {"schemas": API_SCHEMAS, "securitySchemes": SECURITY_SCHEMES},
+    }
+
+
+#: /api-docs: the description, readable in a browser. One self-contained page, as the
+#: dashboard (no CDN, the same CSP); data goes in with textContent only, never as HTML.
+API_DOCS_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ollamabalancer API</title>
+<style>
+  body { margin: 0 auto; max-width: 980px; padding: 16px 24px; color: #1f2328;
+         font: 14px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; }
+  h1 { font-size: 22px; margin: 8px 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; }
+  .intro, .dim { color: #59636e; }
+  details { border: 1px solid #d1d9e0; border-radius: 6px; margin: 6px 0; }
+  summary { cursor: pointer; padding: 6px 10px; list-style: none; }
+  summary::-webkit-details-marker { display: none; }
+  .method { display: inline-block; min-width: 58px; font: 600 12px ui-monospace, monospace;
+            text-align: center; border-radius: 4px; padding: 1px 6px; color: #fff;
+            background: #59636e; margin-right: 8px; }
+  .GET, .HEAD { background: #0969da; } .POST { background: #1a7f37; }
+  .PATCH, .PUT { background: #9a6700; } .DELETE { background: #cf222e; }
+  .path { font-family: ui-monospace, monospace; }
+  .body { padding: 4px 12px 10px; border-top: 1px solid #d1d9e0; }
+  table { border-collapse: collapse; width: 100%; margin: 4px 0 8px; }
+  th, td { text-align: left; padding: 3px 8px; border-bottom: 1px solid #eef1f4;
+           vertical-align: top; }
+  code { font-family: ui-monospace, monospace; font-size: 12px; }
+</style>
+</head>
+<body>
+<h1>ollamabalancer API <span class="dim" id="version"></span></h1>
+<p class="intro" id="intro"></p>
+<p class="dim">The same description as JSON: <a href="/openapi.json">/openapi.json</a>
+(OpenAPI 3.1), for code generators and API tools.</p>
+<div id="api"></div>
+<script>
+"use strict";
+const doc = /*DOCUMENT*/null;
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (cls) node.className = cls;
+  return node;
+}
+function resolve(schema) {
+  const ref = schema && schema.$ref;
+  return ref ? doc.components.schemas[ref.split("/").pop()] : schema || {};
+}
+function describe(schema) {
+  schema = resolve(schema);
+  const options = schema.anyOf || schema.oneOf;
+  if (options) return options.map(describe).join(" or ");
+  if (schema.enum) return schema.enum.map(v => JSON.stringify(v)).join(" | ");
+  if (schema.const !== undefined) return JSON.stringify(schema.const);
+  let text = [].concat(schema.type || "any").join(" or ");
+  if (schema.type === "array" && schema.items) text += " of " + describe(schema.items);
+  if (schema.minimum !== undefined) text += `, ${schema.minimum} to ${schema.maximum}`;
+  if (schema.maxLength) text += `, at most ${schema.maxLength} characters`;
+  if (schema.description) text += ` (${schema.description})`;
+  return text;
+}
+function table(head, rows) {
+  const t = el("table"), tr = el("tr");
+  head.forEach(h => tr.appendChild(el("th", h)));
+  t.appendChild(tr);
+  rows.forEach(cells => {
+    const row = el("tr");
+    cells.forEach(c => {
+      const td = el("td");
+      td.appendChild(el("code", c));
+      row.appendChild(td);
+    });
+    t.appendChild(row);
+  });
+  return t;
+}
+function operation(path, method, op) {
+  const box = el("details"), line = el("summary");
+  line.appendChild(el("span", method.toUpperCase(), "method " + method.toUpperCase()));
+  line.appendChild(el("span", path, "path"));
+  line.appendChild(el("span", "  " + op.summary, "dim"));
+  box.appendChild(line);
+  const body = el("div", null, "body");
+  const auth = op.security.map(s => Object.keys(s)[0] || "none").join(" or ");
+  body.appendChild(el("p", "Authentication: " + (auth || "none")));
+  if (op.parameters.length) body.appendChild(table(["parameter", "in", "schema"],
+    op.parameters.map(p => [p.name, p.in, describe(p.schema) + " - " + p.description])));
+  const request = op.requestBody && resolve(op.requestBody.content["application/json"].schema);
+  if (request) {
+    const required = request.required || [];
+    body.appendChild(el("p", "JSON body" + (request.additionalProperties === false
+                                             ? ", no other fields:" : ":")));
+    body.appendChild(table(["field", "schema"], Object.entries(request.properties || {})
+      .map(([name, schema]) => [name + (required.includes(name) ? " (required)" : ""),
+                                describe(schema)])));
+  }
+  body.appendChild(table(["status", "answer"], Object.entries(op.responses).map(
+    ([status, r]) => [status, r.description + (r.content ? ": " + Object.entries(r.content)
+      .map(([media, c]) => c.schema ? describe(c.schema) : media).join(", ") : "")])));
+  box.appendChild(body);
+  return box;
+}
+document.getElementById("version").textContent = doc.info.version;
+document.getElementById("intro").textContent = doc.info.description;
+const groups = new Map();
+for (const [path, item] of Object.entries(doc.paths))
+  for (const [method, op] of Object.entries(item)) {
+    const tag = op.tags[0];
+    if (!groups.has(tag)) groups.set(tag, []);
+    groups.get(tag).push(operation(path, method, op));
+  }
+const api = document.getElementById("api");
+for (const [tag, ops] of groups) {
+  api.appendChild(el("h2", tag));
+  ops.forEach(o => api.appendChild(o));
+}
+</script>
+</body>
+</html>
+"""
+
+
+class ApiDocs:
+    """The API's description: /openapi.json made once from the route table, and
+    /api-docs, the page that shows it."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.document = openapi_document(routes)
+        self.json = json.dumps(self.document, separators=(",", ":")).encode()
+        embedded = json.dumps(self.document).replace("<", "\\u003c")
+        self.html = API_DOCS_HTML.replace("/*DOCUMENT*/null", embedded).encode()
+
+    async def openapi(self, request: Request, match: re.Match[str]) -> Response:
+        return Response(200, self.json, "application/json")
+
+    async def page(self, request: Request, match: re.Match[str]) -> Response:
+        return Response(200, self.html, "text/html; charset=utf-8", headers=[
+            ("Cache-Control", "no-store"),
+            ("Content-Security-Policy",
+             "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'")])
+
+
+
+# ---------------------------------------------------------------------------
+# Application: the route table, and dispatch through it
+# ---------------------------------------------------------------------------
+
+
+_ONE_PROXY = r"/proxy/(?P<id>[0-9]{1,9})"
+_ONE_SERVER = r"/servers/(?P<id>[0-9]{1,9})"
 
 #: Every endpoint, in the order they are tried. Dispatch, 405's Allow, the metrics'
-#: endpoint label and authentication all read this table and nothing else.
+#: endpoint label, authentication and the API's description all read this table and
+#: nothing else.
 ROUTES: tuple[Route, ...] = (
     # The Ollama API at the root.
-    route("GET HEAD", r"/", "front.root", "open", "liveness: 'Ollama is running'",
-          answers=(200,)),
-    route("GET", r"/api/version", "front.api_version", "client",
-          "the oldest Ollama version among the serving servers", answers=(200,)),
-    route("GET", r"/api/tags", "front.api_tags", "client",
-          "every model of the serving servers, once", answers=(200,)),
-    route("GET", r"/api/ps", "front.api_ps", "client",
-          "the models loaded on the serving servers", answers=(200,)),
-    route("GET", r"/v1/models", "front.v1_models", "client",
-          "the catalog as OpenAI lists models", answers=(200,)),
-    route("GET", r"/v1/models/(?P<model>.+)", "front.v1_model", "client",
-          "one model as OpenAI describes it", label="v1_model", params=("model: path",),
-          answers=(200, 404)),
-    route("POST", f"(?:{_MODEL_PATHS})", "front.routed", "client",
+    route("GET HEAD", "/", "front.root", "open", "liveness: 'Ollama is running'",
+          answers={200: "text/plain"}),
+    route("GET", "/api/version", "front.api_version", "client",
+          "the oldest Ollama version among the serving servers"),
+    route("GET", "/api/tags", "front.api_tags", "client",
+          "every model of the serving servers, once"),
+    route("GET", "/api/ps", "front.api_ps", "client", "the models loaded on the serving servers"),
+    route("GET", "/v1/models", "front.v1_models", "client",
+          "the catalog as OpenAI lists models"),
+    route("GET", "/v1/models/{model}", "front.v1_model", "client",
+          "one model as OpenAI describes it", label="v1_model",
+          pattern=r"/v1/models/(?P<model>.+)", errors=(404,)),
+    route("POST", ROUTED_PATHS, "front.routed", "client",
           "routed by its body's model to the best server, queued while the fleet is full",
-          params=("model (or name): body", "X-Session-Id: header"),
-          answers=(200, 400, 404, 413, 502, 503, 504)),
-    route("POST", r"/api/(?:pull|create)", "fan_out.progress", "client",
+          body="OllamaRequest", query=("X-Session-Id",), answers={200: OLLAMA_ANSWER},
+          errors=(404, 502, 503, 504)),
+    route("POST", ("/api/pull", "/api/create"), "fan_out.progress", "client",
           "on every server (or those in 'servers'), progress merged into one stream",
-          params=("model (or name): body", "servers: body", "stream: body"),
-          answers=(200, 400, 404, 502, 503)),
-    route("DELETE", r"/api/delete", "fan_out.delete", "client",
-          "deletes a model on every server that has it",
-          params=("model (or name): body", "servers: body"), answers=(200, 404, 502, 503)),
-    route("POST", r"/api/copy", "fan_out.copy", "client", "copies a model on every server",
-          params=("source: body", "destination: body", "servers: body"),
-          answers=(200, 400, 404, 502, 503)),
-    route("POST HEAD", r"/api/blobs/(?P<digest>sha256[:-][0-9a-fA-F]{64})", "fan_out.blobs",
-          "client", "HEAD: does every server have the blob; POST: upload it to every one",
-          label="blobs", params=("digest: path",), answers=(200, 201, 404, 502, 503)),
+          body="FanOutRequest", answers={200: ("application/x-ndjson", "application/json")},
+          errors=(404, 502, 503)),
+    route("DELETE", "/api/delete", "fan_out.delete", "client",
+          "deletes a model on every server that has it", body="FanOutRequest",
+          answers={200: None}, errors=(404, 502, 503)),
+    route("POST", "/api/copy", "fan_out.copy", "client", "copies a model on every server",
+          body="CopyRequest", answers={200: None}, errors=(404, 502, 503)),
+    route("POST HEAD", "/api/blobs/{digest}", "fan_out.blobs", "client",
+          "HEAD: does every server have the blob; POST: upload it to every one",
+          label="blobs", pattern=r"/api/blobs/(?P<digest>sha256[:-][0-9a-fA-F]{64})",
+          answers={200: None, 201: None}, errors=(404, 502, 503)),
     # The seed's API and its management.
-    route("POST", r"/proxy/addProxy", "management.add_proxy", "admin", "adds a proxy",
-          label="add_proxy",
-          params=("ip", "port", "protocol", "name", "status", "userName", "password"),
-          answers=(200, 400)),
-    route("GET", r"/proxy/allProxies", "management.all_proxies", "admin",
-          "every proxy, passwords left out", label="all_proxies", answers=(200,)),
-    route("GET PATCH DELETE", r"/proxy/(?P<id>[0-9]{1,9})", "management.one_proxy", "admin",
-          "one proxy: read, change, delete", label="one_proxy", params=("id: path",),
-          answers=(200, 204, 400, 404, 409)),
-    route("GET", r"/servers/getServer", "management.get_server", "client",
+    route("POST", "/proxy/addProxy", "management.add_proxy", "admin", "adds a proxy",
+          label="add_proxy", body="NewProxy", answers={200: "True"}),
+    route("GET", "/proxy/allProxies", "management.all_proxies", "admin",
+          "every proxy, passwords left out", label="all_proxies", answers={200: "Proxies"}),
+    route("GET", "/proxy/{id}", "management.one_proxy", "admin", "one proxy",
+          label="one_proxy", pattern=_ONE_PROXY, answers={200: "Proxy"}, errors=(404,)),
+    route("PATCH", "/proxy/{id}", "management.one_proxy", "admin",
+          "changes a proxy (null clears userName or password)", label="one_proxy",
+          pattern=_ONE_PROXY, body="ProxyChange", answers={200: "Proxy"}, errors=(404,)),
+    route("DELETE", "/proxy/{id}", "management.one_proxy", "admin",
+          "deletes a proxy no server uses", label="one_proxy", pattern=_ONE_PROXY,
+          answers={204: None}, errors=(404, 409)),
+    route("GET", "/servers/getServer", "management.get_server", "client",
           "an ID for a server that has the models (and size), through the proxy",
-          label="get_server", params=("models: query", "size: query", "proxy: query"),
-          answers=(200, 400, 404, 409)),
-    route("POST", r"/servers/addServer", "management.add_server", "admin", "adds a server",
-          label="add_server", params=SERVER_BODY_FIELDS, answers=(201, 400, 409)),
-    route("GET", r"/servers/allServers", "management.all_servers", "admin",
-          "every server with its health and models", label="all_servers", answers=(200,)),
-    route("GET PATCH DELETE", r"/servers/(?P<id>[0-9]{1,9})", "management.one_server",
-          "admin", "one server: read, change, delete", label="one_server",
-          params=("id: path",), answers=(200, 204, 400, 404, 409)),
-    route("", r"/servers/ollama(?P<rest>/.*)?", "relay.passthrough", "client",
-          "relayed as it is to the server a getServer ID (or server id) names",
-          label="passthrough", params=("id: path", "serverId: query"),
-          answers=(200, 400, 404, 409, 502, 503, 504)),
-    route("POST", r"/keys/addKey", "management.add_key", "admin",
-          "makes an API key, shown this once", label="add_key",
-          params=("name", "requestsPerMinute", "maxConcurrent"), answers=(201, 400)),
-    route("GET", r"/keys/allKeys", "management.all_keys", "admin", "every API key, not the key",
-          label="all_keys", answers=(200,)),
-    route("DELETE", r"/keys/(?P<id>[0-9]{1,9})", "management.delete_key", "admin",
-          "deletes an API key", label="delete_key", params=("id: path",),
-          answers=(204, 404)),
-    # Observability.
-    route("GET", r"/metrics", "observability.metrics_page", "admin",
-          "Prometheus text exposition", label="metrics_page", answers=(200,)),
-    route("GET", r"/servers/status", "observability.status", "admin",
-          "what the dashboard shows, as JSON", label="status", answers=(200,)),
-    route("GET", r"/dashboard", "observability.dashboard", "admin", "the dashboard page",
-          label="dashboard", answers=(200,)),
+          label="get_server", query=("models", "size", "proxy"),
+          answers={200: "text/plain"}, errors=(400, 404, 409, 503)),
+    route("POST", "/servers/addServer", "management.add_server", "admin", "adds a server",
+          label="add_server", body="NewServer", answers={201: "Server"}, errors=(409, 422)),
+    route("GET", "/servers/allServers", "management.all_servers", "admin",
+          "every server with its health and models", label="all_servers",
+          answers={200: "Servers"}),
+    route("GET", "/servers/{id}", "management.one_server", "admin", "one server",
+          label="one_server", pattern=_ONE_SERVER, answers={200: "Server"}, errors=(404,)),
+    route("PATCH", "/servers/{id}", "management.one_server", "admin",
+          "changes a server (null clears name, proxyId, maxConcurrency...)",
+          label="one_server", pattern=_ONE_SERVER, body="ServerChange",
+          answers={200: "Server"}, errors=(404, 409, 422)),
+    route("DELETE", "/servers/{id}", "management.one_server", "admin", "deletes a server",
+          label="one_server", pattern=_ONE_SERVER, answers={204: None}, errors=(404,)),
+    route("", "/servers/ollama/{server}/{path}", "relay.passthrough", "client",
+          "relayed as it is to the server a getServer ID (or server id) names; "
+          "/servers/ollama/<path>?serverId=<id> works too",
+          label="passthrough", pattern=r"/servers/ollama(?P<rest>/.*)?",
+          answers={200: OLLAMA_ANSWER}, errors=(400, 404, 409, 502, 503, 504)),
+    route("POST", "/keys/addKey", "management.add_key", "admin",
+          "makes an API key, shown this once", label="add_key", body="NewApiKey",
+          answers={201: "CreatedApiKey"}),
+    route("GET", "/keys/allKeys", "management.all_keys", "admin", "every API key, not the key",
+          label="all_keys", answers={200: "ApiKeys"}),
+    route("DELETE", "/keys/{id}", "management.delete_key", "admin", "deletes an API key",
+          label="delete_key", pattern=r"/keys/(?P<id>[0-9]{1,9})", answers={204: None},
+          errors=(404,)),
+    # Observability and the description.
+    route("GET", "/metrics", "observability.metrics_page", "admin",
+          "Prometheus text exposition", label="metrics_page", answers={200: "text/plain"}),
+    route("GET", "/servers/status", "observability.status", "admin",
+          "what the dashboard shows, as JSON", label="status", answers={200: "Status"}),
+    route("GET", "/dashboard", "observability.dashboard", "admin", "the dashboard page",
+          label="dashboard", answers={200: "text/html"}),
+    route("GET", "/openapi.json", "docs.openapi", "open",
+          "this description, as OpenAPI 3.1", label="openapi"),
+    route("GET", "/api-docs", "docs.page", "open", "this description, as a page",
+          label="api_docs", answers={200: "text/html"}),
 )
 
 
@@ -6065,6 +6576,7 @@ class Balancer:
         self.fan_out = FanOut(config, self.fleet, self.upstreams, self.relay)
         self.management = Management(config, self.fleet)
         self.observability = Observability(config, self.fleet, self.metrics)
+        self.docs = ApiDocs(ROUTES)
         self.body_budget = ByteBudget(config.max_buffered_bodies)
         self.routes = [(r, self._handler(r.handler)) for r in ROUTES]
         self._route_memo: dict[str, list[tuple[Route, re.Match[str], Handler]]] = {}

@@ -17,7 +17,8 @@ generate, embed, NDJSON and SSE streaming) plus test-only paths:
 Knobs: ``fail_status`` makes model requests answer that status; ``pull_error`` makes a pull
 fail halfway, ``pull_delay`` start its layer that many seconds late; a body with
 ``"fake_hold": true`` waits for release(); ``"fake_sleep": s``
-sleeps first. ``loaded`` is what /api/ps reports; ``blobs`` what /api/blobs has;
+sleeps first; ``"fake_die": true`` drops the connection after the first token.
+``loaded`` is what /api/ps reports; ``blobs`` what /api/blobs has;
 ``missing_paths`` answer 404 with ``missing_answer`` (by default "404 page not found" in
 plain text, as an Ollama too old to have them does).
 """
@@ -406,6 +407,11 @@ class _Handler(BaseHTTPRequestHandler):
                     "done": False}
             self.chunk(json.dumps(line).encode() + b"\n")
             time.sleep(0.005)
+            if request.get("fake_die"):  # the server dies mid-answer
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
         self.chunk(json.dumps(final).encode() + b"\n")
         self.end_chunked()
 

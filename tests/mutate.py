@@ -79,8 +79,9 @@ SECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     # The answer's way back, apart: the relay's tests are end to end and slow, and two
     # sections can run side by side.
     "relay-body": (
-        ("Relay._response_fields", "Relay._relay_body"),
+        ("Relay._response_fields", "Relay._relay_body", "Tail.*"),
         "tests/test_passthrough.py"
+        " tests/test_bodies.py::test_the_tail_of_a_body_keeps_its_last_bytes_and_no_more"
         " tests/test_observability.py::test_metrics_count_a_known_sequence_of_requests"
         " -k 'not uvloop'"),
 }

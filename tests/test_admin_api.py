@@ -54,7 +54,8 @@ def test_duplicate_host_and_port_is_409_but_another_port_is_fine(
         ({"host": "h", "scheme": "ftp"}, "scheme"),
         ({"host": "h", "enabled": "yes"}, "enabled"),
         ({"host": "h", "name": "bad\r\nname"}, "name"),
-        ({"host": "h", "proxyId": 999}, "proxyId"),
+        ({"host": "h", "proxyId": "²"}, "proxyId"),
+        ({"host": "h", "scheme": None}, "scheme"),  # null only where it clears a field
         ({"url": "ftp://h"}, "url"),
         ({"url": "http://h/path"}, "url"),
         ({"url": "http://h:1", "host": "h"}, "url"),
@@ -67,6 +68,11 @@ def test_invalid_server_bodies_are_400_naming_the_field(
     reply = balancer.call("POST", "/servers/addServer", body)
     assert reply.status == 400, reply
     assert field in reply.json()["error"]
+
+
+def test_a_well_formed_proxy_id_naming_no_proxy_is_422(balancer: BalancerProcess) -> None:
+    reply = balancer.call("POST", "/servers/addServer", {"host": "h", "proxyId": 999})
+    assert reply.status == 422 and reply.json() == {"error": "'proxyId' 999 is not a known proxy"}
 
 
 def test_bad_json_and_missing_body_are_400(balancer: BalancerProcess) -> None:
@@ -320,3 +326,17 @@ def test_server_added_with_a_dead_port_shows_unreachable_quickly(
     server = balancer.add_server(f"http://127.0.0.1:{port}")
     assert server["reachable"] is False  # checked before the answer, not at the next round
     assert "cannot connect" in server["lastError"] and str(port) in server["lastError"]
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"host": "h", "name": "\\ud800"}',          # a lone surrogate: no database keeps it
+    b'{"host": "h", "proxyId": "\xc2\xb2"}',       # "2" as a superscript: a digit to isdigit()
+    b'{"host": "h", "name": "gpu\\n"}',           # a control character, even at the end
+    b'{"host": "h", "port": 80.5}',
+])
+def test_text_and_numbers_no_store_can_keep_are_400_not_500(
+        balancer: BalancerProcess, raw: bytes) -> None:
+    reply = balancer.call("POST", "/servers/addServer", raw=raw,
+                          headers={"Content-Type": "application/json"})
+    assert reply.status == 400, reply
+    assert balancer.call("GET", "/servers/allServers").json() == []

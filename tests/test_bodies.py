@@ -169,3 +169,19 @@ def test_a_streamed_body_may_be_sent_again_while_what_was_read_fits_the_replay_l
     over = ob.ReplayableBody(source(b"abcd", b"efghijk"))
     assert replay(over) == [b"abcd", b"efghijk"]
     assert not over.replayable and over.size == 0  # nothing kept once it gave up
+
+
+def test_the_tail_of_a_body_keeps_its_last_bytes_and_no_more() -> None:
+    # Pieces of 64 bytes: 8 KiB is 128 of them exactly, the bound's edge.
+    tail = ob.Tail()
+    pieces = [bytes([i % 251]) * 64 for i in range(1000)]
+    for piece in pieces:
+        tail.add(piece)
+        assert tail.size == sum(len(p) for p in tail.pieces)
+        assert tail.size < ob.TAIL_BYTES + 64  # what it holds stays bounded
+    assert tail.size == ob.TAIL_BYTES
+    assert tail.last() == b"".join(pieces)[-ob.TAIL_BYTES:]
+    big = ob.Tail()
+    big.add(b"x" * 20_000)  # one piece larger than the tail: kept, and cut when read
+    big.add(b"y")
+    assert big.last() == (b"x" * 20_000 + b"y")[-ob.TAIL_BYTES:]

@@ -17,7 +17,7 @@ BANNER = re.compile(r"^# -{20,}\n# (?P<title>.+)\n# -{20,}$", re.MULTILINE)
 
 #: The rooms of the application, lowest first: each may be given only those before it.
 ROOMS = [ob.Upstreams, ob.Fleet, ob.Access, ob.Relay, ob.OllamaFront, ob.FanOut,
-         ob.Management, ob.Observability, ob.Balancer]
+         ob.Management, ob.Observability, ob.ApiDocs, ob.Balancer]
 
 
 def sections() -> list[tuple[str, int, int]]:

@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -428,24 +429,56 @@ def test_hop_by_hop_fields_of_an_upstream_answer_never_reach_the_client(
     assert reply.headers.get("Connection") in (None, "close")  # its own, never upstream's
 
 
-class ScriptedUpstream:
-    """A raw upstream that answers each request by its path's script: bytes to send (or
-    nothing, to hold the connection), then closes."""
+#: An Ollama's health check, answered on a connection kept open.
+HEALTHY = {
+    "/api/tags": b'HTTP/1.1 200 OK\r\nContent-Length: 61\r\n\r\n'
+                 b'{"models":[{"name":"llama3:latest","model":"llama3:latest"}]}',
+    "/api/ps": b'HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{"models":[]}',
+    "/api/version": b'HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n{"version":"0.12.0"}',
+}
 
-    SCRIPTS: ClassVar[dict[str, bytes | None]] = {
-        "/close": b"",
-        "/silent": None,
-        "/switch": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+
+class ScriptedUpstream:
+    """A raw upstream that answers each request by its path's script: the bytes to send
+    (a list: pieces, each after ``gate`` is released), then what to do with the
+    connection: close it, keep it for the next request, or hold it open unread."""
+
+    SCRIPTS: ClassVar[dict[str, tuple[bytes | list[bytes] | None, str]]] = {
+        "/close": (b"", "close"),
+        "/silent": (None, "hold"),
+        "/switch": (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n", "close"),
         "/hints": (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
-                   b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
-        "/garbage": b"HTTP/9 nope\r\n\r\n",
-        "/no-reason": b"HTTP/1.1 200\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                   b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "close"),
+        "/garbage": (b"HTTP/9 nope\r\n\r\n", "close"),
+        "/no-reason": (b"HTTP/1.1 200\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"2\r\nok\r\n0\r\n\r\n", "close"),
+        "/keep": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "keep"),
+        "/partial-head": (b"HTTP/1.1 200 OK\r\nContent-", "close"),
+        "/two-lengths": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3"
+                         b"\r\n\r\nok", "close"),
+        "/head-then-body": ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                             b"2\r\nok\r\n0\r\n\r\n"], "close"),
+        "/until-close": ([b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhello ",
+                          b"world"], "close"),
+        "/empty": (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "keep"),
+        "/no-content": (b"HTTP/1.1 204 No Content\r\n\r\n", "keep"),
+        "/not-modified": (b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n"
+                          b"Content-Length: 5\r\n\r\n", "keep"),
+        "/twice-length": (b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n"
+                          b"Content-Length: 17\r\n\r\n", "keep"),
+        "/counted": (b'HTTP/1.1 200 OK\r\nContent-Length: 29\r\n\r\n'
+                     b'{"done":true,"eval_count":3}\n', "close"),
+        "/api/chat": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3"
+                      b"\r\n\r\nok", "close"),
+        **{path: (answer, "keep") for path, answer in HEALTHY.items()},
     }
 
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.held: list[socket.socket] = []
+        self.seen: list[str] = []
+        self.gate = threading.Semaphore(0)
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -454,19 +487,37 @@ class ScriptedUpstream:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            request = b""
-            while b"\r\n\r\n" not in request:
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        buffered = b""
+        while True:
+            while b"\r\n\r\n" not in buffered:
                 piece = conn.recv(65536)
                 if not piece:
-                    break
-                request += piece
+                    conn.close()
+                    return
+                buffered += piece
+            request, _, buffered = buffered.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in request.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            while len(buffered) < length:
+                buffered += conn.recv(65536)
+            buffered = buffered[length:]
             path = request.split(b" ")[1].decode() if b" " in request else ""
-            script = self.SCRIPTS.get(path, b"")
-            if script is None:
+            self.seen.append(path)
+            answer, then = self.SCRIPTS.get(path, (b"", "close"))
+            for index, piece in enumerate(answer if isinstance(answer, list) else [answer]):
+                if index:
+                    self.gate.acquire(timeout=10)
+                if piece:
+                    conn.sendall(piece)
+            if then == "hold":
                 self.held.append(conn)
-                continue
-            conn.sendall(script)
-            conn.close()
+                return
+            if then == "close":
+                conn.close()
+                return
 
     def close(self) -> None:
         self.listener.close()
@@ -501,3 +552,192 @@ def test_an_upstream_that_fails_before_answering_is_told_in_its_own_words(
         assert b"\r\nConnection: close" in head and b"Transfer-Encoding" not in head
     finally:
         upstream.close()
+
+
+@pytest.fixture
+def scripted(start_balancer: Any, sqlite_store: Any) -> Iterator[tuple[BalancerProcess, Any]]:
+    """A balancer (health checks by hand, a short upstream timeout) and a scripted server
+    added to it: its id, and the upstream."""
+    upstream = ScriptedUpstream()
+    lb = start_balancer(sqlite_store, "--upstream-timeout", "2", "--health-interval", "600",
+                        "--breaker-threshold", "1", "--breaker-cooldown", "60",
+                        env={"LOG_FORMAT": "json"})
+    server = lb.add_server(f"http://127.0.0.1:{upstream.port}", name="scripted")
+    yield lb, (server["id"], upstream)
+    upstream.close()
+
+
+def test_an_answer_broken_off_in_its_head_is_never_asked_again(
+        scripted: tuple[BalancerProcess, Any]) -> None:
+    # The server began to answer, so it had the request: sending it again on another
+    # connection could run it twice. Only a connection that answered nothing is retried.
+    lb, (sid, upstream) = scripted
+    assert lb.call("GET", f"/servers/ollama/{sid}/keep").text == "ok"  # now pooled
+    broken = lb.call("GET", f"/servers/ollama/{sid}/partial-head")
+    assert broken.status == 502 and "closed the connection" in broken.json()["error"]
+    assert upstream.seen.count("/partial-head") == 1
+
+
+def test_an_answer_with_two_lengths_is_502_and_counts_against_its_server(
+        scripted: tuple[BalancerProcess, Any]) -> None:
+    lb, (sid, _) = scripted
+    # From the root, it opens the circuit (threshold 1), as any failure of a server does.
+    routed = lb.call("POST", "/api/chat", {"model": "llama3", "messages": []})
+    assert routed.status == 502
+    assert lb.call("GET", f"/servers/{sid}").json()["circuitOpen"] is True
+    reply = lb.call("GET", f"/servers/ollama/{sid}/two-lengths")  # by id: still relayed
+    assert reply.status == 502
+    assert reply.json() == {"error": "scripted: more than one Content-Length"}, reply
+    errors = lb.call("GET", "/servers/status").json()["recentErrors"]
+    assert [e["kind"] for e in errors if e["server"] == "scripted"] == ["protocol"] * 2
+    assert 'kind="protocol"} 2' in lb.call("GET", "/metrics").text
+
+
+def test_the_head_of_an_answer_reaches_the_client_before_its_body(
+        scripted: tuple[BalancerProcess, Any]) -> None:
+    # A model loading sends its head and then nothing for a while: the client hears that
+    # the request was taken at once, not when the first token comes.
+    lb, (sid, upstream) = scripted
+    with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as client:
+        client.sendall(f"GET /servers/ollama/{sid}/head-then-body HTTP/1.1\r\n"
+                       "Host: lb\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += client.recv(65536)  # before the body is even sent: else a timeout
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        upstream.gate.release()
+        rest = head.partition(b"\r\n\r\n")[2]
+        while not rest.endswith(b"0\r\n\r\n"):
+            rest += client.recv(65536)
+        assert rest == b"2\r\nok\r\n0\r\n\r\n"
+
+
+def access_lines(lb: BalancerProcess) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in lb.lines if line.startswith("{")]
+    return [line for line in lines if line.get("status") and line.get("bytes_out") is not None]
+
+
+def test_the_access_log_counts_every_byte_sent_and_the_time_to_the_first(
+        start_balancer: Any, sqlite_store: Any, backend: FakeOllama) -> None:
+    lb = start_balancer(sqlite_store, env={"LOG_FORMAT": "json"})
+    lb.add_server(backend.url)
+    sid = lb.server_id()
+    for path in ("/api/version", "/api/tags"):
+        answer = raw_exchange(lb.port, f"GET /servers/ollama/{sid}{path} HTTP/1.1\r\n"
+                                       "Host: lb\r\nConnection: close\r\n\r\n".encode())
+        lb.wait_for(lambda p=path: any(line["path"].endswith(p) for line in access_lines(lb)))
+        line = next(line for line in access_lines(lb) if line["path"].endswith(path))
+        assert line["bytes_out"] == len(answer), (line, len(answer))
+        assert 0 <= line["ttfb"] <= line["duration"] < 5, line
+
+
+def test_a_cut_stream_and_a_5xx_are_recorded_as_what_happened(
+        routed: tuple[BalancerProcess, str]) -> None:
+    lb, sid = routed
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+    conn.request("GET", f"/servers/ollama/{sid}/die")
+    with pytest.raises(http.client.IncompleteRead):
+        conn.getresponse().read()
+    conn.close()
+    assert lb.call("GET", f"/servers/ollama/{sid}/status/500").status == 500
+
+    def said() -> list[tuple[str, str]]:
+        errors = lb.call("GET", "/servers/status").json()["recentErrors"]
+        return [(e["kind"], e["message"]) for e in errors]
+
+    lb.wait_for(lambda: ("http_5xx", "answered 500") in said())  # once relayed
+    assert ("cut_stream", "the stream broke off mid-answer") in said()
+    lb.wait_for(lambda: "stream from upstream cut: upstream closed in the middle of the body"
+                in lb.log)
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_a_root_answer_of_500_or_cut_short_counts_against_its_server(
+        start_balancer: Any, sqlite_store: Any, make_backend: Any, cut: bool) -> None:
+    lb = start_balancer(sqlite_store, "--breaker-threshold", "1", "--breaker-cooldown", "60",
+                        "--health-interval", "600")
+    fake = make_backend()
+    row = lb.add_server(fake.url)
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+    if cut:
+        conn.request("POST", "/api/chat", json.dumps({"model": "llama3", "fake_die": True}))
+        with pytest.raises(http.client.IncompleteRead):
+            conn.getresponse().read()
+    else:
+        fake.fail_status = 500
+        conn.request("POST", "/api/chat", json.dumps({"model": "llama3"}))
+        assert conn.getresponse().status == 500
+    conn.close()
+    # Counted once the answer is relayed, which the client may see a moment before.
+    lb.wait_for(lambda: lb.call("GET", f"/servers/{row['id']}").json()["circuitOpen"])
+
+
+def test_tokens_are_counted_by_model_for_passthrough_requests_too(
+        routed: tuple[BalancerProcess, str]) -> None:
+    lb, sid = routed
+    reply = lb.call("POST", f"/servers/ollama/{sid}/api/chat",
+                    {"model": "llama3", "messages": [], "stream": False})
+    assert reply.status == 200
+    port = lb.call("GET", "/servers/allServers").json()[0]["port"]
+    assert (f'ollamabalancer_tokens_total{{server="http://127.0.0.1:{port}",'
+            'model="llama3:latest"} 5') in lb.call("GET", "/metrics").text
+
+
+def test_tokens_of_an_answer_that_names_no_model_are_counted_without_one(
+        scripted: tuple[BalancerProcess, Any]) -> None:
+    lb, (sid, _) = scripted
+    assert lb.call("GET", f"/servers/ollama/{sid}/counted").status == 200
+    assert 'ollamabalancer_tokens_total{server="scripted",model=""} 3' in lb.call(
+        "GET", "/metrics").text
+
+
+def test_answers_without_a_body_are_framed_as_http_says(
+        scripted: tuple[BalancerProcess, Any]) -> None:
+    # The upstream keeps each connection open: the balancer must know from the head alone
+    # that nothing follows, and one client connection takes them all in turn.
+    lb, (sid, _) = scripted
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=5)
+
+    def ask(method: str, path: str) -> http.client.HTTPResponse:
+        conn.request(method, f"/servers/ollama/{sid}{path}")
+        response = conn.getresponse()
+        assert response.read() == b""
+        return response
+
+    empty = ask("GET", "/empty")
+    assert (empty.status, empty.getheader("Content-Length")) == (200, "0")
+    nothing = ask("GET", "/no-content")
+    assert nothing.status == 204 and nothing.getheader("Content-Length") is None
+    unchanged = ask("GET", "/not-modified")
+    assert (unchanged.status, unchanged.getheader("Content-Length")) == (304, "5")
+    assert unchanged.getheader("ETag") == '"v1"'
+    head = ask("HEAD", "/twice-length")
+    assert head.headers.get_all("Content-Length") == ["17"]
+    conn.close()
+    kinds = [e["kind"] for e in lb.call("GET", "/servers/status").json()["recentErrors"]]
+    assert "cut_stream" not in kinds
+
+
+def test_an_answer_that_ends_when_its_server_closes_reaches_the_client_whole(
+        scripted: tuple[BalancerProcess, Any]) -> None:
+    lb, (sid, upstream) = scripted
+    upstream.gate.release()
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=5)
+    conn.request("GET", f"/servers/ollama/{sid}/until-close")
+    response = conn.getresponse()
+    assert response.getheader("Transfer-Encoding") == "chunked"
+    assert response.read() == b"hello world"  # the last chunk came: IncompleteRead if not
+    conn.close()
+
+
+def test_a_slow_reader_gets_a_large_answer_whole(routed: tuple[BalancerProcess, str]) -> None:
+    lb, sid = routed
+    with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as client:
+        client.sendall(f"GET /servers/ollama/{sid}/flood?mib=8 HTTP/1.1\r\nHost: lb\r\n"
+                       "Connection: close\r\n\r\n".encode())
+        time.sleep(0.5)  # the buffers fill; the relay stops reading the server
+        received = b""
+        while piece := client.recv(1 << 20):
+            received += piece
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"Content-Length: 8388608" in head and len(body) == 8 * 1024 * 1024
