@@ -425,3 +425,10 @@ def test_a_body_of_one_byte_chunks_does_not_stall_other_clients(
     # Before: the loop took each 256 KiB of chunks apart in one go, 60-140 ms a turn
     # (over 100 times the quiet figure); now 256 chunks a turn (measured 3-5 times).
     assert loud < 10 * quiet, (loud, quiet)
+
+
+def test_a_server_name_in_a_header_cannot_break_the_head() -> None:
+    # Names are checked on the way in, but rows of a seed's database are not.
+    assert ob.header_text("gpu-1 (rack 2)") == "gpu-1 (rack 2)"
+    assert ob.header_text("gpü\r\nSet-Cookie: x%") == "gp%C3%BC%0D%0ASet-Cookie: x%25"
+    ob.render_head("HTTP/1.1 200 OK", [("X-Ollama-Server", ob.header_text("\u2603\x00"))])

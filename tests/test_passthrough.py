@@ -203,6 +203,22 @@ def test_upstream_keep_alive_connection_is_reused(routed: tuple[BalancerProcess,
     assert backend.connections == before
 
 
+def read_request(conn: socket.socket, buffered: bytes = b"") -> tuple[bytes, bytes] | None:
+    """One request from ``conn``, head and Content-Length body, after what was ``buffered``:
+    (the request, what came after it), or None if the peer closed first."""
+    while b"\r\n\r\n" not in buffered:
+        piece = conn.recv(65536)
+        if not piece:
+            return None
+        buffered += piece
+    head, _, rest = buffered.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(rest) < length:
+        rest += conn.recv(65536)
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
 def test_stale_pooled_connection_is_replaced_transparently(
         balancer: BalancerProcess) -> None:
     """An upstream that keeps each connection open after one answer, then drops it as the
@@ -214,18 +230,7 @@ def test_stale_pooled_connection_is_replaced_transparently(
     dropped: list[bytes] = []
 
     def one_request(conn: socket.socket) -> bytes:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            piece = conn.recv(65536)
-            if not piece:
-                return b""
-            data += piece
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
-        while len(body) < length:
-            body += conn.recv(65536)
-        return head + b"\r\n\r\n" + body
+        return (read_request(conn) or (b"", b""))[0]
 
     def handle(conn: socket.socket) -> None:
         with conn:
@@ -492,18 +497,11 @@ class ScriptedUpstream:
     def _connection(self, conn: socket.socket) -> None:
         buffered = b""
         while True:
-            while b"\r\n\r\n" not in buffered:
-                piece = conn.recv(65536)
-                if not piece:
-                    conn.close()
-                    return
-                buffered += piece
-            request, _, buffered = buffered.partition(b"\r\n\r\n")
-            length = next((int(line.split(b":")[1]) for line in request.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
-            while len(buffered) < length:
-                buffered += conn.recv(65536)
-            buffered = buffered[length:]
+            read = read_request(conn, buffered)
+            if read is None:
+                conn.close()
+                return
+            request, buffered = read
             path = request.split(b" ")[1].decode() if b" " in request else ""
             self.seen.append(path)
             answer, then = self.SCRIPTS.get(path, (b"", "close"))
