@@ -25,6 +25,7 @@ Sections, in dependency order (each uses only those above it):
     Stream I/O                  Wire: an asyncio protocol with flow control both ways
     Upstream connectors         direct, HTTP CONNECT and SOCKS connections; the pool
     Secrets at rest             sealing proxy passwords and credentials with the master key
+    Schema                      the tables in SQLite and MySQL, and their migrations
     Store                       SQLite and MySQL behind one interface, in a worker thread
     Servers and the scheduler   servers, proxies, their load, and the fleet-wide queue
     Metrics                     counters and histograms in Prometheus' text format
@@ -127,6 +128,12 @@ MODEL_PEEK = 4096
 TAIL_BYTES = 8 * 1024
 #: Largest error body read from an upstream to decide whether to try another server.
 MAX_ERROR_BODY = 64 * 1024
+#: The change log (Store.changes_since): rows one sync applies at most (past it, a reload),
+#: the writes kept for instances that fall behind, and how far back each sync reads
+#: again, for writes whose transactions committed after later ones (MySQL).
+CHANGE_BATCH = 1000
+CHANGE_LOG_KEPT = 10_000
+CHANGE_SLACK = 64
 #: The status page's history of each server: requests and errors per HISTORY_STEP seconds
 #: over the last HISTORY_POINTS steps (five minutes), so a chart is whole at page load.
 HISTORY_STEP = 10
@@ -322,6 +329,7 @@ class Config:
     db_path: str = "ollamabalancer.db"
     db_timeout: float = 5.0
     health_interval: float = 10.0
+    sync_interval: float = 1.0
     health_timeout: float = 5.0
     connect_timeout: float = 10.0
     upstream_timeout: float = 600.0
@@ -474,6 +482,9 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "before 503 database unavailable (default 5)"),
     ("HEALTH_INTERVAL", "--health-interval", "health_interval", _seconds,
      "seconds between health checks of every server (default 10)"),
+    ("SYNC_INTERVAL", "--sync-interval", "sync_interval", _seconds,
+     "seconds between reads of what other instances on the same database wrote "
+     "(default 1)"),
     ("HEALTH_TIMEOUT", "--health-timeout", "health_timeout", _seconds,
      "seconds one health check may take (default 5)"),
     ("CONNECT_TIMEOUT", "--connect-timeout", "connect_timeout", _seconds,
@@ -2044,7 +2055,7 @@ def write_key_file(path: str, key: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Store: one interface, SQLite (default) and MySQL, called from a worker thread
+# Schema: the tables in SQLite and MySQL, and what migrations add to older ones
 # ---------------------------------------------------------------------------
 
 SERVER_COLUMNS = (
@@ -2113,6 +2124,11 @@ CREATE TABLE IF NOT EXISTS balancer_meta (
   name TEXT PRIMARY KEY,
   value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS change_log (
+  revision INTEGER PRIMARY KEY AUTOINCREMENT,
+  kind TEXT NOT NULL,
+  row_id TEXT NOT NULL
+);
 """
 
 # The MySQL schema after every migration; schema.sql is this text (a test keeps them equal).
@@ -2178,6 +2194,13 @@ CREATE TABLE IF NOT EXISTS `balancer_meta` (
   `value` varchar(255) NOT NULL,
   PRIMARY KEY (`name`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS `change_log` (
+  `revision` bigint NOT NULL AUTO_INCREMENT,
+  `kind` varchar(16) NOT NULL,
+  `row_id` varchar(64) NOT NULL,
+  PRIMARY KEY (`revision`)
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 """
 
 # Columns the balancer adds to the seed's tables: (table, column, MySQL definition).
@@ -2226,6 +2249,11 @@ def _sql_default(value: Any) -> str | None:
     return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == "'" else text
 
 
+
+
+# ---------------------------------------------------------------------------
+# Store: one interface, SQLite (default) and MySQL, called from a worker thread
+# ---------------------------------------------------------------------------
 
 
 class Store:
@@ -2327,7 +2355,10 @@ class Store:
     # -- servers -------------------------------------------------------------
 
     def list_servers(self) -> list[Server]:
-        rows = self._rows(f"SELECT {SERVER_COLUMNS} FROM ollamaServers ORDER BY id")
+        return self._servers(self._rows(
+            f"SELECT {SERVER_COLUMNS} FROM ollamaServers ORDER BY id"))
+
+    def _servers(self, rows: list[tuple[Any, ...]]) -> list[Server]:
         servers = []
         for row in rows:
             server = server_from_row(row[:-1])
@@ -2340,15 +2371,28 @@ class Store:
         """``values`` with its secret ``column``, if present, encrypted."""
         return {**values, column: self._seal(values[column])} if column in values else values
 
+    def servers_by_id(self, ids: Sequence[int]) -> list[Server]:
+        return self._servers(self._rows(
+            f"SELECT {SERVER_COLUMNS} FROM ollamaServers WHERE id IN ({_marks(ids)})", ids))
+
     def add_server(self, values: dict[str, Any]) -> int:
-        return self._insert("ollamaServers", self._sealed(values, "upstream_auth"))
+        with self.transaction():
+            new_id = self._insert("ollamaServers", self._sealed(values, "upstream_auth"))
+            self._changed("server", new_id)
+        return new_id
 
     def update_server(self, server_id: int, values: dict[str, Any]) -> bool:
-        return self._update("ollamaServers", server_id, self._sealed(values, "upstream_auth"))
+        with self.transaction():
+            found = self._update("ollamaServers", server_id,
+                                 self._sealed(values, "upstream_auth"))
+            self._changed("server", server_id)
+        return found
 
     def delete_server(self, server_id: int) -> bool:
-        self._execute("DELETE FROM server_handle WHERE server_id = ?", [server_id])
-        cursor = self._execute("DELETE FROM ollamaServers WHERE id = ?", [server_id])
+        with self.transaction():
+            self._execute("DELETE FROM server_handle WHERE server_id = ?", [server_id])
+            cursor = self._execute("DELETE FROM ollamaServers WHERE id = ?", [server_id])
+            self._changed("server", server_id)
         return bool(cursor.rowcount)
 
     def record_health_many(self, results: Sequence[tuple[
@@ -2365,8 +2409,10 @@ class Store:
 
     # -- proxies -------------------------------------------------------------
 
-    def list_proxies(self) -> list[Proxy]:
-        rows = self._rows(f"SELECT {PROXY_COLUMNS} FROM proxy ORDER BY id")
+    def list_proxies(self, ids: Sequence[int] | None = None) -> list[Proxy]:
+        """Every proxy, or those with ``ids``."""
+        where = "" if ids is None else f" WHERE id IN ({_marks(ids)})"
+        rows = self._rows(f"SELECT {PROXY_COLUMNS} FROM proxy{where} ORDER BY id", ids or ())
         return [
             dataclasses.replace(proxy_from_row(row), password=self._open_secret(
                 row[-1], f"proxy {row[0]}'s password"))
@@ -2374,10 +2420,16 @@ class Store:
         ]
 
     def add_proxy(self, values: dict[str, Any]) -> int:
-        return self._insert("proxy", self._sealed(values, "password"))
+        with self.transaction():
+            new_id = self._insert("proxy", self._sealed(values, "password"))
+            self._changed("proxy", new_id)
+        return new_id
 
     def update_proxy(self, proxy_id: int, values: dict[str, Any]) -> bool:
-        return self._update("proxy", proxy_id, self._sealed(values, "password"))
+        with self.transaction():
+            found = self._update("proxy", proxy_id, self._sealed(values, "password"))
+            self._changed("proxy", proxy_id)
+        return found
 
     # -- secrets: the key check, first encryption, rotation ------------------------------
 
@@ -2484,23 +2536,74 @@ class Store:
 
     # -- client API keys (only their SHA-256 is stored) ------------------------------------
 
-    def list_keys(self) -> list[ApiKey]:
+    def list_keys(self, ids: Sequence[int] | None = None) -> list[ApiKey]:
+        """Every API key, or those with ``ids``."""
+        where = "" if ids is None else f" WHERE id IN ({_marks(ids)})"
         return [api_key_from_row(row) for row in self._rows(
-            f"SELECT {KEY_COLUMNS} FROM api_key ORDER BY id")]
+            f"SELECT {KEY_COLUMNS} FROM api_key{where} ORDER BY id", ids or ())]
 
     def add_key(self, values: dict[str, Any]) -> int:
-        return self._insert("api_key", values)
+        with self.transaction():
+            new_id = self._insert("api_key", values)
+            self._changed("key", new_id)
+        return new_id
 
     def delete_key(self, key_id: int) -> bool:
-        return bool(self._execute("DELETE FROM api_key WHERE id = ?", [key_id]).rowcount)
+        with self.transaction():
+            found = bool(self._execute("DELETE FROM api_key WHERE id = ?", [key_id]).rowcount)
+            self._changed("key", key_id)
+        return found
 
     def touch_key(self, key_id: int, when: datetime.datetime) -> None:
         self._execute("UPDATE api_key SET last_used_at = ? WHERE id = ?", [when, key_id])
 
     def delete_proxy(self, proxy_id: int) -> bool:
-        self._execute("DELETE FROM server_handle WHERE proxy_id = ?", [proxy_id])
-        cursor = self._execute("DELETE FROM proxy WHERE id = ?", [proxy_id])
+        with self.transaction():
+            self._execute("DELETE FROM server_handle WHERE proxy_id = ?", [proxy_id])
+            cursor = self._execute("DELETE FROM proxy WHERE id = ?", [proxy_id])
+            self._changed("proxy", proxy_id)
         return bool(cursor.rowcount)
+
+    # -- the change log: what other instances must read again ---------------------
+
+    def _changed(self, kind: str, row_id: int | str) -> None:
+        """Records a write, in the writer's transaction, for every instance to apply."""
+        self._execute("INSERT INTO change_log (kind, row_id) VALUES (?, ?)", [kind, str(row_id)])
+
+    def latest_change(self) -> int:
+        """The last revision written: one read of the log's primary key."""
+        return int(self._rows("SELECT MAX(revision) FROM change_log")[0][0] or 0)
+
+    def change_mark(self, since: int) -> tuple[int, int]:
+        """The last revision after ``since`` and how many there are: changed, when a write
+        lands, even one committed after later ones."""
+        last, count = self._rows(
+            "SELECT MAX(revision), COUNT(*) FROM change_log WHERE revision > ?", [since])[0]
+        return int(last or since), int(count)
+
+    def changes_since(self, revision: int) -> list[tuple[int, str, str]] | None:
+        """The writes after ``revision``, oldest first; None when the log no longer reaches
+        that far back (pruned), or holds more than a reload would cost."""
+        pruned = self._rows("SELECT value FROM balancer_meta WHERE name = 'changes_pruned'")
+        if pruned and revision < int(pruned[0][0]):
+            return None
+        rows = self._rows("SELECT revision, kind, row_id FROM change_log WHERE revision > ? "
+                          "ORDER BY revision LIMIT ?", [revision, CHANGE_BATCH + 1])
+        if len(rows) > CHANGE_BATCH:
+            return None
+        return [(int(r), str(k), str(i)) for r, k, i in rows]
+
+    def prune_changes(self) -> None:
+        """Forgets all but the last CHANGE_LOG_KEPT writes: an instance further behind
+        reloads everything."""
+        horizon = self.latest_change() - CHANGE_LOG_KEPT
+        if horizon <= 0:
+            return
+        with self.transaction():
+            self._execute("DELETE FROM change_log WHERE revision <= ?", [horizon])
+            self._execute("DELETE FROM balancer_meta WHERE name = 'changes_pruned'")
+            self._execute("INSERT INTO balancer_meta (name, value) VALUES "
+                          "('changes_pruned', ?)", [str(horizon)])
 
     # -- handles: the IDs that getServer hands out ------------------------------
 
@@ -2514,10 +2617,12 @@ class Store:
             return str(rows[0][0])
         token = secrets.token_hex(16)
         try:
-            self._execute(
-                "INSERT INTO server_handle (token, server_id, proxy_id) VALUES (?, ?, ?)",
-                [token, *pair],
-            )
+            with self.transaction():
+                self._execute(
+                    "INSERT INTO server_handle (token, server_id, proxy_id) VALUES (?, ?, ?)",
+                    [token, *pair],
+                )
+                self._changed("handle", token)
         except Exception as exc:
             if not self._is_duplicate(exc):
                 raise
@@ -2536,6 +2641,11 @@ class Store:
     def list_handles(self) -> dict[str, tuple[int, int | None]]:
         rows = self._rows("SELECT token, server_id, proxy_id FROM server_handle")
         return {str(t): (int(s), int(p) or None) for t, s, p in rows}
+
+
+def _marks(values: Sequence[Any]) -> str:
+    """The placeholders of an IN list (never empty: IN () is not SQL)."""
+    return ", ".join("?" for _ in values) or "NULL"
 
 
 def _as_datetime(value: Any) -> datetime.datetime | None:
@@ -4236,6 +4346,27 @@ class Upstreams:
 # ---------------------------------------------------------------------------
 
 
+def carried(old: Server | None, server: Server) -> Server:
+    """``server`` as just read from the store, with the live state of ``old``, the object
+    it replaces: its load always, its health while its address is the same."""
+    if old is None:
+        return server
+    server.load = old.load  # in-flight counts outlive a reload of the row
+    if (old.host, old.port, old.scheme, old.proxy_id) == (
+            server.host, server.port, server.scheme, server.proxy_id):
+        server.reachable, server.last_error = old.reachable, old.last_error
+        if old.last_checked and (
+            server.last_checked is None or old.last_checked > server.last_checked
+        ):
+            server.set_models(old.models)
+            server.last_checked = old.last_checked
+    return server
+
+
+def _through_proxy(proxy_id: int, pair: tuple[int, int | None]) -> bool:
+    return pair[1] == proxy_id
+
+
 class Fleet:
     """The servers, proxies, getServer IDs and API keys the store holds, in memory, kept
     current by reloads and health checks, with the scheduler that shares the servers out
@@ -4262,17 +4393,21 @@ class Fleet:
                                             datetime.datetime]] = {}
         self._persisting: asyncio.Future[None] | None = None
         self._syncing: asyncio.Future[None] | None = None
-        self._reloading: asyncio.Future[None] | None = None
-        self._reloaded_at = -1e9
+        #: The change log's last revision applied here, and its mark when last read.
+        self.revision = 0
+        self._change_mark: tuple[int, int] | None = None
 
     async def db(self, method: Callable[..., T], *args: Any) -> T:
         """A store call a request waits on: a 503 for it when the database is down."""
+        return await self.or_503(self.store.call(method, *args))
+
+    @staticmethod
+    async def or_503(work: Awaitable[T]) -> T:
         try:
-            result = await self.store.call(method, *args)
+            return await work
         except StoreUnavailable as exc:
             log.warning("database unavailable: %s", exc)
             raise HTTPError(503, "database unavailable") from None
-        return result
 
     async def reload(self) -> None:
         """Reads servers, proxies and handles from the store into memory, keeping live state.
@@ -4281,50 +4416,114 @@ class Fleet:
         health round. When the store is down the in-memory copy keeps serving.
         """
         store = self.store.store
+        revision = await self.store.call(store.latest_change)  # first: nothing is missed
         servers = await self.store.call(store.list_servers)
         proxies = await self.store.call(store.list_proxies)
         handles = await self.store.call(store.list_handles)
         keys = await self.store.call(store.list_keys)
-        fresh: dict[int, Server] = {}
-        for server in servers:
-            old = self.servers.get(server.id)
-            if old is not None:
-                server.load = old.load  # in-flight counts outlive a reload of the row
-            if old is not None and (old.host, old.port, old.scheme, old.proxy_id) == (
-                server.host, server.port, server.scheme, server.proxy_id
-            ):
-                server.reachable, server.last_error = old.reachable, old.last_error
-                if old.last_checked and (
-                    server.last_checked is None or old.last_checked > server.last_checked
-                ):
-                    server.set_models(old.models)
-                    server.last_checked = old.last_checked
-            fresh[server.id] = server
-        self.servers = fresh
+        old = self.servers
+        self.servers = {server.id: carried(old.get(server.id), server) for server in servers}
         self.proxies = {proxy.id: proxy for proxy in proxies}
         self.handles = handles
         self.handle_tokens = {pair: token for token, pair in handles.items()}
         self.keys = {key.key_hash: key for key in keys}
+        self.revision, self._change_mark = max(self.revision, revision), None
 
-    async def reload_soon(self) -> None:
-        """A reload for a request that names a server or proxy this instance does not know
-        (another instance may have added it): at most one a second, shared by every caller;
-        a store that is down leaves memory as it was."""
-        loop = asyncio.get_running_loop()
-        if self._reloading is None or (
-            self._reloading.done() and loop.time() - self._reloaded_at > 1.0
-        ):
-            self._reloaded_at = loop.time()
-            self._reloading = asyncio.ensure_future(self.reload())
+    async def sync(self) -> None:
+        """Applies what was written since the last sync, by this instance or another, row
+        by row from the store's change log (all of it again when too far behind). Cheap
+        when nothing changed: one read of the log's last entries. Raises StoreUnavailable."""
+        store = self.store.store
+        base = max(0, self.revision - CHANGE_SLACK)  # again: late commits land there
+        mark = await self.store.call(store.change_mark, base)
+        if mark == self._change_mark:
+            return
+        changes = await self.store.call(store.changes_since, base)
+        if changes is None:
+            await self.reload()
+            return
+        await self._apply(changes)
+        self.revision = max([self.revision, *(revision for revision, _, _ in changes)])
+        self._change_mark = mark if base == max(0, self.revision - CHANGE_SLACK) else None
+
+
+    async def sync_loop(self) -> None:
+        """Notices what other instances write within SYNC_INTERVAL (a server disabled there
+        gets no more traffic from here within about that)."""
+        while True:
+            await asyncio.sleep(self.config.sync_interval)
+            with contextlib.suppress(StoreUnavailable):  # the health loop says so
+                await self.sync()
+
+    async def _apply(self, changes: Iterable[tuple[int, str, str]]) -> None:
+        """Reads again the rows ``changes`` name, and puts them in memory (or takes them
+        out, when gone)."""
+        named: dict[str, set[str]] = collections.defaultdict(set)
+        for _, kind, row_id in changes:
+            named[kind].add(row_id)
+        store = self.store.store
+        if server_ids := sorted(int(i) for i in named["server"]):
+            read = {s.id: s for s in await self.store.call(store.servers_by_id, server_ids)}
+            for server_id in server_ids:
+                self._put_server(server_id, read.get(server_id))
+        if proxy_ids := sorted(int(i) for i in named["proxy"]):
+            read_proxies = {p.id: p for p in await self.store.call(store.list_proxies,
+                                                                    proxy_ids)}
+            for proxy_id in proxy_ids:
+                proxy = read_proxies.get(proxy_id)
+                if proxy is None:
+                    self.proxies.pop(proxy_id, None)
+                    self._forget_handles(functools.partial(_through_proxy, proxy_id))
+                else:
+                    self.proxies[proxy_id] = proxy
+                self.recheck(s for s in self.servers.values() if s.proxy_id == proxy_id)
+        if key_ids := {int(i) for i in named["key"]}:
+            self.keys = {h: k for h, k in self.keys.items() if k.id not in key_ids}
+            for key in await self.store.call(store.list_keys, sorted(key_ids)):
+                self.keys[key.key_hash] = key
+        for token in named["handle"] - self.handles.keys():
+            pair = await self.store.call(store.resolve_handle, token)
+            if pair is not None:
+                self.remember_handle(token, pair)
+        self.scheduler.dispatch(self.servers)  # a new or changed server may take the queue
+
+    def _put_server(self, server_id: int, server: Server | None) -> None:
+        old = self.servers.get(server_id)
+        if server is None:
+            if self.servers.pop(server_id, None) is not None:
+                self._forget_handles(lambda pair: pair[0] == server_id)
+            return
+        moved = old is None or (old.host, old.port, old.scheme, old.proxy_id) != (
+            server.host, server.port, server.scheme, server.proxy_id)
+        server = self.servers[server_id] = carried(self.servers.get(server.id), server)
+        if not server.enabled:
+            server.reachable, server.last_error = False, "disabled"
+        elif moved or (old is not None and not old.enabled):
+            self.spawn(self.check_server(server))  # new here, at a new address, or back
+        self.scheduler.changed(server)
+
+    def _forget_handles(self, gone: Callable[[tuple[int, int | None]], bool]) -> None:
+        for token, pair in list(self.handles.items()):
+            if gone(pair):
+                del self.handles[token]
+                self.handle_tokens.pop(pair, None)
+
+    async def look_up(self, server_id: int, proxy_id: int | None) -> None:
+        """Reads a server (and proxy) this instance does not know from the store, where
+        another instance, or an outside tool, may have just written it; a store that is
+        down leaves memory as it was."""
         with contextlib.suppress(StoreUnavailable):
-            await asyncio.shield(self._reloading)
+            await self.sync()
+            missing = [(0, "server", str(server_id))] if server_id not in self.servers else []
+            if proxy_id is not None and proxy_id not in self.proxies:
+                missing.append((0, "proxy", str(proxy_id)))
+            await self._apply(missing)
+
+    async def sync_or_503(self) -> None:
+        await self.or_503(self.sync())
 
     async def reload_or_503(self) -> None:
-        try:
-            await self.reload()
-        except StoreUnavailable as exc:
-            log.warning("database unavailable: %s", exc)
-            raise HTTPError(503, "database unavailable") from None
+        await self.or_503(self.reload())
 
     def proxy_of(self, server: Server) -> Proxy | None:
         if server.proxy_id is None:
@@ -4554,31 +4753,6 @@ class Fleet:
                 name = str(model.get("name") or model.get("model") or "")
                 catalog.setdefault(name, model)
         return catalog
-
-    async def known_model(self, name: str) -> str:
-        """The canonical name of a model some server can run now. Else a 404 when no
-        server has it, or ModelUnavailable when those that have it cannot take it."""
-        model = canonical_model(name)
-        if not self._runnable(model):
-            await self.refresh_catalog()  # pulled since the last check, perhaps
-            if not self._runnable(model):
-                raise self.unavailable(model, name)
-        return model
-
-    def _runnable(self, model: str) -> bool:
-        now = time.monotonic()
-        return any(self.scheduler.eligible(s, model, now) for s in self.servers.values())
-
-    def unavailable(self, model: str, name: str) -> HTTPError:
-        """Why no server takes ``model``: not found, or its servers are down (with when
-        to try again: the soonest circuit to half-open, else the next health round)."""
-        having = [s for s in self.servers.values() if model in s.model_names]
-        if not having:
-            return HTTPError(404, f"model '{name}' not found")
-        now = time.monotonic()
-        reopening = [s.load.open_until - now for s in having
-                     if s.enabled and s.reachable and s.load.open_until > now]
-        return ModelUnavailable(model, name, min(reopening, default=self.config.health_interval))
 
 
 # ---------------------------------------------------------------------------
@@ -4899,7 +5073,7 @@ class Relay:
         fleet = self.fleet
         if server_id not in fleet.servers or (proxy_id is not None and
                                               proxy_id not in fleet.proxies):
-            await fleet.reload_soon()
+            await fleet.look_up(server_id, proxy_id)
         server = fleet.servers.get(server_id)
         if server is None:
             raise HTTPError(404, "unknown server id")
@@ -5200,11 +5374,37 @@ class OllamaFront:
         outcome = await until_client_gone(request, self._route(request, body, model, session))
         return Relayed(False) if outcome is None else outcome
 
+    async def _routable(self, name: str) -> str:
+        """The canonical name of a model some server can run now. Else a 404 when no
+        server has it, or ModelUnavailable when those that have it cannot take it."""
+        model = canonical_model(name)
+        if not self._runnable(model):
+            await self.fleet.refresh_catalog()  # pulled since the last check, perhaps
+            if not self._runnable(model):
+                raise self.unavailable(model, name)
+        return model
+
+    def _runnable(self, model: str) -> bool:
+        now = time.monotonic()
+        eligible = self.fleet.scheduler.eligible
+        return any(eligible(s, model, now) for s in self.fleet.servers.values())
+
+    def unavailable(self, model: str, name: str) -> HTTPError:
+        """Why no server takes ``model``: not found, or its servers are down (with when
+        to try again: the soonest circuit to half-open, else the next health round)."""
+        having = [s for s in self.fleet.servers.values() if model in s.model_names]
+        if not having:
+            return HTTPError(404, f"model '{name}' not found")
+        now = time.monotonic()
+        reopening = [s.load.open_until - now for s in having
+                     if s.enabled and s.reachable and s.load.open_until > now]
+        return ModelUnavailable(model, name, min(reopening, default=self.config.health_interval))
+
     async def _known_model(self, request: Request, name: str) -> str:
         """The model's canonical name, on the request for its metrics; a model nobody has
         is not named there (any client could make any number of labels)."""
         try:
-            request.model = await self.fleet.known_model(name)
+            request.model = await self._routable(name)
         except ModelUnavailable as exc:
             request.model = exc.model
             raise
@@ -5226,8 +5426,8 @@ class OllamaFront:
                                                           frozenset(tried))
                 request.queue_wait = (request.queue_wait or 0.0) + time.monotonic() - waited
             except NoCandidate:
-                if failure is None:  # its servers went down since known_model()
-                    error = self.fleet.unavailable(model, model)
+                if failure is None:  # its servers went down since _routable()
+                    error = self.unavailable(model, model)
                     return await request.send_error(error.status, error.message,
                                                     error.headers)
                 break
@@ -5635,13 +5835,14 @@ class Management:
 
     @property
     def tables(self) -> Store:
-        """The store's tables: written here, then reloaded into the fleet."""
+        """The store's tables: written here, then read back into the fleet through the
+        change log (a list reads its table whole, as outside tools may write it too)."""
         return self.fleet.store.store
 
     async def add_proxy(self, request: Request, match: re.Match[str]) -> Response:
         values = parse_proxy_body(_json_object(await request.read_json()), partial=False)
         new_id = await self.fleet.db(self.tables.add_proxy, values)
-        await self.fleet.reload_or_503()
+        await self.fleet.sync_or_503()
         log.info("added proxy %d (%s://%s:%d)", new_id, values["protocol"], values["ip"],
                  values["port"])
         return json_response(200, True)
@@ -5652,12 +5853,12 @@ class Management:
 
     async def one_proxy(self, request: Request, match: re.Match[str]) -> Response:
         proxy_id = _path_id(match)
-        await self.fleet.reload_or_503()
+        await self.fleet.sync_or_503()
         if request.method == "PATCH":
             values = parse_proxy_body(_json_object(await request.read_json()), partial=True)
             if not await self.fleet.db(self.tables.update_proxy, proxy_id, values):
                 raise HTTPError(404, f"no proxy with id {proxy_id}")
-            await self.fleet.reload_or_503()
+            await self.fleet.sync_or_503()
             self.fleet.recheck(s for s in self.fleet.servers.values() if s.proxy_id == proxy_id)
         elif request.method == "DELETE":
             users = sorted(s.id for s in self.fleet.servers.values() if s.proxy_id == proxy_id)
@@ -5666,7 +5867,7 @@ class Management:
                                      f"{', '.join(map(str, users))}; change them first")
             if not await self.fleet.db(self.tables.delete_proxy, proxy_id):
                 raise HTTPError(404, f"no proxy with id {proxy_id}")
-            await self.fleet.reload_or_503()
+            await self.fleet.sync_or_503()
             return Response(204)
         proxy = self.fleet.proxies.get(proxy_id)
         if proxy is None:
@@ -5681,14 +5882,14 @@ class Management:
 
     async def add_server(self, request: Request, match: re.Match[str]) -> Response:
         values = parse_server_body(_json_object(await request.read_json()), partial=False)
-        await self.fleet.reload_or_503()
+        await self.fleet.sync_or_503()
         self._check_proxy_reference(values)
         try:
             new_id = await self.fleet.db(self.tables.add_server, values)
         except Conflict:
             raise HTTPError(409, f"a server at {values['host']}:{values['port']} "
                                  "already exists") from None
-        await self.fleet.reload_or_503()
+        await self.fleet.sync_or_503()
         server = self.fleet.servers[new_id]
         log.info("added server %d %s", new_id, server.label)
         if server.enabled:
@@ -5701,7 +5902,7 @@ class Management:
 
     async def one_server(self, request: Request, match: re.Match[str]) -> Response:
         server_id = _path_id(match)
-        await self.fleet.reload_or_503()
+        await self.fleet.sync_or_503()
         if request.method == "PATCH":
             values = parse_server_body(_json_object(await request.read_json()), partial=True)
             self._check_proxy_reference(values)
@@ -5711,7 +5912,7 @@ class Management:
                 raise HTTPError(409, "another server has that host and port") from None
             if not found:
                 raise HTTPError(404, f"no server with id {server_id}")
-            await self.fleet.reload_or_503()
+            await self.fleet.sync_or_503()
             updated = self.fleet.servers[server_id]
             if updated.enabled:
                 await self.fleet.check_server(updated)
@@ -5720,7 +5921,7 @@ class Management:
         elif request.method == "DELETE":
             if not await self.fleet.db(self.tables.delete_server, server_id):
                 raise HTTPError(404, f"no server with id {server_id}")
-            await self.fleet.reload_or_503()
+            await self.fleet.sync_or_503()
             return Response(204)
         server = self.fleet.servers.get(server_id)
         if server is None:
@@ -5779,7 +5980,7 @@ class Management:
                   "requests_per_minute": None if rpm is None else int(rpm),
                   "max_concurrent": None if concurrent is None else int(concurrent)}
         key_id = await self.fleet.db(self.tables.add_key, values)
-        await self.fleet.reload_or_503()
+        await self.fleet.sync_or_503()
         log.info("added API key %d (%s)", key_id, name)
         return json_response(201, {"id": key_id, "name": name, "key": key})
 
@@ -5791,7 +5992,7 @@ class Management:
         key_id = _path_id(match)
         if not await self.fleet.db(self.tables.delete_key, key_id):
             raise HTTPError(404, f"no API key with id {key_id}")
-        await self.fleet.reload_or_503()
+        await self.fleet.sync_or_503()
         return Response(204)
 
 
@@ -6934,7 +7135,7 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-    health = asyncio.ensure_future(fleet.health_loop())
+    health = asyncio.gather(fleet.health_loop(), fleet.sync_loop())
     try:
         await stop.wait()
         log.info("draining: no new connections; %d requests in flight get up to %g s",

@@ -62,3 +62,10 @@ CREATE TABLE IF NOT EXISTS `balancer_meta` (
   `value` varchar(255) NOT NULL,
   PRIMARY KEY (`name`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS `change_log` (
+  `revision` bigint NOT NULL AUTO_INCREMENT,
+  `kind` varchar(16) NOT NULL,
+  `row_id` varchar(64) NOT NULL,
+  PRIMARY KEY (`revision`)
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

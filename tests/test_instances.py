@@ -1,0 +1,99 @@
+"""Several instances on one database: what one writes, the others apply within about
+SYNC_INTERVAL, through the store's change log, without waiting for a health round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import BalancerProcess, StoreConfig
+from fakeollama import FakeOllama
+
+import ollamabalancer as ob
+
+
+def chat(lb: BalancerProcess, **headers: str) -> int:
+    return lb.call("POST", "/api/chat", {"model": "llama3", "messages": [], "stream": False},
+                   headers=headers).status
+
+
+@pytest.fixture
+def pair(start_balancer: Any, store: StoreConfig) -> tuple[BalancerProcess, BalancerProcess]:
+    """Two instances on one database, neither with a health round in the test's time."""
+    args = ("--health-interval", "600", "--sync-interval", "0.2")
+    return start_balancer(store, *args), start_balancer(store, *args)
+
+
+def test_a_server_added_on_one_instance_is_served_by_the_other_at_once(
+        pair: tuple[BalancerProcess, BalancerProcess], backend: FakeOllama) -> None:
+    first, second = pair
+    first.add_server(backend.url, name="gpu")
+    second.wait_for(lambda: chat(second) == 200)  # checked there when it learned of it
+    assert second.call("GET", "/servers/getServer?models=llama3").status == 200
+    assert backend.model_requests()
+
+
+def test_a_server_disabled_or_deleted_on_one_instance_gets_nothing_more_from_the_other(
+        pair: tuple[BalancerProcess, BalancerProcess], backend: FakeOllama) -> None:
+    first, second = pair
+    row = first.add_server(backend.url, name="gpu")
+    second.wait_for(lambda: chat(second) == 200)
+    first.call("PATCH", f"/servers/{row['id']}", {"enabled": False})
+    second.wait_for(lambda: chat(second) == 503)  # its only server is down: unavailable
+    served = len(backend.model_requests())
+    assert chat(second) == 503 and len(backend.model_requests()) == served
+    first.call("PATCH", f"/servers/{row['id']}", {"enabled": True})
+    second.wait_for(lambda: chat(second) == 200)
+    first.call("DELETE", f"/servers/{row['id']}")
+    second.wait_for(lambda: chat(second) == 404)  # no server has the model any more
+    assert second.call("GET", f"/servers/ollama/{row['id']}/api/tags").status == 404
+
+
+def test_a_key_made_on_one_instance_is_asked_for_and_taken_by_the_other(
+        pair: tuple[BalancerProcess, BalancerProcess], backend: FakeOllama) -> None:
+    first, second = pair
+    first.add_server(backend.url)
+    second.wait_for(lambda: chat(second) == 200)
+    key, other = (first.call("POST", "/keys/addKey", {"name": n}).json() for n in "ab")
+    second.wait_for(lambda: chat(second) == 401)  # keys exist now: one is needed
+    assert chat(second, Authorization=f"Bearer {key['key']}") == 200
+    first.call("DELETE", f"/keys/{key['id']}")
+    second.wait_for(lambda: chat(second, Authorization=f"Bearer {key['key']}") == 401)
+    assert chat(second, Authorization=f"Bearer {other['key']}") == 200
+
+
+def test_a_proxy_added_on_one_instance_carries_the_others_requests(
+        pair: tuple[BalancerProcess, BalancerProcess], backend: FakeOllama) -> None:
+    first, second = pair
+    row = first.add_server(backend.url)
+    proxy_id = first.add_proxy(name="nowhere", ip="127.0.0.1", port=1)
+    first.call("PATCH", f"/servers/{row['id']}", {"proxyId": proxy_id})
+    # Through a proxy nobody listens on: the server is down for the other instance too.
+    second.wait_for(lambda: second.call("GET", f"/servers/ollama/{row['id']}/api/tags")
+                    .status == 502)
+
+
+def test_the_change_log_names_each_write_and_says_when_it_no_longer_reaches_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ob.SQLiteStore(str(tmp_path / "log.db"), 5.0)
+    store.connect()
+    store.migrate()
+    try:
+        assert store.latest_change() == 0 and store.changes_since(0) == []
+        server = store.add_server({"host": "h", "port": 1, "scheme": "http"})
+        store.update_server(server, {"name": "gpu"})
+        proxy = store.add_proxy({"ip": "p", "port": 2, "name": "p", "protocol": "http"})
+        token = store.handle_for(server, proxy)
+        key = store.add_key({"name": "k", "key_hash": "0" * 64})
+        store.delete_server(server)
+        assert [(k, r) for _, k, r in store.changes_since(0) or []] == [
+            ("server", str(server)), ("server", str(server)), ("proxy", str(proxy)),
+            ("handle", token), ("key", str(key)), ("server", str(server))]
+        assert store.change_mark(0) == (6, 6) and store.change_mark(4) == (6, 2)
+        monkeypatch.setattr(ob, "CHANGE_LOG_KEPT", 2)
+        store.prune_changes()
+        assert store.changes_since(3) is None  # pruned past it: reload everything
+        assert [r for r, _, _ in store.changes_since(4) or []] == [5, 6]
+    finally:
+        store.close()
