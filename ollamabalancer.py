@@ -5817,6 +5817,32 @@ class FanOut:
 # ---------------------------------------------------------------------------
 
 
+#: A page of a list: ``limit`` items at most, those with an id above ``after``.
+LIMIT_QUERY_RE = re.compile(r"[1-9][0-9]{0,2}|[1-4][0-9]{3}|5000")
+AFTER_QUERY_RE = re.compile(r"[0-9]{1,9}")
+MAX_PAGE = 5000
+
+
+def page_of(request: Request) -> tuple[int | None, int]:
+    """The page a list request asks for: (limit or None for all, the id to start after)."""
+    limit = request.query_values("limit")
+    after = request.query_values("after")
+    if limit and not LIMIT_QUERY_RE.fullmatch(limit[-1]):
+        raise HTTPError(400, f"'limit' must be a number from 1 to {MAX_PAGE}")
+    if after and not AFTER_QUERY_RE.fullmatch(after[-1]):
+        raise HTTPError(400, "'after' must be an id")
+    return (int(limit[-1]) if limit else None), (int(after[-1]) if after else 0)
+
+
+def paged(items: dict[int, T], page: tuple[int | None, int]) -> tuple[list[T], int | None]:
+    """The items of ``page``, by id, and the id to ask the next page after (None: none)."""
+    limit, after = page
+    ids = sorted(i for i in items if i > after)
+    if limit is None or len(ids) <= limit:
+        return [items[i] for i in ids], None
+    return [items[i] for i in ids[:limit]], ids[limit - 1]
+
+
 #: getServer's ``size`` and ``proxy``: a number (below a million) or an id, or blank.
 SIZE_QUERY_RE = re.compile(r"\s*(?:[0-9]{1,6}(?:\.[0-9]*)?|\.[0-9]+)?\s*")
 PROXY_QUERY_RE = re.compile(r"\s*(?:[0-9]{1,9})?\s*")
@@ -5895,8 +5921,17 @@ class Management:
         return json_response(201, server.to_json())
 
     async def all_servers(self, request: Request, match: re.Match[str]) -> Response:
-        await self.fleet.reload_or_503()
-        return json_response(200, [s.to_json() for s in self.fleet.servers.values()])
+        """Every server; with ``limit`` (and ``after``), a page of them and a Link to the
+        next, read through the change log rather than whole (fleets of thousands)."""
+        page = page_of(request)
+        if page[0] is None:
+            await self.fleet.reload_or_503()
+        else:
+            await self.fleet.sync_or_503()
+        servers, following = paged(self.fleet.servers, page)
+        link = [] if following is None else [
+            ("Link", f'</servers/allServers?limit={page[0]}&after={following}>; rel="next"')]
+        return json_response(200, [s.to_json() for s in servers], headers=link)
 
     async def one_server(self, request: Request, match: re.Match[str]) -> Response:
         server_id = _path_id(match)
@@ -6002,6 +6037,9 @@ class Management:
 def _secs(value: float | None) -> str:
     return "      -" if value is None else f"{value:7.3f}"
 
+#: Servers on one page of the dashboard (the cards count them all).
+DASHBOARD_PAGE = 100
+
 #: The dashboard: one self-contained page (no CDN, no build step, fine on an air-gapped
 #: host). Data goes into the page with textContent only, never as HTML.
 DASHBOARD_HTML = """<!doctype html>
@@ -6067,7 +6105,9 @@ DASHBOARD_HTML = """<!doctype html>
       <div class="label">requests per minute</div></div>
   </div>
   <section>
-    <h2>Servers</h2>
+    <h2>Servers <span class="dim" id="page"></span>
+      <button id="previous" hidden>&lsaquo; previous</button>
+      <button id="next" hidden>next &rsaquo;</button></h2>
     <table>
       <thead><tr><th>Server</th><th>Health</th><th>Circuit</th><th>Models (loaded in green)</th>
         <th>In flight</th><th>Req/min</th><th>Err/min</th><th>Last 5 min</th></tr></thead>
@@ -6093,6 +6133,8 @@ DASHBOARD_HTML = """<!doctype html>
 <script>
 "use strict";
 const initial = /*INITIAL*/null;
+const PAGE = /*PAGE*/100;
+const pages = [0];  // the id each page seen starts after; the last is the one shown
 
 function el(tag, text, cls) {
   const node = document.createElement(tag);
@@ -6138,13 +6180,16 @@ function render(data) {
   const servers = data.servers;
   document.getElementById("meta").textContent =
     `v${data.version} · strategy ${data.strategy} · ${data.time}`;
-  document.getElementById("card-up").textContent =
-    `${servers.filter(s => s.enabled && s.reachable).length} / ${servers.length}`;
-  document.getElementById("card-inflight").textContent =
-    servers.reduce((sum, s) => sum + s.inflight, 0);
+  const totals = data.totals;
+  document.getElementById("card-up").textContent = `${totals.up} / ${totals.servers}`;
+  document.getElementById("card-inflight").textContent = totals.inflight;
   document.getElementById("card-queue").textContent = `${data.queue.depth}`;
-  document.getElementById("card-rpm").textContent =
-    servers.reduce((sum, s) => sum + s.requestsPerMinute, 0);
+  document.getElementById("card-rpm").textContent = totals.requestsPerMinute;
+  document.getElementById("page").textContent = totals.servers > servers.length
+    ? `(${servers.length} of ${totals.servers})` : "";
+  document.getElementById("next").hidden = data.next === null;
+  document.getElementById("next").dataset.after = data.next ?? "";
+  document.getElementById("previous").hidden = pages.length < 2;
   fill("servers", servers.map(s => {
     const name = el("div"); name.appendChild(el("div", s.name || s.host));
     name.appendChild(el("div", `${s.scheme}://${s.host}:${s.port}` +
@@ -6176,7 +6221,8 @@ function render(data) {
 }
 async function refresh() {
   try {
-    const answer = await fetch("/servers/status",
+    const after = pages[pages.length - 1];
+    const answer = await fetch(`/servers/status?limit=${PAGE}&after=${after}`,
                                {credentials: "same-origin", cache: "no-store"});
     if (!answer.ok) throw new Error(`status ${answer.status}`);
     const data = await answer.json();
@@ -6187,6 +6233,11 @@ async function refresh() {
     document.getElementById("state").textContent = `· not updating: ${error.message}`;
   }
 }
+document.getElementById("next").onclick = event => {
+  pages.push(Number(event.target.dataset.after));
+  refresh();
+};
+document.getElementById("previous").onclick = () => { pages.pop(); refresh(); };
 render(initial);
 setInterval(refresh, 3000);
 </script>
@@ -6234,10 +6285,13 @@ class Observability:
                                 "ttfb": request.first_byte, "duration": duration,
                                 "bytes_out": request.bytes_out}})
 
-    def status_payload(self) -> dict[str, Any]:
-        """What the dashboard shows: the fleet, the queue, the proxies, recent errors."""
+    def status_payload(self, page: tuple[int | None, int] = (None, 0)) -> dict[str, Any]:
+        """What the dashboard shows: the fleet (its totals, and the servers of ``page``),
+        the queue, the proxies, recent errors."""
+        everyone = self.fleet.servers
+        shown, following = paged(everyone, page)
         servers = []
-        for server in self.fleet.servers.values():
+        for server in shown:
             entry = server.to_json()
             per_minute = server.load.per_minute()
             entry.update(requestsPerMinute=per_minute[0], errorsPerMinute=per_minute[1],
@@ -6245,22 +6299,28 @@ class Observability:
                          capacity=self.fleet.scheduler.capacity(server),
                          version=server.load.version)
             servers.append(entry)
+        totals = {"servers": len(everyone),
+                  "up": sum(1 for s in everyone.values() if s.enabled and s.reachable),
+                  "inflight": sum(s.load.inflight for s in everyone.values()),
+                  "requestsPerMinute": sum(s.load.per_minute()[0] for s in everyone.values())}
         return {
             "version": __version__, "time": iso_time(utc_now()),
             "strategy": self.config.strategy,
             "queue": {"depth": len(self.fleet.scheduler.queue), "max": self.config.max_queue},
+            "totals": totals, "next": following,
             "servers": servers,
             "proxies": [p.to_json() for p in self.fleet.proxies.values()],
             "recentErrors": list(self.fleet.recent_errors)[:20],
         }
 
     async def status(self, request: Request, match: re.Match[str]) -> Response:
-        return json_response(200, self.status_payload())
+        return json_response(200, self.status_payload(page_of(request)))
 
     async def dashboard(self, request: Request, match: re.Match[str]) -> Response:
         # The first view is drawn from data embedded in the page; then it polls.
-        data = json.dumps(self.status_payload()).replace("<", "\\u003c")
-        page = DASHBOARD_HTML.replace("/*INITIAL*/null", data)
+        data = json.dumps(self.status_payload((DASHBOARD_PAGE, 0))).replace("<", "\\u003c")
+        page = DASHBOARD_HTML.replace("/*INITIAL*/null", data).replace(
+            "/*PAGE*/100", str(DASHBOARD_PAGE))
         return Response(200, page.encode(), "text/html; charset=utf-8",
                         headers=[("Cache-Control", "no-store"),
                                  ("Content-Security-Policy",
@@ -6351,6 +6411,10 @@ API_PARAMETERS: dict[str, tuple[str, dict[str, Any], str]] = {
              "billions of parameters a requested model must have at least (blank: any)"),
     "proxy": ("query", {"type": "string", "pattern": f"^(?:{PROXY_QUERY_RE.pattern})$"},
               "the id of a proxy to reach the server through (blank: its own, if any)"),
+    "limit": ("query", {"type": "string", "pattern": f"^(?:{LIMIT_QUERY_RE.pattern})$"},
+              f"at most this many (up to {MAX_PAGE}); a Link header names the next page"),
+    "after": ("query", {"type": "string", "pattern": f"^(?:{AFTER_QUERY_RE.pattern})$"},
+              "only those with a greater id: the last id of the page before"),
     "X-Session-Id": ("header", {"type": "string"},
                      "keeps a conversation on one server while it can take it"),
 }
@@ -6412,7 +6476,8 @@ API_SCHEMAS: dict[str, dict[str, Any]] = {
                              key={"type": "string", "description": "shown this once"}),
     "True": {"const": True},
     "Status": {"type": "object", "required": [
-        "version", "time", "strategy", "queue", "servers", "proxies", "recentErrors"]},
+        "version", "time", "strategy", "queue", "totals", "next", "servers", "proxies",
+        "recentErrors"]},
     "OllamaRequest": _OLLAMA_BODY,
     "FanOutRequest": {**_OLLAMA_BODY, "properties": {
         "servers": _FAN_OUT_TARGETS, "stream": {"type": "boolean"}}},
@@ -6717,8 +6782,9 @@ ROUTES: tuple[Route, ...] = (
     route("POST", "/servers/addServer", "management.add_server", "admin", "adds a server",
           label="add_server", body="NewServer", answers={201: "Server"}, errors=(409, 422)),
     route("GET", "/servers/allServers", "management.all_servers", "admin",
-          "every server with its health and models", label="all_servers",
-          answers={200: "Servers"}),
+          "every server with its health and models (a page of them, with limit)",
+          label="all_servers", query=("limit", "after"), answers={200: "Servers"},
+          errors=(400,)),
     route("GET", "/servers/{id}", "management.one_server", "admin", "one server",
           label="one_server", pattern=_ONE_SERVER, answers={200: "Server"}, errors=(404,)),
     route("PATCH", "/servers/{id}", "management.one_server", "admin",
@@ -6744,7 +6810,8 @@ ROUTES: tuple[Route, ...] = (
     route("GET", "/metrics", "observability.metrics_page", "admin",
           "Prometheus text exposition", label="metrics_page", answers={200: "text/plain"}),
     route("GET", "/servers/status", "observability.status", "admin",
-          "what the dashboard shows, as JSON", label="status", answers={200: "Status"}),
+          "what the dashboard shows, as JSON (its servers a page at a time, with limit)",
+          label="status", query=("limit", "after"), answers={200: "Status"}, errors=(400,)),
     route("GET", "/dashboard", "observability.dashboard", "admin", "the dashboard page",
           label="dashboard", answers={200: "text/html"}),
     route("GET", "/openapi.json", "docs.openapi", "open",

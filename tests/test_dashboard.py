@@ -108,3 +108,31 @@ def test_a_dead_server_shows_why_and_the_last_minutes_are_drawn_at_page_load(
     assert len(line.group(1).split()) == 30 and len(ys) > 1
     assert re.search(r'<td class="load">', dom)
     assert "td.load { white-space: nowrap; }" in dom
+
+
+def test_a_fleet_of_many_servers_is_listed_and_shown_a_page_at_a_time(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    lb: BalancerProcess = start_balancer(sqlite_store, "--health-interval", "600")
+    for index in range(105):  # disabled: never checked
+        lb.add_server(f"http://10.0.{index // 250}.{index % 250 + 1}:11434", enabled=False)
+    ids: list[int] = []
+    path = "/servers/allServers?limit=40"
+    while path:
+        reply = lb.call("GET", path)
+        assert reply.status == 200 and len(reply.json()) <= 40
+        ids += [server["id"] for server in reply.json()]
+        link = reply.headers.get("Link")
+        path = re.match(r"<([^>]+)>; rel=\"next\"", link).group(1) if link else ""  # type: ignore[union-attr]
+    assert ids == sorted(ids) and len(ids) == 105
+    assert len(lb.call("GET", "/servers/allServers").json()) == 105  # no limit: all, as ever
+    for bad in ("limit=0", "limit=5001", "limit=x", "after=-1"):
+        assert lb.call("GET", f"/servers/allServers?{bad}").status == 400, bad
+    status = lb.call("GET", f"/servers/status?limit=10&after={ids[99]}").json()
+    assert [s["id"] for s in status["servers"]] == ids[100:] and status["next"] is None
+    assert status["totals"]["servers"] == 105 and status["totals"]["up"] == 0
+    dom = chromium("--virtual-time-budget=1000", "--dump-dom",
+                   f"http://127.0.0.1:{lb.port}/dashboard")
+    assert '<div class="value" id="card-up">0 / 105</div>' in dom
+    assert '<span class="dim" id="page">(100 of 105)</span>' in dom
+    assert dom.count('<span class="down">') + dom.count(">disabled<") == 100  # one page
+    assert re.search(r'<button id="next" data-after="\d+">', dom)  # shown, not hidden
