@@ -134,6 +134,10 @@ MAX_ERROR_BODY = 64 * 1024
 CHANGE_BATCH = 1000
 CHANGE_LOG_KEPT = 10_000
 CHANGE_SLACK = 64
+#: Heartbeats an instance may miss before the others take back its share of each server
+#: (it is gone: a crash must not hold capacity), and seconds after which its row goes.
+INSTANCE_MISSED_BEATS = 3
+INSTANCE_FORGOTTEN = 600
 #: The status page's history of each server: requests and errors per HISTORY_STEP seconds
 #: over the last HISTORY_POINTS steps (five minutes), so a chart is whole at page load.
 HISTORY_STEP = 10
@@ -2129,6 +2133,12 @@ CREATE TABLE IF NOT EXISTS change_log (
   kind TEXT NOT NULL,
   row_id TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS instances (
+  id TEXT PRIMARY KEY,
+  beat_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  demand TEXT NOT NULL,
+  holding TEXT NOT NULL DEFAULT '{}'
+);
 """
 
 # The MySQL schema after every migration; schema.sql is this text (a test keeps them equal).
@@ -2201,6 +2211,14 @@ CREATE TABLE IF NOT EXISTS `change_log` (
   `row_id` varchar(64) NOT NULL,
   PRIMARY KEY (`revision`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS `instances` (
+  `id` varchar(32) NOT NULL,
+  `beat_at` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  `demand` mediumtext NOT NULL,
+  `holding` mediumtext NOT NULL,
+  PRIMARY KEY (`id`)
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 """
 
 # Columns the balancer adds to the seed's tables: (table, column, MySQL definition).
@@ -2256,11 +2274,11 @@ def _sql_default(value: Any) -> str | None:
 # ---------------------------------------------------------------------------
 
 
-class Store:
-    """The database, through blocking calls made on one worker thread (see AsyncStore).
-
-    SQL is written once with ``?`` placeholders; the MySQL subclass rewrites them.
-    """
+class Database:
+    """The connection and what every table needs: statements, transactions, the
+    change log and the instances' heartbeats. Blocking calls, made on one worker
+    thread (see AsyncStore); SQL is written once with ``?`` placeholders, which the
+    MySQL subclass rewrites."""
 
     engine = "sqlite"
 
@@ -2283,20 +2301,6 @@ class Store:
             raise
         finally:
             self._in_transaction = False
-
-    def _seal(self, value: Any) -> Any:
-        return self.box.encrypt(value) if self.box and isinstance(value, str) and value else value
-
-    def _open_secret(self, value: Any, what: str) -> str | None:
-        if not value:
-            return None
-        if self.box is None or not is_encrypted(value):
-            return str(value)  # plain text, until protect_secrets() encrypts it
-        try:
-            return self.box.decrypt(str(value))
-        except SecretError as exc:
-            log.error("cannot decrypt %s: %s", what, exc)
-            return None
 
     # -- engine-specific ---------------------------------------------------
 
@@ -2323,6 +2327,105 @@ class Store:
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self._execute(sql, params).fetchall())
+
+    # -- the change log: what other instances must read again ---------------------
+
+    def _changed(self, kind: str, row_id: int | str) -> None:
+        """Records a write, in the writer's transaction, for every instance to apply."""
+        self._execute("INSERT INTO change_log (kind, row_id) VALUES (?, ?)", [kind, str(row_id)])
+
+    def latest_change(self) -> int:
+        """The last revision written: one read of the log's primary key."""
+        return int(self._rows("SELECT MAX(revision) FROM change_log")[0][0] or 0)
+
+    def change_mark(self, since: int) -> tuple[int, int]:
+        """The last revision after ``since`` and how many there are: changed, when a write
+        lands, even one committed after later ones."""
+        last, count = self._rows(
+            "SELECT MAX(revision), COUNT(*) FROM change_log WHERE revision > ?", [since])[0]
+        return int(last or since), int(count)
+
+    def changes_since(self, revision: int) -> list[tuple[int, str, str]] | None:
+        """The writes after ``revision``, oldest first; None when the log no longer reaches
+        that far back (pruned), or holds more than a reload would cost."""
+        pruned = self._rows("SELECT value FROM balancer_meta WHERE name = 'changes_pruned'")
+        if pruned and revision < int(pruned[0][0]):
+            return None
+        rows = self._rows("SELECT revision, kind, row_id FROM change_log WHERE revision > ? "
+                          "ORDER BY revision LIMIT ?", [revision, CHANGE_BATCH + 1])
+        if len(rows) > CHANGE_BATCH:
+            return None
+        return [(int(r), str(k), str(i)) for r, k, i in rows]
+
+    def prune_changes(self) -> None:
+        """Forgets all but the last CHANGE_LOG_KEPT writes: an instance further behind
+        reloads everything."""
+        horizon = self.latest_change() - CHANGE_LOG_KEPT
+        if horizon <= 0:
+            return
+        with self.transaction():
+            self._execute("DELETE FROM change_log WHERE revision <= ?", [horizon])
+            self._execute("DELETE FROM balancer_meta WHERE name = 'changes_pruned'")
+            self._execute("INSERT INTO balancer_meta (name, value) VALUES "
+                          "('changes_pruned', ?)", [str(horizon)])
+
+    # -- instances: who else serves from this database, and what each wants -----------
+
+    #: The engine's SQL for "the database's clock, ? seconds ago", and for one beat at a
+    #: time (SQLite: the first write of a transaction takes the database's write lock).
+    AGO = "datetime('now', '-' || ? || ' seconds')"
+    UPSERT_BEAT = ("INSERT INTO instances (id, demand, holding) VALUES (?, ?, '{}') "
+                   "ON CONFLICT (id) DO UPDATE SET demand = excluded.demand, "
+                   "beat_at = CURRENT_TIMESTAMP")
+    LOCK_BEATS: str | None = None
+    UNLOCK_BEATS: str | None = None
+
+    def beat(self, instance: str, demand: str, live: float,
+             decide: Callable[[dict[str, tuple[Any, Any]]], str]) -> int:
+        """This instance's heartbeat, one instance at a time: records what it wants of
+        each server (JSON), reads every instance that beat within ``live`` seconds (by
+        the database's clock; a crashed one drops out), and records what ``decide``
+        makes of their (demand, holding): the slots this one holds from now on. Returns
+        how many instances are live, this one too."""
+        if self.LOCK_BEATS:
+            self._execute(self.LOCK_BEATS)
+        try:
+            with self.transaction():
+                self._execute(self.UPSERT_BEAT, [instance, demand])
+                rows = self._rows("SELECT id, demand, holding FROM instances WHERE "
+                                  f"beat_at >= {self.AGO} AND id <> ?",
+                                  [math.ceil(live), instance])
+                holding = decide({str(i): (d, h) for i, d, h in rows})
+                self._execute("UPDATE instances SET holding = ? WHERE id = ?",
+                              [holding, instance])
+                self._execute(f"DELETE FROM instances WHERE beat_at < {self.AGO}",
+                              [INSTANCE_FORGOTTEN])
+        finally:
+            if self.UNLOCK_BEATS:
+                self._execute(self.UNLOCK_BEATS)
+        return len(rows) + 1
+
+    def leave(self, instance: str) -> None:
+        self._execute("DELETE FROM instances WHERE id = ?", [instance])
+
+
+class Store(Database):
+    """The balancer's tables: servers, proxies, API keys, getServer IDs, and the
+    secrets sealed in them."""
+
+    def _seal(self, value: Any) -> Any:
+        return self.box.encrypt(value) if self.box and isinstance(value, str) and value else value
+
+    def _open_secret(self, value: Any, what: str) -> str | None:
+        if not value:
+            return None
+        if self.box is None or not is_encrypted(value):
+            return str(value)  # plain text, until protect_secrets() encrypts it
+        try:
+            return self.box.decrypt(str(value))
+        except SecretError as exc:
+            log.error("cannot decrypt %s: %s", what, exc)
+            return None
 
     def _insert(self, table: str, values: dict[str, Any]) -> int:
         columns = ", ".join(values)
@@ -2564,47 +2667,6 @@ class Store:
             self._changed("proxy", proxy_id)
         return bool(cursor.rowcount)
 
-    # -- the change log: what other instances must read again ---------------------
-
-    def _changed(self, kind: str, row_id: int | str) -> None:
-        """Records a write, in the writer's transaction, for every instance to apply."""
-        self._execute("INSERT INTO change_log (kind, row_id) VALUES (?, ?)", [kind, str(row_id)])
-
-    def latest_change(self) -> int:
-        """The last revision written: one read of the log's primary key."""
-        return int(self._rows("SELECT MAX(revision) FROM change_log")[0][0] or 0)
-
-    def change_mark(self, since: int) -> tuple[int, int]:
-        """The last revision after ``since`` and how many there are: changed, when a write
-        lands, even one committed after later ones."""
-        last, count = self._rows(
-            "SELECT MAX(revision), COUNT(*) FROM change_log WHERE revision > ?", [since])[0]
-        return int(last or since), int(count)
-
-    def changes_since(self, revision: int) -> list[tuple[int, str, str]] | None:
-        """The writes after ``revision``, oldest first; None when the log no longer reaches
-        that far back (pruned), or holds more than a reload would cost."""
-        pruned = self._rows("SELECT value FROM balancer_meta WHERE name = 'changes_pruned'")
-        if pruned and revision < int(pruned[0][0]):
-            return None
-        rows = self._rows("SELECT revision, kind, row_id FROM change_log WHERE revision > ? "
-                          "ORDER BY revision LIMIT ?", [revision, CHANGE_BATCH + 1])
-        if len(rows) > CHANGE_BATCH:
-            return None
-        return [(int(r), str(k), str(i)) for r, k, i in rows]
-
-    def prune_changes(self) -> None:
-        """Forgets all but the last CHANGE_LOG_KEPT writes: an instance further behind
-        reloads everything."""
-        horizon = self.latest_change() - CHANGE_LOG_KEPT
-        if horizon <= 0:
-            return
-        with self.transaction():
-            self._execute("DELETE FROM change_log WHERE revision <= ?", [horizon])
-            self._execute("DELETE FROM balancer_meta WHERE name = 'changes_pruned'")
-            self._execute("INSERT INTO balancer_meta (name, value) VALUES "
-                          "('changes_pruned', ?)", [str(horizon)])
-
     # -- handles: the IDs that getServer hands out ------------------------------
 
     def handle_for(self, server_id: int, proxy_id: int | None) -> str:
@@ -2780,6 +2842,12 @@ class MySQLStore(Store):
     """MySQL or MariaDB through pymysql; reconnects when the server went away."""
 
     engine = "mysql"
+    AGO = "NOW() - INTERVAL ? SECOND"
+    UPSERT_BEAT = ("INSERT INTO instances (id, demand, holding) VALUES (?, ?, '{}') "
+                   "ON DUPLICATE KEY UPDATE demand = VALUES(demand), "
+                   "beat_at = CURRENT_TIMESTAMP")
+    LOCK_BEATS = "SELECT GET_LOCK('ollamabalancer.instances', 10)"
+    UNLOCK_BEATS = "SELECT RELEASE_LOCK('ollamabalancer.instances')"
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -3075,6 +3143,96 @@ class Waiter:
     since: float = dataclasses.field(default_factory=time.monotonic)
 
 
+def _counts(value: Any) -> dict[str, int]:
+    """A heartbeat's {server id: count}, whatever another instance wrote."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(v, int) and v >= 0}
+
+
+def fair_shares(capacity: int, wants: dict[str, int]) -> dict[str, int]:
+    """``capacity`` slots shared among instances by what each wants, max-min fair (the
+    smallest wants are met first, the rest shared evenly), then what is left over shared
+    evenly too, so that an idle instance can start a request at once. The same on every
+    instance for the same ``wants``: ties go by name."""
+    names = sorted(wants)
+    share = dict.fromkeys(names, 0)
+    left = capacity
+    hungry = [name for name in names if wants[name] > 0]
+    while left and hungry:
+        each = max(1, left // len(hungry))
+        for name in list(hungry):
+            give = min(each, wants[name] - share[name], left)
+            share[name] += give
+            left -= give
+            if share[name] >= wants[name]:
+                hungry.remove(name)
+            if not left:
+                break
+    for index, name in enumerate(names):
+        share[name] += left // len(names) + (index < left % len(names))
+    return share
+
+
+class SharedCapacity:
+    """This instance's slots of each server while other instances share the fleet (none
+    while it is alone, when every cap is its own), decided at each heartbeat."""
+
+    def __init__(self) -> None:
+        self.shares: dict[int, int] = {}
+        self.planned: dict[int, int] = {}
+        self.planned_alone = True
+        self.instances = 1
+
+    def room(self, server_id: int, capacity: int) -> int:
+        # Among other instances, a server no heartbeat has shared yet has no room here.
+        return self.shares.get(server_id, 0) if self.instances > 1 else capacity
+
+    @staticmethod
+    def demand(servers: dict[int, Server], queue: Iterable[Waiter]) -> dict[str, int]:
+        """What this instance wants of each server: its requests there, and those queued
+        that it could take (by server id, as text: the heartbeat's JSON)."""
+        waiting = collections.Counter(waiter.model for waiter in queue)
+        wants: dict[str, int] = {}
+        for server in servers.values():
+            queued = sum(n for model, n in waiting.items()
+                         if model is None or model in server.model_names)
+            if server.load.inflight or queued:
+                wants[str(server.id)] = server.load.inflight + queued
+        return wants
+
+    def plan(self, capacity: dict[int, int], inflight: dict[int, int], wants: dict[str, int],
+             me: str) -> Callable[[dict[str, tuple[Any, Any]]], str]:
+        """How this instance decides its slots of each server in a heartbeat (run by the
+        store, one instance at a time): its fair part of the server's cap by what every
+        live instance wants, but never more than the others do not hold. Holdings only
+        shrink at once and grow into what others gave up, so that the sum of what the
+        instances hold, and so of their requests, never exceeds the cap."""
+        def decide(others: dict[str, tuple[Any, Any]]) -> str:
+            demands, holdings = {}, {}
+            for name, (demand, holding) in others.items():
+                with contextlib.suppress(ValueError, UnicodeError):
+                    demands[name] = _counts(decode_json(str(demand).encode()))
+                    holdings[name] = _counts(decode_json(str(holding).encode()))
+            self.planned = {}
+            for server_id, cap in capacity.items():
+                key = str(server_id)
+                share = fair_shares(cap, {me: wants.get(key, 0), **{
+                    name: want.get(key, 0) for name, want in demands.items()}})[me]
+                free = cap - sum(held.get(key, 0) for held in holdings.values())
+                self.planned[server_id] = min(share, max(0, free))
+            self.planned_alone = not others
+            return json.dumps({str(i): max(n, inflight[i]) for i, n in self.planned.items()})
+
+        return decide
+
+    def take(self, instances: int) -> list[int]:
+        """Uses the slots the last heartbeat decided; the servers that got more room."""
+        self.instances = instances
+        before, self.shares = self.shares, {} if self.planned_alone else self.planned
+        return [i for i, room in self.shares.items() if room > before.get(i, 0)]
+
+
 class Scheduler:
     """Picks a server for each request and holds requests in one fleet-wide FIFO queue
     while every candidate is at its maxConcurrency.
@@ -3082,8 +3240,7 @@ class Scheduler:
     Ollama runs OLLAMA_NUM_PARALLEL requests per loaded model and queues the rest on that
     server, where a free GPU elsewhere cannot take them; a cold load costs seconds. So the
     balancer prefers servers that have the model loaded, then the least busy, and keeps
-    overflow here, where the first slot to free up anywhere serves it.
-    """
+    overflow here, where the first slot to free up anywhere serves it."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -3101,6 +3258,7 @@ class Scheduler:
         self._ranked: dict[str | None, RankHeap] = {}  # pragma: no mutate
         self._ranked_fleet: dict[int, Server] | None = None  # pragma: no mutate
         self._stamps = itertools.count()
+        self.shared = SharedCapacity()
 
     # -- selection: pure functions of the fleet ------------------------------------
 
@@ -3117,9 +3275,11 @@ class Scheduler:
         return model is None or model in server.model_names
 
     def has_room(self, server: Server) -> bool:
-        """A free slot: under its maxConcurrency, and no probe in flight while half-open."""
+        """A free slot: under its cap (this instance's share), no probe while half-open."""
         load = server.load
-        return load.inflight < self.capacity(server) and not load.probing
+        return load.inflight < self.shared.room(server.id, self.capacity(server)) and (
+            not load.probing)
+
 
     def candidates(self, servers: Iterable[Server], model: str | None,
                    exclude: frozenset[int] = frozenset()) -> list[Server]:
@@ -4370,8 +4530,8 @@ def _through_proxy(proxy_id: int, pair: tuple[int, int | None]) -> bool:
 
 class Fleet:
     """The servers, proxies, getServer IDs and API keys the store holds, in memory, kept
-    current by reloads and health checks, with the scheduler that shares the servers out
-    and the record of their failures. Handlers read it; it knows nothing of them."""
+    current by the change log and health checks, with the scheduler that shares the
+    servers out and their failures' record. Handlers read it; it knows nothing of them."""
 
     def __init__(self, config: Config, store: AsyncStore, upstreams: Upstreams,
                  metrics: Metrics) -> None:
@@ -4394,6 +4554,8 @@ class Fleet:
                                             datetime.datetime]] = {}
         self._persisting: asyncio.Future[None] | None = None
         self._syncing: asyncio.Future[None] | None = None
+        #: This process among the instances serving from the store (see beat()).
+        self.instance = secrets.token_hex(8)
         #: The change log's last revision applied here, and its mark when last read.
         self.revision = 0
         self._change_mark: tuple[int, int] | None = None
@@ -4450,11 +4612,29 @@ class Fleet:
 
     async def sync_loop(self) -> None:
         """Notices what other instances write within SYNC_INTERVAL (a server disabled there
-        gets no more traffic from here within about that)."""
+        gets no more traffic from here within about that), and beats with them."""
         while True:
             await asyncio.sleep(self.config.sync_interval)
             with contextlib.suppress(StoreUnavailable):  # the health loop says so
                 await self.sync()
+                await self.beat()
+
+    async def beat(self) -> None:
+        """Tells the store what this instance wants of each server, and takes its share
+        of them (SharedCapacity.plan). Raises StoreUnavailable."""
+        scheduler, servers = self.scheduler, self.servers
+        shared, wants = scheduler.shared, scheduler.shared.demand(servers, scheduler.queue)
+        decide = shared.plan({i: scheduler.capacity(s) for i, s in servers.items()},
+                             {i: s.load.inflight for i, s in servers.items()}, wants,
+                             self.instance)
+        live = await self.store.call(self.store.store.beat, self.instance,
+                                     json.dumps(wants, separators=(",", ":")),
+                                     INSTANCE_MISSED_BEATS * self.config.sync_interval + 1,
+                                     decide)
+        for server_id in shared.take(live):
+            if server_id in servers:
+                scheduler.changed(servers[server_id])
+        scheduler.dispatch(servers)
 
     async def _apply(self, changes: Iterable[tuple[int, str, str]]) -> None:
         """Reads again the rows ``changes`` name, and puts them in memory (or takes them
@@ -4510,21 +4690,14 @@ class Fleet:
                 self.handle_tokens.pop(pair, None)
 
     async def look_up(self, server_id: int, proxy_id: int | None) -> None:
-        """Reads a server (and proxy) this instance does not know from the store, where
-        another instance, or an outside tool, may have just written it; a store that is
-        down leaves memory as it was."""
+        """Reads a server (and proxy) unknown here from the store, where another instance
+        or an outside tool may have just written it (a store down changes nothing)."""
         with contextlib.suppress(StoreUnavailable):
             await self.sync()
             missing = [(0, "server", str(server_id))] if server_id not in self.servers else []
             if proxy_id is not None and proxy_id not in self.proxies:
                 missing.append((0, "proxy", str(proxy_id)))
             await self._apply(missing)
-
-    async def sync_or_503(self) -> None:
-        await self.or_503(self.sync())
-
-    async def reload_or_503(self) -> None:
-        await self.or_503(self.reload())
 
     def proxy_of(self, server: Server) -> Proxy | None:
         if server.proxy_id is None:
@@ -4719,8 +4892,10 @@ class Fleet:
                 self._store_down_logged = True
 
     async def close(self) -> None:
-        """Writes the last health results (for as long as the store answers in time) and
-        stops what runs in the background."""
+        """Writes the last health results (as long as the store answers in time), gives
+        back this instance's shares, stops what runs in the background."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.call(self.store.store.leave, self.instance)
         if self._persisting is not None:
             with contextlib.suppress(asyncio.TimeoutError, StoreUnavailable):
                 await asyncio.wait_for(asyncio.shield(self._persisting),
@@ -4731,9 +4906,8 @@ class Fleet:
         await asyncio.gather(*pending, return_exceptions=True)
 
     def spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
+        (task := asyncio.ensure_future(coro)).add_done_callback(self._tasks.discard)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def upstream_failed(self, server: Server, kind: str, message: str = "") -> None:
         """A failure that counts against the server: for the breaker, the metrics and the
@@ -5866,23 +6040,23 @@ class Management:
     async def add_proxy(self, request: Request, match: re.Match[str]) -> Response:
         values = parse_proxy_body(_json_object(await request.read_json()), partial=False)
         new_id = await self.fleet.db(self.tables.add_proxy, values)
-        await self.fleet.sync_or_503()
+        await self.fleet.or_503(self.fleet.sync())
         log.info("added proxy %d (%s://%s:%d)", new_id, values["protocol"], values["ip"],
                  values["port"])
         return json_response(200, True)
 
     async def all_proxies(self, request: Request, match: re.Match[str]) -> Response:
-        await self.fleet.reload_or_503()
+        await self.fleet.or_503(self.fleet.reload())
         return json_response(200, [p.to_json() for p in self.fleet.proxies.values()])
 
     async def one_proxy(self, request: Request, match: re.Match[str]) -> Response:
         proxy_id = _path_id(match)
-        await self.fleet.sync_or_503()
+        await self.fleet.or_503(self.fleet.sync())
         if request.method == "PATCH":
             values = parse_proxy_body(_json_object(await request.read_json()), partial=True)
             if not await self.fleet.db(self.tables.update_proxy, proxy_id, values):
                 raise HTTPError(404, f"no proxy with id {proxy_id}")
-            await self.fleet.sync_or_503()
+            await self.fleet.or_503(self.fleet.sync())
             self.fleet.recheck(s for s in self.fleet.servers.values() if s.proxy_id == proxy_id)
         elif request.method == "DELETE":
             users = sorted(s.id for s in self.fleet.servers.values() if s.proxy_id == proxy_id)
@@ -5891,7 +6065,7 @@ class Management:
                                      f"{', '.join(map(str, users))}; change them first")
             if not await self.fleet.db(self.tables.delete_proxy, proxy_id):
                 raise HTTPError(404, f"no proxy with id {proxy_id}")
-            await self.fleet.sync_or_503()
+            await self.fleet.or_503(self.fleet.sync())
             return Response(204)
         proxy = self.fleet.proxies.get(proxy_id)
         if proxy is None:
@@ -5906,14 +6080,14 @@ class Management:
 
     async def add_server(self, request: Request, match: re.Match[str]) -> Response:
         values = parse_server_body(_json_object(await request.read_json()), partial=False)
-        await self.fleet.sync_or_503()
+        await self.fleet.or_503(self.fleet.sync())
         self._check_proxy_reference(values)
         try:
             new_id = await self.fleet.db(self.tables.add_server, values)
         except Conflict:
             raise HTTPError(409, f"a server at {values['host']}:{values['port']} "
                                  "already exists") from None
-        await self.fleet.sync_or_503()
+        await self.fleet.or_503(self.fleet.sync())
         server = self.fleet.servers[new_id]
         log.info("added server %d %s", new_id, server.label)
         if server.enabled:
@@ -5925,9 +6099,9 @@ class Management:
         next, read through the change log rather than whole (fleets of thousands)."""
         page = page_of(request)
         if page[0] is None:
-            await self.fleet.reload_or_503()
+            await self.fleet.or_503(self.fleet.reload())
         else:
-            await self.fleet.sync_or_503()
+            await self.fleet.or_503(self.fleet.sync())
         servers, following = paged(self.fleet.servers, page)
         link = [] if following is None else [
             ("Link", f'</servers/allServers?limit={page[0]}&after={following}>; rel="next"')]
@@ -5935,7 +6109,7 @@ class Management:
 
     async def one_server(self, request: Request, match: re.Match[str]) -> Response:
         server_id = _path_id(match)
-        await self.fleet.sync_or_503()
+        await self.fleet.or_503(self.fleet.sync())
         if request.method == "PATCH":
             values = parse_server_body(_json_object(await request.read_json()), partial=True)
             self._check_proxy_reference(values)
@@ -5945,7 +6119,7 @@ class Management:
                 raise HTTPError(409, "another server has that host and port") from None
             if not found:
                 raise HTTPError(404, f"no server with id {server_id}")
-            await self.fleet.sync_or_503()
+            await self.fleet.or_503(self.fleet.sync())
             updated = self.fleet.servers[server_id]
             if updated.enabled:
                 await self.fleet.check_server(updated)
@@ -5954,7 +6128,7 @@ class Management:
         elif request.method == "DELETE":
             if not await self.fleet.db(self.tables.delete_server, server_id):
                 raise HTTPError(404, f"no server with id {server_id}")
-            await self.fleet.sync_or_503()
+            await self.fleet.or_503(self.fleet.sync())
             return Response(204)
         server = self.fleet.servers.get(server_id)
         if server is None:
@@ -6013,19 +6187,19 @@ class Management:
                   "requests_per_minute": None if rpm is None else int(rpm),
                   "max_concurrent": None if concurrent is None else int(concurrent)}
         key_id = await self.fleet.db(self.tables.add_key, values)
-        await self.fleet.sync_or_503()
+        await self.fleet.or_503(self.fleet.sync())
         log.info("added API key %d (%s)", key_id, name)
         return json_response(201, {"id": key_id, "name": name, "key": key})
 
     async def all_keys(self, request: Request, match: re.Match[str]) -> Response:
-        await self.fleet.reload_or_503()
+        await self.fleet.or_503(self.fleet.reload())
         return json_response(200, [k.to_json() for k in self.fleet.keys.values()])
 
     async def delete_key(self, request: Request, match: re.Match[str]) -> Response:
         key_id = _path_id(match)
         if not await self.fleet.db(self.tables.delete_key, key_id):
             raise HTTPError(404, f"no API key with id {key_id}")
-        await self.fleet.sync_or_503()
+        await self.fleet.or_503(self.fleet.sync())
         return Response(204)
 
 
@@ -6297,6 +6471,7 @@ class Observability:
             entry.update(requestsPerMinute=per_minute[0], errorsPerMinute=per_minute[1],
                          history=server.load.recent(),
                          capacity=self.fleet.scheduler.capacity(server),
+                         share=self.fleet.scheduler.shared.shares.get(server.id),
                          version=server.load.version)
             servers.append(entry)
         totals = {"servers": len(everyone),
@@ -6307,6 +6482,7 @@ class Observability:
             "version": __version__, "time": iso_time(utc_now()),
             "strategy": self.config.strategy,
             "queue": {"depth": len(self.fleet.scheduler.queue), "max": self.config.max_queue},
+            "instances": self.fleet.scheduler.shared.instances,
             "totals": totals, "next": following,
             "servers": servers,
             "proxies": [p.to_json() for p in self.fleet.proxies.values()],
@@ -6856,6 +7032,8 @@ class Balancer:
         """Reads the store and checks every server once, before the first request."""
         await self.fleet.reload()
         await self.fleet.check_all()
+        with contextlib.suppress(StoreUnavailable):  # its share, before the first request
+            await self.fleet.beat()
 
     async def close(self) -> None:
         await self.fleet.close()

@@ -69,3 +69,11 @@ CREATE TABLE IF NOT EXISTS `change_log` (
   `row_id` varchar(64) NOT NULL,
   PRIMARY KEY (`revision`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS `instances` (
+  `id` varchar(32) NOT NULL,
+  `beat_at` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  `demand` mediumtext NOT NULL,
+  `holding` mediumtext NOT NULL,
+  PRIMARY KEY (`id`)
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

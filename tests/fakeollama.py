@@ -64,6 +64,8 @@ class FakeOllama:
         self.blobs: dict[str, bytes] = {}
         self.fail_status: int | None = None
         self.missing_paths: set[str] = set()
+        self.active = 0  # model requests being answered now (their knobs, sleep and hold)
+        self.most_active = 0
         self.missing_answer = (b"404 page not found", "text/plain")
         self.pull_error: str | None = None
         self.pull_delay = 0.0
@@ -341,6 +343,16 @@ class _Handler(BaseHTTPRequestHandler):
         if not path.startswith(("/api/chat", "/api/generate", "/api/embed", "/api/show",
                                 "/v1/")):
             return False
+        with self.owner.lock:
+            self.owner.active += 1
+            self.owner.most_active = max(self.owner.most_active, self.owner.active)
+        try:
+            return self._apply_knobs(body)
+        finally:
+            with self.owner.lock:
+                self.owner.active -= 1
+
+    def _apply_knobs(self, body: bytes) -> bool:
         request = json.loads(body or b"{}")
         if isinstance(request, dict):
             if request.get("fake_sleep"):

@@ -3,6 +3,8 @@ SYNC_INTERVAL, through the store's change log, without waiting for a health roun
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,9 @@ def chat(lb: BalancerProcess, **headers: str) -> int:
 
 @pytest.fixture
 def pair(start_balancer: Any, store: StoreConfig) -> tuple[BalancerProcess, BalancerProcess]:
-    """Two instances on one database, neither with a health round in the test's time."""
-    args = ("--health-interval", "600", "--sync-interval", "0.2")
+    """Two instances on one database, neither with a health round in the test's time;
+    the servers run four requests of a model at once (so only the cap limits them)."""
+    args = ("--health-interval", "600", "--sync-interval", "0.2", "--num-parallel", "4")
     return start_balancer(store, *args), start_balancer(store, *args)
 
 
@@ -72,6 +75,59 @@ def test_a_proxy_added_on_one_instance_carries_the_others_requests(
     # Through a proxy nobody listens on: the server is down for the other instance too.
     second.wait_for(lambda: second.call("GET", f"/servers/ollama/{row['id']}/api/tags")
                     .status == 502)
+
+
+def burst(balancers: list[BalancerProcess], seconds: float) -> list[int]:
+    """One request through each of ``balancers`` at once, each held ``seconds`` by the
+    server: the statuses."""
+    statuses: list[int] = []
+    body = {"model": "llama3", "messages": [], "stream": False, "fake_sleep": seconds}
+    threads = [threading.Thread(target=lambda lb=lb: statuses.append(
+        lb.call("POST", "/api/chat", body).status)) for lb in balancers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return statuses
+
+
+def test_instances_share_a_servers_cap_and_one_that_dies_gives_its_share_back(
+        pair: tuple[BalancerProcess, BalancerProcess], backend: FakeOllama) -> None:
+    first, second = pair
+    row = first.add_server(backend.url, maxConcurrency=2)
+    for lb in pair:
+        lb.wait_for(lambda lb=lb: lb.call("GET", "/servers/status").json()["instances"] == 2
+                    and chat(lb) == 200)
+    # Four requests through each at once: the server sees at most its cap, all served.
+    backend.most_active = 0
+    assert burst([first, second] * 4, 0.3) == [200] * 8
+    assert backend.most_active == 2, backend.most_active
+    # One instance idle: the other gets its share within a beat or two.
+    backend.most_active = 0
+    assert burst([first] * 6, 0.5) == [200] * 6
+    assert backend.most_active == 2
+    # An instance that dies without a word: after a few missed beats it holds nothing.
+    second.proc.send_signal(signal.SIGKILL)
+    second.proc.wait(10)
+    first.wait_for(lambda: first.call("GET", "/servers/status").json()["instances"] == 1)
+    status = first.call("GET", "/servers/status").json()
+    assert [s["share"] for s in status["servers"] if s["id"] == row["id"]] == [None]
+    backend.most_active = 0
+    assert burst([first] * 4, 0.3) == [200] * 4
+    assert backend.most_active == 2
+
+
+def test_fair_shares_meet_small_wants_first_and_share_what_is_left() -> None:
+    assert ob.fair_shares(2, {"a": 0, "b": 0}) == {"a": 1, "b": 1}
+    assert ob.fair_shares(2, {"a": 5, "b": 0}) == {"a": 2, "b": 0}
+    assert ob.fair_shares(4, {"a": 1, "b": 9}) == {"a": 1, "b": 3}
+    assert ob.fair_shares(3, {"a": 5, "b": 5}) == {"a": 2, "b": 1}
+    assert ob.fair_shares(1, {"a": 0, "b": 0, "c": 0}) == {"a": 1, "b": 0, "c": 0}
+    assert ob.fair_shares(8, {"a": 1, "b": 2, "c": 0}) == {"a": 3, "b": 4, "c": 1}
+    for capacity in range(0, 12):
+        for wants in ({"a": 0}, {"a": 3, "b": 1}, {"a": 2, "b": 2, "c": 7}):
+            shares = ob.fair_shares(capacity, wants)
+            assert sum(shares.values()) == capacity
 
 
 def test_the_change_log_names_each_write_and_says_when_it_no_longer_reaches_back(
