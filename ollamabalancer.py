@@ -1209,7 +1209,7 @@ class Wire(asyncio.Protocol):
         waiter, self._writable = self._writable, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if self.on_writable is not None:
+        if self.on_writable:
             self.on_writable()
 
     def _wake_reader(self) -> None:
@@ -5463,7 +5463,7 @@ class Relay:
             log.warning("stream from upstream cut: %s", exc or type(exc).__name__)
             return None
         finally:
-            client.on_writable = None
+            client.on_writable = None  # pragma: no mutate (any false value: not called)
             upstream.resume_reading()
         await client.drain()
         return tail.last()
