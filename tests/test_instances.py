@@ -3,13 +3,18 @@ SYNC_INTERVAL, through the store's change log, without waiting for a health roun
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import signal
+import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BalancerProcess, StoreConfig
+from conftest import ROOT, BalancerProcess, StoreConfig, call, free_port, unavailable
 from fakeollama import FakeOllama
 
 import ollamabalancer as ob
@@ -153,3 +158,72 @@ def test_the_change_log_names_each_write_and_says_when_it_no_longer_reaches_back
         assert [r for r, _, _ in store.changes_since(4) or []] == [5, 6]
     finally:
         store.close()
+
+
+def haproxy_config(front: int, backends: list[int]) -> str:
+    """The README's HAProxy configuration, on this test's ports."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"```haproxy\n(.*?)```", readme, re.S)
+    assert match, "the README gives no HAProxy configuration"
+    text = match.group(1).replace("bind :8080", f"bind 127.0.0.1:{front}")
+    for address, port in zip(("10.0.0.11:8080", "10.0.0.12:8080"), backends, strict=True):
+        text = text.replace(address, f"127.0.0.1:{port}")
+    return text
+
+
+def test_behind_haproxy_only_the_requests_in_flight_on_a_killed_instance_fail(
+        pair: tuple[BalancerProcess, BalancerProcess], backend: FakeOllama,
+        tmp_path: Path) -> None:
+    binary = shutil.which("haproxy") or ("/usr/sbin/haproxy"
+                                         if os.path.exists("/usr/sbin/haproxy") else None)
+    if binary is None:
+        unavailable("haproxy is not installed (apt-get install haproxy)")
+    first, second = pair
+    first.add_server(backend.url)
+    second.wait_for(lambda: chat(second) == 200)
+    front = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(haproxy_config(front, [first.port, second.port]))
+    proxy = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    def up() -> bool:
+        try:
+            return call(front, "GET", "/").status == 200
+        except OSError:
+            return False  # not listening yet
+
+    try:
+        first.wait_for(up)
+        outcomes: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            body = {"model": "llama3", "messages": [], "stream": False, "fake_sleep": 0.05}
+            while not stop.is_set():
+                try:
+                    status = call(front, "POST", "/api/chat", body).status
+                except OSError:
+                    status = 0
+                outcomes.append((time.monotonic(), status))
+
+        clients = [threading.Thread(target=traffic) for _ in range(2)]
+        for client in clients:
+            client.start()
+        time.sleep(1.5)
+        killed_at = time.monotonic()
+        second.proc.send_signal(signal.SIGKILL)
+        time.sleep(3)
+        stop.set()
+        for client in clients:
+            client.join(10)
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+    before = [s for t, s in outcomes if t < killed_at]
+    after = [s for t, s in outcomes if t >= killed_at]
+    assert before and set(before) == {200}
+    failed = [s for s in after if s != 200]
+    assert len(failed) <= 2, failed  # at most the two requests in flight on it
+    assert len(after) - len(failed) >= 10  # and the rest of the run is served by the other
+    assert [s for t, s in outcomes if t >= killed_at + 1.5] == [200] * len(
+        [t for t, _ in outcomes if t >= killed_at + 1.5])
