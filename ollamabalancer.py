@@ -333,6 +333,7 @@ class Config:
     db_path: str = "ollamabalancer.db"
     db_timeout: float = 5.0
     health_interval: float = 10.0
+    health_concurrency: int = 64
     sync_interval: float = 1.0
     health_timeout: float = 5.0
     connect_timeout: float = 10.0
@@ -486,6 +487,9 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "before 503 database unavailable (default 5)"),
     ("HEALTH_INTERVAL", "--health-interval", "health_interval", _seconds,
      "seconds between health checks of every server (default 10)"),
+    ("HEALTH_CONCURRENCY", "--health-concurrency", "health_concurrency", _count(1, 10_000),
+     "health checks at once; a round's checks start spread over half HEALTH_INTERVAL "
+     "(default 64)"),
     ("SYNC_INTERVAL", "--sync-interval", "sync_interval", _seconds,
      "seconds between reads of what other instances on the same database wrote "
      "(default 1)"),
@@ -4524,6 +4528,21 @@ def carried(old: Server | None, server: Server) -> Server:
     return server
 
 
+async def spread_out(work: Sequence[Callable[[], Awaitable[None]]], at_once: int,
+                     over: float) -> None:
+    """Runs ``work``, at most ``at_once`` at a time, their starts spread evenly over
+    ``over`` seconds: a round of checks of 10,000 servers is not 10,000 sockets at once."""
+    gate = asyncio.Semaphore(at_once)
+    gap = over / len(work) if work else 0.0
+
+    async def one(index: int, job: Callable[[], Awaitable[None]]) -> None:
+        await asyncio.sleep(index * gap)
+        async with gate:
+            await job()
+
+    await asyncio.gather(*(one(index, job) for index, job in enumerate(work)))
+
+
 def _through_proxy(proxy_id: int, pair: tuple[int, int | None]) -> bool:
     return pair[1] == proxy_id
 
@@ -4842,9 +4861,9 @@ class Fleet:
             load.loaded = {m: t for m, t in load.loaded.items() if load.by_model.get(m)}
         server.reachable, server.last_error = reachable, error
 
-    async def check_all(self) -> None:
-        servers = [s for s in self.servers.values() if s.enabled]
-        await asyncio.gather(*(self.check_server(s) for s in servers))
+    async def check_all(self, over: float = 0.0) -> None:
+        work = [functools.partial(self.check_server, s) for s in self.servers.values() if s.enabled]
+        await spread_out(work, self.config.health_concurrency, over)
         for server in self.servers.values():
             if not server.enabled:
                 server.reachable, server.last_error = False, "disabled"
@@ -4877,7 +4896,7 @@ class Fleet:
             await asyncio.sleep(self.config.health_interval * random.uniform(0.9, 1.1))
             if self._syncing is None or self._syncing.done():
                 self._syncing = asyncio.ensure_future(self._sync())
-            await self.check_all()
+            await self.check_all(over=self.config.health_interval / 2)
             self.upstreams.sweep()
 
     async def _sync(self) -> None:

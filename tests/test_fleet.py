@@ -613,3 +613,60 @@ def test_routed_body_reaches_ollama_byte_for_byte(fleet: Any) -> None:
     reply = call(lb.port, "POST", "/api/generate", raw=raw)
     assert reply.status == 200
     assert fake.model_requests()[-1]["body"] == raw
+
+
+class SlowTags:
+    """Servers on many ports that answer /api/tags after a moment, counting how many
+    health checks they were in at once."""
+
+    def __init__(self, count: int) -> None:
+        import http.server
+
+        owner = self
+        self.active = self.most = 0
+        self.lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path == "/api/tags":
+                    with owner.lock:
+                        owner.active += 1
+                        owner.most = max(owner.most, owner.active)
+                    time.sleep(0.2)
+                    with owner.lock:
+                        owner.active -= 1
+                    body = json.dumps({"models": [tag("llama3:latest")]}).encode()
+                else:
+                    body = b'{"models": [], "version": "0.12.0"}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+                        for _ in range(count)]
+        for server in self.servers:
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
+def test_a_round_of_health_checks_runs_only_so_many_at_once(fleet: Any) -> None:
+    # 10,000 servers must not mean 10,000 sockets at once every round.
+    lb, _ = fleet("--health-interval", "600", "--health-concurrency", "3")
+    slow = SlowTags(12)
+    try:
+        for server in slow.servers:
+            lb.add_server(f"http://127.0.0.1:{server.server_address[1]}")
+        time.sleep(0.5)  # the checks of the adds are over
+        slow.most = 0
+        assert chat(lb, "not-here").status == 404  # one fresh look at the whole fleet
+        assert slow.most == 3, slow.most
+    finally:
+        slow.close()
