@@ -85,6 +85,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
+    Hashable,
     Iterable,
     Iterator,
     Sequence,
@@ -4528,6 +4529,21 @@ def carried(old: Server | None, server: Server) -> Server:
     return server
 
 
+class Once:
+    """One run at a time per key: a caller that comes while a run goes on waits for that
+    run rather than start another (and its leaving does not stop the run)."""
+
+    def __init__(self) -> None:
+        self.running: dict[Hashable, asyncio.Future[None]] = {}
+
+    async def run(self, key: Hashable, start: Callable[[], Awaitable[None]]) -> None:
+        running = self.running.get(key)
+        if running is None:
+            running = self.running[key] = asyncio.ensure_future(start())
+            running.add_done_callback(lambda _: self.running.pop(key, None))
+        await asyncio.shield(running)
+
+
 async def spread_out(work: Sequence[Callable[[], Awaitable[None]]], at_once: int,
                      over: float) -> None:
     """Runs ``work``, at most ``at_once`` at a time, their starts spread evenly over
@@ -4541,6 +4557,14 @@ async def spread_out(work: Sequence[Callable[[], Awaitable[None]]], at_once: int
             await job()
 
     await asyncio.gather(*(one(index, job) for index, job in enumerate(work)))
+
+
+def forget_handles(fleet: Fleet, gone: Callable[[tuple[int, int | None]], bool]) -> None:
+    """Drops the getServer IDs of the (server, proxy) pairs that are ``gone``."""
+    for token, pair in list(fleet.handles.items()):
+        if gone(pair):
+            del fleet.handles[token]
+            fleet.handle_tokens.pop(pair, None)
 
 
 def _through_proxy(proxy_id: int, pair: tuple[int, int | None]) -> bool:
@@ -4573,10 +4597,9 @@ class Fleet:
                                             datetime.datetime]] = {}
         self._persisting: asyncio.Future[None] | None = None
         self._syncing: asyncio.Future[None] | None = None
-        #: This process among the instances serving from the store (see beat()).
-        self.instance = secrets.token_hex(8)
-        #: The change log's last revision applied here, and its mark when last read.
-        self.revision = 0
+        self._checks = Once()
+        self.instance = secrets.token_hex(8)  # this process among the store's (beat())
+        self.revision = 0  # the change log's last applied here, and its mark when read:
         self._change_mark: tuple[int, int] | None = None
 
     async def db(self, method: Callable[..., T], *args: Any) -> T:
@@ -4673,7 +4696,7 @@ class Fleet:
                 proxy = read_proxies.get(proxy_id)
                 if proxy is None:
                     self.proxies.pop(proxy_id, None)
-                    self._forget_handles(functools.partial(_through_proxy, proxy_id))
+                    forget_handles(self, functools.partial(_through_proxy, proxy_id))
                 else:
                     self.proxies[proxy_id] = proxy
                 self.recheck(s for s in self.servers.values() if s.proxy_id == proxy_id)
@@ -4691,7 +4714,7 @@ class Fleet:
         old = self.servers.get(server_id)
         if server is None:
             if self.servers.pop(server_id, None) is not None:
-                self._forget_handles(lambda pair: pair[0] == server_id)
+                forget_handles(self, lambda pair: pair[0] == server_id)
             return
         moved = old is None or (old.host, old.port, old.scheme, old.proxy_id) != (
             server.host, server.port, server.scheme, server.proxy_id)
@@ -4701,12 +4724,6 @@ class Fleet:
         elif moved or (old is not None and not old.enabled):
             self.spawn(self.check_server(server))  # new here, at a new address, or back
         self.scheduler.changed(server)
-
-    def _forget_handles(self, gone: Callable[[tuple[int, int | None]], bool]) -> None:
-        for token, pair in list(self.handles.items()):
-            if gone(pair):
-                del self.handles[token]
-                self.handle_tokens.pop(pair, None)
 
     async def look_up(self, server_id: int, proxy_id: int | None) -> None:
         """Reads a server (and proxy) unknown here from the store, where another instance
@@ -4758,7 +4775,12 @@ class Fleet:
 
     async def check_server(self, server: Server) -> None:
         """Reads the server's /api/tags through its proxy and updates memory; the store
-        learns of it later (_persist_health), so a slow database never holds up a check."""
+        learns of it later (_persist_health), so a slow database never holds up a check.
+        One check at a time per server and address: who asks meanwhile waits for it."""
+        await self._checks.run((server.id, server.host, server.port, server.scheme,
+                                server.proxy_id), functools.partial(self._check, server))
+
+    async def _check(self, server: Server) -> None:
         models: list[dict[str, Any]] = []
         error: str | None = None
         proxy: Proxy | None = None
@@ -4919,7 +4941,8 @@ class Fleet:
             with contextlib.suppress(asyncio.TimeoutError, StoreUnavailable):
                 await asyncio.wait_for(asyncio.shield(self._persisting),
                                        self.config.db_timeout)
-        pending = [t for t in (self._persisting, self._syncing, *self._tasks) if t is not None]
+        pending = [t for t in (self._persisting, self._syncing, *self._tasks,
+                               *self._checks.running.values()) if t is not None]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

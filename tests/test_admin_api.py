@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -340,3 +341,19 @@ def test_text_and_numbers_no_store_can_keep_are_400_not_500(
                           headers={"Content-Type": "application/json"})
     assert reply.status == 400, reply
     assert balancer.call("GET", "/servers/allServers").json() == []
+
+
+def test_a_server_added_or_changed_is_checked_once(
+        start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama) -> None:
+    # The handler checks it, and so does reading the change back: one check serves both.
+    balancer = start_balancer(sqlite_store, "--health-interval", "600")
+    row = balancer.add_server(backend.url)
+
+    def tags() -> int:
+        return sum(1 for r in backend.requests if r["path"] == "/api/tags")
+
+    time.sleep(0.3)
+    assert tags() == 1
+    balancer.call("PATCH", f"/servers/{row['id']}", {"name": "renamed"})
+    time.sleep(0.3)
+    assert tags() == 2
