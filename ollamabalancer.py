@@ -1623,6 +1623,12 @@ class Server:
     def label(self) -> str:
         return self.name or f"{self.scheme}://{format_host(self.host)}:{self.port}"
 
+    @functools.cached_property
+    def answered_by(self) -> tuple[str, str]:
+        """The header naming it on the answers it gives: its name, else its id (never its
+        address), made once (a changed row is a new object)."""
+        return ("X-Ollama-Server", header_text(self.name or str(self.id)))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -5689,9 +5695,8 @@ class OllamaFront:
             self.fleet.upstream_failed(server, "timeout" if exc.status == 504 else "connect",
                                        exc.message)
             return Failure(exc.status, exc.message, False)
-        answered_by = ("X-Ollama-Server", header_text(server.name or str(server.id)))
         if response.status not in (404, 502, 503):
-            request.response_fields.append(answered_by)
+            request.response_fields.append(server.answered_by)
             first_byte = time.monotonic() - started
             relayed, ok = await self.relay.send_upstream_response(request, server, wire,
                                                                   response, key)
@@ -5703,7 +5708,7 @@ class OllamaFront:
         message = own or f"{server.label} answered {response.status}"
         if response.status == 404:
             if not MODEL_NOT_FOUND.match(message):  # Ollama's own 404: not a stale catalog
-                return await request.send_error(404, message, [answered_by])
+                return await request.send_error(404, message, [server.answered_by])
             # The catalog was stale: forget the model there now, and recheck the server.
             server.set_models([m for m in server.models if canonical_model(
                 str(m.get("name") or m.get("model") or "")) != model])
