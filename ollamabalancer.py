@@ -28,7 +28,8 @@ Sections, in dependency order (each uses only those above it):
     Schema                      the tables in SQLite and MySQL, and their migrations
     Store                       SQLite and MySQL behind one interface, in a worker thread
     Servers and the scheduler   servers, proxies, their load, and the fleet-wide queue
-    Metrics                     counters and histograms in Prometheus' text format
+    Metrics                     counters and histograms in Prometheus' text format;
+                                WorkerGroup: the counts of every worker (WORKERS=N)
     Requests and responses      Request, Relayed and friends: what handlers take and give
     Request bodies              the fields handlers read, checked
     Upstream exchange           Upstreams: a request to a server, the head of its answer
@@ -41,7 +42,8 @@ Sections, in dependency order (each uses only those above it):
     Observability               Observability: access log, /metrics, status, dashboard
     API description             Route, and OpenAPI 3.1 made from the route table; /api-docs
     Application                 Balancer and the route table: dispatch
-    HTTP server and lifecycle   HTTPServer: connections, keep-alive, limits; serve()
+    HTTP server and lifecycle   HTTPServer: connections, keep-alive, limits; serve();
+                                Supervisor: WORKERS=N processes on one port
     CLI                         the command line: serve, servers, proxies, check, models
 
 A request goes HTTPServer -> Balancer.dispatch (route table, Access) -> a handler of
@@ -73,11 +75,13 @@ import os
 import random
 import re
 import secrets
+import select
 import signal
 import socket
 import sqlite3
 import ssl
 import sys
+import tempfile
 import time
 import urllib.parse
 from collections.abc import (
@@ -135,6 +139,12 @@ MAX_ERROR_BODY = 64 * 1024
 CHANGE_BATCH = 1000
 CHANGE_LOG_KEPT = 10_000
 CHANGE_SLACK = 64
+#: WORKERS=N: a crashed worker is started again after a pause that doubles, between these
+#: bounds in seconds, while workers die young (within WORKER_YOUNG seconds of starting);
+#: on SIGTERM the supervisor waits DRAIN_TIMEOUT plus WORKER_GRACE before SIGKILL.
+WORKER_RESTART = (0.1, 10.0)
+WORKER_YOUNG = 10.0
+WORKER_GRACE = 5.0
 #: Heartbeats an instance may miss before the others take back its share of each server
 #: (it is gone: a crash must not hold capacity), and seconds after which its row goes.
 INSTANCE_MISSED_BEATS = 3
@@ -364,6 +374,7 @@ class Config:
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    workers: int = 1
     #: Flags that carried a secret on the command line, which every user can read (ps).
     secret_flags: tuple[str, ...] = ()
     #: The fields the user set (by flag or environment), not left at their defaults.
@@ -444,6 +455,14 @@ def _event_loop(text: str) -> str:
     if value not in ("auto", "asyncio", "uvloop"):
         raise ValueError("must be 'auto', 'asyncio' or 'uvloop'")
     return value
+
+
+def _workers(text: str) -> int:
+    """WORKERS: a count, or auto for the cores this process may run on."""
+    if text.strip().lower() == "auto":
+        affinity = getattr(os, "sched_getaffinity", None)
+        return max(1, len(affinity(0)) if affinity else os.cpu_count() or 1)
+    return _count(1, 1024)(text)
 
 
 def _level(text: str) -> str:
@@ -559,6 +578,9 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("EVENT_LOOP", "--event-loop", "event_loop", _event_loop,
      "uvloop (faster; pip install ollamabalancer[fast]), asyncio, or auto: uvloop when "
      "installed (default)"),
+    ("WORKERS", "--workers", "workers", _workers,
+     "serving processes on the one port (Linux: SO_REUSEPORT), each an instance on the "
+     "same store, supervised; auto: one per core (default 1)"),
 )
 
 
@@ -1565,14 +1587,31 @@ class ServerLoad:
 
     def recent(self, points: int = HISTORY_POINTS) -> list[list[int]]:
         """[requests, errors] in each of the last ``points`` steps, the oldest first."""
-        now = int(time.monotonic() // HISTORY_STEP)
-        counts = {step: [requests, errors] for step, requests, errors in self.history}
-        return [counts.get(step, [0, 0]) for step in range(now - points + 1, now + 1)]
+        return recent_history(self.history, points)
 
     def per_minute(self) -> tuple[int, int]:
         """Requests and errors in the last minute (whole steps, the current one too)."""
-        last = self.recent(60 // HISTORY_STEP)
-        return sum(p[0] for p in last), sum(p[1] for p in last)
+        return per_minute(self.recent(60 // HISTORY_STEP))
+
+
+def recent_history(history: Iterable[Sequence[int]], points: int = HISTORY_POINTS
+                   ) -> list[list[int]]:
+    """[requests, errors] in each of the last ``points`` steps, the oldest first, from
+    [step, requests, errors] entries; entries of one step (from several workers) add up.
+    Steps count monotonic time, which every process of a host shares."""
+    first = int(time.monotonic() // HISTORY_STEP) - points + 1
+    counts = [[0, 0] for _ in range(points)]
+    for step, requests, errors in history:
+        if 0 <= step - first < points:
+            counts[step - first][0] += requests
+            counts[step - first][1] += errors
+    return counts
+
+
+def per_minute(points: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """Requests and errors in the last minute, of recent_history's points."""
+    last = points[-(60 // HISTORY_STEP):]
+    return sum(p[0] for p in last), sum(p[1] for p in last)
 
 
 def canonical_model(name: str) -> str:
@@ -3742,6 +3781,95 @@ class Metrics:
             for labels, value in samples:
                 lines.append(f"{self.PREFIX}{name}{_label_text(labels)} {value:g}")
         return "\n".join(lines) + "\n"
+
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counts, as JSON for the other workers of a group (WorkerGroup)."""
+        return {"counters": {name: list(family.items())
+                             for name, family in self.counters.items()},
+                "histograms": {name: [(labels, h.counts, h.count, h.sum)
+                                      for labels, h in family.items()]
+                               for name, family in self.histograms.items()}}
+
+    def absorb(self, snapshot: dict[str, Any]) -> None:
+        """Adds another worker's counts, as its snapshot() gave them, to these. Raises
+        ValueError (or TypeError, KeyError) for anything else, leaving these whole."""
+        counters = [(str(name), _labels(labels), float(value))
+                    for name, family in snapshot["counters"].items()
+                    for labels, value in family]
+        histograms = [(str(name), _labels(labels), [int(n) for n in counts], int(count),
+                       float(total))
+                      for name, family in snapshot["histograms"].items()
+                      for labels, counts, count, total in family]
+        if any(len(counts) != len(LATENCY_BUCKETS) for _, _, counts, _, _ in histograms):
+            raise ValueError("histogram buckets differ")
+        for name, labels, value in counters:
+            self.count(name, labels, value)
+        for name, labels, counts, count, total in histograms:
+            histogram = self.histograms[name].setdefault(labels, Histogram())
+            histogram.counts = [a + b for a, b in zip(histogram.counts, counts, strict=True)]
+            histogram.count += count
+            histogram.sum += total
+
+
+def _labels(pairs: Iterable[Sequence[str]]) -> Labels:
+    return tuple((str(name), str(value)) for name, value in pairs)
+
+
+class WorkerGroup:
+    """The workers of one supervisor (WORKERS=N), as each of them sees the group.
+
+    Prometheus' multiprocess mode, in JSON files: every worker writes what it counts to
+    a file of its own in a directory private to the group, every SYNC_INTERVAL and again
+    before it answers /metrics, and reads the others' files to answer for them all. A
+    dead worker's file stays, so the group's counters never go back when a worker is
+    replaced (what it counted in its last second is lost with it); what is in flight or
+    queued counts only from files written within the last few beats (``live``).
+    """
+
+    def __init__(self, directory: str, parent: int, stale_after: float, index: int = 0,
+                 ready_fd: int = -1) -> None:
+        self.directory = directory
+        self.parent = parent  # the supervisor: a worker that outlives it drains and exits
+        self.stale_after = stale_after
+        self.index = index
+        self.ready_fd = ready_fd
+        # Named for this process and start: a new worker that gets a dead one's pid must
+        # not write over what the dead one counted.
+        self.own = f"worker-{os.getpid()}-{secrets.token_hex(4)}.json"
+
+    def announce(self) -> None:
+        """Tells the supervisor this worker is listening."""
+        with contextlib.suppress(OSError):
+            os.write(self.ready_fd, b".")
+
+    def orphaned(self) -> bool:
+        return os.getppid() != self.parent
+
+    def publish(self, snapshot: dict[str, Any]) -> None:
+        """Writes this worker's file whole: a reader sees the last one or this one."""
+        path = os.path.join(self.directory, self.own)
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(snapshot, handle, separators=(",", ":"))
+        os.replace(path + ".tmp", path)
+
+    def snapshots(self, *, others_only: bool = False) -> list[dict[str, Any]]:
+        """Every worker's last file (or the others' only), each marked ``live``."""
+        found = []
+        with contextlib.suppress(OSError):
+            names = sorted(os.listdir(self.directory))
+            for name in names:
+                if not (name.startswith("worker-") and name.endswith(".json")) or (
+                        others_only and name == self.own):
+                    continue
+                try:
+                    with open(os.path.join(self.directory, name), "rb") as handle:
+                        snapshot = json.loads(handle.read())
+                    snapshot["live"] = time.time() - float(snapshot["time"]) <= self.stale_after
+                except (OSError, ValueError, TypeError, KeyError):
+                    continue  # gone, or a worker that died mid-write (its .tmp is skipped)
+                found.append(snapshot)
+        return found
 
 
 def eval_count(tail: bytes) -> tuple[int, str | None] | None:
@@ -6400,7 +6528,10 @@ function chart(points) {
 function render(data) {
   const servers = data.servers;
   document.getElementById("meta").textContent =
-    `v${data.version} · strategy ${data.strategy} · ${data.time}`;
+    `v${data.version} · strategy ${data.strategy}` +
+    (data.workers.length > 1 ? ` · ${data.workers.length} workers` : "") +
+    (data.instances > data.workers.length ? ` · ${data.instances} instances` : "") +
+    ` · ${data.time}`;
   const totals = data.totals;
   document.getElementById("card-up").textContent = `${totals.up} / ${totals.servers}`;
   document.getElementById("card-inflight").textContent = totals.inflight;
@@ -6471,10 +6602,12 @@ class Observability:
     """What the balancer says about itself: an access-log line and the metrics of each
     finished request, /metrics, the status JSON and the dashboard page."""
 
-    def __init__(self, config: Config, fleet: Fleet, metrics: Metrics) -> None:
+    def __init__(self, config: Config, fleet: Fleet, metrics: Metrics,
+                 group: WorkerGroup | None = None) -> None:
         self.config = config
         self.fleet = fleet
         self.metrics = metrics
+        self.group = group  # WORKERS=N: status and metrics are the whole group's
 
     def finished(self, request: Request) -> None:
         """Counts a finished request and writes its access-log line."""
@@ -6508,33 +6641,87 @@ class Observability:
 
     def status_payload(self, page: tuple[int | None, int] = (None, 0)) -> dict[str, Any]:
         """What the dashboard shows: the fleet (its totals, and the servers of ``page``),
-        the queue, the proxies, recent errors."""
-        everyone = self.fleet.servers
+        the queue, the proxies, recent errors; of every worker of a group (WORKERS=N)."""
+        fleet = self.fleet
+        everyone = fleet.servers
         shown, following = paged(everyone, page)
+        others = [o for o in self.group.snapshots(others_only=True) if o["live"]] if (
+            self.group) else []
         servers = []
         for server in shown:
             entry = server.to_json()
-            per_minute = server.load.per_minute()
-            entry.update(requestsPerMinute=per_minute[0], errorsPerMinute=per_minute[1],
-                         history=server.load.recent(),
-                         capacity=self.fleet.scheduler.capacity(server),
-                         share=self.fleet.scheduler.shared.shares.get(server.id),
+            theirs = [o["servers"][key] for o in others if (key := str(server.id)) in
+                      o["servers"]]
+            history = recent_history(itertools.chain(server.load.history,
+                                                     *(their[2] for their in theirs)))
+            minute = per_minute(history)
+            entry.update(inflight=server.load.inflight + sum(their[0] for their in theirs),
+                         circuitOpen=server.load.breaker_open or any(t[1] for t in theirs),
+                         requestsPerMinute=minute[0], errorsPerMinute=minute[1],
+                         history=history, capacity=fleet.scheduler.capacity(server),
+                         share=fleet.scheduler.shared.shares.get(server.id),
                          version=server.load.version)
             servers.append(entry)
+        workers = [self.snapshot(servers=False), *others]
         totals = {"servers": len(everyone),
                   "up": sum(1 for s in everyone.values() if s.enabled and s.reachable),
-                  "inflight": sum(s.load.inflight for s in everyone.values()),
-                  "requestsPerMinute": sum(s.load.per_minute()[0] for s in everyone.values())}
+                  "inflight": sum(w["inflight"] for w in workers),
+                  "requestsPerMinute": sum(w["perMinute"] for w in workers)}
+        # Health is checked by every worker, so its failures are this one's to tell.
+        errors = sorted([*fleet.recent_errors, *(e for o in others for e in o["errors"])],
+                        key=lambda e: str(e["time"]), reverse=True)
         return {
             "version": __version__, "time": iso_time(utc_now()),
             "strategy": self.config.strategy,
-            "queue": {"depth": len(self.fleet.scheduler.queue), "max": self.config.max_queue},
-            "instances": self.fleet.scheduler.shared.instances,
+            "queue": {"depth": sum(w["queue"] for w in workers), "max": self.config.max_queue},
+            "instances": fleet.scheduler.shared.instances,
+            "workers": [{"pid": w["pid"], "worker": w["worker"], "inflight": w["inflight"],
+                         "queued": w["queue"], "requests": w["requests"]} for w in workers],
             "totals": totals, "next": following,
             "servers": servers,
-            "proxies": [p.to_json() for p in self.fleet.proxies.values()],
-            "recentErrors": list(self.fleet.recent_errors)[:20],
+            "proxies": [p.to_json() for p in fleet.proxies.values()],
+            "recentErrors": errors[:20],
         }
+
+    def snapshot(self, *, servers: bool = True) -> dict[str, Any]:
+        """This worker's part of the group's status and metrics (WorkerGroup)."""
+        fleet = self.fleet
+        active = {str(s.id): (s.load.inflight, s.load.breaker_open, list(s.load.history))
+                  for s in fleet.servers.values()
+                  if servers and (s.load.inflight or s.load.history or s.load.breaker_open)}
+        counts = self.metrics.snapshot() if servers else {}
+        requests = self.metrics.counters["requests_total"]
+        return {
+            "pid": os.getpid(), "worker": self.group.index if self.group else 0,
+            "time": time.time(), "queue": len(fleet.scheduler.queue),
+            "inflight": sum(s.load.inflight for s in fleet.servers.values()),
+            "perMinute": sum(s.load.per_minute()[0] for s in fleet.servers.values()
+                             if s.load.history),
+            "requests": int(sum(requests.values())), "servers": active,
+            "errors": [e for e in fleet.recent_errors if e["kind"] != "health"][:20],
+            **counts,
+        }
+
+    async def publish_loop(self, stop: asyncio.Event) -> None:
+        """WORKERS=N: writes this worker's part every SYNC_INTERVAL; stops the worker
+        when its supervisor is gone (killed outright, it could not drain the group)."""
+        group = self.group
+        assert group is not None
+        failing = False
+        while not stop.is_set():
+            try:
+                group.publish(self.snapshot())
+            except OSError as exc:
+                if not failing:  # once, not every second
+                    log.warning("cannot write this worker's counts to %s: %s; the group's "
+                                "status and metrics miss them", group.directory, exc)
+                failing = True
+            else:
+                failing = False
+            if group.orphaned():
+                log.warning("the supervisor is gone: this worker drains and exits")
+                stop.set()
+            await asyncio.sleep(self.config.sync_interval)
 
     async def status(self, request: Request, match: re.Match[str]) -> Response:
         return json_response(200, self.status_payload(page_of(request)))
@@ -6552,19 +6739,41 @@ class Observability:
 
     async def metrics_page(self, request: Request, match: re.Match[str]) -> Response:
         servers = list(self.fleet.servers.values())
+        metrics, others = self.metrics, []
+        inflight = {s.label: s.load.inflight for s in servers}
+        circuit = {s.label: s.load.breaker_open for s in servers}
+        queued = len(self.fleet.scheduler.queue)
+        if self.group is not None:
+            # This worker's file first, then every file: each only ever grows, so the
+            # group's counters never go back, whichever worker a scrape reaches.
+            with contextlib.suppress(OSError):  # publish_loop says so
+                self.group.publish(self.snapshot())
+            metrics = Metrics()
+            for snapshot in self.group.snapshots():
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    metrics.absorb(snapshot)
+            others = [o for o in self.group.snapshots(others_only=True) if o["live"]]
+        labels = {str(s.id): s.label for s in servers}
+        for other in others:
+            queued += other["queue"]
+            for key, (count, is_open, _) in other["servers"].items():
+                if key in labels:
+                    inflight[labels[key]] += count
+                    circuit[labels[key]] = circuit[labels[key]] or is_open
         gauges: dict[str, tuple[str, list[tuple[Labels, float]]]] = {
             "inflight": ("Requests in flight per server.",
-                         [((("server", s.label),), s.load.inflight) for s in servers]),
-            "queue_depth": ("Requests waiting in the fleet queue.",
-                            [((), len(self.fleet.scheduler.queue))]),
+                         [((("server", label),), count) for label, count in inflight.items()]),
+            "queue_depth": ("Requests waiting in the fleet queue.", [((), queued)]),
             "server_up": ("1 if the server is enabled and answered its last health check.",
                           [((("server", s.label),), int(s.enabled and s.reachable))
                            for s in servers]),
             "circuit_open": ("1 while the server's circuit breaker is open.",
-                             [((("server", s.label),), int(s.load.breaker_open))
-                              for s in servers]),
+                             [((("server", label),), int(is_open))
+                              for label, is_open in circuit.items()]),
+            "workers": ("Serving processes whose counts these are (WORKERS).",
+                        [((), 1 + len(others))]),
         }
-        return Response(200, self.metrics.render(gauges).encode(),
+        return Response(200, metrics.render(gauges).encode(),
                         "text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -7054,7 +7263,8 @@ class Balancer:
     itself). A room calls only rooms listed before it.
     """
 
-    def __init__(self, config: Config, store: AsyncStore) -> None:
+    def __init__(self, config: Config, store: AsyncStore, group: WorkerGroup | None = None
+                 ) -> None:
         self.config = config
         self.metrics = Metrics()
         self.upstreams = Upstreams(config)
@@ -7064,7 +7274,7 @@ class Balancer:
         self.front = OllamaFront(config, self.fleet, self.upstreams, self.relay)
         self.fan_out = FanOut(config, self.fleet, self.upstreams, self.relay)
         self.management = Management(config, self.fleet)
-        self.observability = Observability(config, self.fleet, self.metrics)
+        self.observability = Observability(config, self.fleet, self.metrics, group)
         self.docs = ApiDocs(ROUTES)
         self.body_budget = ByteBudget(config.max_buffered_bodies)
         self.routes = [(r, self._handler(r.handler)) for r in ROUTES]
@@ -7341,10 +7551,15 @@ class HTTPServer:
 class JsonFormatter(logging.Formatter):
     """LOG_FORMAT=json: one JSON object a line; access lines carry their fields."""
 
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = {} if worker is None else {"worker": worker}
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
         entry: dict[str, Any] = {"time": stamp.isoformat(timespec="milliseconds"),
-                                 "level": record.levelname.lower(), "logger": record.name}
+                                 "level": record.levelname.lower(), "logger": record.name,
+                                 **self.worker}
         access = getattr(record, "access", None)
         if isinstance(access, dict):
             entry.update(access)
@@ -7385,10 +7600,25 @@ def connection_cap(configured: int, file_limit: int | None) -> int:
         return configured
     return max(1, min(configured, (file_limit - FD_RESERVE) // 2))
 
-async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> None:
-    """Opens the store, checks the fleet once, then serves until SIGTERM or SIGINT."""
+def log_start(config: Config, fleet: Fleet) -> None:
+    reachable = sum(1 for s in fleet.servers.values() if s.reachable)
+    log.info("%d servers (%d reachable), %d proxies, %d API keys", len(fleet.servers),
+             reachable, len(fleet.proxies), len(fleet.keys))
+    if config.admin_token:
+        log.info("management endpoints need the admin token")
+    else:
+        log.warning("ADMIN_TOKEN is not set: management endpoints answer loopback clients only")
+    if not (fleet.keys or config.require_api_key):
+        log.warning("no API keys exist: the Ollama endpoints are open to every client")
+
+
+async def serve(config: Config, ready: Callable[[str, int], None] | None = None,
+                group: WorkerGroup | None = None) -> None:
+    """Opens the store, checks the fleet once, then serves until SIGTERM or SIGINT; as
+    one worker of a group (WORKERS=N) when ``group`` is given."""
     loop = asyncio.get_running_loop()
-    log.info("ollamabalancer %s: store %s", __version__, config.describe_store())
+    if group is None:
+        log.info("ollamabalancer %s: store %s", __version__, config.describe_store())
     file_limit = raise_file_limit(config.max_connections)
     max_connections = connection_cap(config.max_connections, file_limit)
     if max_connections < config.max_connections:
@@ -7400,32 +7630,31 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
                 "(ulimit -Hn) to allow more", file_limit, max_connections,
                 config.max_connections)
     store = AsyncStore(await loop.run_in_executor(None, open_store, config), config.db_timeout)
-    app = Balancer(config, store)
+    app = Balancer(config, store, group)
     await app.start()
-    fleet = app.fleet
-    reachable = sum(1 for s in fleet.servers.values() if s.reachable)
-    log.info("%d servers (%d reachable), %d proxies, %d API keys", len(fleet.servers),
-             reachable, len(fleet.proxies), len(fleet.keys))
-    if config.admin_token:
-        log.info("management endpoints need the admin token")
-    else:
-        log.warning("ADMIN_TOKEN is not set: management endpoints answer loopback clients only")
-    if not (fleet.keys or config.require_api_key):
-        log.warning("no API keys exist: the Ollama endpoints are open to every client")
+    if group is None:
+        log_start(config, app.fleet)
     http_server = HTTPServer(app, max_connections, config.max_connections_per_client)
+    # A group's workers each listen on the port; the kernel spreads connections over them.
     server = await loop.create_server(
         functools.partial(Wire, http_server.accept), config.ip, config.port,
-        reuse_address=True, backlog=1024,
+        reuse_address=True, reuse_port=group is not None, backlog=1024,
     )
     host, port = server.sockets[0].getsockname()[:2]
-    log.info("listening on http://%s:%d", format_host(host), port)
-    if ready is not None:
-        ready(host, port)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-    health = asyncio.gather(fleet.health_loop(), fleet.sync_loop())
+    loops = [app.fleet.health_loop(), app.fleet.sync_loop()]
+    if group is None:
+        log.info("listening on http://%s:%d", format_host(host), port)
+    else:
+        log.info("worker %d (pid %d) serving", group.index, os.getpid())
+        loops.append(app.observability.publish_loop(stop))
+        group.announce()
+    if ready is not None:
+        ready(host, port)
+    health = asyncio.gather(*loops)
     try:
         await stop.wait()
         log.info("draining: no new connections; %d requests in flight get up to %g s",
@@ -7441,6 +7670,195 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
         await asyncio.gather(*http_server.connections, health, return_exceptions=True)
         await app.close()
         await loop.run_in_executor(None, store.shutdown)
+
+
+def run(work: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Runs ``work`` on uvloop when asked for or (auto) installed, else on asyncio's own
+    loop. uvloop is optional: the balancer needs nothing outside the standard library."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                work.close()
+                raise MissingDependency("uvloop", "EVENT_LOOP=uvloop") from None
+        else:
+            log.info("event loop: uvloop %s", getattr(uvloop, "__version__", "?"))
+            uvloop.run(work)
+            return
+    asyncio.run(work)
+
+
+def log_to_stderr(config: Config, worker: int | None = None) -> None:
+    """One line a record on stderr, each a worker's marked with its number (WORKERS=N)."""
+    handler = logging.StreamHandler(sys.stderr)
+    mark = "" if worker is None else f"[{worker}] "
+    handler.setFormatter(JsonFormatter(worker) if config.log_format == "json" else
+                         logging.Formatter(f"%(asctime)s %(levelname)-7s {mark}%(message)s"))
+    logging.basicConfig(level=config.log_level, handlers=[handler], force=True)
+
+
+def serve_until_stopped(config: Config, group: WorkerGroup | None = None) -> int:
+    """Runs serve() to its end: the exit status of the program, or of one worker."""
+    try:
+        run(serve(config, group=group), config.event_loop)
+    except (StoreUnavailable, MissingDependency, ConfigError) as exc:
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.ip, config.port, exc)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+class Supervisor:
+    """WORKERS=N: N worker processes serve one port (SO_REUSEPORT: the kernel spreads
+    connections over them), each an instance on the one store (so they share each
+    server's cap and learn each other's writes as separate instances do). The supervisor
+    only forks and waits: it starts a worker again when one dies, and on SIGTERM or
+    SIGINT passes SIGTERM on and waits while they drain."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.workers: dict[int, tuple[int, float]] = {}  # pid: (index, when it started)
+        self.due: dict[int, float] = {}  # index: when to start it again
+        self.pause: dict[int, float] = {}  # index: the pause before its next start
+        self.stopping_until: float | None = None  # SIGKILL what is left then
+        self.ready = 0
+
+    def run(self) -> int:
+        config = self.config
+        if not (hasattr(os, "fork") and hasattr(socket, "SO_REUSEPORT")
+                and sys.platform.startswith("linux")):
+            raise ConfigError("WORKERS above 1 needs Linux (fork, and SO_REUSEPORT to "
+                              "spread connections); run one process per port instead")
+        log.info("ollamabalancer %s: store %s, %d workers", __version__,
+                 config.describe_store(), config.workers)
+        # Held (bound, never listening) while the group lives: PORT=0 gets one port for
+        # every worker, and a worker started again finds its port still the group's.
+        family, kind, _, _, address = socket.getaddrinfo(
+            config.ip or None, config.port, type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind) as holder:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            holder.bind(address)
+            self.config = config = dataclasses.replace(config,
+                                                       port=holder.getsockname()[1])
+            # The schema, its migrations and a new master key file, once, before any
+            # worker could race another to them.
+            open_store(config).close()
+            with tempfile.TemporaryDirectory(prefix="ollamabalancer-") as directory:
+                return self.supervise(directory, holder)
+
+    def supervise(self, directory: str, holder: socket.socket) -> int:
+        wake_read, wake_write = os.pipe()
+        ready_read, ready_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+        previous = {signum: signal.signal(signum, lambda *_: None) for signum in handled}
+        old_wakeup = signal.set_wakeup_fd(wake_write)
+        fds = (wake_read, wake_write, ready_read, ready_write, holder.fileno())
+
+        def start(index: int) -> None:
+            pid = os.fork()
+            if pid:
+                self.workers[pid] = (index, time.monotonic())
+                return
+            status = 1
+            try:  # the worker: none of the supervisor's plumbing but its ready pipe
+                signal.set_wakeup_fd(-1)
+                for signum, action in previous.items():
+                    signal.signal(signum, action)
+                for fd in fds:
+                    if fd != ready_write:
+                        os.close(fd)
+                log_to_stderr(self.config, index)
+                group = WorkerGroup(directory, os.getppid(), INSTANCE_MISSED_BEATS *
+                                    self.config.sync_interval + 1, index, ready_write)
+                status = serve_until_stopped(self.config, group)
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                logging.shutdown()
+                os._exit(status)
+
+        try:
+            for index in range(self.config.workers):
+                start(index)
+            while self.workers or self.stopping_until is None:
+                self.wait(wake_read, ready_read)
+                for index in [i for i, when in self.due.items() if when <= time.monotonic()]:
+                    del self.due[index]
+                    start(index)
+            return 0
+        finally:
+            for pid in self.workers:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+            signal.set_wakeup_fd(old_wakeup)
+            for signum, action in previous.items():
+                signal.signal(signum, action)
+            for fd in fds[:4]:
+                os.close(fd)
+
+
+    def wait(self, wake: int, ready: int) -> None:
+        """Sleeps until a signal, a worker's word or a restart's time, and acts on it."""
+        deadlines = [*self.due.values(), *filter(None, [self.stopping_until])]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        readable, _, _ = select.select([wake, ready], [], [], timeout)
+        if ready in readable:
+            before, self.ready = self.ready, self.ready + len(os.read(ready, 4096))
+            if before < self.config.workers <= self.ready:
+                log.info("listening on http://%s:%d (%d workers)", format_host(self.config.ip),
+                         self.config.port, self.config.workers)
+        if wake in readable:
+            signals = os.read(wake, 4096)
+            if self.stopping_until is None and (signal.SIGTERM in signals
+                                                or signal.SIGINT in signals):
+                log.info("draining: %d workers get up to %g s", len(self.workers),
+                         self.config.drain_timeout)
+                self.due.clear()
+                self.stopping_until = time.monotonic() + self.config.drain_timeout + WORKER_GRACE
+                self.kill(signal.SIGTERM)
+        self.reap()
+        if self.stopping_until is not None and time.monotonic() >= self.stopping_until:
+            log.warning("%d workers did not finish draining: killed", len(self.workers))
+            self.kill(signal.SIGKILL)
+            self.stopping_until = math.inf
+
+    def kill(self, signum: int) -> None:
+        for pid in self.workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signum)
+
+    def reap(self) -> None:
+        """Collects the workers that ended; outside a drain, each is started again after
+        a pause that doubles while it keeps dying young."""
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            index, started = self.workers.pop(pid)
+            if self.stopping_until is not None:
+                continue
+            young = time.monotonic() - started < WORKER_YOUNG
+            least, most = WORKER_RESTART
+            pause = min(2 * self.pause.get(index, least / 2), most) if young else least
+            self.pause[index] = pause
+            self.due[index] = time.monotonic() + pause
+            code = os.waitstatus_to_exitcode(status)
+            how = (f"was killed by {signal.Signals(-code).name}" if code < 0 else
+                   f"exited with status {code}")
+            log.warning("worker %d (pid %d) %s: starting it again in %g s", index, pid, how,
+                        pause)
 
 
 # ---------------------------------------------------------------------------
@@ -7716,23 +8134,6 @@ def cli_parser() -> argparse.ArgumentParser:
 CLI_COMMANDS = ("servers", "proxies", "check", "models")
 
 
-def run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
-    """Runs ``main`` on uvloop when asked for or (auto) installed, else on asyncio's own
-    loop. uvloop is optional: the balancer needs nothing outside the standard library."""
-    if event_loop != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if event_loop == "uvloop":
-                main.close()
-                raise MissingDependency("uvloop", "EVENT_LOOP=uvloop") from None
-        else:
-            log.info("event loop: uvloop %s", getattr(uvloop, "__version__", "?"))
-            uvloop.run(main)
-            return
-    asyncio.run(main)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
@@ -7757,10 +8158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ollamabalancer: error: {exc}", file=sys.stderr)
         return 2
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if config.log_format == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
-    logging.basicConfig(level=config.log_level, handlers=[handler])
+    log_to_stderr(config)
     for flag in config.secret_flags:
         setting = flag[2:].upper().replace("-", "_")
         log.warning("%s was given on the command line, where every user of this host can "
@@ -7779,17 +8177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (StoreUnavailable, MissingDependency, ConfigError, SecretError, OSError) as exc:
             log.error("rotation failed, nothing changed: %s", exc)
             return 1
+    if config.workers == 1:
+        return serve_until_stopped(config)
     try:
-        run(serve(config), config.event_loop)
+        return Supervisor(config).run()
     except (StoreUnavailable, MissingDependency, ConfigError) as exc:
         log.error("%s", exc)
-        return 1
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.ip, config.port, exc)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return 1
 
 
 if __name__ == "__main__":

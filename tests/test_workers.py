@@ -1,0 +1,200 @@
+"""WORKERS=N: several serving processes on one port, supervised, each an instance on the
+one store, answering /metrics and /servers/status for the whole group."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import BalancerProcess, StoreConfig
+from fakeollama import FakeOllama
+
+import ollamabalancer as ob
+
+CHAT = {"model": "llama3", "messages": [], "stream": False}
+
+
+@pytest.fixture
+def group(start_balancer: Any, sqlite_store: StoreConfig, tmp_path: Path) -> BalancerProcess:
+    """Two workers on SQLite; their shared directory goes under the test's own TMPDIR."""
+    (tmp_path / "tmp").mkdir()
+    process: BalancerProcess = start_balancer(
+        sqlite_store, "--workers", "2", "--health-interval", "600", "--sync-interval", "0.2",
+        "--num-parallel", "4", env={"TMPDIR": str(tmp_path / "tmp")})
+    return process
+
+
+def add_server(lb: BalancerProcess, backend: FakeOllama, cap: int) -> None:
+    """A server added through one worker, once every worker has it and its share."""
+    lb.add_server(backend.url, maxConcurrency=cap)
+    lb.wait_for(lambda: len(workers(lb)) == 2 and all(
+        lb.call("POST", "/api/chat", CHAT).status == 200 for _ in range(10)))
+    backend.requests.clear()
+
+
+def workers(lb: BalancerProcess) -> list[dict[str, Any]]:
+    return list(lb.call("GET", "/servers/status").json()["workers"])
+
+
+def worker_pids(lb: BalancerProcess) -> set[int]:
+    return {w["pid"] for w in workers(lb)}
+
+
+def pids_answered(lb: BalancerProcess) -> set[int]:
+    """worker_pids, or none when the connection was reset: one waiting at a worker's
+    listener when the worker is killed is (unless net.ipv4.tcp_migrate_req is set)."""
+    try:
+        return worker_pids(lb)
+    except ConnectionError:
+        return set()
+
+
+def chats_counted(lb: BalancerProcess) -> int:
+    """The group's /api/chat requests answered 200, as /metrics says."""
+    text = lb.call("GET", "/metrics").text
+    return sum(int(float(n)) for n in re.findall(
+        r'^ollamabalancer_requests_total\{endpoint="/api/chat",[^}]*status="200"\} (\S+)$',
+        text, re.MULTILINE))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead but still listed: its state is Z.
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_two_workers_share_the_port_and_each_answers_for_the_group(
+        group: BalancerProcess, backend: FakeOllama) -> None:
+    add_server(group, backend, 64)
+    time.sleep(0.5)  # every worker has written its counts since
+    before = chats_counted(group)
+    served = [w["requests"] for w in workers(group)]
+    # Each call is a new connection: the kernel spreads them over both workers.
+    assert all(group.call("POST", "/api/chat", CHAT).status == 200 for _ in range(40))
+    time.sleep(0.5)
+    listed = workers(group)
+    assert len({w["pid"] for w in listed}) == 2
+    assert all(w["requests"] > n for w, n in zip(listed, served, strict=True))
+    # Whichever worker a scrape reaches, it counts the whole group's requests.
+    assert {chats_counted(group) for _ in range(10)} == {before + 40}
+    status = group.call("GET", "/servers/status").json()
+    assert status["instances"] == 2  # each worker is an instance on the store
+    assert status["servers"][0]["requestsPerMinute"] == before + 40
+    assert sum(requests for requests, _ in status["servers"][0]["history"]) == before + 40
+    metrics = group.call("GET", "/metrics").text
+    assert "\nollamabalancer_workers 2\n" in metrics
+    page = group.call("GET", "/dashboard").text  # drawn from the group's status
+    assert page.count('"pid":') == 2 and f'"requestsPerMinute": {before + 40}' in page
+
+
+def test_a_worker_that_dies_is_started_again_and_what_it_counted_stays(
+        group: BalancerProcess, backend: FakeOllama) -> None:
+    add_server(group, backend, 64)
+    assert all(group.call("POST", "/api/chat", CHAT).status == 200 for _ in range(20))
+    time.sleep(0.5)  # both have written their counts since
+    counted = chats_counted(group)
+    victim = min(worker_pids(group))
+    os.kill(victim, signal.SIGKILL)
+    group.wait_for(lambda: len(pids := pids_answered(group)) == 2 and victim not in pids)
+    assert "was killed by SIGKILL: starting it again" in group.log
+    assert {chats_counted(group) for _ in range(10)} == {counted}
+    group.wait_for(lambda: all(
+        group.call("POST", "/api/chat", CHAT).status == 200 for _ in range(10)))
+    group.wait_for(lambda: chats_counted(group) >= counted + 10)
+
+
+def test_sigterm_lets_every_workers_requests_finish_then_leaves_nothing_behind(
+        group: BalancerProcess, backend: FakeOllama, tmp_path: Path) -> None:
+    add_server(group, backend, 64)
+    pids = worker_pids(group)
+    assert list((tmp_path / "tmp").iterdir())  # the group's directory, while it runs
+    statuses: list[int] = []
+    slow = {**CHAT, "fake_sleep": 1.0}
+    threads = [threading.Thread(target=lambda: statuses.append(
+        group.call("POST", "/api/chat", slow).status)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    group.wait_for(lambda: backend.active == 8)
+    group.proc.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(20)
+    assert statuses == [200] * 8
+    assert group.proc.wait(15) == 0
+    assert not any(alive(pid) for pid in pids)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_workers_share_each_servers_cap(group: BalancerProcess, backend: FakeOllama) -> None:
+    add_server(group, backend, 2)
+    backend.most_active = 0
+    statuses: list[int] = []
+    slow = {**CHAT, "fake_sleep": 0.3}
+    threads = [threading.Thread(target=lambda: statuses.append(
+        group.call("POST", "/api/chat", slow).status)) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [200] * 10
+    assert backend.most_active == 2
+
+
+def test_workers_drain_and_exit_when_their_supervisor_is_killed(
+        group: BalancerProcess) -> None:
+    group.wait_for(lambda: len(workers(group)) == 2)
+    pids = worker_pids(group)
+    group.proc.send_signal(signal.SIGKILL)
+    group.proc.wait(5)
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids)
+
+
+def test_workers_setting_takes_a_count_or_auto() -> None:
+    assert ob.load_config(["--workers", "3"], {}).workers == 3
+    assert ob.load_config([], {"WORKERS": "auto"}).workers == len(os.sched_getaffinity(0))
+    assert ob.load_config([], {}).workers == 1
+    for wrong in ("0", "-1", "two", "1025"):
+        with pytest.raises(ob.ConfigError, match="WORKERS"):
+            ob.load_config([], {"WORKERS": wrong})
+
+
+def test_group_counters_add_up_and_a_bad_snapshot_changes_nothing() -> None:
+    first, second = ob.Metrics(), ob.Metrics()
+    labels = (("endpoint", "/api/chat"), ("status", "200"))
+    first.count("requests_total", labels, 3)
+    second.count("requests_total", labels, 4)
+    first.observe("ttfb_seconds", (), 0.02)
+    second.observe("ttfb_seconds", (), 900.0)  # past the last bucket: counted, no bucket
+    import json
+    merged = ob.Metrics()
+    for metrics in (first, second):
+        merged.absorb(json.loads(json.dumps(metrics.snapshot())))
+    assert merged.counters["requests_total"] == {labels: 7.0}
+    histogram = merged.histograms["ttfb_seconds"][()]
+    assert (histogram.count, sum(histogram.counts), histogram.sum) == (2, 1, 900.02)
+    before = merged.render({})
+    bad = json.loads(json.dumps(first.snapshot()))
+    bad["histograms"]["ttfb_seconds"][0][1] = [1, 2]  # buckets that are not ours
+    with pytest.raises(ValueError):
+        merged.absorb(bad)
+    assert merged.render({}) == before
+
+
+def test_history_of_several_workers_adds_up_by_step() -> None:
+    step = int(time.monotonic() // ob.HISTORY_STEP)
+    mine, theirs = [[step - 1, 2, 0], [step, 1, 1]], [[step, 4, 0], [step - 40, 9, 9]]
+    points = ob.recent_history([*mine, *theirs])
+    assert points[-1] == [5, 1] and points[-2] == [2, 0] and len(points) == ob.HISTORY_POINTS
+    assert ob.per_minute(points) == (7, 1)  # the step forty back is out of the window
