@@ -175,6 +175,10 @@ REPLAY_LIMIT = 1024 * 1024
 #: directive is usually 32 to 128 for the same role).
 POOL_MAX_IDLE = 256
 POOL_IDLE_SECONDS = 30.0
+#: Idle upstream connections kept over all servers together: a fleet of 10,000 servers
+#: must not hold 10,000 idle sockets, each a file descriptor a client's connection could
+#: use. The longest idle go first; fewer under a low open-file limit (pool_cap).
+POOL_MAX_IDLE_TOTAL = 1024
 
 #: Seconds a client may take to send a whole request head (slowloris guard); nginx: 60 s.
 HEADER_TIMEOUT = 30.0
@@ -1833,12 +1837,33 @@ async def open_upstream(server: Server, proxy: Proxy | None, timeout: float) -> 
 PoolKey = tuple[str, str, int, tuple[Any, ...] | None]
 
 
+def open_files_limit() -> int | None:
+    """The soft limit on open files, or None when there is none (or no way to know)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def pool_cap(file_limit: int | None) -> int:
+    """Idle upstream connections the pool keeps at most: POOL_MAX_IDLE_TOTAL, or a tenth
+    of the open-file limit when that is less."""
+    if file_limit is None:
+        return POOL_MAX_IDLE_TOTAL
+    return max(1, min(POOL_MAX_IDLE_TOTAL, file_limit // 10))
+
+
 class UpstreamPool:
     """Idle keep-alive connections, per server and proxy (credentials included, so a
-    changed proxy never reuses a tunnel opened with the old one)."""
+    changed proxy never reuses a tunnel opened with the old one): POOL_MAX_IDLE per server
+    and ``max_idle`` over all, the longest idle closed first past either."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_idle: int = POOL_MAX_IDLE_TOTAL) -> None:
         self._idle: dict[PoolKey, list[tuple[Wire, float]]] = {}
+        self.max_idle = max_idle
+        self._by_age: collections.OrderedDict[Wire, PoolKey] = collections.OrderedDict()
 
     @staticmethod
     def key(server: Server, proxy: Proxy | None) -> PoolKey:
@@ -1852,6 +1877,7 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             wire, since = idle.pop()
+            del self._by_age[wire]
             if now - since < POOL_IDLE_SECONDS and wire.usable:
                 return wire
             wire.abort()
@@ -1863,28 +1889,35 @@ class UpstreamPool:
             return
         idle = self._idle.setdefault(key, [])
         idle.append((wire, time.monotonic()))
-        while len(idle) > POOL_MAX_IDLE:
-            idle.pop(0)[0].abort()
+        self._by_age[wire] = key
+        if len(idle) > POOL_MAX_IDLE:
+            self._drop(idle[0][0], key)
+        if len(self._by_age) > self.max_idle:
+            self._drop(*next(iter(self._by_age.items())))
+
+    def _drop(self, wire: Wire, key: PoolKey) -> None:
+        del self._by_age[wire]
+        idle = self._idle[key]
+        idle[:] = [entry for entry in idle if entry[0] is not wire]
+        if not idle:
+            del self._idle[key]
+        wire.abort()
 
     def sweep(self) -> None:
         now = time.monotonic()
         for key, idle in list(self._idle.items()):
-            keep = []
-            for wire, since in idle:
-                if now - since < POOL_IDLE_SECONDS and wire.usable:
-                    keep.append((wire, since))
-                else:
-                    wire.abort()
-            if keep:
-                self._idle[key] = keep
-            else:
-                del self._idle[key]
+            for wire, since in list(idle):
+                if not (now - since < POOL_IDLE_SECONDS and wire.usable):
+                    self._drop(wire, key)
+
+    def __len__(self) -> int:
+        return len(self._by_age)
 
     def close(self) -> None:
-        for idle in self._idle.values():
-            for wire, _ in idle:
-                wire.abort()
+        for wire in self._by_age:
+            wire.abort()
         self._idle.clear()
+        self._by_age.clear()
 
 
 # ---------------------------------------------------------------------------
@@ -4515,7 +4548,7 @@ class Upstreams:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.pool = UpstreamPool()
+        self.pool = UpstreamPool(pool_cap(open_files_limit()))
 
     def sweep(self) -> None:
         """Closes pooled connections idle too long; called on the health loop's timer."""
@@ -6267,6 +6300,8 @@ class Management:
         log.info("added server %d %s", new_id, server.label)
         if server.enabled:
             await self.fleet.check_server(server)
+        # As it is now: a health round or sync may have read its row again meanwhile.
+        server = self.fleet.servers.get(new_id, server)
         return json_response(201, server.to_json())
 
     async def all_servers(self, request: Request, match: re.Match[str]) -> Response:
@@ -7570,8 +7605,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 #: File descriptors kept apart from client and upstream sockets: the listener, the
-#: database, log files, health checks, idle pooled connections, and connections over the
-#: limit while they get their 503 (at most half of these at once; more are reset).
+#: database, log files, health checks, and connections over the limit while they get
+#: their 503 (at most half of these at once; more are reset). The idle pool's are apart
+#: too (pool_cap).
 FD_RESERVE = 100
 
 def raise_file_limit(connections: int) -> int | None:
@@ -7583,7 +7619,7 @@ def raise_file_limit(connections: int) -> int | None:
     except ImportError:  # not on this platform
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 2 * connections + FD_RESERVE
+    wanted = 2 * connections + FD_RESERVE + POOL_MAX_IDLE_TOTAL
     target = hard if hard == resource.RLIM_INFINITY else min(hard, max(soft, wanted))
     if soft != resource.RLIM_INFINITY and soft < target:
         with contextlib.suppress(ValueError, OSError):
@@ -7593,12 +7629,12 @@ def raise_file_limit(connections: int) -> int | None:
 
 def connection_cap(configured: int, file_limit: int | None) -> int:
     """MAX_CONNECTIONS, lowered to what the open-file limit can hold with an upstream
-    connection each: past it a client gets a clean 503 at once, rather than a 502 when
-    its upstream connection cannot be opened (measured: 10 of 10,000 streams lost so at a
-    20,000 limit)."""
+    connection each, beside the reserve and the idle pool: past it a client gets a clean
+    503 at once, rather than a 502 when its upstream connection cannot be opened
+    (measured: 10 of 10,000 streams lost so at a 20,000 limit)."""
     if file_limit is None:
         return configured
-    return max(1, min(configured, (file_limit - FD_RESERVE) // 2))
+    return max(1, min(configured, (file_limit - FD_RESERVE - pool_cap(file_limit)) // 2))
 
 def log_start(config: Config, fleet: Fleet) -> None:
     reachable = sum(1 for s in fleet.servers.values() if s.reachable)

@@ -267,6 +267,34 @@ run(main())
 '''
 
 
+#: A fleet of simulated servers in one process: ``count`` listening ports on 127.0.0.1,
+#: each answering Ollama's /api/tags, /api/ps and /api/version on kept-alive connections;
+#: prints the ports as one JSON line once all listen.
+FLEET_BACKEND = FAST_LOOP + r'''
+import asyncio, json, sys
+COUNT, TAGS = int(sys.argv[1]), sys.argv[2].encode()
+ANSWERS = {b"/api/tags": TAGS, b"/api/ps": b'{"models":[]}',
+           b"/api/version": b'{"version":"0.12.0"}'}
+class Server(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buffer = transport, b""
+    def data_received(self, data):
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            body = ANSWERS.get(head.split(b" ", 2)[1], b"{}")
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+async def main():
+    loop = asyncio.get_running_loop()
+    servers = [await loop.create_server(Server, "127.0.0.1", 0, backlog=64)
+               for _ in range(COUNT)]
+    print(json.dumps([s.sockets[0].getsockname()[1] for s in servers]), flush=True)
+    await asyncio.Event().wait()
+run(main())
+'''
+
+
 def start_stream_backend(tokens: int, pace: float) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", STREAM_BACKEND, str(port), str(tokens),
@@ -773,6 +801,154 @@ def tiny_chunks(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) 
                  f"balancer CPU {statistics.median(cpu_share) * 100:.0f}%", ""])
 
 
+def group_cpu(pid: int) -> float:
+    """CPU seconds of a process and of its children alive now (WORKERS=N's workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sum(sum(cpu_seconds(int(p))) for p in [pid, *children])
+
+
+def workers(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) -> None:
+    """Small requests through WORKERS=1 and WORKERS=2, same backend, same load, same run:
+    what a second worker process buys on this machine (whose cores also run the load and
+    the backend)."""
+    nginx = Nginx(workdir) if shutil.which("nginx") else None
+    fallback = None
+    if nginx:
+        backend_port = nginx.backend_port
+    else:
+        fallback, backend_port = start_stream_backend(1, 0.0)
+    for loop in event_loops():
+        workers_on(args, workdir, rows, loop, backend_port, nginx)
+    if nginx:
+        nginx.stop()
+    if fallback:
+        fallback.terminate()
+
+
+def workers_on(args: argparse.Namespace, workdir: Path, rows: list[list[str]], loop: str,
+               backend_port: int, nginx: Nginx | None) -> None:
+    groups = {n: Balancer(workdir / f"workers{n}-{loop}", "--event-loop", loop,
+                          "--workers", str(n)) for n in (1, 2)}
+    try:
+        for balancer in groups.values():
+            balancer.add_server(backend_port)
+        time.sleep(2.5)  # the other worker learns of the server and takes its share
+        for balancer in groups.values():
+            load(balancer.port, "/api/embed", 1.0, True)  # warm-up, not counted
+        runs: dict[int, list[Run]] = {n: [] for n in groups}
+        cpu = dict.fromkeys(groups, 0.0)
+        for _ in range(args.repeats):
+            for n, balancer in groups.items():
+                before = group_cpu(balancer.proc.pid)
+                runs[n].append(load(balancer.port, "/api/embed", args.seconds, True))
+                cpu[n] += group_cpu(balancer.proc.pid) - before
+        nginx_rate = (statistics.median(load(nginx.proxy_port, "/api/embed", args.seconds,
+                                             True).rate for _ in range(args.repeats))
+                      if nginx else None)
+        one = statistics.median(r.rate for r in runs[1])
+        for n, measured in runs.items():
+            rate, p50, p99 = (statistics.median(getattr(r, f) for r in measured)
+                              for f in ("rate", "p50", "p99"))
+            count = max(1.0, sum(r.rate for r in measured) * args.seconds)
+            notes = [f"{rate / one:.2f}x WORKERS=1",
+                     f"CPU {cpu[n] / count * 1e6:.0f} us a request, all workers"]
+            if nginx_rate:
+                notes.append(f"{rate / nginx_rate:.2f}x nginx")
+            if errors := sum(r.errors for r in measured):
+                notes.append(f"ERRORS: {errors} answers not 2xx or broken")
+            rows.append([f"POST /api/embed via balancer ({loop}), WORKERS={n}",
+                         f"{rate:,.0f} req/s {spread(measured, 'rate')}",
+                         f"p50 {p50:.2f} ms", f"p99 {p99:.2f} ms", "", ", ".join(notes)])
+    finally:
+        for balancer in groups.values():
+            balancer.stop()
+
+
+def fleet_scale(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) -> None:
+    """A fleet of ``--fleet-size`` simulated servers (one process, a port each): the time
+    of an addServer as the fleet grows, the health loop's share of a core once they are
+    all in (no traffic), and what the status pages and the dashboard cost then."""
+    import http.client
+
+    count = args.fleet_size
+    backend = subprocess.Popen([sys.executable, "-c", FLEET_BACKEND, str(count),
+                                json.dumps(TAGS)], stdout=subprocess.PIPE, text=True,
+                               preexec_fn=raise_nofile)
+    balancer = None
+    try:
+        assert backend.stdout is not None
+        ports = json.loads(backend.stdout.readline())
+        balancer = Balancer(workdir / "fleet", "--event-loop", "asyncio",
+                            "--health-interval", "10")  # the defaults, for the loop's cost
+        conn = http.client.HTTPConnection("127.0.0.1", balancer.port, timeout=60)
+
+        def get(path: str) -> tuple[float, int]:
+            started = time.perf_counter()
+            conn.request("GET", path)
+            answer = conn.getresponse()
+            size = len(answer.read())
+            if answer.status != 200:
+                raise RuntimeError(f"{path}: {answer.status}")
+            return (time.perf_counter() - started) * 1000, size
+
+        took = []
+        for port in ports:
+            body = json.dumps({"url": f"http://127.0.0.1:{port}"})
+            started = time.perf_counter()
+            conn.request("POST", "/servers/addServer", body,
+                         {"Content-Type": "application/json"})
+            answer = conn.getresponse()
+            reply = json.loads(answer.read())
+            took.append((time.perf_counter() - started) * 1000)
+            if answer.status != 201 or not reply["reachable"]:
+                raise RuntimeError(f"could not add server {len(took)}: {reply}")
+        span = max(1, count // 100)
+        rows.append([f"addServer, servers 1-{span:,}", f"p50 {pct(took[:span], 50):.2f} ms",
+                     f"p99 {pct(took[:span], 99):.2f} ms", "", "", ""])
+        rows.append([f"addServer, servers {count - span + 1:,}-{count:,}",
+                     f"p50 {pct(took[-span:], 50):.2f} ms", f"p99 {pct(took[-span:], 99):.2f} ms",
+                     f"the {count:,}th: {took[-1]:.2f} ms", "", ""])
+        settle, watch = (2.0, 3.0) if args.quick else (12.0, 30.0)
+        time.sleep(settle)  # past the first full round
+        before, started = cpu_seconds(balancer.proc.pid), time.monotonic()
+        time.sleep(watch)
+        after, elapsed = cpu_seconds(balancer.proc.pid), time.monotonic() - started
+        share = (sum(after) - sum(before)) / elapsed
+        rows.append([f"health loop, {count:,} servers, no traffic",
+                     f"{share * 100:.1f}% of a core", f"over {elapsed:.0f} s",
+                     "HEALTH_INTERVAL 10 s, HEALTH_CONCURRENCY 64, SYNC_INTERVAL 1 s", "", ""])
+        for path in ("/servers/status?limit=100", "/servers/allServers?limit=100",
+                     "/dashboard", "/servers/allServers"):
+            times, size = zip(*(get(path) for _ in range(5)), strict=True)
+            rows.append([f"GET {path}, {count:,} servers", f"{statistics.median(times):.1f} ms",
+                         f"{size[0] / 1024:,.0f} KiB", "", "", ""])
+        conn.close()
+        if shutil.which("chromium"):
+            rows.append(dashboard_in_chromium(balancer.port, count, workdir))
+    finally:
+        if balancer:
+            balancer.stop()
+        backend.terminate()
+        backend.wait(10)
+
+
+def dashboard_in_chromium(port: int, count: int, workdir: Path) -> list[str]:
+    """Chromium (headless) loads the dashboard and runs its script to the page drawn; the
+    time to that DOM, of a page of its servers and the cards that count them all."""
+    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+               f"--user-data-dir={workdir / 'chromium'}", "--dump-dom",
+               f"http://127.0.0.1:{port}/dashboard"]
+    times, rows_drawn = [], 0
+    for _ in range(3):
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        times.append(time.perf_counter() - started)
+        rows_drawn = done.stdout.count('<td class="load">')
+    return [f"dashboard in Chromium, {count:,} servers", f"{statistics.median(times):.2f} s",
+            f"{rows_drawn} rows drawn", "headless, from start to the drawn DOM (--dump-dom)",
+            "", ""]
+
+
 def routing(rows: list[list[str]]) -> None:
     """A decision as a request makes it: pick a server for a model, take the slot, and
     give it back when done (which re-ranks the server), over a fleet of N servers that
@@ -829,7 +1005,8 @@ def fleet(args: argparse.Namespace, rows: list[list[str]]) -> None:
                      f"p99 {p99} s", f"{loads} cold loads, {failed} failed", setup])
 
 
-SECTIONS = ("small", "streams", "scale", "attacks", "routing", "fleet")
+SECTIONS = ("small", "workers", "streams", "scale", "fleet-scale", "attacks", "routing",
+            "fleet")
 
 
 def main() -> int:
@@ -841,24 +1018,30 @@ def main() -> int:
     parser.add_argument("--ramp", type=float, default=2.0, help="seconds to open streams")
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--idle-streams", type=int, default=10_000)
+    parser.add_argument("--fleet-size", type=int, default=10_000,
+                        help="simulated servers of the fleet-scale part")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="run only these parts of the suite")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.streams, args.idle_streams, args.ramp = 1.0, 50, 200, 0.2
-        args.repeats = 1
+        args.repeats, args.fleet_size = 1, 200
     raise_nofile()
     rows: list[list[str]] = []
     with tempfile.TemporaryDirectory() as name:
         workdir = Path(name)
         if "small" in args.only:
             small_requests(args, workdir, rows)
+        if "workers" in args.only:
+            workers(args, workdir, rows)
         if "streams" in args.only:
             streams(args, workdir, rows, args.streams, 200 if not args.quick else 20, 0.02,
                     "streams")
         if "scale" in args.only:
             streams(args, workdir, rows, args.idle_streams, 3,
                     5.0 if not args.quick else 0.5, "idle streams")
+        if "fleet-scale" in args.only:
+            fleet_scale(args, workdir, rows)
         if "attacks" in args.only:
             big_bodies(args, workdir, rows)
             tiny_chunks(args, workdir, rows)

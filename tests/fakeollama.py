@@ -69,6 +69,7 @@ class FakeOllama:
         self.missing_answer = (b"404 page not found", "text/plain")
         self.pull_error: str | None = None
         self.pull_delay = 0.0
+        self.tags_delay = 0.0  # seconds /api/tags (the health check) takes to answer
         self.version = "0.12.0"
         self.requests: list[dict[str, Any]] = []
         self.connections = 0
@@ -207,6 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/" and self.command in ("GET", "HEAD"):
             self.send(200, b"Ollama is running", "text/plain; charset=utf-8")
         elif path == "/api/tags":
+            time.sleep(self.owner.tags_delay)
             self.send_json(200, {"models": self.owner.models})
         elif path == "/api/version":
             self.send_json(200, {"version": self.owner.version})

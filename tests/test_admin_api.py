@@ -357,3 +357,14 @@ def test_a_server_added_or_changed_is_checked_once(
     balancer.call("PATCH", f"/servers/{row['id']}", {"name": "renamed"})
     time.sleep(0.3)
     assert tags() == 2
+
+
+def test_an_added_server_is_answered_as_checked_though_the_fleet_was_read_again_meanwhile(
+        start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama) -> None:
+    # A slow check: health rounds and syncs read every row again while it runs, and the
+    # answer must show the server as it is now, checked, not the copy read before.
+    balancer = start_balancer(sqlite_store, "--health-interval", "0.1", "--sync-interval",
+                              "0.1")
+    backend.tags_delay = 0.5
+    row = balancer.add_server(backend.url)
+    assert row["reachable"] is True and row["models"] == ["llama3:latest"], row

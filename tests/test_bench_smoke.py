@@ -30,7 +30,10 @@ def test_the_benchmark_suite_runs_and_prints_its_table() -> None:
                 "GET /api/version via balancer (asyncio)", "streams (asyncio): 50 streams",
                 "idle streams (asyncio): 200 streams", "scheduling decision, 1000 servers",
                 "6 bodies of 8 MiB at once, MAX_BUFFERED_BODIES 16 MiB",
-                "GET /api/version, during a 2 MiB body of 1-byte chunks"):
+                "GET /api/version, during a 2 MiB body of 1-byte chunks",
+                "POST /api/embed via balancer (asyncio), WORKERS=2",
+                "addServer, servers 199-200", "health loop, 200 servers, no traffic",
+                "GET /servers/status?limit=100, 200 servers"):
         assert row in out, out
     assert re.search(r"POST /api/embed via balancer \(asyncio\)\s+[0-9,]+ req/s", out), out
     streams = re.findall(r"served (\d+) of (\d+) refused (\d+), lost (\d+) \(direct: (\d+) "

@@ -221,7 +221,8 @@ def test_control_characters_in_admin_fields_are_refused(balancer: BalancerProces
 def test_connection_cap_leaves_room_for_an_upstream_connection_each() -> None:
     assert ob.connection_cap(10_000, None) == 10_000
     assert ob.connection_cap(10_000, 1_000_000) == 10_000
-    assert ob.connection_cap(10_000, 20_000) == (20_000 - ob.FD_RESERVE) // 2
+    assert ob.connection_cap(10_000, 20_000) == (20_000 - ob.FD_RESERVE - 1024) // 2
+    assert ob.connection_cap(10_000, 2_000) == (2_000 - ob.FD_RESERVE - 200) // 2
     assert ob.connection_cap(10_000, 50) == 1
 
 

@@ -15,6 +15,8 @@ import pytest
 from conftest import BalancerProcess, both_event_loops, free_port, raw_exchange
 from fakeollama import FakeOllama
 
+import ollamabalancer as ob
+
 #: Every test here runs on both event loops.
 event_loop_name = pytest.fixture(params=["asyncio", "uvloop"])(both_event_loops)
 
@@ -748,3 +750,42 @@ def test_a_slow_reader_gets_a_large_answer_whole(routed: tuple[BalancerProcess, 
     assert b"Content-Length: 8388608" in head and len(body) == 8 * 1024 * 1024
     assert lb.call("GET", "/").status == 200
     assert " ERROR " not in lb.log and "Traceback" not in lb.log, lb.log
+
+
+class IdleWire:
+    """What the pool looks at of a connection: bytes unread, usable, and abort()."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.usable = True
+
+    def abort(self) -> None:
+        self.usable = False
+
+
+def test_the_pool_keeps_few_idle_connections_over_a_large_fleet_the_longest_idle_going_first(
+        ) -> None:
+    pool = ob.UpstreamPool(max_idle=100)
+    wires = []
+    for port in range(1, 10_001):  # one idle connection to each of 10,000 servers
+        wire = IdleWire()
+        wires.append(wire)
+        pool.put(("http", "10.0.0.1", port, None), wire)  # type: ignore[arg-type]
+        assert len(pool) <= 100
+    assert [w.usable for w in wires] == [False] * 9_900 + [True] * 100
+    assert pool.take(("http", "10.0.0.1", 1, None)) is None  # closed, not handed out
+    assert pool.take(("http", "10.0.0.1", 10_000, None)) is wires[-1]
+    assert len(pool) == 99
+    # Per server too: the server's own longest idle goes past POOL_MAX_IDLE.
+    same = [IdleWire() for _ in range(ob.POOL_MAX_IDLE + 1)]
+    big = ob.UpstreamPool(max_idle=10_000)
+    for wire in same:
+        big.put(("http", "h", 1, None), wire)  # type: ignore[arg-type]
+    assert not same[0].usable and all(w.usable for w in same[1:]) and len(big) == 256
+    big.close()
+    assert len(big) == 0 and not any(w.usable for w in same)
+
+
+def test_the_idle_pool_is_smaller_under_a_low_open_file_limit() -> None:
+    assert ob.pool_cap(None) == ob.POOL_MAX_IDLE_TOTAL == ob.pool_cap(1_000_000)
+    assert ob.pool_cap(2_000) == 200 and ob.pool_cap(5) == 1
