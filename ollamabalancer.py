@@ -153,6 +153,10 @@ INSTANCE_FORGOTTEN = 600
 #: over the last HISTORY_POINTS steps (five minutes), so a chart is whole at page load.
 HISTORY_STEP = 10
 HISTORY_POINTS = 30
+#: Seconds between reads of a server's /api/version by its health checks (and whenever it
+#: comes back): a version changes with a restart, not every round; 10,000 servers checked
+#: every 10 s would otherwise ask 1,000 times a second.
+VERSION_RECHECK = 300.0
 #: Largest /api/tags answer the health check reads, in bytes (a big model library is ~100 KiB).
 MAX_HEALTH_BODY = 16 * 1024 * 1024
 #: Chunks of a request body taken apart per turn of the event loop. Each costs about
@@ -1568,6 +1572,7 @@ class ServerLoad:
     loaded: dict[str, float] = dataclasses.field(default_factory=dict)
     running: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # /api/ps
     version: str | None = None
+    version_read: float = -math.inf  # monotonic: when /api/version last answered
     # Circuit breaker: consecutive failures; open until a monotonic time; then half-open,
     # one probe request at a time (``probing`` while one holds a slot).
     failures: int = 0
@@ -2583,15 +2588,18 @@ class Store(Database):
 
     def record_health_many(self, results: Sequence[tuple[
             int, list[dict[str, Any]] | None, datetime.datetime]]) -> None:
-        """Each server's models (None: unreachable, keep the last known) and check time."""
-        for server_id, models, checked in results:
-            if models is None:
-                self._execute("UPDATE ollamaServers SET last_checked = ? WHERE id = ?",
-                              [checked, server_id])
-            else:
-                self._execute(
-                    "UPDATE ollamaServers SET models = ?, last_checked = ? WHERE id = ?",
-                    [json.dumps(models), checked, server_id])
+        """Each server's models (None: unreachable, keep the last known) and check time,
+        in one transaction: a commit each (a WAL sync on SQLite) took a third of a core
+        at 10,000 servers."""
+        with self.transaction():
+            for server_id, models, checked in results:
+                if models is None:
+                    self._execute("UPDATE ollamaServers SET last_checked = ? WHERE id = ?",
+                                  [checked, server_id])
+                else:
+                    self._execute(
+                        "UPDATE ollamaServers SET models = ?, last_checked = ? WHERE id = ?",
+                        [json.dumps(models), checked, server_id])
 
     # -- proxies -------------------------------------------------------------
 
@@ -4977,6 +4985,7 @@ class Fleet:
         server = current
         if error is not None:
             self._mark(server, False, error)
+            server.load.version_read = -math.inf  # back, it may run another version
         else:
             server.set_models(models)
             self._mark(server, True, None)
@@ -5024,11 +5033,14 @@ class Fleet:
                 resident = {canonical_model(str(m.get("name") or m.get("model") or ""))
                             for m in load.running} | {m for m, n in load.by_model.items() if n}
                 load.loaded = {m: load.loaded.get(m, now) for m in resident}
+            if time.monotonic() - load.version_read < VERSION_RECHECK:
+                return
             status, body = await asyncio.wait_for(
                 self.upstreams.fetch(server, proxy, "GET", "/api/version"),
                 self.config.health_timeout)
             version = decode_json(body).get("version") if status == 200 else None
             load.version = version if isinstance(version, str) else None
+            load.version_read = time.monotonic()
         except (asyncio.TimeoutError, UpstreamError, ValueError, AttributeError,
                 IncompleteBody, OSError, ProtocolError) as exc:
             log.debug("no /api/ps from %s: %s", server.label, exc)
@@ -6332,6 +6344,7 @@ class Management:
             await self.fleet.or_503(self.fleet.sync())
             updated = self.fleet.servers[server_id]
             if updated.enabled:
+                updated.load.version_read = -math.inf  # checked in full, version too
                 await self.fleet.check_server(updated)
             else:
                 updated.reachable, updated.last_error = False, "disabled"

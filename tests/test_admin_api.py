@@ -368,3 +368,22 @@ def test_an_added_server_is_answered_as_checked_though_the_fleet_was_read_again_
     backend.tags_delay = 0.5
     row = balancer.add_server(backend.url)
     assert row["reachable"] is True and row["models"] == ["llama3:latest"], row
+
+
+def test_health_rounds_read_the_version_once_and_again_when_the_server_comes_back(
+        start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama) -> None:
+    balancer = start_balancer(sqlite_store, "--health-interval", "0.1")
+
+    def asked(path: str) -> int:
+        return sum(1 for r in backend.requests if r["path"] == path)
+
+    balancer.add_server(backend.url)
+    balancer.wait_for(lambda: asked("/api/ps") >= 5)  # several rounds
+    assert asked("/api/version") == 1
+    backend.missing_paths.add("/api/tags")  # down, as an upgrade's restart would be
+    balancer.wait_for(lambda: not balancer.call("GET", "/servers/1").json()["reachable"])
+    backend.version = "0.13.0"
+    backend.missing_paths.clear()
+    balancer.wait_for(lambda: balancer.call("GET", "/api/version").json()
+                      == {"version": "0.13.0"})
+    assert asked("/api/version") == 2
