@@ -84,6 +84,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import weakref
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -94,12 +95,11 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TextIO, TypeVar
 
 __version__ = "0.1.0"
 
 log = logging.getLogger("ollamabalancer")
-access_log = logging.getLogger("ollamabalancer.access")
 T = TypeVar("T")
 
 
@@ -3232,6 +3232,52 @@ class Waiter:
     session: str | None
     future: asyncio.Future[Slot]
     since: float = dataclasses.field(default_factory=time.monotonic)
+    order: int = 0  # its place in arrival order (WaitQueue)
+    queued: bool = False
+
+
+class WaitQueue:
+    """The fleet-wide queue, as one FIFO per model: a freed slot looks only at the models
+    its server can run, and at each of them only from the oldest waiter on (the rest of
+    a model's waiters want what its oldest does), so a release costs what it grants, not
+    the length of the queue. A waiter that leaves (its client gone, its time up) is marked
+    and dropped when it comes to the front, or when its FIFO is mostly such waiters."""
+
+    def __init__(self) -> None:
+        self.fifos: dict[str | None, collections.deque[Waiter]] = {}
+        self.waiting: collections.Counter[str | None] = collections.Counter()  # by model
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        return self.waiting.total()
+
+    def append(self, waiter: Waiter) -> None:
+        waiter.order, waiter.queued = next(self._order), True
+        fifo = self.fifos.setdefault(waiter.model, collections.deque())
+        fifo.append(waiter)
+        self.waiting[waiter.model] += 1
+        if len(fifo) > 2 * self.waiting[waiter.model] + 64:  # mostly gone: compact
+            self.fifos[waiter.model] = collections.deque(w for w in fifo if w.queued)
+
+    def discard(self, waiter: Waiter) -> None:
+        """Takes ``waiter`` out of the queue (it is left in place, marked)."""
+        if waiter.queued:
+            waiter.queued = False
+            self.waiting[waiter.model] -= 1
+            if not self.waiting[waiter.model]:
+                del self.waiting[waiter.model]
+
+    def tidy(self, model: str | None) -> None:
+        """Drops the waiters that left from the front of ``model``'s FIFO."""
+        fifo = self.fifos.get(model)
+        while fifo and not fifo[0].queued:
+            fifo.popleft()
+        if not fifo:
+            self.fifos.pop(model, None)
+
+    def following(self, model: str | None) -> Iterator[Waiter]:
+        """``model``'s waiters from the oldest, as long as none joins (dispatch)."""
+        return (waiter for waiter in self.fifos.get(model, ()) if waiter.queued)
 
 
 def _counts(value: Any) -> dict[str, int]:
@@ -3280,10 +3326,10 @@ class SharedCapacity:
         return self.shares.get(server_id, 0) if self.instances > 1 else capacity
 
     @staticmethod
-    def demand(servers: dict[int, Server], queue: Iterable[Waiter]) -> dict[str, int]:
+    def demand(servers: dict[int, Server], queue: WaitQueue) -> dict[str, int]:
         """What this instance wants of each server: its requests there, and those queued
         that it could take (by server id, as text: the heartbeat's JSON)."""
-        waiting = collections.Counter(waiter.model for waiter in queue)
+        waiting = queue.waiting
         wants: dict[str, int] = {}
         for server in servers.values():
             queued = sum(n for model, n in waiting.items()
@@ -3324,26 +3370,16 @@ class SharedCapacity:
         return [i for i, room in self.shares.items() if room > before.get(i, 0)]
 
 
-class Scheduler:
-    """Picks a server for each request and holds requests in one fleet-wide FIFO queue
-    while every candidate is at its maxConcurrency.
-
-    Ollama runs OLLAMA_NUM_PARALLEL requests per loaded model and queues the rest on that
-    server, where a free GPU elsewhere cannot take them; a cold load costs seconds. So the
-    balancer prefers servers that have the model loaded, then the least busy, and keeps
-    overflow here, where the first slot to free up anywhere serves it."""
+class Ranking:
+    """Which server a request should go to now: the strategies, Ollama's tiers, and
+    least_load's index of servers by rank (a heap per model). The Scheduler's first half:
+    it reads the fleet and changes nothing but its index."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.queue: collections.deque[Waiter] = collections.deque()
         self.sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._turn = 0
         self._random = random.Random()
-        # Moving averages, in seconds, of what the fleet's requests take: a warm one whole,
-        # a warm one's first byte, and the extra first-byte wait of a cold model load.
-        self.service_seconds = 1.0
-        self.first_byte_seconds = 0.1
-        self.load_seconds = 5.0
         # least_load's index: per model, a heap of servers by rank (see best()). Mutation
         # testing leaves these lines alone: their annotations are never evaluated.
         self._ranked: dict[str | None, RankHeap] = {}  # pragma: no mutate
@@ -3351,7 +3387,6 @@ class Scheduler:
         self._stamps = itertools.count()
         self.shared = SharedCapacity()
 
-    # -- selection: pure functions of the fleet ------------------------------------
 
     def capacity(self, server: Server) -> int:
         return server.max_concurrency or self.config.max_concurrency
@@ -3526,6 +3561,25 @@ class Scheduler:
             return 1
         return 3 if any(not load.by_model.get(m) for m in load.loaded) else 4
 
+
+class Scheduler(Ranking):
+    """Picks a server for each request (Ranking) and holds requests in one fleet-wide
+    queue while every candidate is at its maxConcurrency; keeps each server's breaker.
+
+    Ollama runs OLLAMA_NUM_PARALLEL requests per loaded model and queues the rest on that
+    server, where a free GPU elsewhere cannot take them; a cold load costs seconds. So the
+    balancer prefers servers that have the model loaded, then the least busy, and keeps
+    overflow here, where the first slot to free up anywhere serves it."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.queue = WaitQueue()
+        # Moving averages, in seconds, of what the fleet's requests take: a warm one whole,
+        # a warm one's first byte, and the extra first-byte wait of a cold model load.
+        self.service_seconds = 1.0
+        self.first_byte_seconds = 0.1
+        self.load_seconds = 5.0
+
     # -- slots and the queue -------------------------------------------------------
 
     async def acquire(self, servers: dict[int, Server], model: str | None,
@@ -3546,7 +3600,8 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         waiter = Waiter(model, exclude, session, loop.create_future())
         self.queue.append(waiter)
-        self.dispatch(servers)  # a slot may be free for this one but not for those ahead
+        # A slot may be free for this one but not for those ahead (of other models).
+        self.dispatch(servers, joined=waiter)
         # Awaited as it is, neither shielded nor under wait_for: a grant that lands as the
         # caller is cancelled must come back here to be given back (wait_for on 3.11
         # would hand it to a task that was told to stop).
@@ -3559,16 +3614,14 @@ class Scheduler:
                 self.release(servers, granted.result())  # granted late: given back
             else:
                 granted.cancel()
-                with contextlib.suppress(ValueError):
-                    self.queue.remove(waiter)
+                self.queue.discard(waiter)
             raise
         finally:
             timer.cancel()
 
     def _expire(self, waiter: Waiter) -> None:
         if not waiter.future.done():
-            with contextlib.suppress(ValueError):
-                self.queue.remove(waiter)
+            self.queue.discard(waiter)
             waiter.future.set_exception(QueueTimeout())
 
     def take(self, server: Server, model: str | None, session: str | None = None) -> Slot:
@@ -3614,10 +3667,13 @@ class Scheduler:
             else:
                 load.by_model.pop(model, None)
         self.changed(server)
-        self.dispatch(servers)
+        self.dispatch(servers, server)
 
-    def dispatch(self, servers: dict[int, Server]) -> None:
-        """Hands free slots to queued requests.
+    def dispatch(self, servers: dict[int, Server], freed: Server | None = None,
+                 joined: Waiter | None = None) -> None:
+        """Hands free slots to queued requests: to those ``freed`` can run when only that
+        server has room anew, to those of ``joined``'s model when only it is new, else to
+        all (what else changed since the last dispatch could not serve them).
 
         With least_load, oldest first, but a busy fleet must not thrash: a freed slot goes
         first to the oldest request that can run there at once (its model loaded, a slot
@@ -3627,59 +3683,76 @@ class Scheduler:
         request that has waited QUEUE_AGING seconds is served strictly in order, so
         nobody starves.
         """
-        if not self.queue:
+        queue = self.queue
+        if not queue:
             return
+        if joined is not None:
+            models = [joined.model]
+        else:
+            models = [m for m in queue.waiting
+                      if freed is None or m is None or m in freed.model_names]
         now = time.monotonic()
         # round_robin and random keep their plain meaning here too: strict FIFO.
         passes = ("aged", "ready", "any") if self.config.strategy == "least_load" else ("any",)
-        backlog = collections.Counter(w.model for w in self.queue)
-        loaded_slots: dict[str | None, int] = {}
-        exhausted: set[tuple[str | None, int]] = set()  # nothing free for these this round
         for pass_ in passes:
-            for waiter in list(self.queue):
-                if waiter.future.done():
-                    with contextlib.suppress(ValueError):
-                        self.queue.remove(waiter)
-                    continue
-                if pass_ == "aged" and now - waiter.since < QUEUE_AGING:
-                    # The queue is in arrival order: no older waiter follows (looking on
-                    # would find none, so mutation testing leaves this be).
-                    break  # pragma: no mutate
-                model = waiter.model
-                max_tier = ANY_FREE
-                if pass_ == "ready":
-                    max_tier = 0
-                elif pass_ == "any" and len(passes) > 1:
-                    # Its model loaded somewhere and enough slots of it for those waiting:
-                    # wait for one rather than evict another model here. Past that, the
-                    # model is short of servers and a load pays for itself.
-                    if model not in loaded_slots:
-                        loaded_slots[model] = self.config.num_parallel * sum(
-                            1 for s in servers.values()
-                            if model in s.load.loaded and self.eligible(s, model, now))
-                    slots = loaded_slots[model]
-                    # A load pays when the wait for a slot, backlog / slots requests long,
-                    # exceeds the load itself (both measured, see observe()).
-                    worth = self.load_seconds / max(self.service_seconds, 1e-3)
-                    if slots and backlog[model] <= slots * worth:
-                        max_tier = 1
-                if (model, max_tier) in exhausted:
-                    continue
-                server, possible = self.pick(servers, model, waiter.session, waiter.exclude,
-                                             max_tier)
+            self._serve(servers, models, pass_, len(passes) > 1, now)
+        for name in models:
+            queue.tidy(name)
+
+    def _serve(self, servers: dict[int, Server], models: list[str | None], pass_: str,
+               choosy: bool, now: float) -> None:
+        """One pass of dispatch: the oldest waiter of every model first, and so on in
+        arrival order, each up to the tier ``pass_`` allows its model; a model none of
+        whose servers has room at that tier is left for the pass (its later waiters want
+        the same), unless the waiter kept some servers out (a retry) or has left."""
+        queue = self.queue
+        heads = []
+        for model in models:
+            waiters = queue.following(model)
+            first = next(waiters, None)
+            if first is not None:
+                heads.append((first.order, waiters, first,
+                              self._pass_tier(servers, model, pass_, choosy, now)))
+        heapq.heapify(heads)  # by arrival: ``order`` is unique, nothing else is compared
+        while heads:
+            _, waiters, waiter, max_tier = heapq.heappop(heads)
+            model = waiter.model
+            if waiter.future.done():  # cancelled, its task not yet back to discard it
+                queue.discard(waiter)
+            elif pass_ == "aged" and now - waiter.since < QUEUE_AGING:
+                continue  # the model's later waiters are younger still
+            else:
+                server, possible = self.pick(servers, model, waiter.session,
+                                             waiter.exclude, max_tier)
                 if not possible:  # its servers went away while it waited (a failed probe)
-                    self.queue.remove(waiter)
-                    backlog[model] -= 1
+                    queue.discard(waiter)
                     waiter.future.set_exception(NoCandidate(model))
+                elif server is not None:
+                    queue.discard(waiter)
+                    waiter.future.set_result(self.take(server, model, waiter.session))
+                elif not waiter.exclude:
                     continue
-                if server is None:
-                    if not waiter.exclude:
-                        exhausted.add((model, max_tier))
-                    continue
-                self.queue.remove(waiter)
-                backlog[model] -= 1
-                waiter.future.set_result(self.take(server, model, waiter.session))
-                exhausted.clear()  # taking a slot can change ranks; start afresh
+            following = next(waiters, None)
+            if following is not None:
+                heapq.heappush(heads, (following.order, waiters, following, max_tier))
+
+    def _pass_tier(self, servers: dict[int, Server], model: str | None, pass_: str,
+                   choosy: bool, now: float) -> int:
+        """The worst tier a pass lets ``model``'s waiters take (see Scheduler.tier)."""
+        if pass_ == "ready":
+            return 0
+        if pass_ == "any" and choosy:
+            # Its model loaded somewhere and enough slots of it for those waiting: wait
+            # for one rather than evict another model here. Past that, the model is short
+            # of servers and a load pays for itself: when the wait for a slot, backlog /
+            # slots requests long, exceeds the load itself (both measured, observe()).
+            slots = self.config.num_parallel * sum(
+                1 for s in servers.values()
+                if model in s.load.loaded and self.eligible(s, model, now))
+            worth = self.load_seconds / max(self.service_seconds, 1e-3)
+            if slots and self.queue.waiting[model] <= slots * worth:
+                return 1
+        return ANY_FREE
 
     def observe(self, cold: bool, first_byte: float, total: float) -> None:
         """Learns from a finished request how long requests and model loads take."""
@@ -4746,6 +4819,35 @@ def _through_proxy(proxy_id: int, pair: tuple[int, int | None]) -> bool:
     return pair[1] == proxy_id
 
 
+async def read_running(upstreams: Upstreams, server: Server, proxy: Proxy | None,
+                       timeout: float) -> None:
+    """Reads /api/ps (which models sit on the GPU), and /api/version now and then
+    (VERSION_RECHECK), into the server's load; a server that does not answer them keeps
+    what it had."""
+    load = server.load
+    try:
+        status, body = await asyncio.wait_for(
+            upstreams.fetch(server, proxy, "GET", "/api/ps"), timeout)
+        payload = decode_json(body) if status == 200 else {}
+        running = payload.get("models") if isinstance(payload, dict) else None
+        if isinstance(running, list):
+            load.running = [m for m in running if isinstance(m, dict)]
+            now = time.monotonic()
+            resident = {canonical_model(str(m.get("name") or m.get("model") or ""))
+                        for m in load.running} | {m for m, n in load.by_model.items() if n}
+            load.loaded = {m: load.loaded.get(m, now) for m in resident}
+        if time.monotonic() - load.version_read < VERSION_RECHECK:
+            return
+        status, body = await asyncio.wait_for(
+            upstreams.fetch(server, proxy, "GET", "/api/version"), timeout)
+        version = decode_json(body).get("version") if status == 200 else None
+        load.version = version if isinstance(version, str) else None
+        load.version_read = time.monotonic()
+    except (asyncio.TimeoutError, UpstreamError, ValueError, AttributeError,
+            IncompleteBody, OSError, ProtocolError) as exc:
+        log.debug("no /api/ps from %s: %s", server.label, exc)
+
+
 class Fleet:
     """The servers, proxies, getServer IDs and API keys the store holds, in memory, kept
     current by the change log and health checks, with the scheduler that shares the
@@ -4992,7 +5094,7 @@ class Fleet:
             if server.load.open_until <= time.monotonic() and not server.load.probing:
                 # Past its cooldown, an answer to the health check is as good as a probe.
                 self.scheduler.close_circuit(server, "its health check passed")
-            await self._check_running(server, proxy)
+            await read_running(self.upstreams, server, proxy, self.config.health_timeout)
         server.last_checked = utc_now()
         self.scheduler.changed(server)  # its models, health or resident models may differ
         self._health_dirty[server.id] = (server.models if server.reachable else None,
@@ -5018,32 +5120,6 @@ class Fleet:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.call(self.store.store.record_health_many,
                                       [(i, m, c) for i, (m, c) in batch.items()])
-
-    async def _check_running(self, server: Server, proxy: Proxy | None) -> None:
-        """Reads /api/ps (which models sit on the GPU) and /api/version."""
-        load = server.load
-        try:
-            status, body = await asyncio.wait_for(
-                self.upstreams.fetch(server, proxy, "GET", "/api/ps"), self.config.health_timeout)
-            payload = decode_json(body) if status == 200 else {}
-            running = payload.get("models") if isinstance(payload, dict) else None
-            if isinstance(running, list):
-                load.running = [m for m in running if isinstance(m, dict)]
-                now = time.monotonic()
-                resident = {canonical_model(str(m.get("name") or m.get("model") or ""))
-                            for m in load.running} | {m for m, n in load.by_model.items() if n}
-                load.loaded = {m: load.loaded.get(m, now) for m in resident}
-            if time.monotonic() - load.version_read < VERSION_RECHECK:
-                return
-            status, body = await asyncio.wait_for(
-                self.upstreams.fetch(server, proxy, "GET", "/api/version"),
-                self.config.health_timeout)
-            version = decode_json(body).get("version") if status == 200 else None
-            load.version = version if isinstance(version, str) else None
-            load.version_read = time.monotonic()
-        except (asyncio.TimeoutError, UpstreamError, ValueError, AttributeError,
-                IncompleteBody, OSError, ProtocolError) as exc:
-            log.debug("no /api/ps from %s: %s", server.label, exc)
 
     def _mark(self, server: Server, reachable: bool, error: str | None) -> None:
         if reachable != server.reachable or error != server.last_error:
@@ -6646,6 +6722,77 @@ setInterval(refresh, 3000);
 """
 
 
+class AccessLog:
+    """The access log: a line per request, formatted here and written to stderr once per
+    turn of the event loop (or per 64 KiB), not through ``logging``, whose record,
+    formatter, handler and lock per line cost a relayed request about 8 % of its CPU.
+    Lines look as logging's own would (LOG_FORMAT text or json), and go out before any
+    other log record (log_to_stderr), so the order on stderr is the order of events."""
+
+    def __init__(self, config: Config, worker: int | None = None,
+                 stream: TextIO | None = None) -> None:
+        self.enabled = logging.getLevelName(config.log_level) <= logging.INFO
+        self.json = config.log_format == "json"
+        self.mark = "" if worker is None else f"[{worker}] "
+        self.worker = {} if worker is None else {"worker": worker}
+        self.stream = stream
+        self.pending: list[str] = []
+        self.size = 0
+        self._second = -1
+        self._stamp = ""
+        ACCESS_LOGS.add(self)
+
+    def stamp(self, now: float) -> str:
+        """``now`` as logging writes it (text: local time; json: UTC), per second once."""
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = (datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
+                           .strftime("%Y-%m-%dT%H:%M:%S") if self.json else
+                           time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+        millis = int((now - second) * 1000)
+        return (f"{self._stamp}.{millis:03d}+00:00" if self.json
+                else f"{self._stamp},{millis:03d}")
+
+    def write(self, request: Request, server: str, model: str, duration: float) -> None:
+        now = time.time()
+        if self.json:
+            line = json.dumps({
+                "time": self.stamp(now), "level": "info", "logger": "ollamabalancer.access",
+                **self.worker, "request_id": request.id or None,
+                "client": request.wire.peer, "method": request.method,
+                "path": request.head.target, "status": request.status,
+                "server": server or None, "model": model or None,
+                "queue_wait": request.queue_wait, "ttfb": request.first_byte,
+                "duration": duration, "bytes_out": request.bytes_out}, ensure_ascii=False)
+        else:
+            line = (f"{self.stamp(now)} INFO    {self.mark}{request.wire.peer:<15} "
+                    f"{request.method:<6} {request.head.target[:200]:<32} "
+                    f"{request.status:>3} {server or '-':<20} {model or '-':<24} "
+                    f"{_secs(request.queue_wait)} {_secs(request.first_byte)} "
+                    f"{_secs(duration)} {request.bytes_out:>9} {request.id or '-'}")
+        self.pending.append(line)
+        self.size += len(line)
+        if self.size > 65536:
+            self.flush()
+        elif len(self.pending) == 1:
+            with contextlib.suppress(RuntimeError):  # no loop: the next flush() takes it
+                asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        lines, self.pending, self.size = self.pending, [], 0
+        stream = self.stream or sys.stderr
+        with contextlib.suppress(OSError, ValueError):  # stderr closed: nowhere to say so
+            stream.write("\n".join(lines) + "\n")
+            stream.flush()
+
+
+#: Every AccessLog of this process, flushed before any other log record goes out.
+ACCESS_LOGS: weakref.WeakSet[AccessLog] = weakref.WeakSet()
+
+
 class Observability:
     """What the balancer says about itself: an access-log line and the metrics of each
     finished request, /metrics, the status JSON and the dashboard page."""
@@ -6656,6 +6803,7 @@ class Observability:
         self.fleet = fleet
         self.metrics = metrics
         self.group = group  # WORKERS=N: status and metrics are the whole group's
+        self.access = AccessLog(config, group.index if group else None)
 
     def finished(self, request: Request) -> None:
         """Counts a finished request and writes its access-log line."""
@@ -6672,20 +6820,8 @@ class Observability:
             metrics.observe("request_duration_seconds", pair, duration)
         if request.queue_wait is not None:
             metrics.observe("queue_wait_seconds", (), request.queue_wait)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info("%-15s %-6s %-32s %3d %-20s %-24s %s %s %s %9d %s",
-                            request.wire.peer, request.method, request.head.target[:200],
-                            request.status, server or "-", model or "-",
-                            _secs(request.queue_wait), _secs(request.first_byte),
-                            _secs(duration), request.bytes_out, request.id or "-",
-                            extra={"access": {
-                                "request_id": request.id or None,
-                                "client": request.wire.peer, "method": request.method,
-                                "path": request.head.target, "status": request.status,
-                                "server": server or None, "model": model or None,
-                                "queue_wait": request.queue_wait,
-                                "ttfb": request.first_byte, "duration": duration,
-                                "bytes_out": request.bytes_out}})
+        if self.access.enabled:
+            self.access.write(request, server, model, duration)
 
     def status_payload(self, page: tuple[int | None, int] = (None, 0)) -> dict[str, Any]:
         """What the dashboard shows: the fleet (its totals, and the servers of ``page``),
@@ -7343,6 +7479,7 @@ class Balancer:
     async def close(self) -> None:
         await self.fleet.close()
         self.upstreams.close()
+        self.observability.access.flush()
 
     def matching_routes(self, path: str) -> list[tuple[Route, re.Match[str], Handler]]:
         """The routes whose pattern matches ``path``, in order; remembered per path, as
@@ -7597,7 +7734,7 @@ class HTTPServer:
             await asyncio.wait_for(send_response(wire, response, head), 5.0)
 
 class JsonFormatter(logging.Formatter):
-    """LOG_FORMAT=json: one JSON object a line; access lines carry their fields."""
+    """LOG_FORMAT=json: one JSON object a line (AccessLog writes its own the same way)."""
 
     def __init__(self, worker: int | None = None) -> None:
         super().__init__()
@@ -7607,12 +7744,7 @@ class JsonFormatter(logging.Formatter):
         stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
         entry: dict[str, Any] = {"time": stamp.isoformat(timespec="milliseconds"),
                                  "level": record.levelname.lower(), "logger": record.name,
-                                 **self.worker}
-        access = getattr(record, "access", None)
-        if isinstance(access, dict):
-            entry.update(access)
-        else:
-            entry["message"] = record.getMessage()
+                                 **self.worker, "message": record.getMessage()}
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -7738,9 +7870,18 @@ def run(work: Coroutine[Any, Any, None], event_loop: str) -> None:
     asyncio.run(work)
 
 
+class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr, after the access-log lines of events before this record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for access in list(ACCESS_LOGS):
+            access.flush()
+        super().emit(record)
+
+
 def log_to_stderr(config: Config, worker: int | None = None) -> None:
     """One line a record on stderr, each a worker's marked with its number (WORKERS=N)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LogHandler(sys.stderr)
     mark = "" if worker is None else f"[{worker}] "
     handler.setFormatter(JsonFormatter(worker) if config.log_format == "json" else
                          logging.Formatter(f"%(asctime)s %(levelname)-7s {mark}%(message)s"))

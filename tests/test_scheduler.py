@@ -571,3 +571,66 @@ def test_the_ranked_index_chooses_as_well_as_a_scan_of_the_fleet(
         loop.run_until_complete(run())
     finally:
         loop.close()
+
+
+class LookedAt(ob.Waiter):
+    """A waiter that counts how often the scheduler looks at it (its future)."""
+
+    looks = 0
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "future":
+            LookedAt.looks += 1
+        return super().__getattribute__(name)
+
+
+def counting_picks(scheduler: ob.Scheduler, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The model of every pick() the scheduler makes from now on."""
+    picked: list[str] = []
+    real = scheduler.pick
+
+    def pick(servers: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+        picked.append(model)
+        return real(servers, model, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "pick", pick)
+    return picked
+
+
+def test_a_release_looks_only_at_the_models_its_server_runs_and_their_oldest_waiters(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduler, servers = fleet(2, max_concurrency=1, max_queue=100_000)
+    servers[2].set_models([{"name": "d:latest"}])  # "d" only there
+    running_a = scheduler.take(servers[1], "a:latest")
+    running_d = scheduler.take(servers[2], "d:latest")
+    loop = asyncio.new_event_loop()
+    for _ in range(5_000):
+        scheduler.queue.append(LookedAt("a:latest", frozenset(), None, loop.create_future()))
+    waiting_d = queue_up(scheduler, "d:latest", "d:latest")
+    picked = counting_picks(scheduler, monkeypatch)
+    LookedAt.looks = 0
+    scheduler.release(servers, running_d)  # server 2 runs no "a": none of those is looked at
+    assert served(waiting_d) == [2, None] and set(picked) == {"d:latest"}
+    assert len(picked) <= 6 and LookedAt.looks == 0
+    picked.clear()
+    scheduler.release(servers, running_a)  # one slot: the oldest "a" gets it, the rest wait
+    assert len(scheduler.queue) == 5_000 and len(picked) <= 6 and LookedAt.looks <= 10
+
+
+def test_waiters_that_left_do_not_pile_up_in_the_queue() -> None:
+    async def scenario() -> int:
+        scheduler, servers = fleet(1, max_concurrency=1, max_queue=100_000)
+        scheduler.take(servers[1], None)
+        first = asyncio.ensure_future(scheduler.acquire(servers, "a:latest"))
+        for _ in range(10):  # thousands come and go behind one that stays
+            batch = [asyncio.ensure_future(scheduler.acquire(servers, "a:latest"))
+                     for _ in range(1_000)]
+            await asyncio.sleep(0)
+            for task in batch:
+                task.cancel()
+            await asyncio.gather(*batch, return_exceptions=True)
+        assert len(scheduler.queue) == 1 and not first.done()
+        first.cancel()
+        return len(scheduler.queue.fifos.get("a:latest", ()))
+
+    assert asyncio.run(scenario()) <= 2 * 1 + 64 + 1_000
