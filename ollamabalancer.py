@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -3830,40 +3831,51 @@ class Histogram:
     def observe(self, value: float) -> None:
         self.count += 1
         self.sum += value
-        for index, bound in enumerate(LATENCY_BUCKETS):
-            if value <= bound:
-                self.counts[index] += 1
-                break
+        index = bisect.bisect_left(LATENCY_BUCKETS, value)
+        if index < len(self.counts):  # past the last bound: counted in +Inf only
+            self.counts[index] += 1
+
+
+#: A sample's label values, in the order of its family's label names (Metrics.FAMILIES);
+#: the names are put to them only when scraped.
+LabelValues = tuple[Any, ...]
 
 
 class Metrics:
-    """Counters and histograms of this instance, prefixed ``ollamabalancer_``. Gauges are
-    read from the fleet when scraped."""
+    """Counters and histograms of this instance, prefixed ``ollamabalancer_``, each
+    sample keyed by its label values alone. Gauges are read from the fleet when
+    scraped."""
 
     PREFIX = "ollamabalancer_"
-    HELP: ClassVar[dict[str, tuple[str, str]]] = {
-        "requests_total": ("counter", "Requests answered, by endpoint, server, model, status."),
-        "upstream_errors_total": ("counter", "Upstream failures: connect, timeout, http_5xx, "
-                                             "cut_stream."),
-        "tokens_total": ("counter", "Tokens generated (eval_count of Ollama's last line)."),
-        "queue_wait_seconds": ("histogram", "Time requests waited in the fleet queue."),
-        "ttfb_seconds": ("histogram", "Time to the first response byte."),
-        "request_duration_seconds": ("histogram", "Time to the last response byte."),
+    FAMILIES: ClassVar[dict[str, tuple[str, tuple[str, ...], str]]] = {
+        "requests_total": ("counter", ("endpoint", "server", "model", "status"),
+                           "Requests answered, by endpoint, server, model, status."),
+        "upstream_errors_total": ("counter", ("server", "kind"),
+                                  "Upstream failures: connect, timeout, http_5xx, "
+                                  "cut_stream."),
+        "tokens_total": ("counter", ("server", "model"),
+                         "Tokens generated (eval_count of Ollama's last line)."),
+        "queue_wait_seconds": ("histogram", (), "Time requests waited in the fleet queue."),
+        "ttfb_seconds": ("histogram", ("server", "model"), "Time to the first response byte."),
+        "request_duration_seconds": ("histogram", ("server", "model"),
+                                     "Time to the last response byte."),
     }
 
     def __init__(self) -> None:
-        self.counters: dict[str, dict[Labels, float]] = collections.defaultdict(dict)
-        self.histograms: dict[str, dict[Labels, Histogram]] = collections.defaultdict(dict)
+        self.counters: dict[str, dict[LabelValues, float]] = {
+            name: {} for name, (kind, _, _) in self.FAMILIES.items() if kind == "counter"}
+        self.histograms: dict[str, dict[LabelValues, Histogram]] = {
+            name: {} for name, (kind, _, _) in self.FAMILIES.items() if kind == "histogram"}
 
-    def count(self, name: str, labels: Labels, amount: float = 1.0) -> None:
+    def count(self, name: str, values: LabelValues, amount: float = 1.0) -> None:
         family = self.counters[name]
-        family[labels] = family.get(labels, 0.0) + amount
+        family[values] = family.get(values, 0.0) + amount
 
-    def observe(self, name: str, labels: Labels, value: float) -> None:
+    def observe(self, name: str, values: LabelValues, value: float) -> None:
         family = self.histograms[name]
-        histogram = family.get(labels)
+        histogram = family.get(values)
         if histogram is None:
-            histogram = family[labels] = Histogram()
+            histogram = family[values] = Histogram()
         histogram.observe(value)
 
     def render(self, gauges: dict[str, tuple[str, list[tuple[Labels, float]]]]) -> str:
@@ -3873,22 +3885,24 @@ class Metrics:
             lines.append(f"# HELP {self.PREFIX}{name} {text}")
             lines.append(f"# TYPE {self.PREFIX}{name} {kind}")
 
-        for name, (kind, text) in self.HELP.items():
+        for name, (kind, names, text) in self.FAMILIES.items():
             header(name, kind, text)
             if kind == "counter":
-                for labels, value in sorted(self.counters[name].items()):
-                    lines.append(f"{self.PREFIX}{name}{_label_text(labels)} {value:g}")
+                for values, value in sorted(self.counters[name].items(), key=_text_key):
+                    text = _label_text(tuple(zip(names, map(str, values), strict=True)))
+                    lines.append(f"{self.PREFIX}{name}{text} {value:g}")
                 continue
-            for labels, histogram in sorted(self.histograms[name].items()):
+            for values, histogram in sorted(self.histograms[name].items(), key=_text_key):
+                pairs = tuple(zip(names, map(str, values), strict=True))
                 cumulative = 0
                 for bound, count in zip(LATENCY_BUCKETS, histogram.counts, strict=True):
                     cumulative += count
                     lines.append(f"{self.PREFIX}{name}_bucket"
-                                 f"{_label_text((*labels, ('le', f'{bound:g}')))} {cumulative}")
+                                 f"{_label_text((*pairs, ('le', f'{bound:g}')))} {cumulative}")
                 lines.append(f"{self.PREFIX}{name}_bucket"
-                             f"{_label_text((*labels, ('le', '+Inf')))} {histogram.count}")
-                lines.append(f"{self.PREFIX}{name}_sum{_label_text(labels)} {histogram.sum:g}")
-                lines.append(f"{self.PREFIX}{name}_count{_label_text(labels)} "
+                             f"{_label_text((*pairs, ('le', '+Inf')))} {histogram.count}")
+                lines.append(f"{self.PREFIX}{name}_sum{_label_text(pairs)} {histogram.sum:g}")
+                lines.append(f"{self.PREFIX}{name}_count{_label_text(pairs)} "
                              f"{histogram.count}")
         for name, (text, samples) in gauges.items():
             header(name, "gauge", text)
@@ -3896,38 +3910,43 @@ class Metrics:
                 lines.append(f"{self.PREFIX}{name}{_label_text(labels)} {value:g}")
         return "\n".join(lines) + "\n"
 
-
     def snapshot(self) -> dict[str, Any]:
         """The counts, as JSON for the other workers of a group (WorkerGroup)."""
         return {"counters": {name: list(family.items())
                              for name, family in self.counters.items()},
-                "histograms": {name: [(labels, h.counts, h.count, h.sum)
-                                      for labels, h in family.items()]
+                "histograms": {name: [(values, h.counts, h.count, h.sum)
+                                      for values, h in family.items()]
                                for name, family in self.histograms.items()}}
 
     def absorb(self, snapshot: dict[str, Any]) -> None:
         """Adds another worker's counts, as its snapshot() gave them, to these. Raises
         ValueError (or TypeError, KeyError) for anything else, leaving these whole."""
-        counters = [(str(name), _labels(labels), float(value))
+        counters = [(name, self._values(name, values), float(value))
                     for name, family in snapshot["counters"].items()
-                    for labels, value in family]
-        histograms = [(str(name), _labels(labels), [int(n) for n in counts], int(count),
-                       float(total))
+                    for values, value in family]
+        histograms = [(name, self._values(name, values), [int(n) for n in counts],
+                       int(count), float(total))
                       for name, family in snapshot["histograms"].items()
-                      for labels, counts, count, total in family]
+                      for values, counts, count, total in family]
         if any(len(counts) != len(LATENCY_BUCKETS) for _, _, counts, _, _ in histograms):
             raise ValueError("histogram buckets differ")
-        for name, labels, value in counters:
-            self.count(name, labels, value)
-        for name, labels, counts, count, total in histograms:
-            histogram = self.histograms[name].setdefault(labels, Histogram())
+        for name, values, value in counters:
+            self.count(name, values, value)
+        for name, values, counts, count, total in histograms:
+            histogram = self.histograms[name].setdefault(values, Histogram())
             histogram.counts = [a + b for a, b in zip(histogram.counts, counts, strict=True)]
             histogram.count += count
             histogram.sum += total
 
+    def _values(self, name: str, values: Sequence[Any]) -> LabelValues:
+        """Label values read back from JSON, checked against the family's names."""
+        if len(values) != len(self.FAMILIES[name][1]):
+            raise ValueError(f"{name}: {len(values)} label values")
+        return tuple(str(value) for value in values)
 
-def _labels(pairs: Iterable[Sequence[str]]) -> Labels:
-    return tuple((str(name), str(value)) for name, value in pairs)
+
+def _text_key(item: tuple[LabelValues, Any]) -> tuple[str, ...]:
+    return tuple(map(str, item[0]))
 
 
 class WorkerGroup:
@@ -5210,7 +5229,7 @@ class Fleet:
         """A failure that counts against the server: for the breaker, the metrics and the
         status page."""
         self.scheduler.record(self.servers, server, False)
-        self.metrics.count("upstream_errors_total", (("server", server.label), ("kind", kind)))
+        self.metrics.count("upstream_errors_total", (server.label, kind))
         self.recent_errors.appendleft({"time": iso_time(utc_now()), "server": server.label,
                                        "kind": kind, "message": message or kind})
 
@@ -5664,8 +5683,7 @@ class Relay:
         if response.status == 200 and (counted := eval_count(tail)) is not None:
             tokens, model = counted
             request.model = request.model or (canonical_model(model) if model else None)
-            self.metrics.count("tokens_total", (("server", server.label),
-                                                ("model", request.model or "")), tokens)
+            self.metrics.count("tokens_total", (server.label, request.model or ""), tokens)
         return Relayed(keep_alive), not failed
 
     @staticmethod
@@ -5854,9 +5872,11 @@ class OllamaFront:
         return model
 
     def _runnable(self, model: str) -> bool:
+        scheduler, servers = self.fleet.scheduler, self.fleet.servers
+        if self.config.strategy == "least_load":  # the index knows, without a scan
+            return scheduler.best(servers, model)[1]
         now = time.monotonic()
-        eligible = self.fleet.scheduler.eligible
-        return any(eligible(s, model, now) for s in self.fleet.servers.values())
+        return any(scheduler.eligible(s, model, now) for s in servers.values())
 
     def unavailable(self, model: str, name: str) -> HTTPError:
         """Why no server takes ``model``: not found, or its servers are down (with when
@@ -6811,10 +6831,9 @@ class Observability:
         server = request.server.label if request.server else ""
         model = request.model or ""
         metrics = self.metrics
-        metrics.count("requests_total", (("endpoint", request.endpoint), ("server", server),
-                                         ("model", model), ("status", str(request.status))))
+        metrics.count("requests_total", (request.endpoint, server, model, request.status))
         if request.server is not None:
-            pair = (("server", server), ("model", model))
+            pair = (server, model)
             if request.first_byte is not None:
                 metrics.observe("ttfb_seconds", pair, request.first_byte)
             metrics.observe("request_duration_seconds", pair, duration)
@@ -7940,7 +7959,12 @@ class Supervisor:
             # The schema, its migrations and a new master key file, once, before any
             # worker could race another to them.
             open_store(config).close()
-            with tempfile.TemporaryDirectory(prefix="ollamabalancer-") as directory:
+            try:
+                group_directory = tempfile.TemporaryDirectory(prefix="ollamabalancer-")
+            except OSError as exc:
+                raise ConfigError(f"cannot make the workers' directory in "
+                                  f"{tempfile.gettempdir()} (TMPDIR): {exc}") from None
+            with group_directory as directory:
                 return self.supervise(directory, holder)
 
     def supervise(self, directory: str, holder: socket.socket) -> int:

@@ -149,10 +149,11 @@ class Nginx:
 class Balancer:
     def __init__(self, workdir: Path, *extra: str) -> None:
         workdir.mkdir(exist_ok=True)
+        # The defaults (MAX_CONCURRENCY 4 among them), but for the access log (on stderr,
+        # not kept) and one address's share of connections: the load comes from one
+        # address here, a real fleet's clients are many.
         env = {**os.environ, "DB_ENGINE": "sqlite", "DB_PATH": str(workdir / "bench.db"),
-               "LOG_LEVEL": "warning", "HEALTH_INTERVAL": "5", "MAX_CONCURRENCY": "100000",
-               "NUM_PARALLEL": "1000", "MAX_QUEUE": "100000",
-               # The load comes from one address here; a real fleet's clients are many.
+               "LOG_LEVEL": "warning", "HEALTH_INTERVAL": "5",
                "MAX_CONNECTIONS_PER_CLIENT": "10000000"}
         env.pop("DB_HOST", None)
         self.port = free_port()
@@ -169,12 +170,16 @@ class Balancer:
         assert self.proc.stderr is not None  # drained, so a full pipe never stalls it
         threading.Thread(target=self.proc.stderr.read, daemon=True).start()
 
-    def add_server(self, port: int) -> None:
+    def add_server(self, port: int, max_concurrency: int | None = 100_000) -> None:
+        """Adds the backend as a user would; its cap raised out of the way through the
+        API (maxConcurrency), unless ``max_concurrency`` is None: the default, 4."""
         import http.client
 
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        conn.request("POST", "/servers/addServer",
-                     json.dumps({"url": f"http://127.0.0.1:{port}"}),
+        body = {"url": f"http://127.0.0.1:{port}"}
+        if max_concurrency is not None:
+            body["maxConcurrency"] = max_concurrency  # type: ignore[assignment]
+        conn.request("POST", "/servers/addServer", json.dumps(body),
                      {"Content-Type": "application/json"})
         answer = conn.getresponse()
         body = json.loads(answer.read())
@@ -501,9 +506,14 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
     if backend_port is None:  # no nginx: the stream backend answers /api/version fast
         fallback, backend_port = start_stream_backend(1, 0.0)
     balancers = {loop: Balancer(workdir / loop, "--event-loop", loop) for loop in event_loops()}
+    # The same with the server at the default cap (4): 64 clients, 60 of them queued.
+    capped = {loop: Balancer(workdir / f"{loop}-capped", "--event-loop", loop)
+              for loop in event_loops()}
     try:
         for balancer in balancers.values():
             balancer.add_server(backend_port)
+        for balancer in capped.values():
+            balancer.add_server(backend_port, max_concurrency=None)
         plan: list[tuple[str, str, int, str, bool, int]] = []
         # /api/version at the root is answered by the balancer itself; the relayed GET is
         # the passthrough to one server.
@@ -521,13 +531,17 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
                 if relayed != path:
                     plan.append((name, f"balancer ({loop}), own answer", balancer.port, path,
                                  post, clients))
+                if clients > 1 and post:
+                    plan.append((name, f"balancer ({loop}), queued behind the default cap",
+                                 capped[loop].port, relayed, post, clients))
         for _, _, port, target, post, clients in plan:  # warm-up, not counted
             load(port, target, 1.0, post, clients)
         runs: dict[tuple[str, str], list[Run]] = {}
         cpu: dict[tuple[str, str], list[float]] = {}  # user, system, requests: summed
         for _ in range(args.repeats):  # each round runs every target: drift hits all alike
             for name, label, port, target, post, clients in plan:
-                pid = next((b.proc.pid for b in balancers.values() if b.port == port), None)
+                pid = next((b.proc.pid for b in [*balancers.values(), *capped.values()]
+                            if b.port == port), None)
                 before = cpu_seconds(pid) if pid else (0.0, 0.0)
                 run = load(port, target, args.seconds, post, clients)
                 runs.setdefault((name, label), []).append(run)
@@ -551,6 +565,11 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
                 count = max(count, 1)
                 notes.append(f"CPU {(user + system) / count * 1e6:.0f} us a request "
                              f"({system / count * 1e6:.0f} in the kernel)")
+                uncapped = (name, label.removesuffix(", queued behind the default cap"))
+                if uncapped != (name, label) and uncapped in cpu:
+                    free = cpu[uncapped]
+                    ratio = (user + system) / count / (sum(free[:2]) / max(free[2], 1))
+                    notes.append(f"{ratio:.2f}x the uncapped CPU")
             errors = sum(r.errors for r in measured)
             if errors:
                 notes.append(f"ERRORS: {errors} answers not 2xx or broken")
@@ -558,7 +577,7 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
                          f"p50 {p50:.2f} ms", f"p99 {p99:.2f} ms",
                          f"added p50 {added} ms" if added else "", ", ".join(notes)])
     finally:
-        for balancer in balancers.values():
+        for balancer in [*balancers.values(), *capped.values()]:
             balancer.stop()
         if nginx:
             nginx.stop()

@@ -172,24 +172,30 @@ def test_workers_setting_takes_a_count_or_auto() -> None:
 
 def test_group_counters_add_up_and_a_bad_snapshot_changes_nothing() -> None:
     first, second = ob.Metrics(), ob.Metrics()
-    labels = (("endpoint", "/api/chat"), ("status", "200"))
+    labels = ("/api/chat", "gpu", "llama3:latest", "200")
     first.count("requests_total", labels, 3)
     second.count("requests_total", labels, 4)
-    first.observe("ttfb_seconds", (), 0.02)
-    second.observe("ttfb_seconds", (), 900.0)  # past the last bucket: counted, no bucket
+    first.observe("ttfb_seconds", ("gpu", "llama3:latest"), 0.02)
+    second.observe("ttfb_seconds", ("gpu", "llama3:latest"), 900.0)  # past the last bound
     import json
     merged = ob.Metrics()
     for metrics in (first, second):
         merged.absorb(json.loads(json.dumps(metrics.snapshot())))
     assert merged.counters["requests_total"] == {labels: 7.0}
-    histogram = merged.histograms["ttfb_seconds"][()]
+    histogram = merged.histograms["ttfb_seconds"][("gpu", "llama3:latest")]
     assert (histogram.count, sum(histogram.counts), histogram.sum) == (2, 1, 900.02)
     before = merged.render({})
     bad = json.loads(json.dumps(first.snapshot()))
     bad["histograms"]["ttfb_seconds"][0][1] = [1, 2]  # buckets that are not ours
     with pytest.raises(ValueError):
         merged.absorb(bad)
+    bad = json.loads(json.dumps(first.snapshot()))
+    bad["counters"]["requests_total"][0][0] = ["/api/chat"]  # labels that are not its own
+    with pytest.raises(ValueError):
+        merged.absorb(bad)
     assert merged.render({}) == before
+    assert 'requests_total{endpoint="/api/chat",server="gpu",model="llama3:latest",' \
+           'status="200"} 7' in before
 
 
 def test_history_of_several_workers_adds_up_by_step() -> None:
@@ -198,3 +204,4 @@ def test_history_of_several_workers_adds_up_by_step() -> None:
     points = ob.recent_history([*mine, *theirs])
     assert points[-1] == [5, 1] and points[-2] == [2, 0] and len(points) == ob.HISTORY_POINTS
     assert ob.per_minute(points) == (7, 1)  # the step forty back is out of the window
+
