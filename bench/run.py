@@ -44,6 +44,7 @@ import threading
 import time
 import timeit
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -95,6 +96,12 @@ def peak_rss_mb(pid: int) -> float:
 
 
 # -- processes -----------------------------------------------------------------------------
+
+
+def drain(stream: Any) -> None:
+    """Reads a pipe to its end, keeping nothing (a balancer's log, line after line)."""
+    while stream.read(65536):
+        pass
 
 
 class Nginx:
@@ -149,12 +156,11 @@ class Nginx:
 class Balancer:
     def __init__(self, workdir: Path, *extra: str) -> None:
         workdir.mkdir(exist_ok=True)
-        # The defaults (MAX_CONCURRENCY 4 among them), but for the access log (on stderr,
-        # not kept) and one address's share of connections: the load comes from one
-        # address here, a real fleet's clients are many.
+        # The defaults (MAX_CONCURRENCY 4 and the access log among them: its lines are
+        # read here and dropped), but for one address's share of connections: the load
+        # comes from one address here, a real fleet's clients are many.
         env = {**os.environ, "DB_ENGINE": "sqlite", "DB_PATH": str(workdir / "bench.db"),
-               "LOG_LEVEL": "warning", "HEALTH_INTERVAL": "5",
-               "MAX_CONNECTIONS_PER_CLIENT": "10000000"}
+               "HEALTH_INTERVAL": "5", "MAX_CONNECTIONS_PER_CLIENT": "10000000"}
         env.pop("DB_HOST", None)
         self.port = free_port()
         self.proc = subprocess.Popen(
@@ -168,7 +174,7 @@ class Balancer:
             raise RuntimeError("the balancer did not start: "
                                + (self.proc.communicate()[1] or "")[-2000:]) from None
         assert self.proc.stderr is not None  # drained, so a full pipe never stalls it
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
+        threading.Thread(target=drain, args=(self.proc.stderr,), daemon=True).start()
 
     def add_server(self, port: int, max_concurrency: int | None = 100_000) -> None:
         """Adds the backend as a user would; its cap raised out of the way through the
