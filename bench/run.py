@@ -949,7 +949,8 @@ def fleet_scale(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) 
                          f"{size[0] / 1024:,.0f} KiB", "", "", ""])
         conn.close()
         if shutil.which("chromium"):
-            rows.append(dashboard_in_chromium(balancer.port, count, workdir))
+            rows.append(dashboard_in_chromium(balancer.port, count, workdir,
+                                              1 if args.quick else 3))
     finally:
         if balancer:
             balancer.stop()
@@ -957,14 +958,14 @@ def fleet_scale(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) 
         backend.wait(10)
 
 
-def dashboard_in_chromium(port: int, count: int, workdir: Path) -> list[str]:
+def dashboard_in_chromium(port: int, count: int, workdir: Path, repeats: int) -> list[str]:
     """Chromium (headless) loads the dashboard and runs its script to the page drawn; the
     time to that DOM, of a page of its servers and the cards that count them all."""
     command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu",
                f"--user-data-dir={workdir / 'chromium'}", "--dump-dom",
                f"http://127.0.0.1:{port}/dashboard"]
     times, rows_drawn = [], 0
-    for _ in range(3):
+    for _ in range(repeats):
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         times.append(time.perf_counter() - started)

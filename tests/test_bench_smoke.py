@@ -19,7 +19,7 @@ def test_the_benchmark_suite_runs_and_prints_its_table() -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its children die with it
     try:
-        out, err = proc.communicate(timeout=110)
+        out, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
