@@ -146,6 +146,9 @@ CHANGE_SLACK = 64
 WORKER_RESTART = (0.1, 10.0)
 WORKER_YOUNG = 10.0
 WORKER_GRACE = 5.0
+#: A worker that has not written its counts for this many SYNC_INTERVALs (30 s by
+#: default) is stuck, its event loop blocked: the supervisor kills it and starts another.
+WORKER_HUNG_BEATS = 30
 #: Heartbeats an instance may miss before the others take back its share of each server
 #: (it is gone: a crash must not hold capacity), and seconds after which its row goes.
 INSTANCE_MISSED_BEATS = 3
@@ -7955,10 +7958,13 @@ class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.workers: dict[int, tuple[int, float]] = {}  # pid: (index, when it started)
+        self.born: dict[int, float] = {}  # pid: when it started, as file times count
+        self.hung: set[int] = set()  # killed for not writing: no word of them again
         self.due: dict[int, float] = {}  # index: when to start it again
         self.pause: dict[int, float] = {}  # index: the pause before its next start
         self.stopping_until: float | None = None  # SIGKILL what is left then
         self.ready = 0
+        self.directory = ""
 
     def run(self) -> int:
         config = self.config
@@ -7991,6 +7997,7 @@ class Supervisor:
                 return self.supervise(directory, holder)
 
     def supervise(self, directory: str, holder: socket.socket) -> int:
+        self.directory = directory
         wake_read, wake_write = os.pipe()
         ready_read, ready_write = os.pipe()
         os.set_blocking(wake_write, False)
@@ -8003,6 +8010,7 @@ class Supervisor:
             pid = os.fork()
             if pid:
                 self.workers[pid] = (index, time.monotonic())
+                self.born[pid] = time.time()
                 return
             status = 1
             try:  # the worker: none of the supervisor's plumbing but its ready pipe
@@ -8046,8 +8054,8 @@ class Supervisor:
     def wait(self, wake: int, ready: int) -> None:
         """Sleeps until a signal, a worker's word or a restart's time, and acts on it."""
         deadlines = [*self.due.values(), *filter(None, [self.stopping_until])]
-        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-        readable, _, _ = select.select([wake, ready], [], [], timeout)
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
+        readable, _, _ = select.select([wake, ready], [], [], min(timeout, 1.0))
         if ready in readable:
             before, self.ready = self.ready, self.ready + len(os.read(ready, 4096))
             if before < self.config.workers <= self.ready:
@@ -8063,10 +8071,33 @@ class Supervisor:
                 self.stopping_until = time.monotonic() + self.config.drain_timeout + WORKER_GRACE
                 self.kill(signal.SIGTERM)
         self.reap()
+        if self.stopping_until is None:
+            self.kill_hung()
         if self.stopping_until is not None and time.monotonic() >= self.stopping_until:
             log.warning("%d workers did not finish draining: killed", len(self.workers))
             self.kill(signal.SIGKILL)
             self.stopping_until = math.inf
+
+    def kill_hung(self) -> None:
+        """Kills a worker whose file, once it wrote one, has not been written again for
+        WORKER_HUNG_BEATS beats: alive but stuck. reap() then starts another."""
+        limit, now = WORKER_HUNG_BEATS * self.config.sync_interval, time.time()
+        written: dict[int, float] = {}
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.directory):
+                match = re.fullmatch(r"worker-([0-9]+)-[0-9a-f]+\.json", entry.name)
+                if match and int(match.group(1)) in self.workers:
+                    pid = int(match.group(1))
+                    with contextlib.suppress(OSError):
+                        written[pid] = max(written.get(pid, 0.0), entry.stat().st_mtime)
+        for pid, when in written.items():
+            # Older than the worker: a dead worker's that had the same pid.
+            if when >= self.born[pid] and now - when > limit and pid not in self.hung:
+                log.error("worker %d (pid %d) has not written its counts for %.0f s: "
+                          "stuck, killed", self.workers[pid][0], pid, now - when)
+                self.hung.add(pid)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
     def kill(self, signum: int) -> None:
         for pid in self.workers:
@@ -8084,6 +8115,8 @@ class Supervisor:
             if not pid:
                 return
             index, started = self.workers.pop(pid)
+            self.born.pop(pid, None)
+            self.hung.discard(pid)
             if self.stopping_until is not None:
                 continue
             young = time.monotonic() - started < WORKER_YOUNG

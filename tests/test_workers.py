@@ -205,3 +205,15 @@ def test_history_of_several_workers_adds_up_by_step() -> None:
     assert points[-1] == [5, 1] and points[-2] == [2, 0] and len(points) == ob.HISTORY_POINTS
     assert ob.per_minute(points) == (7, 1)  # the step forty back is out of the window
 
+
+
+def test_a_worker_that_hangs_is_killed_and_started_again(group: BalancerProcess) -> None:
+    group.wait_for(lambda: len(workers(group)) == 2)
+    time.sleep(0.5)  # each has written its file
+    stuck = min(worker_pids(group))
+    os.kill(stuck, signal.SIGSTOP)  # alive, but its event loop runs no more
+    # 30 beats of 0.2 s without a word: killed, and another started in its place.
+    group.wait_for(lambda: not alive(stuck) and len(pids := pids_answered(group)) == 2
+                   and stuck not in pids, timeout=30)
+    assert f"(pid {stuck}) has not written its counts" in group.log
+    assert "was killed by SIGKILL: starting it again" in group.log
