@@ -3898,8 +3898,8 @@ class Metrics:
             header(name, kind, text)
             if kind == "counter":
                 for values, value in sorted(self.counters[name].items(), key=_text_key):
-                    text = _label_text(tuple(zip(names, map(str, values), strict=True)))
-                    lines.append(f"{self.PREFIX}{name}{text} {value:g}")
+                    shown = _label_text(tuple(zip(names, map(str, values), strict=True)))
+                    lines.append(f"{self.PREFIX}{name}{shown} {value:g}")
                 continue
             for values, histogram in sorted(self.histograms[name].items(), key=_text_key):
                 pairs = tuple(zip(names, map(str, values), strict=True))
@@ -3996,7 +3996,8 @@ class WorkerGroup:
         os.replace(path + ".tmp", path)
 
     def snapshots(self, *, others_only: bool = False) -> list[dict[str, Any]]:
-        """Every worker's last file (or the others' only), each marked ``live``."""
+        """Every worker's last file (or the others' only), each marked ``live``, and
+        ``own`` for this worker's."""
         found = []
         with contextlib.suppress(OSError):
             names = sorted(os.listdir(self.directory))
@@ -4008,6 +4009,7 @@ class WorkerGroup:
                     with open(os.path.join(self.directory, name), "rb") as handle:
                         snapshot = json.loads(handle.read())
                     snapshot["live"] = time.time() - float(snapshot["time"]) <= self.stale_after
+                    snapshot["own"] = name == self.own
                 except (OSError, ValueError, TypeError, KeyError):
                     continue  # gone, or a worker that died mid-write (its .tmp is skipped)
                 found.append(snapshot)
@@ -4973,7 +4975,6 @@ class Fleet:
         self.revision = max([self.revision, *(revision for revision, _, _ in changes)])
         self._change_mark = mark if base == max(0, self.revision - CHANGE_SLACK) else None
 
-
     async def sync_loop(self) -> None:
         """Notices what other instances write within SYNC_INTERVAL (a server disabled there
         gets no more traffic from here within about that), and beats with them."""
@@ -5040,7 +5041,7 @@ class Fleet:
             return
         moved = old is None or (old.host, old.port, old.scheme, old.proxy_id) != (
             server.host, server.port, server.scheme, server.proxy_id)
-        server = self.servers[server_id] = carried(self.servers.get(server.id), server)
+        server = self.servers[server_id] = carried(old, server)
         if not server.enabled:
             server.reachable, server.last_error = False, "disabled"
         elif moved or (old is not None and not old.enabled):
@@ -6968,7 +6969,8 @@ class Observability:
 
     async def metrics_page(self, request: Request, match: re.Match[str]) -> Response:
         servers = list(self.fleet.servers.values())
-        metrics, others = self.metrics, []
+        metrics = self.metrics
+        others: list[dict[str, Any]] = []  # the other workers' files, those still written
         inflight = {s.label: s.load.inflight for s in servers}
         circuit = {s.label: s.load.breaker_open for s in servers}
         queued = len(self.fleet.scheduler.queue)
@@ -6981,7 +6983,8 @@ class Observability:
             for snapshot in self.group.snapshots():
                 with contextlib.suppress(ValueError, TypeError, KeyError):
                     metrics.absorb(snapshot)
-            others = [o for o in self.group.snapshots(others_only=True) if o["live"]]
+                if snapshot["live"] and not snapshot["own"]:
+                    others.append(snapshot)
         labels = {str(s.id): s.label for s in servers}
         for other in others:
             queued += other["queue"]
@@ -7957,8 +7960,8 @@ class Supervisor:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.workers: dict[int, tuple[int, float]] = {}  # pid: (index, when it started)
-        self.born: dict[int, float] = {}  # pid: when it started, as file times count
+        # pid: (index, when it started: monotonic, and as file times count)
+        self.workers: dict[int, tuple[int, float, float]] = {}
         self.hung: set[int] = set()  # killed for not writing: no word of them again
         self.due: dict[int, float] = {}  # index: when to start it again
         self.pause: dict[int, float] = {}  # index: the pause before its next start
@@ -8009,8 +8012,7 @@ class Supervisor:
         def start(index: int) -> None:
             pid = os.fork()
             if pid:
-                self.workers[pid] = (index, time.monotonic())
-                self.born[pid] = time.time()
+                self.workers[pid] = (index, time.monotonic(), time.time())
                 return
             status = 1
             try:  # the worker: none of the supervisor's plumbing but its ready pipe
@@ -8092,7 +8094,7 @@ class Supervisor:
                         written[pid] = max(written.get(pid, 0.0), entry.stat().st_mtime)
         for pid, when in written.items():
             # Older than the worker: a dead worker's that had the same pid.
-            if when >= self.born[pid] and now - when > limit and pid not in self.hung:
+            if when >= self.workers[pid][2] and now - when > limit and pid not in self.hung:
                 log.error("worker %d (pid %d) has not written its counts for %.0f s: "
                           "stuck, killed", self.workers[pid][0], pid, now - when)
                 self.hung.add(pid)
@@ -8114,8 +8116,7 @@ class Supervisor:
                 return
             if not pid:
                 return
-            index, started = self.workers.pop(pid)
-            self.born.pop(pid, None)
+            index, started, _ = self.workers.pop(pid)
             self.hung.discard(pid)
             if self.stopping_until is not None:
                 continue

@@ -63,6 +63,19 @@ def chats_counted(lb: BalancerProcess) -> int:
         text, re.MULTILINE))
 
 
+def slow_chats(lb: BalancerProcess, count: int, seconds: float
+               ) -> tuple[list[threading.Thread], list[int]]:
+    """``count`` chats started at once, each on its own connection and held ``seconds`` by
+    the server: the threads, and the statuses they gather."""
+    statuses: list[int] = []
+    slow = {**CHAT, "fake_sleep": seconds}
+    threads = [threading.Thread(target=lambda: statuses.append(
+        lb.call("POST", "/api/chat", slow).status)) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, statuses
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -118,12 +131,7 @@ def test_sigterm_lets_every_workers_requests_finish_then_leaves_nothing_behind(
     add_server(group, backend, 64)
     pids = worker_pids(group)
     assert list((tmp_path / "tmp").iterdir())  # the group's directory, while it runs
-    statuses: list[int] = []
-    slow = {**CHAT, "fake_sleep": 1.0}
-    threads = [threading.Thread(target=lambda: statuses.append(
-        group.call("POST", "/api/chat", slow).status)) for _ in range(8)]
-    for thread in threads:
-        thread.start()
+    threads, statuses = slow_chats(group, 8, 1.0)
     group.wait_for(lambda: backend.active == 8)
     group.proc.send_signal(signal.SIGTERM)
     for thread in threads:
@@ -137,12 +145,7 @@ def test_sigterm_lets_every_workers_requests_finish_then_leaves_nothing_behind(
 def test_workers_share_each_servers_cap(group: BalancerProcess, backend: FakeOllama) -> None:
     add_server(group, backend, 2)
     backend.most_active = 0
-    statuses: list[int] = []
-    slow = {**CHAT, "fake_sleep": 0.3}
-    threads = [threading.Thread(target=lambda: statuses.append(
-        group.call("POST", "/api/chat", slow).status)) for _ in range(10)]
-    for thread in threads:
-        thread.start()
+    threads, statuses = slow_chats(group, 10, 0.3)
     for thread in threads:
         thread.join(60)
     assert statuses == [200] * 10
