@@ -800,7 +800,7 @@ def _split_head(buf: bytearray, start_line_limit: int, *, request: bool) -> byte
     """Takes a complete head off the front of ``buf``, or returns None if more is needed."""
     if request:
         # RFC 9112 2.2: a server SHOULD ignore empty lines received before the request-line.
-        while buf[:2] == b"\r\n":
+        while buf.startswith(b"\r\n"):
             del buf[:2]
     end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
     first_line_end = buf.find(b"\r\n", 0, start_line_limit + 2)
@@ -4188,6 +4188,17 @@ class Request:
             self.budget.give(self.held)
             self.held = 0
 
+    def peeked(self, size: int) -> bytes:
+        """peek_body()'s answer when the bytes are here already (a small body comes with
+        its head), without a coroutine; b"" when they are not."""
+        want = min(size, self.framing.length)
+        buf = self.wire.buf
+        if (self.framing.kind != "length" or len(buf) < want or self.body_started
+                or "expect" in self.head.headers.index):
+            return b""
+        self.body_clock = self.wire.loop.time()
+        return bytes(buf[:want])
+
     async def peek_body(self, size: int) -> bytes:
         """Up to ``size`` first bytes of a Content-Length body, left unread; b"" where
         that cannot be done cheaply (chunked, or a client waiting for 100 Continue)."""
@@ -5565,6 +5576,13 @@ class Tail:
         return b"".join(self.pieces)[-TAIL_BYTES:]
 
 
+#: Request fields not sent upstream as they came: hop-by-hop ones, those the balancer
+#: writes itself, and Origin (the balancer answers CORS itself, and an Ollama with other
+#: ORIGINS would refuse what the balancer allowed).
+NOT_FORWARDED = HOP_BY_HOP | {"host", "x-forwarded-for", "origin"}
+NOT_FORWARDED_NOR_AUTHORIZATION = NOT_FORWARDED | {"authorization"}
+
+
 class Relay:
     """Forwards a request to one server and copies the answer back as it arrives, byte
     for byte, with flow control both ways, and counts how it went against the server;
@@ -5670,18 +5688,17 @@ class Relay:
         """The request head sent upstream, and whether its body goes chunked.
         ``body_length`` is given when the balancer has read the whole body itself."""
         headers = request.head.headers
-        # Origin: the balancer answers CORS itself, and an Ollama with other ORIGINS would
-        # refuse what the balancer allowed.
-        dropped = {*HOP_BY_HOP, *headers.tokens("connection"), "host", "x-forwarded-for",
-                   "origin"}
+        dropped = NOT_FORWARDED
         if request.authenticated or server.authorization:
-            dropped.add("authorization")  # the balancer's key; or the server's own instead
-        fields = [(n, v) for n, v in headers.fields if n.lower() not in dropped]
-        fields.extend(server_credentials(server))
+            dropped = NOT_FORWARDED_NOR_AUTHORIZATION  # the balancer's key, or the server's
+        if "connection" in headers.index:
+            dropped = dropped.union(headers.tokens("connection"))
+        fields = [("Host", server.authority)]
+        fields += [(n, v) for n, v in headers.fields if n.lower() not in dropped]
+        fields += server_credentials(server)
         forwarded = headers.get("x-forwarded-for")
         fields.append(("X-Forwarded-For", f"{forwarded}, {request.wire.peer}" if forwarded
                        else request.wire.peer))
-        fields.insert(0, ("Host", server.authority))
         chunked = body_length is None and request.framing.kind == "chunked"
         if chunked:
             fields.append(("Transfer-Encoding", "chunked"))
@@ -5904,7 +5921,8 @@ class OllamaFront:
 
         The body is read whole (to be sent again on failover), but where it starts with
         its model, as Ollama's clients send it, an unknown model is refused first."""
-        leading = leading_model(await request.peek_body(MODEL_PEEK))
+        leading = leading_model(request.peeked(MODEL_PEEK)
+                                or await request.peek_body(MODEL_PEEK))
         if leading is not None:
             model = await self._known_model(request, leading)
         body = await request.read_body(MAX_ROUTED_BODY)

@@ -154,21 +154,25 @@ class Nginx:
 
 
 class Balancer:
-    def __init__(self, workdir: Path, *extra: str) -> None:
+    def __init__(self, workdir: Path, *extra: str, wrapper: list[str] | None = None,
+                 start_timeout: float = 15.0, settings: dict[str, str] | None = None
+                 ) -> None:
         workdir.mkdir(exist_ok=True)
         # The defaults (MAX_CONCURRENCY 4 and the access log among them: its lines are
         # read here and dropped), but for one address's share of connections: the load
         # comes from one address here, a real fleet's clients are many.
         env = {**os.environ, "DB_ENGINE": "sqlite", "DB_PATH": str(workdir / "bench.db"),
-               "HEALTH_INTERVAL": "5", "MAX_CONNECTIONS_PER_CLIENT": "10000000"}
+               "HEALTH_INTERVAL": "5", "MAX_CONNECTIONS_PER_CLIENT": "10000000",
+               **(settings or {})}
         env.pop("DB_HOST", None)
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "ollamabalancer.py"), "--ip", "127.0.0.1",
+            [*(wrapper or ()), sys.executable, str(ROOT / "ollamabalancer.py"), "--ip",
+             "127.0.0.1",
              "--port", str(self.port), *extra], env=env, stderr=subprocess.PIPE, text=True,
             preexec_fn=raise_nofile)
         try:
-            wait_port(self.port)
+            wait_port(self.port, start_timeout)
         except RuntimeError:
             self.proc.kill()
             raise RuntimeError("the balancer did not start: "
@@ -1000,6 +1004,81 @@ def routing(rows: list[list[str]]) -> None:
                      "pick + take + release", "", "", ""])
 
 
+def instructions(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) -> None:
+    """Instructions the balancer's process runs per request, counted by valgrind's
+    callgrind: one client, one request at a time, after a warm-up. Unlike a time, the
+    count is the same run after run whatever else the machine is doing (to within a
+    fraction of a percent here), so it shows what a change to the hot path buys even
+    where the noise of a shared machine hides it. It counts the process's own work, not
+    the kernel's (the system calls) nor time spent waiting."""
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        rows.append(["instructions a request", "valgrind not installed", "", "", "", ""])
+        return
+    nginx = Nginx(workdir) if shutil.which("nginx") else None
+    fallback = None
+    backend_port = nginx.backend_port if nginx else None
+    if backend_port is None:
+        fallback, backend_port = start_stream_backend(1, 0.0)
+    try:
+        for loop in event_loops():
+            count_instructions(args, workdir / f"callgrind-{loop}", loop, backend_port, rows)
+    finally:
+        if nginx:
+            nginx.stop()
+        if fallback:
+            fallback.terminate()
+
+
+def count_instructions(args: argparse.Namespace, workdir: Path, loop: str, backend_port: int,
+                       rows: list[list[str]]) -> None:
+    import http.client
+
+    out = workdir / "callgrind.out"
+    balancer = Balancer(workdir, "--event-loop", loop, wrapper=[
+        "valgrind", "--tool=callgrind", "--instr-atstart=no",
+        f"--callgrind-out-file={out}"], start_timeout=120,
+        settings={"HEALTH_INTERVAL": "3600"})  # no health round among the counted requests
+    count = 30 if args.quick else 500
+    pid = str(balancer.proc.pid)
+    try:
+        balancer.add_server(backend_port)
+        conn = http.client.HTTPConnection("127.0.0.1", balancer.port, timeout=60)
+
+        def send(method: str, path: str, times: int) -> None:
+            for _ in range(times):
+                body = EMBED_BODY if method == "POST" else None
+                conn.request(method, path, body, {"Content-Type": "application/json"})
+                answer = conn.getresponse()
+                answer.read()
+                if answer.status != 200:
+                    raise RuntimeError(f"{path} answered {answer.status}")
+
+        for name, method, path in (
+                ("POST /api/embed, routed", "POST", "/api/embed"),
+                ("GET /api/version, its own answer", "GET", "/api/version"),
+                ("GET /servers/ollama/1/api/version, relayed", "GET",
+                 "/servers/ollama/1/api/version")):
+            send(method, path, 50)  # warm-up: imports, the index, a pooled connection
+            for command in ("--zero", "--instr=on"):
+                subprocess.run(["callgrind_control", command, pid], capture_output=True,
+                               check=True)
+            send(method, path, count)
+            for command in ("--instr=off", "--dump"):
+                subprocess.run(["callgrind_control", command, pid], capture_output=True,
+                               check=True)
+            dumps = list(workdir.glob("callgrind.out.*"))
+            total = max((int(line.split()[1]) for dump in dumps
+                         for line in dump.read_text().splitlines()
+                         if line.startswith(("summary:", "totals:"))), default=0)
+            for dump in dumps:
+                dump.unlink()
+            rows.append([f"instructions a request ({loop}): {name}", f"{total / count:,.0f}",
+                         f"callgrind, {count} requests, 1 client", "", "", ""])
+        conn.close()
+    finally:
+        balancer.stop()
+
+
 def run_group(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     """Runs ``command`` in a process group of its own, killed whole (its children too)
     if it overruns or this script is interrupted."""
@@ -1031,8 +1110,8 @@ def fleet(args: argparse.Namespace, rows: list[list[str]]) -> None:
                      f"p99 {p99} s", f"{loads} cold loads, {failed} failed", setup])
 
 
-SECTIONS = ("small", "workers", "streams", "scale", "fleet-scale", "attacks", "routing",
-            "fleet")
+SECTIONS = ("small", "instructions", "workers", "streams", "scale", "fleet-scale", "attacks",
+            "routing", "fleet")
 
 
 def main() -> int:
@@ -1058,6 +1137,8 @@ def main() -> int:
         workdir = Path(name)
         if "small" in args.only:
             small_requests(args, workdir, rows)
+        if "instructions" in args.only:
+            instructions(args, workdir, rows)
         if "workers" in args.only:
             workers(args, workdir, rows)
         if "streams" in args.only:
