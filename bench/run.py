@@ -310,10 +310,11 @@ run(main())
 '''
 
 
-def start_stream_backend(tokens: int, pace: float) -> tuple[subprocess.Popen[bytes], int]:
+def start_stream_backend(tokens: int, pace: float, tags: dict[str, Any] = TAGS
+                         ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", STREAM_BACKEND, str(port), str(tokens),
-                             str(pace), json.dumps(TAGS)], preexec_fn=raise_nofile)
+                             str(pace), json.dumps(tags)], preexec_fn=raise_nofile)
     wait_port(port)
     return proc, port
 
@@ -1019,18 +1020,29 @@ def instructions(args: argparse.Namespace, workdir: Path, rows: list[list[str]])
     backend_port = nginx.backend_port if nginx else None
     if backend_port is None:
         fallback, backend_port = start_stream_backend(1, 0.0)
+    # Tokens 10 ms apart: each arrives on its own, as a model's do. Its model is another,
+    # so that the routed requests all go to the first backend.
+    streamer, stream_port = start_stream_backend(STREAM_TOKENS, 0.01, {"models": [
+        {**TAGS["models"][0], "name": "stream:latest", "model": "stream:latest"}]})
     try:
         for loop in event_loops():
-            count_instructions(args, workdir / f"callgrind-{loop}", loop, backend_port, rows)
+            count_instructions(args, workdir / f"callgrind-{loop}", loop,
+                               (backend_port, stream_port), rows)
     finally:
+        streamer.terminate()
         if nginx:
             nginx.stop()
         if fallback:
             fallback.terminate()
 
 
-def count_instructions(args: argparse.Namespace, workdir: Path, loop: str, backend_port: int,
-                       rows: list[list[str]]) -> None:
+#: Tokens a stream of the instructions part: its count is per token, the request's own
+#: work spread over them.
+STREAM_TOKENS = 200
+
+
+def count_instructions(args: argparse.Namespace, workdir: Path, loop: str,
+                       ports: tuple[int, int], rows: list[list[str]]) -> None:
     import http.client
 
     out = workdir / "callgrind.out"
@@ -1041,28 +1053,34 @@ def count_instructions(args: argparse.Namespace, workdir: Path, loop: str, backe
     count = 30 if args.quick else 500
     pid = str(balancer.proc.pid)
     try:
-        balancer.add_server(backend_port)
+        for port in ports:
+            balancer.add_server(port)
         conn = http.client.HTTPConnection("127.0.0.1", balancer.port, timeout=60)
 
         def send(method: str, path: str, times: int) -> None:
             for _ in range(times):
                 body = EMBED_BODY if method == "POST" else None
+                if path.endswith("/api/chat"):
+                    body = json.dumps({"model": "bench", "messages": []})
                 conn.request(method, path, body, {"Content-Type": "application/json"})
                 answer = conn.getresponse()
                 answer.read()
                 if answer.status != 200:
                     raise RuntimeError(f"{path} answered {answer.status}")
 
-        for name, method, path in (
-                ("POST /api/embed, routed", "POST", "/api/embed"),
-                ("GET /api/version, its own answer", "GET", "/api/version"),
+        streams = 3 if args.quick else 10
+        for name, method, path, times, per in (
+                ("POST /api/embed, routed", "POST", "/api/embed", count, 1),
+                ("GET /api/version, its own answer", "GET", "/api/version", count, 1),
                 ("GET /servers/ollama/1/api/version, relayed", "GET",
-                 "/servers/ollama/1/api/version")):
-            send(method, path, 50)  # warm-up: imports, the index, a pooled connection
+                 "/servers/ollama/1/api/version", count, 1),
+                (f"a token of a relayed /api/chat stream ({STREAM_TOKENS} a stream)", "POST",
+                 "/servers/ollama/2/api/chat", streams, STREAM_TOKENS)):
+            send(method, path, 50 if per == 1 else 2)  # warm-up: imports, the index, a pool
             for command in ("--zero", "--instr=on"):
                 subprocess.run(["callgrind_control", command, pid], capture_output=True,
                                check=True)
-            send(method, path, count)
+            send(method, path, times)
             for command in ("--instr=off", "--dump"):
                 subprocess.run(["callgrind_control", command, pid], capture_output=True,
                                check=True)
@@ -1072,8 +1090,8 @@ def count_instructions(args: argparse.Namespace, workdir: Path, loop: str, backe
                          if line.startswith(("summary:", "totals:"))), default=0)
             for dump in dumps:
                 dump.unlink()
-            rows.append([f"instructions a request ({loop}): {name}", f"{total / count:,.0f}",
-                         f"callgrind, {count} requests, 1 client", "", "", ""])
+            rows.append([f"instructions ({loop}): {name}", f"{total / times / per:,.0f}",
+                         f"callgrind, {times} requests, 1 client", "", "", ""])
         conn.close()
     finally:
         balancer.stop()
