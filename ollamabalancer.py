@@ -964,9 +964,20 @@ class ChunkedScanner:
              ) -> tuple[bytes, bool, list[tuple[int, int]]]:
         """``max_chunks``, when given, stops it after that many whole chunks, so that a
         body of tiny chunks is taken a slice per call (see iter_body)."""
-        if self._state == "trailer":
+        state = self._state
+        if state == "trailer":
             return b"", self._trailer(buf), []
-        pos, state, remaining = 0, self._state, self._remaining
+        if state == "size":
+            # The common case first: the buffer is one whole chunk (a token of a stream).
+            match = chunk_line_re.match(buf, 0, MAX_CHUNK_LINE + 2)
+            if match is not None:
+                start = match.end()
+                stop = start + int(match.group(1), 16)
+                if stop > start and len(buf) == stop + 2 and buf.endswith(b"\r\n"):
+                    checked = bytes(buf)
+                    buf.clear()
+                    return checked, False, [(start, stop)]
+        pos, remaining = 0, self._remaining
         data: list[tuple[int, int]] = []
         end = len(buf)
         chunks_left = max_chunks or math.inf
@@ -5557,23 +5568,35 @@ class Access:
 
 
 class Tail:
-    """The last TAIL_BYTES of a body (or a piece more), kept as its pieces arrive without
-    copying them: where Ollama's last line, with the token count, is found."""
+    """The last TAIL_BYTES of a body (or a read more), kept as reads arrive without
+    copying them: where Ollama's last line, with the token count, is found. A read is
+    kept whole, with where its body bytes lie in it (a chunked body's framing aside),
+    and cut into them only at the end."""
 
-    __slots__ = ("pieces", "size")
+    __slots__ = ("reads", "size")
 
     def __init__(self) -> None:
-        self.pieces: collections.deque[bytes] = collections.deque()
+        self.reads: collections.deque[tuple[bytes, Sequence[tuple[int, int]], int]] = (
+            collections.deque())
         self.size = 0
 
-    def add(self, piece: bytes) -> None:
-        self.pieces.append(piece)
-        self.size += len(piece)
-        while self.size - len(self.pieces[0]) >= TAIL_BYTES:
-            self.size -= len(self.pieces.popleft())
+    def add(self, data: bytes, spans: Sequence[tuple[int, int]] | None = None) -> int:
+        """Keeps ``data``, whose body bytes are ``spans`` (all of it when None); returns
+        how many body bytes it holds."""
+        if spans is None:
+            spans = ((0, len(data)),)
+        size = sum(stop - start for start, stop in spans)
+        if size:
+            reads = self.reads
+            reads.append((data, spans, size))
+            self.size += size
+            while self.size - reads[0][2] >= TAIL_BYTES:
+                self.size -= reads.popleft()[2]
+        return size
 
     def last(self) -> bytes:
-        return b"".join(self.pieces)[-TAIL_BYTES:]
+        return b"".join(data[start:stop] for data, spans, _ in self.reads
+                        for start, stop in spans)[-TAIL_BYTES:]
 
 
 #: Request fields not sent upstream as they came: hop-by-hop ones, those the balancer
@@ -5805,8 +5828,10 @@ class Relay:
             out: list[bytes | bytearray | memoryview]  # what goes to the client
             if scanner is not None:
                 checked, done, spans = scanner.take(buf)
-                pieces = [checked[start:stop] for start, stop in spans]
-                out = [head, checked] if chunked_out else [head, *pieces]
+                request.bytes_out += tail.add(checked, spans)
+                # To a chunked client as it came; else its data, out of the framing.
+                out = [head, checked] if chunked_out else [
+                    head, *(checked[start:stop] for start, stop in spans)]
             else:
                 if framing.kind == "length":
                     if buf:
@@ -5830,8 +5855,7 @@ class Relay:
                 client.writelines(out)
             head = b""
             for piece in pieces:
-                request.bytes_out += len(piece)
-                tail.add(piece)
+                request.bytes_out += tail.add(piece)
             if done:
                 return True
             if eof:

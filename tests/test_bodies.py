@@ -176,8 +176,8 @@ def test_the_tail_of_a_body_keeps_its_last_bytes_and_no_more() -> None:
     tail = ob.Tail()
     pieces = [bytes([i % 251]) * 64 for i in range(1000)]
     for piece in pieces:
-        tail.add(piece)
-        assert tail.size == sum(len(p) for p in tail.pieces)
+        assert tail.add(piece) == 64
+        assert tail.size == sum(len(data) for data, _, _ in tail.reads)
         assert tail.size < ob.TAIL_BYTES + 64  # what it holds stays bounded
     assert tail.size == ob.TAIL_BYTES
     assert tail.last() == b"".join(pieces)[-ob.TAIL_BYTES:]
@@ -185,3 +185,15 @@ def test_the_tail_of_a_body_keeps_its_last_bytes_and_no_more() -> None:
     big.add(b"x" * 20_000)  # one piece larger than the tail: kept, and cut when read
     big.add(b"y")
     assert big.last() == (b"x" * 20_000 + b"y")[-ob.TAIL_BYTES:]
+
+
+def test_the_tail_of_a_chunked_body_is_its_data_without_the_framing() -> None:
+    tail = ob.Tail()
+    reads = [b"%x\r\n%s\r\n" % (len(line), line)
+             for line in (b'{"a":1}\n', b'{"done":true,"eval_count":7}\n')]
+    for read in reads:
+        assert tail.add(read, [(read.index(b"\r\n") + 2, len(read) - 2)]) == len(read) - 2 - (
+            read.index(b"\r\n") + 2)
+    assert tail.add(b"0\r\n\r\n", []) == 0  # no data: nothing kept
+    assert tail.last() == b'{"a":1}\n{"done":true,"eval_count":7}\n'
+    assert ob.eval_count(tail.last()) == (7, None)

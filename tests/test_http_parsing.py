@@ -448,6 +448,26 @@ def test_a_chunked_body_relayed_as_it_came_keeps_its_bytes_however_it_arrives(
     assert bytes(buf) + wire[sent:] == b"NEXT"
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=6), st.booleans())
+def test_a_stream_whose_reads_are_whole_chunks_is_relayed_a_chunk_a_read(
+        pieces: list[bytes], extensions: bool) -> None:
+    """A token of a stream arrives as one whole chunk a read (the scanner's shortcut):
+    each read goes on at once, whole, with its data found, and the body ends as one
+    that came any other way."""
+    chunks = [b"%x%s\r\n%s\r\n" % (len(p), b";a=b" if extensions else b"", p)
+              for p in pieces]
+    scanner, buf = ob.ChunkedScanner(), bytearray()
+    for piece, one in zip(pieces, chunks, strict=True):
+        buf += one
+        checked, ended, spans = scanner.take(buf)
+        assert (checked, ended, buf) == (one, False, bytearray())
+        assert [checked[start:stop] for start, stop in spans] == [piece]
+    buf += b"0\r\n\r\nNEXT"
+    assert scanner.take(buf) == (b"", True, [])
+    assert buf == bytearray(b"NEXT")
+
+
 @pytest.mark.parametrize(("wire", "message"), [
     (b"zz\r\n", "malformed chunk size"),
     (b"3\r\nabcX", "chunk data not followed by CRLF"),
