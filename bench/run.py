@@ -12,6 +12,8 @@ Everything starts here on 127.0.0.1 and every figure in the table comes from the
   direct to a fast backend (nginx ``return 200``, else a minimal asyncio one), through nginx
   (one worker, upstream keep-alive, proxy_buffering off; when installed) and through the
   balancer, on asyncio's own event loop and on uvloop when installed;
+- instructions: what the balancer's process runs per request and per streamed token,
+  counted by valgrind's callgrind with one client (the same from run to run, unlike a time);
 - streams: concurrent /api/chat streams of N tokens at a fixed pace from a simulated backend,
   direct and through the balancer: added time to first byte and added delay per chunk
   (p50, p99), and the balancer's peak RSS;
@@ -1112,20 +1114,25 @@ def run_group(command: list[str], timeout: float) -> subprocess.CompletedProcess
 
 
 def fleet(args: argparse.Namespace, rows: list[list[str]]) -> None:
-    """The routing issue's fleet simulator, every strategy: request latency when the fleet
-    must juggle models that do not all fit (bench/fleet_sim.py)."""
-    command = [sys.executable, str(ROOT / "bench" / "fleet_sim.py")]
-    done = run_group(command + (["--quick"] if args.quick else []), timeout=1200)
-    if done.returncode != 0:
-        raise RuntimeError(f"fleet_sim.py failed: {done.stderr[-2000:]}")
-    found = re.findall(r"^(least_load|round_robin|random)\s+([0-9.]+)\s+([0-9.]+)\s+"
-                       r"([0-9.]+)\s+([0-9.]+)\s+(\d+)\s+(\d+)", done.stdout, re.MULTILINE)
-    if not found:
-        raise RuntimeError(f"fleet_sim.py printed no table: {done.stdout[-2000:]}")
-    setup = done.stdout.splitlines()[0].removeprefix("fleet: ")
-    for strategy, p50, p95, p99, _, loads, failed in found:
-        rows.append([f"fleet simulator, {strategy}", f"p50 {p50} s", f"p95 {p95} s",
-                     f"p99 {p99} s", f"{loads} cold loads, {failed} failed", setup])
+    """The fleet simulator (bench/fleet_sim.py): every strategy on a fleet that must juggle
+    models that do not all fit, then the learning scenarios (configured or not,
+    heterogeneous servers, conversations with and without affinity)."""
+    for scenario in ("strategies", "learning"):
+        command = [sys.executable, str(ROOT / "bench" / "fleet_sim.py"), "--scenario", scenario]
+        done = run_group(command + (["--quick"] if args.quick else []), timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"fleet_sim.py failed: {done.stderr[-2000:]}")
+        found = re.findall(r"^(\S.*?)\s+p50\s+([0-9.]+) s\s+p95\s+([0-9.]+) s\s+p99\s+([0-9.]+) s"
+                           r"\s+TTFT p50\s+([0-9.]+) s.*?(\d+) cold loads\s+(\d+) failed"
+                           r"\s+\[(.*)\]$", done.stdout, re.MULTILINE)
+        if not found:
+            raise RuntimeError(f"fleet_sim.py printed no table: {done.stdout[-2000:]}")
+        for name, p50, p95, p99, ttft, loads, failed, setup in found:
+            rows.append([f"fleet simulator, {name}", f"p50 {p50} s", f"p95 {p95} s",
+                         f"p99 {p99} s", f"TTFT p50 {ttft} s, {loads} cold loads, "
+                         f"{failed} failed", setup])
+        rows.extend([line, "", "", "", "", ""] for line in done.stdout.splitlines()
+                    if "(aim:" in line)
 
 
 SECTIONS = ("small", "instructions", "workers", "streams", "scale", "fleet-scale", "attacks",

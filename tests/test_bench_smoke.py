@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,13 @@ def test_the_benchmark_suite_runs_and_prints_its_table() -> None:
                 "GET /servers/status?limit=100, 200 servers"):
         assert row in out, out
     assert re.search(r"POST /api/embed via balancer \(asyncio\)\s+[0-9,]+ req/s", out), out
+    if shutil.which("valgrind"):
+        for row in ("POST /api/embed, routed", "GET /api/version, its own answer",
+                    "a token of a relayed /api/chat stream"):
+            assert re.search(r"instructions \(asyncio\): " + re.escape(row) +
+                             r"[^\n]*\s[1-9][0-9,]{3,}\s", out), out
+    else:
+        assert re.search(r"instructions a request\s+valgrind not installed", out), out
     streams = re.findall(r"served (\d+) of (\d+) refused (\d+), lost (\d+) \(direct: (\d+) "
                          r"failed\)", out)
     assert len(streams) >= 2, out
