@@ -228,8 +228,14 @@ STRATEGIES = ("least_load", "round_robin", "random")
 QUEUE_AGING = 5.0
 #: Request paths whose matching routes are remembered (all forgotten when full).
 ROUTE_MEMO_SIZE = 1024
-#: Sessions (X-Session-Id) remembered for affinity, least recently used dropped first.
-MAX_SESSIONS = 10_000
+#: Sessions (X-Session-Id) and conversations (a fingerprint of their messages) remembered
+#: for affinity, about 150 bytes each, least recently used dropped first.
+MAX_SESSIONS = 100_000
+#: What the scheduler assumes of a server's Ollama until it has learned otherwise and
+#: nobody said: Ollama's default of OLLAMA_MAX_LOADED_MODELS (3 a GPU), and a cap of 4
+#: requests in flight (the old MAX_CONCURRENCY default) until anything is learned.
+GUESSED_MAX_LOADED_MODELS = 3
+GUESSED_MAX_CONCURRENCY = 4
 SERVER_SCHEMES = ("http", "https")
 #: Origins Ollama allows before OLLAMA_ORIGINS adds any (its envconfig), so that browser
 #: front ends that work against Ollama work against the balancer.
@@ -362,9 +368,11 @@ class Config:
     connect_timeout: float = 10.0
     upstream_timeout: float = 600.0
     strategy: Literal["least_load", "round_robin", "random"] = "least_load"
-    max_concurrency: int = 4
-    num_parallel: int = 1
-    max_loaded_models: int = 3
+    # None: learned per server (Learned), from the guesses below until it is.
+    max_concurrency: int | None = None
+    num_parallel: int | None = None
+    max_loaded_models: int | None = None
+    conversation_affinity: bool = True
     max_queue: int = 1000
     queue_timeout: float = 300.0
     retries: int = 2
@@ -494,9 +502,9 @@ def _names(text: str) -> tuple[str, ...]:
 
 def _flag(text: str) -> bool:
     value = text.strip().lower()
-    if value not in ("0", "1", "true", "false", "yes", "no", ""):
+    if value not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
         raise ValueError("must be 1 or 0")
-    return value in ("1", "true", "yes")
+    return value in ("1", "true", "yes", "on")
 
 
 #: (env var, flag, Config field, parser, help). Flags win over the environment.
@@ -535,11 +543,15 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "least_load (loaded model first, then least busy; default), round_robin or random"),
     ("MAX_CONCURRENCY", "--max-concurrency", "max_concurrency", _count(1, 100_000),
      "requests in flight per server before requests queue; a server's own value wins "
-     "(default 4)"),
+     "(default: its models x parallel, as learned; 4 before anything is)"),
     ("NUM_PARALLEL", "--num-parallel", "num_parallel", _count(1, 1000),
-     "the fleet's OLLAMA_NUM_PARALLEL: requests one loaded model runs at once (default 1)"),
+     "the fleet's OLLAMA_NUM_PARALLEL: requests one loaded model runs at once (default: "
+     "learned per server, from 1)"),
     ("MAX_LOADED_MODELS", "--max-loaded-models", "max_loaded_models", _count(1, 1000),
-     "the fleet's OLLAMA_MAX_LOADED_MODELS: models one server keeps loaded (default 3)"),
+     "the fleet's OLLAMA_MAX_LOADED_MODELS: models one server keeps loaded (default: "
+     "learned per server, from 3)"),
+    ("CONVERSATION_AFFINITY", "--conversation-affinity", "conversation_affinity", _flag,
+     "send a chat's next turn to the server that has its start cached (default on)"),
     ("MAX_QUEUE", "--max-queue", "max_queue", _count(0, 10_000_000),
      "requests waiting for a free server before 503 (default 1000)"),
     ("QUEUE_TIMEOUT", "--queue-timeout", "queue_timeout", _seconds,
@@ -1582,6 +1594,131 @@ class Proxy:
         return f"proxy {self.name!r} ({self.protocol}://{self.ip}:{self.port})"
 
 
+def _expiry(value: Any) -> float:
+    """An /api/ps ``expires_at`` (RFC 3339, nanoseconds and all) as a Unix time; infinity
+    when it cannot be read."""
+    if not isinstance(value, str):
+        return math.inf
+    match = re.fullmatch(r"(.{19})(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", value)
+    if match is None:
+        return math.inf
+    try:
+        stamp = datetime.datetime.fromisoformat(
+            match[1] + (match[3] if match[3] != "Z" else "+00:00"))
+    except ValueError:
+        return math.inf
+    return stamp.timestamp() + float("0." + (match[2] or "0"))
+
+
+@dataclasses.dataclass(eq=False)
+class Learned:
+    """What a server has shown of its Ollama settings, where nobody said them (the
+    settings NUM_PARALLEL and MAX_LOADED_MODELS, or the server's own numParallel and
+    maxLoadedModels, win over it).
+
+    Models it keeps loaded (OLLAMA_MAX_LOADED_MODELS): the most /api/ps has listed at
+    once, which is a floor until an eviction is seen (a model gone from /api/ps before its
+    keep-alive ran out while another came in); from then on it is the limit. Requests one
+    loaded model runs at once (OLLAMA_NUM_PARALLEL): the most streamed answers of one model
+    seen producing tokens at once, which is a floor until requests are seen waiting for
+    that many to finish (sent while they ran, first token only after one of them ended,
+    having waited a while for that, and sooner after that end than before it): then it
+    is the limit. Memory: the
+    most VRAM its loaded models took at once, and, from an eviction that the count does
+    not explain, how much it could not hold.
+    """
+
+    resident_seen: int = 0
+    evictions: int = 0
+    parallel_seen: int = 0
+    waited: int = 0  # requests seen waiting for a slot while parallel_seen ran
+    vram_seen: int = 0
+    vram_limit: int | None = None  # bytes it could not hold, from an eviction
+    #: The last /api/ps: each model's size_vram and when its keep-alive runs out.
+    ps: dict[str, tuple[int, float]] | None = None
+    generating: dict[str, int] = dataclasses.field(default_factory=dict)
+    finished: dict[str, float] = dataclasses.field(default_factory=dict)  # monotonic
+    checking: bool = False  # an /api/ps read after a cold load is under way
+
+    #: Requests seen waiting for a slot before the parallel limit counts as known, and
+    #: the least wait that counts (shorter ones are as likely a long prompt's reading,
+    #: which an answer that ends meanwhile does not explain).
+    SURE_AFTER: ClassVar[int] = 3
+    LONG_WAIT: ClassVar[float] = 0.1
+
+    def resident(self, guess: int) -> tuple[int, bool]:
+        """Models it keeps loaded at once, and whether that is known or a guess."""
+        if self.evictions:
+            return max(1, self.resident_seen), True
+        return max(self.resident_seen, guess), False
+
+    def parallel(self) -> tuple[int, bool]:
+        """Requests one loaded model runs at once, and whether that is known: until it
+        is, one more than seen (and 2 before two are seen), so that one more is tried: it
+        runs at once, or it waits and shows the limit. A request that waits behind one
+        costs less than a cold load elsewhere, the mistake a guess of 1 would make."""
+        if self.waited >= self.SURE_AFTER:
+            return max(1, self.parallel_seen), True
+        return max(2, self.parallel_seen + 1), False
+
+    def from_ps(self, running: Sequence[dict[str, Any]], now: float,
+                sizes: dict[str, int] | None = None) -> None:
+        """Learns from an /api/ps answer read at Unix time ``now``; the models' sizes in
+        memory go into ``sizes`` too (the fleet's, by model)."""
+        current = {}
+        for entry in running:
+            size = entry.get("size_vram")
+            current[canonical_model(str(entry.get("name") or entry.get("model") or ""))] = (
+                size if isinstance(size, int) and size > 0 else 0,
+                _expiry(entry.get("expires_at")))
+        if sizes is not None:
+            sizes.update((m, size) for m, (size, _) in current.items() if size)
+        self.resident_seen = max(self.resident_seen, len(current))
+        in_use = sum(size for size, _ in current.values())
+        self.vram_seen = max(self.vram_seen, in_use)
+        before, self.ps = self.ps, current
+        if before is None:
+            return
+        kept = [m for m, (_, expires) in before.items() if expires > now]  # not expired
+        came = [m for m in current if m not in before]
+        if came and any(m not in current for m in kept):
+            # Unloaded early to make room for what came: an eviction.
+            self.evictions += 1
+            if len(kept) < self.resident_seen and all(current[m][0] for m in came):
+                # Fewer than it has held at once: memory, not the count, was short.
+                short = sum(before[m][0] for m in kept) + sum(current[m][0] for m in came)
+                if short and (self.vram_limit is None or short < self.vram_limit):
+                    self.vram_limit = short
+
+    def first_token(self, model: str, ahead: int, sent: float, now: float) -> None:
+        """A streamed answer of ``model`` began producing tokens at ``now`` (monotonic);
+        its request went at ``sent``, when ``ahead`` of that model's answers were under
+        way on this server."""
+        running = self.generating.get(model, 0) + 1
+        self.generating[model] = running
+        if running > self.parallel_seen:
+            self.parallel_seen, self.waited = running, 0  # a new floor; its limit unknown
+        ended = self.finished.get(model)
+        if ahead and ahead >= self.parallel_seen and ended is not None and sent < ended:
+            waited = ended - sent  # before a slot freed, then its own prompt after it
+            if waited >= self.LONG_WAIT and now - ended < waited / 2:
+                self.waited += 1
+
+    def answered(self, model: str, now: float) -> None:
+        """A streamed answer of ``model`` that had begun has ended (or was cut)."""
+        left = self.generating.get(model, 1) - 1
+        if left > 0:
+            self.generating[model] = left
+        else:
+            self.generating.pop(model, None)
+        self.finished[model] = now
+
+    def to_json(self) -> dict[str, Any]:
+        return {"maxLoadedModelsSeen": self.resident_seen, "evictions": self.evictions,
+                "numParallelSeen": self.parallel_seen, "waitsForASlot": self.waited,
+                "vramSeen": self.vram_seen, "vramLimit": self.vram_limit}
+
+
 @dataclasses.dataclass(eq=False)
 class ServerLoad:
     """A server's live state, kept in memory and carried across reloads of its row."""
@@ -1592,6 +1729,7 @@ class ServerLoad:
     #: last check, plus those routed there since, less those Ollama will have evicted.
     loaded: dict[str, float] = dataclasses.field(default_factory=dict)
     running: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # /api/ps
+    learned: Learned = dataclasses.field(default_factory=Learned)
     version: str | None = None
     version_read: float = -math.inf  # monotonic: when /api/version last answered
     # Circuit breaker: consecutive failures; open until a monotonic time; then half-open,
@@ -1664,7 +1802,11 @@ class Server:
     models: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     last_checked: datetime.datetime | None = None
     weight: float = 1.0
-    max_concurrency: int | None = None  # None: the MAX_CONCURRENCY setting
+    max_concurrency: int | None = None  # None: the MAX_CONCURRENCY setting, or learned
+    # Its OLLAMA_NUM_PARALLEL and OLLAMA_MAX_LOADED_MODELS, when given (else the settings
+    # of the same names, else what the balancer learns: ServerLoad).
+    num_parallel: int | None = None
+    max_loaded_models: int | None = None
     #: Authorization header value for an Ollama behind an authenticating proxy; secret.
     authorization: str | None = dataclasses.field(default=None, repr=False)
     # Live state, kept in memory.
@@ -1716,6 +1858,8 @@ class Server:
             "lastError": self.last_error,
             "weight": int(self.weight) if self.weight.is_integer() else self.weight,
             "maxConcurrency": self.max_concurrency,
+            "numParallel": self.num_parallel,
+            "maxLoadedModels": self.max_loaded_models,
             "hasAuthorization": bool(self.authorization),
             "inflight": self.load.inflight,
             "loadedModels": sorted(self.load.loaded),
@@ -2174,7 +2318,7 @@ def write_key_file(path: str, key: bytes) -> None:
 
 SERVER_COLUMNS = (
     "id, host, port, scheme, name, location, runner, enabled, proxy_id, models, last_checked,"
-    " weight, max_concurrency, upstream_auth"
+    " weight, max_concurrency, num_parallel, max_loaded_models, upstream_auth"
 )
 KEY_COLUMNS = "id, name, key_hash, requests_per_minute, max_concurrent, created_at, last_used_at"
 PROXY_COLUMNS = "id, name, ip, port, protocol, status, user_name, password"
@@ -2184,6 +2328,8 @@ SQLITE_ADDED_COLUMNS = (
     ("ollamaServers", "weight", "REAL NOT NULL DEFAULT 1"),
     ("ollamaServers", "max_concurrency", "INTEGER"),
     ("ollamaServers", "upstream_auth", "TEXT"),
+    ("ollamaServers", "num_parallel", "INTEGER"),
+    ("ollamaServers", "max_loaded_models", "INTEGER"),
 )
 
 SQLITE_SCHEMA = """
@@ -2204,6 +2350,8 @@ CREATE TABLE IF NOT EXISTS ollamaServers (
   weight REAL NOT NULL DEFAULT 1,
   max_concurrency INTEGER,
   upstream_auth TEXT,
+  num_parallel INTEGER,
+  max_loaded_models INTEGER,
   UNIQUE (host, port)
 );
 CREATE TABLE IF NOT EXISTS proxy (
@@ -2270,6 +2418,8 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `weight` double NOT NULL DEFAULT 1,
   `max_concurrency` int NULL,
   `upstream_auth` varchar(3072) NULL,
+  `num_parallel` int NULL,
+  `max_loaded_models` int NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
@@ -2341,6 +2491,8 @@ MYSQL_ADDED_COLUMNS = (
     ("ollamaServers", "weight", "double NOT NULL DEFAULT 1"),
     ("ollamaServers", "max_concurrency", "int NULL"),
     ("ollamaServers", "upstream_auth", "varchar(3072) NULL"),
+    ("ollamaServers", "num_parallel", "int NULL"),
+    ("ollamaServers", "max_loaded_models", "int NULL"),
     ("proxy", "protocol", "varchar(255) NOT NULL DEFAULT 'http'"),
     ("proxy", "status", "tinyint NOT NULL DEFAULT 1"),
 )
@@ -2852,7 +3004,7 @@ def _as_models(value: Any) -> list[dict[str, Any]]:
 
 def server_from_row(row: Sequence[Any]) -> Server:
     (id_, host, port, scheme, name, location, runner, enabled, proxy_id, models, checked,
-     weight, max_concurrency) = row
+     weight, max_concurrency, num_parallel, max_loaded_models) = row
     return Server(
         id=int(id_),
         host=str(host),
@@ -2867,6 +3019,8 @@ def server_from_row(row: Sequence[Any]) -> Server:
         last_checked=_as_datetime(checked),
         weight=float(weight) if weight and float(weight) > 0 else 1.0,
         max_concurrency=int(max_concurrency) if max_concurrency else None,
+        num_parallel=int(num_parallel) if num_parallel else None,
+        max_loaded_models=int(max_loaded_models) if max_loaded_models else None,
     )
 
 
@@ -3236,22 +3390,27 @@ class QueueTimeout(Exception):
     pass
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)
 class Slot:
     """A place on a server for one request; ``cold`` if its model had to be loaded,
-    ``probe`` if it is the one request let through a half-open circuit."""
+    ``probe`` if it is the one request let through a half-open circuit. For learning the
+    server's parallel limit: when it was taken, how many answers of its model were under
+    way there then (``ahead``), and whether its own answer has begun streaming."""
 
     server: Server
     model: str | None
     cold: bool = False
     probe: bool = False
+    taken: float = 0.0
+    ahead: int = 0
+    streaming: bool = False
 
 
 @dataclasses.dataclass(eq=False)
 class Waiter:
     model: str | None
     exclude: frozenset[int]
-    session: str | None
+    session: str | bytes | None
     future: asyncio.Future[Slot]
     since: float = dataclasses.field(default_factory=time.monotonic)
     order: int = 0  # its place in arrival order (WaitQueue)
@@ -3402,7 +3561,8 @@ class Ranking:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
+        #: Server ids by session (X-Session-Id, a str) and by conversation (bytes).
+        self.sessions: collections.OrderedDict[str | bytes, int] = collections.OrderedDict()
         self._turn = 0
         self._random = random.Random()
         # least_load's index: per model, a heap of servers by rank (see best()). Mutation
@@ -3411,10 +3571,90 @@ class Ranking:
         self._ranked_fleet: dict[int, Server] | None = None  # pragma: no mutate
         self._stamps = itertools.count()
         self.shared = SharedCapacity()
+        #: Each model's size_vram, as /api/ps last showed it loaded on some server.
+        self.model_vram: dict[str, int] = {}
 
+
+    def remember(self, session: str | bytes, server_id: int) -> None:
+        """Keeps a session's or a conversation's server, for the requests that follow."""
+        sessions = self.sessions
+        sessions[session] = server_id
+        sessions.move_to_end(session)
+        while len(sessions) > MAX_SESSIONS:
+            sessions.popitem(last=False)
+
+    def conversation(self, prints: Sequence[bytes]) -> bytes | None:
+        """The longest start of a conversation (``prints``: conversation_prints) that has
+        a server, for a turn that continues it."""
+        sessions = self.sessions
+        return next((key for key in reversed(prints) if key in sessions), None)
 
     def capacity(self, server: Server) -> int:
-        return server.max_concurrency or self.config.max_concurrency
+        """Requests in flight on ``server`` before more wait here: its own maxConcurrency,
+        else the setting, else a slot for each request its loaded models run at once (as
+        far as known, and one more while that is a guess: Learned.parallel), else 4."""
+        given = server.max_concurrency or self.config.max_concurrency
+        if given:
+            return given
+        learned = server.load.learned
+        if not (learned.parallel_seen or learned.evictions or server.num_parallel
+                or self.config.num_parallel or server.max_loaded_models
+                or self.config.max_loaded_models):
+            return GUESSED_MAX_CONCURRENCY  # nothing known yet
+        parallel, sure = self.parallel_known(server)
+        # While the parallel limit is a guess (one more than seen), one request more than
+        # the known slots, not one more per model: at most one waits to find the limit.
+        return self.resident(server) * (parallel - (not sure)) + (not sure)
+
+    def parallel_known(self, server: Server) -> tuple[int, bool]:
+        """Requests one loaded model runs at once on ``server``, and whether that is
+        known (said, or learned) rather than guessed."""
+        given = server.num_parallel or self.config.num_parallel
+        if given:
+            return given, True
+        return server.load.learned.parallel()
+
+    def parallel(self, server: Server) -> int:
+        return self.parallel_known(server)[0]
+
+    def resident(self, server: Server) -> int:
+        """Models ``server`` keeps loaded at once: said, learned, or guessed."""
+        return (server.max_loaded_models or self.config.max_loaded_models
+                or server.load.learned.resident(GUESSED_MAX_LOADED_MODELS)[0])
+
+    def fits(self, server: Server, model: str) -> bool:
+        """Whether ``model`` would load on ``server`` beside what is loaded there now
+        without evicting anything, as far as the server has shown its memory."""
+        learned = server.load.learned
+        if learned.vram_limit is None or learned.ps is None:
+            return True
+        size = self.model_vram.get(model)
+        in_use = sum(learned.ps.get(m, (0, 0.0))[0] for m in server.load.loaded)
+        return size is None or in_use + size < learned.vram_limit
+
+    def capacity_report(self, server: Server) -> dict[str, Any]:
+        """What the scheduler counts on for ``server``, where each figure comes from,
+        and what it has learned (GET /servers/<id>, the dashboard)."""
+        learned = server.load.learned
+        parallel, parallel_sure = self.parallel_known(server)
+
+        def source(own: int | None, setting: int | None, sure: bool) -> str:
+            return ("server" if own else "setting" if setting else
+                    "learned" if sure else "guessed")
+
+        return {
+            "numParallel": parallel,
+            "numParallelFrom": source(server.num_parallel, self.config.num_parallel,
+                                      parallel_sure),
+            "maxLoadedModels": self.resident(server),
+            "maxLoadedModelsFrom": source(server.max_loaded_models,
+                                          self.config.max_loaded_models,
+                                          learned.resident(0)[1]),
+            "maxConcurrency": self.capacity(server),
+            "maxConcurrencyFrom": ("server" if server.max_concurrency else "setting"
+                                   if self.config.max_concurrency else "learned"),
+            "learned": learned.to_json(),
+        }
 
     def eligible(self, server: Server, model: str | None, now: float) -> bool:
         """Could serve ``model`` at all: enabled, reachable, has it, and its circuit is
@@ -3438,7 +3678,7 @@ class Ranking:
         return [s for s in servers if s.id not in exclude and self.eligible(s, model, now)]
 
     def choose(self, candidates: Sequence[Server], model: str | None,
-               session: str | None = None) -> Server | None:
+               session: str | bytes | None = None) -> Server | None:
         """The server to use now among ``candidates``, or None if all are full."""
         ready = [s for s in candidates if self.has_room(s)]
         if not ready:
@@ -3564,9 +3804,9 @@ class Ranking:
             return None, False
         return (found if tier <= max_tier else None), True
 
-    def pick(self, servers: dict[int, Server], model: str | None, session: str | None = None,
-             exclude: frozenset[int] = frozenset(), max_tier: int = ANY_FREE
-             ) -> tuple[Server | None, bool]:
+    def pick(self, servers: dict[int, Server], model: str | None,
+             session: str | bytes | None = None, exclude: frozenset[int] = frozenset(),
+             max_tier: int = ANY_FREE) -> tuple[Server | None, bool]:
         """The server for a request now, by the configured strategy (None when every
         candidate is full, or past ``max_tier``), and whether any could serve it."""
         if self.config.strategy != "least_load":
@@ -3599,8 +3839,8 @@ class Ranking:
             return 0
         load = server.load
         if model in load.loaded:
-            return 0 if load.by_model.get(model, 0) < self.config.num_parallel else 2
-        if len(load.loaded) < self.config.max_loaded_models:
+            return 0 if load.by_model.get(model, 0) < self.parallel(server) else 2
+        if len(load.loaded) < self.resident(server) and self.fits(server, model):
             return 1
         return 3 if any(not load.by_model.get(m) for m in load.loaded) else 4
 
@@ -3626,7 +3866,7 @@ class Scheduler(Ranking):
     # -- slots and the queue -------------------------------------------------------
 
     async def acquire(self, servers: dict[int, Server], model: str | None,
-                      session: str | None = None, exclude: frozenset[int] = frozenset()
+                      session: str | bytes | None = None, exclude: frozenset[int] = frozenset()
                       ) -> Slot:
         """A server with a free slot for ``model``, waiting in the queue if need be.
 
@@ -3667,14 +3907,15 @@ class Scheduler(Ranking):
             self.queue.discard(waiter)
             waiter.future.set_exception(QueueTimeout())
 
-    def take(self, server: Server, model: str | None, session: str | None = None) -> Slot:
+    def take(self, server: Server, model: str | None, session: str | bytes | None = None
+             ) -> Slot:
         load = server.load
         cold = model is not None and model not in load.loaded
         load.inflight += 1
         load.requests += 1
         load.tally(1)
         if model is not None:
-            if model not in load.loaded and len(load.loaded) >= self.config.max_loaded_models:
+            if model not in load.loaded and len(load.loaded) >= self.resident(server):
                 # Ollama makes room by unloading the least recently used idle model.
                 idle = [m for m in load.loaded if not load.by_model.get(m)]
                 if idle:
@@ -3685,14 +3926,20 @@ class Scheduler(Ranking):
         if probe:
             load.probing += 1  # half-open: this request is the probe
         if session is not None:
-            self.sessions[session] = server.id
-            self.sessions.move_to_end(session)
-            while len(self.sessions) > MAX_SESSIONS:
-                self.sessions.popitem(last=False)
+            self.remember(session, server.id)
         heap = self._ranked.get(model)
+        now = time.monotonic()
         if cold and heap is not None:  # now loaded: better for this model, worse for others
-            self._push(heap, server, model, time.monotonic())
-        return Slot(server, model, cold, probe)
+            self._push(heap, server, model, now)
+        ahead = load.learned.generating.get(model, 0) if model is not None else 0
+        return Slot(server, model, cold, probe, now, ahead)
+
+    def first_token(self, slot: Slot) -> None:
+        """The answer ``slot`` holds has begun streaming (its first token came)."""
+        if slot.model is not None and not slot.streaming:
+            slot.streaming = True
+            slot.server.load.learned.first_token(slot.model, slot.ahead, slot.taken,
+                                                 time.monotonic())
 
     def release(self, servers: dict[int, Server], slot: Slot) -> None:
         """Gives a slot back, on every path: answered, failed, or abandoned (its client
@@ -3702,6 +3949,9 @@ class Scheduler(Ranking):
         load = server.load
         if slot.probe:
             load.probing -= 1
+        if slot.streaming and model is not None:
+            slot.streaming = False
+            load.learned.answered(model, time.monotonic())
         load.inflight -= 1
         if model is not None:
             left = load.by_model.get(model, 1) - 1
@@ -3789,9 +4039,8 @@ class Scheduler(Ranking):
             # for one rather than evict another model here. Past that, the model is short
             # of servers and a load pays for itself: when the wait for a slot, backlog /
             # slots requests long, exceeds the load itself (both measured, observe()).
-            slots = self.config.num_parallel * sum(
-                1 for s in servers.values()
-                if model in s.load.loaded and self.eligible(s, model, now))
+            slots = sum(self.parallel(s) for s in servers.values()
+                        if model in s.load.loaded and self.eligible(s, model, now))
             worth = self.load_seconds / max(self.service_seconds, 1e-3)
             if slots and self.queue.waiting[model] <= slots * worth:
                 return 1
@@ -4531,11 +4780,13 @@ SERVER_FIELDS: dict[str, dict[str, Any]] = {
     "proxyId": ID_SCHEMA,
     "weight": {"type": "number", "minimum": 0.001, "maximum": 1000},
     "maxConcurrency": _integer(1, 100_000),
+    "numParallel": _integer(1, 1000),
+    "maxLoadedModels": _integer(1, 1000),
     "authorization": _string(_header_value_re, 1024, "the Authorization header value the "
                              "server wants (an authenticating proxy in front of it)"),
 }
 SERVER_CLEARABLE = ("name", "location", "runner", "proxyId", "maxConcurrency",
-                    "authorization")
+                    "numParallel", "maxLoadedModels", "authorization")
 SERVER_BODY_FIELDS = tuple(SERVER_FIELDS)
 
 PROXY_FIELDS: dict[str, dict[str, Any]] = {
@@ -4593,8 +4844,11 @@ def parse_server_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     values["proxy_id"] = _field_id(body, "proxyId")
     values["weight"] = _field_number(body, "weight", 0.001, 1000.0)
     values["upstream_auth"] = _field_header_value(body, "authorization", max_length=1024)
-    max_concurrency = _field_number(body, "maxConcurrency", 1, 100_000, integer=True)
-    values["max_concurrency"] = None if max_concurrency is None else int(max_concurrency)
+    for json_name, column, high in (("maxConcurrency", "max_concurrency", 100_000),
+                                    ("numParallel", "num_parallel", 1000),
+                                    ("maxLoadedModels", "max_loaded_models", 1000)):
+        number = _field_number(body, json_name, 1, high, integer=True)
+        values[column] = None if number is None else int(number)
     if not partial and values["enabled"] is None:
         values["enabled"] = True
     result = _drop_none(values)
@@ -4603,6 +4857,8 @@ def parse_server_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
         for json_name, column in (("proxyId", "proxy_id"), ("name", "name"),
                                   ("location", "location"), ("runner", "runner"),
                                   ("maxConcurrency", "max_concurrency"),
+                                  ("numParallel", "num_parallel"),
+                                  ("maxLoadedModels", "max_loaded_models"),
                                   ("authorization", "upstream_auth")):
             if json_name in body and body[json_name] is None:
                 result[column] = None
@@ -4685,6 +4941,47 @@ def leading_model(prefix: bytes) -> str | None:
     except ValueError:
         return None
     return name.strip() if isinstance(name, str) and name.strip() else None
+
+#: Paths whose body holds a conversation, its messages in "messages": where a turn that
+#: continues one is sent to the server that has its start in its cache.
+CHAT_PATHS = frozenset({"/api/chat", "/v1/chat/completions", "/v1/messages"})
+
+
+def conversation_prints(body: bytes | bytearray, model: str) -> list[bytes]:
+    """Fingerprints of a chat's leading messages: the i-th covers ``model``, a top-level
+    "system" string (/v1/messages) and the first i messages, byte for byte as the client
+    sent them (a client sends the same messages the same way turn after turn). Read off
+    the body's bytes, neither parsed nor serialised again; [] when it has no such list.
+    """
+    seed = hashlib.blake2b(model.encode(), digest_size=16)
+    prints: list[bytes] = []
+    depth, element, value_of = 0, -1, b""  # value_of: the depth-1 key just read
+    in_messages = False
+    for match in _json_structure_re.finditer(body):
+        token = match.group()
+        if token[:1] == b'"':
+            if depth == 1:
+                if value_of == b'"system"' and not in_messages:
+                    seed.update(token)
+                value_of = token
+            continue
+        if token in (b"[", b"{"):
+            if depth == 1 and token == b"[" and value_of == b'"messages"':
+                in_messages = True
+            elif depth == 2 and in_messages and token == b"{":
+                element = match.start()
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 2 and in_messages and element >= 0:
+                seed.update(body[element:match.end()])
+                prints.append(seed.copy().digest())
+                element = -1
+            elif depth == 1 and in_messages:
+                return prints
+            value_of = b""
+    return []
+
 
 #: Ollama's answer for a model it does not have: "model 'x' not found" (and, in older
 #: releases, 'model "x" not found, try pulling it first').
@@ -4918,8 +5215,10 @@ def _through_proxy(proxy_id: int, pair: tuple[int, int | None]) -> bool:
 
 
 async def read_running(upstreams: Upstreams, server: Server, proxy: Proxy | None,
-                       timeout: float) -> None:
-    """Reads /api/ps (which models sit on the GPU), and /api/version now and then
+                       timeout: float, sizes: dict[str, int] | None = None,
+                       with_version: bool = True) -> None:
+    """Reads /api/ps (which models sit on the GPU; what it shows is learned from, and
+    the models' sizes in memory go into ``sizes``), and /api/version now and then
     (VERSION_RECHECK), into the server's load; a server that does not answer them keeps
     what it had."""
     load = server.load
@@ -4934,7 +5233,8 @@ async def read_running(upstreams: Upstreams, server: Server, proxy: Proxy | None
             resident = {canonical_model(str(m.get("name") or m.get("model") or ""))
                         for m in load.running} | {m for m, n in load.by_model.items() if n}
             load.loaded = {m: load.loaded.get(m, now) for m in resident}
-        if time.monotonic() - load.version_read < VERSION_RECHECK:
+            load.learned.from_ps(load.running, time.time(), sizes)
+        if not with_version or time.monotonic() - load.version_read < VERSION_RECHECK:
             return
         status, body = await asyncio.wait_for(
             upstreams.fetch(server, proxy, "GET", "/api/version"), timeout)
@@ -5191,7 +5491,8 @@ class Fleet:
             if server.load.open_until <= time.monotonic() and not server.load.probing:
                 # Past its cooldown, an answer to the health check is as good as a probe.
                 self.scheduler.close_circuit(server, "its health check passed")
-            await read_running(self.upstreams, server, proxy, self.config.health_timeout)
+            await read_running(self.upstreams, server, proxy, self.config.health_timeout,
+                               self.scheduler.model_vram)
         server.last_checked = utc_now()
         self.scheduler.changed(server)  # its models, health or resident models may differ
         self._health_dirty[server.id] = (server.models if server.reachable else None,
@@ -5954,8 +6255,15 @@ class OllamaFront:
         # not parsed here (Ollama answers bad JSON itself), which saves a copy and time.
         if leading is None or body.count(b'"model"') != 1:
             model = await self._known_model(request, model_field(body))
-        session = request.head.headers.get("x-session-id")
-        outcome = await until_client_gone(request, self._route(request, body, model, session))
+        session: str | bytes | None = request.head.headers.get("x-session-id")
+        # (round_robin and random keep their plain meaning: X-Session-Id only.)
+        prints = (conversation_prints(body, model) if session is None and
+                  self.config.conversation_affinity and request.path in CHAT_PATHS
+                  and self.config.strategy == "least_load" else [])
+        if prints:  # a turn of a conversation: where its start went, if anywhere
+            session = self.fleet.scheduler.conversation(prints)
+        outcome = await until_client_gone(request, self._route(request, body, model, session,
+                                                               prints[-1:]))
         return Relayed(False) if outcome is None else outcome
 
     async def _routable(self, name: str) -> str:
@@ -5997,8 +6305,10 @@ class OllamaFront:
         return request.model
 
     async def _route(self, request: Request, body: bytes | bytearray, model: str,
-                     session: str | None
-                     ) -> Relayed:
+                     session: str | bytes | None, keep: Sequence[bytes] = ()) -> Relayed:
+        """Sends the request to a server, queued while none has room, tried on another
+        when one fails; ``keep``: what to remember the server by when it answers (the
+        conversation this turn makes, for its next turn)."""
         request.responded = True
         replay = ReplayableBody.of(body)
         tried: set[int] = set()
@@ -6030,6 +6340,8 @@ class OllamaFront:
             finally:
                 self.fleet.scheduler.release(self.fleet.servers, slot)
             if isinstance(outcome, Relayed):
+                for key in keep:
+                    self.fleet.scheduler.remember(key, server.id)
                 return outcome
             failure = outcome
             log.warning("request %s: %s failed for %s: %s", request.id, server.label, model,
@@ -6038,6 +6350,25 @@ class OllamaFront:
         if failure.from_ollama:
             return await request.send_error(failure.status, failure.detail)
         return await self.relay.send_upstream_error(request, failure.status, failure.detail)
+
+    def _learn(self, slot: Slot, response: ResponseHead, proxy: Proxy | None) -> None:
+        """What an answer's start shows of its server: a streamed answer's first token
+        (its parallel limit), and, after a cold load, what /api/ps shows now (an
+        eviction, if the load made room for itself)."""
+        if "chunked" in response.headers.tokens("transfer-encoding"):
+            self.fleet.scheduler.first_token(slot)
+        learned = slot.server.load.learned
+        if slot.cold and not learned.checking:
+            learned.checking = True
+            self.fleet.spawn(self._check_running(slot.server, proxy))
+
+    async def _check_running(self, server: Server, proxy: Proxy | None) -> None:
+        try:
+            await read_running(self.upstreams, server, proxy, self.config.health_timeout,
+                               self.fleet.scheduler.model_vram, with_version=False)
+            self.fleet.scheduler.changed(server)
+        finally:
+            server.load.learned.checking = False
 
     async def _attempt(self, request: Request, slot: Slot, body: ReplayableBody,
                        model: str) -> Relayed | Failure:
@@ -6064,6 +6395,8 @@ class OllamaFront:
         if response.status not in (404, 502, 503):
             request.response_fields.append(server.answered_by)
             first_byte = time.monotonic() - started
+            if response.status == 200:
+                self._learn(slot, response, proxy)
             relayed, ok = await self.relay.send_upstream_response(request, server, wire,
                                                                   response, key)
             if ok:
@@ -6507,7 +6840,12 @@ class Management:
             await self.fleet.check_server(server)
         # As it is now: a health round or sync may have read its row again meanwhile.
         server = self.fleet.servers.get(new_id, server)
-        return json_response(201, server.to_json())
+        return json_response(201, self._server_json(server))
+
+    def _server_json(self, server: Server) -> dict[str, Any]:
+        """A server as the API shows it alone: with what the scheduler counts on for it
+        and what it has learned of it."""
+        return {**server.to_json(), "capacity": self.fleet.scheduler.capacity_report(server)}
 
     async def all_servers(self, request: Request, match: re.Match[str]) -> Response:
         """Every server; with ``limit`` (and ``after``), a page of them and a Link to the
@@ -6549,7 +6887,7 @@ class Management:
         server = self.fleet.servers.get(server_id)
         if server is None:
             raise HTTPError(404, f"no server with id {server_id}")
-        return json_response(200, server.to_json())
+        return json_response(200, self._server_json(server))
 
     async def get_server(self, request: Request, match: re.Match[str]) -> Response:
         models = [
@@ -6801,6 +7139,9 @@ function render(data) {
     fillBar.style.width = `${Math.min(100, 100 * s.inflight / s.capacity)}%`;
     bar.appendChild(fillBar); load.appendChild(bar);
     load.appendChild(el("span", `${s.inflight} / ${s.capacity}`));
+    const sched = s.scheduling;  // what the scheduler counts on, and whence
+    load.appendChild(el("div", `${sched.maxLoadedModels} models (${sched.maxLoadedModelsFrom})` +
+      ` x ${sched.numParallel} parallel (${sched.numParallelFrom})`, "dim"));
     const circuit = s.circuitOpen ? el("span", "open", "open") : el("span", "closed", "dim");
     const tr = row([name, health, circuit, models, load, String(s.requestsPerMinute),
                     String(s.errorsPerMinute), chart(s.history)]);
@@ -6959,6 +7300,7 @@ class Observability:
                          circuitOpen=server.load.breaker_open or any(t[1] for t in theirs),
                          requestsPerMinute=minute[0], errorsPerMinute=minute[1],
                          history=history, capacity=fleet.scheduler.capacity(server),
+                         scheduling=fleet.scheduler.capacity_report(server),
                          share=fleet.scheduler.shared.shares.get(server.id),
                          version=server.load.version)
             servers.append(entry)
@@ -7168,8 +7510,14 @@ SERVER_SCHEMA = _record(
     location=_NULLABLE_TEXT, runner=_NULLABLE_TEXT, enabled={"type": "boolean"},
     proxyId={"type": ["integer", "null"]}, models=_STRINGS, lastChecked=_NULLABLE_TEXT,
     reachable={"type": "boolean"}, lastError=_NULLABLE_TEXT, weight={"type": "number"},
-    maxConcurrency={"type": ["integer", "null"]}, hasAuthorization={"type": "boolean"},
+    maxConcurrency={"type": ["integer", "null"]}, numParallel={"type": ["integer", "null"]},
+    maxLoadedModels={"type": ["integer", "null"]}, hasAuthorization={"type": "boolean"},
     inflight={"type": "integer"}, loadedModels=_STRINGS, circuitOpen={"type": "boolean"})
+#: What the scheduler counts on for a server, and whence (GET /servers/<id>, addServer).
+SERVER_SCHEMA["properties"]["capacity"] = {
+    "type": "object", "description": "numParallel, maxLoadedModels and maxConcurrency as the "
+    "scheduler uses them, each with where it comes from (server, setting, learned or "
+    "guessed), and what was learned (learned)"}
 PROXY_SCHEMA = _record(
     id={"type": "integer"}, ip={"type": "string"}, port={"type": "integer"},
     protocol={"enum": list(PROXY_PROTOCOLS)}, name={"type": "string"},

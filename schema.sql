@@ -18,6 +18,8 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `weight` double NOT NULL DEFAULT 1,
   `max_concurrency` int NULL,
   `upstream_auth` varchar(3072) NULL,
+  `num_parallel` int NULL,
+  `max_loaded_models` int NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

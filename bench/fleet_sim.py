@@ -57,6 +57,7 @@ class Slot:
 
     busy: bool = False
     cached: tuple[str, ...] = ()
+    used: float = 0.0  # when it last began a request (monotonic)
 
 
 @dataclass
@@ -146,8 +147,10 @@ class SimServer:
                 if free:
                     break
                 await self.changed.wait()  # every slot busy: Ollama queues it here
-            slot = max(free, key=lambda s: common_prefix(s.cached, prompt))
-            slot.busy = True
+            # As Ollama's runner: the free slot with the longest common prefix, else the
+            # least recently used one.
+            slot = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.used))
+            slot.busy, slot.used = True, time.monotonic()
         try:
             cached = common_prefix(slot.cached, prompt)
             await asyncio.sleep(sum(sizes[cached:]) * self.prefill)
@@ -445,6 +448,8 @@ async def main_async(args: argparse.Namespace) -> int:
     results = []
     db = Path(f"/tmp/fleet_sim_{os.getpid()}.db")
     for scenario in scenarios(args):
+        if args.only and scenario.name not in args.only:
+            continue
         slots = sum(r * p for r, p in scenario.fleet)
         if scenario.workload == "chats":
             work = conversations(args.seed, models[:max(2, args.models // 2)], args.chats,
@@ -488,7 +493,9 @@ def main() -> int:
                         default="strategies")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--servers", type=int, default=4)
-    parser.add_argument("--models", type=int, default=6)
+    parser.add_argument("--models", type=int, default=None,
+                        help="models in the workload (default: 6; 4 for learning, whose "
+                        "fleets of 2 resident models hold 8)")
     parser.add_argument("--resident", type=int, default=3,
                         help="models loaded at once (OLLAMA_MAX_LOADED_MODELS)")
     parser.add_argument("--parallel", type=int, default=2, help="OLLAMA_NUM_PARALLEL")
@@ -499,21 +506,32 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=25, help="tokens an answer, mean")
     parser.add_argument("--prefill", type=float, default=0.0002,
                         help="seconds a prompt token not in the cache")
-    parser.add_argument("--load", type=float, default=0.7, help="share of warm capacity")
+    parser.add_argument("--load", type=float, default=None,
+                        help="share of warm capacity (default 0.7; 0.5 for learning: at 0.7 "
+                        "its fleets of 2 resident models tip into a backlog of cold loads, "
+                        "configured or not, one run in two)")
     parser.add_argument("--duration", type=float, default=50.0, help="seconds of arrivals")
     parser.add_argument("--warmup", type=float, default=10.0,
                         help="seconds of arrivals not counted")
-    parser.add_argument("--chats", type=int, default=40, help="conversations")
+    parser.add_argument("--chats", type=int, default=12,
+                        help="conversations, fewer than the fleet's KV cache slots for "
+                        "their models (4 servers x 2 parallel x 2 models)")
     parser.add_argument("--turns", type=int, default=6, help="turns a conversation")
     parser.add_argument("--context", type=int, default=4000,
                         help="words of a conversation's first prompt, on average")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
                         choices=STRATEGIES)
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="run only the scenarios of these names")
     parser.add_argument("--quick", action="store_true", help="a few seconds, for CI")
     args = parser.parse_args()
+    if args.models is None:
+        args.models = 4 if args.scenario == "learning" else 6
+    if args.load is None:
+        args.load = 0.5 if args.scenario == "learning" else 0.7
     if args.quick:
-        args.duration, args.warmup, args.cold_load, args.tokens = 4.0, 1.0, 0.3, 5
-        args.chats, args.turns = 6, 2
+        args.duration, args.warmup, args.cold_load, args.tokens = 2.5, 0.5, 0.3, 5
+        args.chats, args.turns = 4, 2
     return asyncio.run(main_async(args))
 
 

@@ -18,7 +18,11 @@ Knobs: ``fail_status`` makes model requests answer that status; ``pull_error`` m
 fail halfway, ``pull_delay`` start its layer that many seconds late; a body with
 ``"fake_hold": true`` waits for release(); ``"fake_sleep": s``
 sleeps first; ``"fake_die": true`` drops the connection after the first token.
-``loaded`` is what /api/ps reports; ``blobs`` what /api/blobs has;
+``loaded`` is what /api/ps reports; ``blobs`` what /api/blobs has. ``max_loaded`` and
+``parallel`` make chats and generates load their model as Ollama does (the least recently
+used idle model evicted when ``max_loaded`` are loaded, a wait while none is idle) and
+run ``parallel`` at once per model, the rest waiting for a slot; tokens come
+``token_delay`` seconds apart;
 ``missing_paths`` answer 404 with ``missing_answer`` (by default "404 page not found" in
 plain text, as an Ollama too old to have them does).
 """
@@ -70,6 +74,12 @@ class FakeOllama:
         self.pull_error: str | None = None
         self.pull_delay = 0.0
         self.tags_delay = 0.0  # seconds /api/tags (the health check) takes to answer
+        self.max_loaded: int | None = None  # Ollama's OLLAMA_MAX_LOADED_MODELS, emulated
+        self.parallel: int | None = None  # Ollama's OLLAMA_NUM_PARALLEL, emulated
+        self.token_delay = 0.005
+        self.evictions = 0
+        self.running: dict[str, int] = {}  # requests holding a loaded model, by model
+        self.scheduling = threading.Condition()
         self.version = "0.12.0"
         self.requests: list[dict[str, Any]] = []
         self.connections = 0
@@ -92,6 +102,36 @@ class FakeOllama:
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,),
                                        daemon=True)
         self.thread.start()
+
+    def schedule(self, model: str, work: Any) -> None:
+        """Runs ``work`` as Ollama would run a request for ``model``: once the model is
+        loaded (evicting the least recently used idle one when ``max_loaded`` are) and
+        one of its ``parallel`` slots is free."""
+        full = model if ":" in model else f"{model}:latest"
+        with self.scheduling:
+            while True:
+                if full in self.loaded:
+                    if self.parallel is None or self.running.get(full, 0) < self.parallel:
+                        break
+                elif self.max_loaded is None or len(self.loaded) < self.max_loaded:
+                    self.loaded.append(full)
+                    break
+                else:
+                    idle = [m for m in self.loaded if not self.running.get(m)]
+                    if idle:
+                        self.loaded.remove(idle[0])  # the least recently used idle one
+                        self.evictions += 1
+                        continue
+                self.scheduling.wait()
+            self.running[full] = self.running.get(full, 0) + 1
+            self.loaded.remove(full)
+            self.loaded.append(full)  # the most recently used last
+        try:
+            work()
+        finally:
+            with self.scheduling:
+                self.running[full] -= 1
+                self.scheduling.notify_all()
 
     def release(self, count: int = 1) -> None:
         """Lets /gated send its next chunk, or ``count`` held requests answer."""
@@ -213,8 +253,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/api/version":
             self.send_json(200, {"version": self.owner.version})
         elif path == "/api/ps":
-            running = [dict(m, size_vram=m["size"], expires_at="2026-11-26T12:00:00Z",
-                            context_length=4096)
+            expires = time.strftime("%Y-%m-%dT%H:%M:%S.123456789Z",
+                                    time.gmtime(time.time() + 300))
+            running = [dict(m, size_vram=m["size"], expires_at=expires, context_length=4096)
                        for m in self.owner.models if m["name"] in self.owner.loaded]
             self.send_json(200, {"models": running})
         elif self.model_request_fails(path, body):
@@ -402,6 +443,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.owner.has(model):
             self.send_json(404, {"error": f"model '{model}' not found"})
             return
+        if self.owner.max_loaded is not None or self.owner.parallel is not None:
+            self.owner.schedule(model, lambda: self.answer(path, model, request))
+        else:
+            self.answer(path, model, request)
+
+    def answer(self, path: str, model: str, request: dict[str, Any]) -> None:
         key = "message" if path == "/api/chat" else "response"
         tokens = [f"tok{i} " for i in range(self.owner.tokens)]
 
@@ -420,7 +467,7 @@ class _Handler(BaseHTTPRequestHandler):
             line = {"model": model, "created_at": "2026-11-26T10:00:00Z", key: piece(token),
                     "done": False}
             self.chunk(json.dumps(line).encode() + b"\n")
-            time.sleep(0.005)
+            time.sleep(self.owner.token_delay)
             if request.get("fake_die"):  # the server dies mid-answer
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)

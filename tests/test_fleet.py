@@ -4,6 +4,7 @@ the circuit breaker, affinity, strategies, and fan-out of pulls, deletes, copies
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import socket
 import threading
@@ -14,10 +15,14 @@ import pytest
 from conftest import BalancerProcess, Reply, StoreConfig, call, require_module
 from fakeollama import FakeOllama, tag
 
+#: Each chat() is a conversation of its own (a first turn): the same messages again would
+#: be the same conversation, which goes where it went before (conversation affinity).
+CHATS = itertools.count()
+
 
 def chat(lb: BalancerProcess, model: str = "llama3", *, stream: bool = False,
          headers: dict[str, str] | None = None, **extra: Any) -> Reply:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}],
+    body = {"model": model, "messages": [{"role": "user", "content": f"hi {next(CHATS)}"}],
             "stream": stream, **extra}
     return lb.call("POST", "/api/chat", body, headers=headers)
 
