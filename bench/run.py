@@ -547,8 +547,9 @@ def small_requests(args: argparse.Namespace, workdir: Path, rows: list[list[str]
                 if clients > 1 and post:
                     plan.append((name, f"balancer ({loop}), queued behind the default cap",
                                  capped[loop].port, relayed, post, clients))
-        for _, _, port, target, post, clients in plan:  # warm-up, not counted
-            load(port, target, 1.0, post, clients)
+        if not args.quick:  # a warm-up of every target, not counted
+            for _, _, port, target, post, clients in plan:
+                load(port, target, 1.0, post, clients)
         runs: dict[tuple[str, str], list[Run]] = {}
         cpu: dict[tuple[str, str], list[float]] = {}  # user, system, requests: summed
         for _ in range(args.repeats):  # each round runs every target: drift hits all alike
@@ -1027,7 +1028,7 @@ def instructions(args: argparse.Namespace, workdir: Path, rows: list[list[str]])
     streamer, stream_port = start_stream_backend(STREAM_TOKENS, 0.01, {"models": [
         {**TAGS["models"][0], "name": "stream:latest", "model": "stream:latest"}]})
     try:
-        for loop in event_loops():
+        for loop in event_loops()[:1] if args.quick else event_loops():
             count_instructions(args, workdir / f"callgrind-{loop}", loop,
                                (backend_port, stream_port), rows)
     finally:
@@ -1052,7 +1053,7 @@ def count_instructions(args: argparse.Namespace, workdir: Path, loop: str,
         "valgrind", "--tool=callgrind", "--instr-atstart=no",
         f"--callgrind-out-file={out}"], start_timeout=120,
         settings={"HEALTH_INTERVAL": "3600"})  # no health round among the counted requests
-    count = 30 if args.quick else 500
+    count = 10 if args.quick else 500
     pid = str(balancer.proc.pid)
     try:
         for port in ports:
@@ -1070,7 +1071,7 @@ def count_instructions(args: argparse.Namespace, workdir: Path, loop: str,
                 if answer.status != 200:
                     raise RuntimeError(f"{path} answered {answer.status}")
 
-        streams = 3 if args.quick else 10
+        streams = 1 if args.quick else 10
         for name, method, path, times, per in (
                 ("POST /api/embed, routed", "POST", "/api/embed", count, 1),
                 ("GET /api/version, its own answer", "GET", "/api/version", count, 1),
@@ -1078,7 +1079,8 @@ def count_instructions(args: argparse.Namespace, workdir: Path, loop: str,
                  "/servers/ollama/1/api/version", count, 1),
                 (f"a token of a relayed /api/chat stream ({STREAM_TOKENS} a stream)", "POST",
                  "/servers/ollama/2/api/chat", streams, STREAM_TOKENS)):
-            send(method, path, 50 if per == 1 else 2)  # warm-up: imports, the index, a pool
+            # Warm-up: imports, the index, a pooled connection.
+            send(method, path, (10 if args.quick else 50) if per == 1 else 1)
             for command in ("--zero", "--instr=on"):
                 subprocess.run(["callgrind_control", command, pid], capture_output=True,
                                check=True)
@@ -1119,7 +1121,11 @@ def fleet(args: argparse.Namespace, rows: list[list[str]]) -> None:
     heterogeneous servers, conversations with and without affinity)."""
     for scenario in ("strategies", "learning"):
         command = [sys.executable, str(ROOT / "bench" / "fleet_sim.py"), "--scenario", scenario]
-        done = run_group(command + (["--quick"] if args.quick else []), timeout=1800)
+        if args.quick:  # a run of each kind of fleet and workload: that they still run
+            command += ["--quick", *(["--only", "heterogeneous, unconfigured",
+                                      "conversations, affinity"] if scenario == "learning"
+                                     else [])]
+        done = run_group(command, timeout=1800)
         if done.returncode != 0:
             raise RuntimeError(f"fleet_sim.py failed: {done.stderr[-2000:]}")
         found = re.findall(r"^(\S.*?)\s+p50\s+([0-9.]+) s\s+p95\s+([0-9.]+) s\s+p99\s+([0-9.]+) s"

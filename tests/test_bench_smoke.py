@@ -12,15 +12,17 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.timeout(330)
 def test_the_benchmark_suite_runs_and_prints_its_table() -> None:
     proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "run.py"), "--quick"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its children die with it
     try:
-        out, err = proc.communicate(timeout=240)
+        out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -54,5 +56,12 @@ def test_the_benchmark_suite_runs_and_prints_its_table() -> None:
                        out)
     assert {strategy for strategy, _ in fleet} == {"least_load", "round_robin", "random"}, out
     assert all(failed == "0" for _, failed in fleet), out
+    learning = re.findall(r"fleet simulator, ((?:homogeneous|heterogeneous|conversations), "
+                          r"(?:configured|unconfigured|random|affinity|no affinity))\s.*?"
+                          r"(\d+) failed", out)
+    # --quick runs one of each kind: a heterogeneous fleet, conversations.
+    assert {name for name, _ in learning} == {"heterogeneous, unconfigured",
+                                              "conversations, affinity"}, out
+    assert all(failed == "0" for _, failed in learning), out
     bodies = re.findall(r"(\d+) answered +(\d+) refused \(503\) +(\d+) failed otherwise", out)
     assert len(bodies) == 2 and all(int(a) + int(r) == 6 and f == "0" for a, r, f in bodies)
