@@ -3596,15 +3596,13 @@ class Ranking:
         given = server.max_concurrency or self.config.max_concurrency
         if given:
             return given
-        learned = server.load.learned
-        if not (learned.parallel_seen or learned.evictions or server.num_parallel
-                or self.config.num_parallel or server.max_loaded_models
-                or self.config.max_loaded_models):
-            return GUESSED_MAX_CONCURRENCY  # nothing known yet
         parallel, sure = self.parallel_known(server)
+        resident, resident_sure = self.resident_known(server)
+        if not (sure or resident_sure or server.load.learned.parallel_seen):
+            return GUESSED_MAX_CONCURRENCY  # nothing known yet
         # While the parallel limit is a guess (one more than seen), one request more than
         # the known slots, not one more per model: at most one waits to find the limit.
-        return self.resident(server) * (parallel - (not sure)) + (not sure)
+        return resident * (parallel - (not sure)) + (not sure)
 
     def parallel_known(self, server: Server) -> tuple[int, bool]:
         """Requests one loaded model runs at once on ``server``, and whether that is
@@ -3617,10 +3615,16 @@ class Ranking:
     def parallel(self, server: Server) -> int:
         return self.parallel_known(server)[0]
 
+    def resident_known(self, server: Server) -> tuple[int, bool]:
+        """Models ``server`` keeps loaded at once, and whether that is known (said, or
+        learned) rather than guessed."""
+        given = server.max_loaded_models or self.config.max_loaded_models
+        if given:
+            return given, True
+        return server.load.learned.resident(GUESSED_MAX_LOADED_MODELS)
+
     def resident(self, server: Server) -> int:
-        """Models ``server`` keeps loaded at once: said, learned, or guessed."""
-        return (server.max_loaded_models or self.config.max_loaded_models
-                or server.load.learned.resident(GUESSED_MAX_LOADED_MODELS)[0])
+        return self.resident_known(server)[0]
 
     def fits(self, server: Server, model: str) -> bool:
         """Whether ``model`` would load on ``server`` beside what is loaded there now
@@ -3635,8 +3639,8 @@ class Ranking:
     def capacity_report(self, server: Server) -> dict[str, Any]:
         """What the scheduler counts on for ``server``, where each figure comes from,
         and what it has learned (GET /servers/<id>, the dashboard)."""
-        learned = server.load.learned
         parallel, parallel_sure = self.parallel_known(server)
+        resident, resident_sure = self.resident_known(server)
 
         def source(own: int | None, setting: int | None, sure: bool) -> str:
             return ("server" if own else "setting" if setting else
@@ -3646,14 +3650,13 @@ class Ranking:
             "numParallel": parallel,
             "numParallelFrom": source(server.num_parallel, self.config.num_parallel,
                                       parallel_sure),
-            "maxLoadedModels": self.resident(server),
+            "maxLoadedModels": resident,
             "maxLoadedModelsFrom": source(server.max_loaded_models,
-                                          self.config.max_loaded_models,
-                                          learned.resident(0)[1]),
+                                          self.config.max_loaded_models, resident_sure),
             "maxConcurrency": self.capacity(server),
             "maxConcurrencyFrom": ("server" if server.max_concurrency else "setting"
                                    if self.config.max_concurrency else "learned"),
-            "learned": learned.to_json(),
+            "learned": server.load.learned.to_json(),
         }
 
     def eligible(self, server: Server, model: str | None, now: float) -> bool:
@@ -4453,17 +4456,20 @@ class Request:
         its head), without a coroutine; b"" when they are not."""
         want = min(size, self.framing.length)
         buf = self.wire.buf
-        if (self.framing.kind != "length" or len(buf) < want or self.body_started
-                or "expect" in self.head.headers.index):
+        if len(buf) < want or not self._peekable():
             return b""
         self.body_clock = self.wire.loop.time()
         return bytes(buf[:want])
 
+    def _peekable(self) -> bool:
+        """A Content-Length body not read yet, whose client is not waiting for 100."""
+        return (self.framing.kind == "length" and not self.body_started
+                and "expect" not in self.head.headers.index)
+
     async def peek_body(self, size: int) -> bytes:
         """Up to ``size`` first bytes of a Content-Length body, left unread; b"" where
         that cannot be done cheaply (chunked, or a client waiting for 100 Continue)."""
-        if (self.framing.kind != "length" or self.body_started
-                or "expect" in self.head.headers.index):
+        if not self._peekable():
             return b""
         want = min(size, self.framing.length)
         wire = self.wire
