@@ -1639,27 +1639,46 @@ class Learned:
     generating: dict[str, int] = dataclasses.field(default_factory=dict)
     finished: dict[str, float] = dataclasses.field(default_factory=dict)  # monotonic
     checking: bool = False  # an /api/ps read after a cold load is under way
+    #: A rise of parallel_seen by model, (count, when), until HANDOFF has passed: an
+    #: answer's first token can be read just before the end of the one whose slot it
+    #: took (Ollama starts the next request as one ends), which is no overlap.
+    rising: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
 
     #: Requests seen waiting for a slot before the parallel limit counts as known, and
     #: the least wait that counts (shorter ones are as likely a long prompt's reading,
     #: which an answer that ends meanwhile does not explain).
     SURE_AFTER: ClassVar[int] = 3
     LONG_WAIT: ClassVar[float] = 0.1
+    HANDOFF: ClassVar[float] = 0.05
 
-    def resident(self, guess: int) -> tuple[int, bool]:
-        """Models it keeps loaded at once, and whether that is known or a guess."""
+    def resident(self, usual: int | None = None) -> tuple[int, str]:
+        """Models it keeps loaded at once, and where that figure comes from: "learned"
+        (an eviction showed it), "fleet" (the limit the fleet's other servers showed,
+        ``usual``, as most fleets are alike), or "guessed"."""
         if self.evictions:
-            return max(1, self.resident_seen), True
-        return max(self.resident_seen, guess), False
+            return max(1, self.resident_seen), "learned"
+        if usual is not None:
+            return max(self.resident_seen, usual), "fleet"
+        return max(self.resident_seen, GUESSED_MAX_LOADED_MODELS), "guessed"
 
-    def parallel(self) -> tuple[int, bool]:
-        """Requests one loaded model runs at once, and whether that is known: until it
-        is, one more than seen (and 2 before two are seen), so that one more is tried: it
-        runs at once, or it waits and shows the limit. A request that waits behind one
-        costs less than a cold load elsewhere, the mistake a guess of 1 would make."""
-        if self.waited >= self.SURE_AFTER:
-            return max(1, self.parallel_seen), True
-        return max(2, self.parallel_seen + 1), False
+    def parallel(self, usual: int | None = None) -> tuple[int, str]:
+        """Requests one loaded model runs at once, and where that figure comes from, as
+        resident(). A guess is one more than seen (and 2 before two are seen), so that one
+        more is tried: it runs at once, or it waits and shows the limit. A request that
+        waits behind one costs less than a cold load elsewhere, the mistake a guess of 1
+        would make. Waits that agree with the fleet's usual limit make it known sooner."""
+        seen = self.parallel_seen
+        if self.waited >= (1 if usual == seen else self.SURE_AFTER):
+            return max(1, seen), "learned"
+        if usual is not None:
+            return max(seen, usual), "fleet"
+        return max(2, seen + 1), "guessed"
+
+    def known(self) -> tuple[int | None, int | None]:
+        """Its models kept loaded and parallel limit, each where it showed it (no help
+        from the fleet's usual ones), else None: what the fleet's usual ones come from."""
+        return (max(1, self.resident_seen) if self.evictions else None,
+                max(1, self.parallel_seen) if self.waited >= self.SURE_AFTER else None)
 
     def from_ps(self, running: Sequence[dict[str, Any]], now: float,
                 sizes: dict[str, int] | None = None) -> None:
@@ -1694,10 +1713,11 @@ class Learned:
         """A streamed answer of ``model`` began producing tokens at ``now`` (monotonic);
         its request went at ``sent``, when ``ahead`` of that model's answers were under
         way on this server."""
+        self._settle(model, now)
         running = self.generating.get(model, 0) + 1
         self.generating[model] = running
         if running > self.parallel_seen:
-            self.parallel_seen, self.waited = running, 0  # a new floor; its limit unknown
+            self.rising[model] = (running, now)  # a new floor, once no handoff
         ended = self.finished.get(model)
         if ahead and ahead >= self.parallel_seen and ended is not None and sent < ended:
             waited = ended - sent  # before a slot freed, then its own prompt after it
@@ -1706,12 +1726,25 @@ class Learned:
 
     def answered(self, model: str, now: float) -> None:
         """A streamed answer of ``model`` that had begun has ended (or was cut)."""
+        rising = self.rising.get(model)
+        if rising is not None and now - rising[1] < self.HANDOFF:
+            del self.rising[model]  # it ended as the last one began: a handoff
+        self._settle(model, now)
         left = self.generating.get(model, 1) - 1
         if left > 0:
             self.generating[model] = left
         else:
             self.generating.pop(model, None)
         self.finished[model] = now
+
+    def _settle(self, model: str, now: float) -> None:
+        """Makes a rise of parallel_seen that outlived HANDOFF the new floor (its limit
+        not known: the waits seen before were for fewer)."""
+        rising = self.rising.get(model)
+        if rising is not None and now - rising[1] >= self.HANDOFF:
+            del self.rising[model]
+            if rising[0] > self.parallel_seen:
+                self.parallel_seen, self.waited = rising[0], 0
 
     def to_json(self) -> dict[str, Any]:
         return {"maxLoadedModelsSeen": self.resident_seen, "evictions": self.evictions,
@@ -3366,6 +3399,8 @@ class NoCandidate(Exception):
     """No enabled, reachable, healthy server has the model."""
 
 
+#: Ranking.tier of a cold load that evicts an idle model.
+EVICTS = 3
 #: The tier of a server with no free slot: after every tier a request could start in.
 FULL = 9
 #: The last tier a request may be sent to: any server with a free slot (see tier()).
@@ -3554,6 +3589,13 @@ class SharedCapacity:
         return [i for i, room in self.shares.items() if room > before.get(i, 0)]
 
 
+def evicted(load: ServerLoad) -> str | None:
+    """The model Ollama unloads to make room for another: its least recently used idle
+    one (None if every loaded model is busy)."""
+    idle = [m for m in load.loaded if not load.by_model.get(m)]
+    return min(idle, key=load.loaded.__getitem__) if idle else None
+
+
 class Ranking:
     """Which server a request should go to now: the strategies, Ollama's tiers, and
     least_load's index of servers by rank (a heap per model). The Scheduler's first half:
@@ -3573,6 +3615,11 @@ class Ranking:
         self.shared = SharedCapacity()
         #: Each model's size_vram, as /api/ps last showed it loaded on some server.
         self.model_vram: dict[str, int] = {}
+        #: Each server's models kept loaded and parallel limit where known (its own
+        #: settings, or learned), and the fleet's usual ones: learned().
+        self._known: dict[int, tuple[int | None, int | None]] = {}
+        self.usual_resident: int | None = None
+        self.usual_parallel: int | None = None
 
 
     def remember(self, session: str | bytes, server_id: int) -> None:
@@ -3589,6 +3636,26 @@ class Ranking:
         sessions = self.sessions
         return next((key for key in reversed(prints) if key in sessions), None)
 
+    def learned(self, servers: dict[int, Server], server: Server) -> None:
+        """``server`` may have shown more of its limits (Learned): when what is known of
+        them changed, the fleet's usual limits (the median of those known among
+        ``servers``: most fleets are alike) are worked out anew, and so is the ranking
+        they enter."""
+        shown = server.load.learned.known()
+        known = (server.max_loaded_models or shown[0], server.num_parallel or shown[1])
+        if self._known.get(server.id, (None, None)) == known:
+            return
+        self._known[server.id] = known
+        for gone in [i for i in self._known if i not in servers]:
+            del self._known[gone]
+
+        def median(values: list[int]) -> int | None:
+            return sorted(values)[(len(values) - 1) // 2] if values else None
+
+        self.usual_resident = median([r for r, _ in self._known.values() if r])
+        self.usual_parallel = median([p for _, p in self._known.values() if p])
+        self.invalidate()
+
     def capacity(self, server: Server) -> int:
         """Requests in flight on ``server`` before more wait here: its own maxConcurrency,
         else the setting, else a slot for each request its loaded models run at once (as
@@ -3596,32 +3663,38 @@ class Ranking:
         given = server.max_concurrency or self.config.max_concurrency
         if given:
             return given
-        parallel, sure = self.parallel_known(server)
-        resident, resident_sure = self.resident_known(server)
-        if not (sure or resident_sure or server.load.learned.parallel_seen):
-            return GUESSED_MAX_CONCURRENCY  # nothing known yet
+        parallel, parallel_from = self.parallel_known(server)
+        resident, resident_from = self.resident_known(server)
+        if parallel_from != "guessed":
+            return resident * parallel
+        if resident_from == "guessed":
+            if not server.load.learned.parallel_seen:
+                return GUESSED_MAX_CONCURRENCY  # nothing known yet
+            resident = max(1, min(resident, len(server.load.loaded)))  # as far as seen
         # While the parallel limit is a guess (one more than seen), one request more than
-        # the known slots, not one more per model: at most one waits to find the limit.
-        return resident * (parallel - (not sure)) + (not sure)
+        # the slots known, not one more per model: at most one waits to find the limit.
+        return resident * (parallel - 1) + 1
 
-    def parallel_known(self, server: Server) -> tuple[int, bool]:
-        """Requests one loaded model runs at once on ``server``, and whether that is
-        known (said, or learned) rather than guessed."""
-        given = server.num_parallel or self.config.num_parallel
-        if given:
-            return given, True
-        return server.load.learned.parallel()
+    def parallel_known(self, server: Server) -> tuple[int, str]:
+        """Requests one loaded model runs at once on ``server``, and where that comes
+        from: "server" (its numParallel), "setting", or Learned.parallel's."""
+        if server.num_parallel:
+            return server.num_parallel, "server"
+        if self.config.num_parallel:
+            return self.config.num_parallel, "setting"
+        return server.load.learned.parallel(self.usual_parallel)
 
     def parallel(self, server: Server) -> int:
         return self.parallel_known(server)[0]
 
-    def resident_known(self, server: Server) -> tuple[int, bool]:
-        """Models ``server`` keeps loaded at once, and whether that is known (said, or
-        learned) rather than guessed."""
-        given = server.max_loaded_models or self.config.max_loaded_models
-        if given:
-            return given, True
-        return server.load.learned.resident(GUESSED_MAX_LOADED_MODELS)
+    def resident_known(self, server: Server) -> tuple[int, str]:
+        """Models ``server`` keeps loaded at once, and where that comes from, as
+        parallel_known()."""
+        if server.max_loaded_models:
+            return server.max_loaded_models, "server"
+        if self.config.max_loaded_models:
+            return self.config.max_loaded_models, "setting"
+        return server.load.learned.resident(self.usual_resident)
 
     def resident(self, server: Server) -> int:
         return self.resident_known(server)[0]
@@ -3639,20 +3712,13 @@ class Ranking:
     def capacity_report(self, server: Server) -> dict[str, Any]:
         """What the scheduler counts on for ``server``, where each figure comes from,
         and what it has learned (GET /servers/<id>, the dashboard)."""
-        parallel, parallel_sure = self.parallel_known(server)
-        resident, resident_sure = self.resident_known(server)
-
-        def source(own: int | None, setting: int | None, sure: bool) -> str:
-            return ("server" if own else "setting" if setting else
-                    "learned" if sure else "guessed")
-
+        parallel, parallel_from = self.parallel_known(server)
+        resident, resident_from = self.resident_known(server)
         return {
             "numParallel": parallel,
-            "numParallelFrom": source(server.num_parallel, self.config.num_parallel,
-                                      parallel_sure),
+            "numParallelFrom": parallel_from,
             "maxLoadedModels": resident,
-            "maxLoadedModelsFrom": source(server.max_loaded_models,
-                                          self.config.max_loaded_models, resident_sure),
+            "maxLoadedModelsFrom": resident_from,
             "maxConcurrency": self.capacity(server),
             "maxConcurrencyFrom": ("server" if server.max_concurrency else "setting"
                                    if self.config.max_concurrency else "learned"),
@@ -3805,7 +3871,11 @@ class Ranking:
             heapq.heappush(entries, entry)
         if found is None:
             return None, False
-        return (found if tier <= max_tier else None), True
+        if tier > max_tier:
+            return None, True
+        if tier == EVICTS and model is not None:
+            found = self._kindest_eviction(servers, model, exclude) or found
+        return found, True
 
     def pick(self, servers: dict[int, Server], model: str | None,
              session: str | bytes | None = None, exclude: frozenset[int] = frozenset(),
@@ -3822,6 +3892,27 @@ class Ranking:
                 if key is not None and key[0] <= max_tier:
                     return sticky, True
         return self.best(servers, model, exclude, max_tier)
+
+    def _kindest_eviction(self, servers: dict[int, Server], model: str,
+                          exclude: frozenset[int]) -> Server | None:
+        """Where to load ``model`` when each server that could would evict an idle model
+        (EVICTS): the least busy of those whose evicted model (Ollama's least recently
+        used idle one) another server holds too, else the least busy. Evicting a model's
+        last copy makes its next request load it again elsewhere, evicting another, and
+        the cold loads cascade. A scan of the fleet, for the rare decision that costs a
+        load anyway."""
+        now = time.monotonic()
+        copies = collections.Counter(m for s in servers.values()
+                                     if self.eligible(s, None, now) for m in s.load.loaded)
+
+        def last_copy(server: Server) -> bool:
+            victim = evicted(server.load)
+            return victim is None or copies[victim] <= 1
+
+        return min((s for s in servers.values()
+                    if s.id not in exclude and self.eligible(s, model, now)
+                    and self.has_room(s) and self.tier(s, model) == EVICTS),
+                   key=lambda s: (last_copy(s), self._rank(s, model)), default=None)
 
     def tier(self, server: Server, model: str | None) -> int:
         """How soon ``model`` would run on ``server``, from Ollama's own scheduling
@@ -3845,7 +3936,7 @@ class Ranking:
             return 0 if load.by_model.get(model, 0) < self.parallel(server) else 2
         if len(load.loaded) < self.resident(server) and self.fits(server, model):
             return 1
-        return 3 if any(not load.by_model.get(m) for m in load.loaded) else 4
+        return EVICTS if any(not load.by_model.get(m) for m in load.loaded) else 4
 
 
 class Scheduler(Ranking):
@@ -3865,6 +3956,11 @@ class Scheduler(Ranking):
         self.service_seconds = 1.0
         self.first_byte_seconds = 0.1
         self.load_seconds = 5.0
+        #: The worst tier a request takes as it arrives, with least_load: one that does
+        #: not evict a model; past that it is dispatched as the queued are (_pass_tier):
+        #: it waits here for a slot of its model instead, while that takes less than a
+        #: load.
+        self._arriving = EVICTS - 1 if config.strategy == "least_load" else ANY_FREE
 
     # -- slots and the queue -------------------------------------------------------
 
@@ -3876,9 +3972,15 @@ class Scheduler(Ranking):
         Raises NoCandidate, QueueFull or QueueTimeout. Cancelling the caller (its client
         went away) takes it out of the queue at once.
         """
-        server, possible = self.pick(servers, model, session, exclude)
+        server, possible = self.pick(servers, model, session, exclude, self._arriving)
         if not possible:
             raise NoCandidate(model)
+        if server is None and not self.queue:
+            # Its model's servers are full: past its own tier rule (loaded nowhere, or a
+            # backlog that a load pays for), it is loaded elsewhere.
+            max_tier = self._pass_tier(servers, model, "any", True, time.monotonic())
+            if max_tier > self._arriving:
+                server, _ = self.pick(servers, model, session, exclude, max_tier)
         if server is not None and not self.queue:  # FIFO: nobody passes those waiting
             return self.take(server, model, session)
         if len(self.queue) >= self.config.max_queue:
@@ -3919,10 +4021,9 @@ class Scheduler(Ranking):
         load.tally(1)
         if model is not None:
             if model not in load.loaded and len(load.loaded) >= self.resident(server):
-                # Ollama makes room by unloading the least recently used idle model.
-                idle = [m for m in load.loaded if not load.by_model.get(m)]
-                if idle:
-                    del load.loaded[min(idle, key=load.loaded.__getitem__)]
+                victim = evicted(load)
+                if victim is not None:
+                    del load.loaded[victim]
             load.by_model[model] = load.by_model.get(model, 0) + 1
             load.loaded[model] = time.monotonic()
         probe = load.breaker_open
@@ -3937,12 +4038,13 @@ class Scheduler(Ranking):
         ahead = load.learned.generating.get(model, 0) if model is not None else 0
         return Slot(server, model, cold, probe, now, ahead)
 
-    def first_token(self, slot: Slot) -> None:
+    def first_token(self, servers: dict[int, Server], slot: Slot) -> None:
         """The answer ``slot`` holds has begun streaming (its first token came)."""
         if slot.model is not None and not slot.streaming:
             slot.streaming = True
             slot.server.load.learned.first_token(slot.model, slot.ahead, slot.taken,
                                                  time.monotonic())
+            self.learned(servers, slot.server)
 
     def release(self, servers: dict[int, Server], slot: Slot) -> None:
         """Gives a slot back, on every path: answered, failed, or abandoned (its client
@@ -3976,8 +4078,8 @@ class Scheduler(Ranking):
         of it free); a request whose model is loaded somewhere waits for a slot of it
         rather than evict another model (seconds of GPU time, and a model someone is about
         to want gone), unless more wait for that model than the fleet has slots of it. A
-        request that has waited QUEUE_AGING seconds is served strictly in order, so
-        nobody starves.
+        request that has waited QUEUE_AGING seconds is served before the rest, in arrival
+        order, by the same rule, so nobody starves.
         """
         queue = self.queue
         if not queue:
@@ -4037,16 +4139,18 @@ class Scheduler(Ranking):
         """The worst tier a pass lets ``model``'s waiters take (see Scheduler.tier)."""
         if pass_ == "ready":
             return 0
-        if pass_ == "any" and choosy:
+        if choosy:
             # Its model loaded somewhere and enough slots of it for those waiting: wait
             # for one rather than evict another model here. Past that, the model is short
             # of servers and a load pays for itself: when the wait for a slot, backlog /
             # slots requests long, exceeds the load itself (both measured, observe()).
+            # Not a load that waits for a busy model to drain first, though (tier 4): that
+            # model's requests would be the next short of slots.
             slots = sum(self.parallel(s) for s in servers.values()
                         if model in s.load.loaded and self.eligible(s, model, now))
             worth = self.load_seconds / max(self.service_seconds, 1e-3)
-            if slots and self.queue.waiting[model] <= slots * worth:
-                return 1
+            if slots:
+                return 1 if self.queue.waiting[model] <= slots * worth else EVICTS
         return ANY_FREE
 
     def observe(self, cold: bool, first_byte: float, total: float) -> None:
@@ -5499,6 +5603,7 @@ class Fleet:
                 self.scheduler.close_circuit(server, "its health check passed")
             await read_running(self.upstreams, server, proxy, self.config.health_timeout,
                                self.scheduler.model_vram)
+            self.scheduler.learned(self.servers, server)
         server.last_checked = utc_now()
         self.scheduler.changed(server)  # its models, health or resident models may differ
         self._health_dirty[server.id] = (server.models if server.reachable else None,
@@ -6362,7 +6467,7 @@ class OllamaFront:
         (its parallel limit), and, after a cold load, what /api/ps shows now (an
         eviction, if the load made room for itself)."""
         if "chunked" in response.headers.tokens("transfer-encoding"):
-            self.fleet.scheduler.first_token(slot)
+            self.fleet.scheduler.first_token(self.fleet.servers, slot)
         learned = slot.server.load.learned
         if slot.cold and not learned.checking:
             learned.checking = True
@@ -6372,6 +6477,7 @@ class OllamaFront:
         try:
             await read_running(self.upstreams, server, proxy, self.config.health_timeout,
                                self.fleet.scheduler.model_vram, with_version=False)
+            self.fleet.scheduler.learned(self.fleet.servers, server)
             self.fleet.scheduler.changed(server)
         finally:
             server.load.learned.checking = False
@@ -7522,8 +7628,9 @@ SERVER_SCHEMA = _record(
 #: What the scheduler counts on for a server, and whence (GET /servers/<id>, addServer).
 SERVER_SCHEMA["properties"]["capacity"] = {
     "type": "object", "description": "numParallel, maxLoadedModels and maxConcurrency as the "
-    "scheduler uses them, each with where it comes from (server, setting, learned or "
-    "guessed), and what was learned (learned)"}
+    "scheduler uses them, each with where it comes from (server, setting, learned, "
+    "fleet: the usual limit of the other servers, or guessed), and what was learned "
+    "(learned)"}
 PROXY_SCHEMA = _record(
     id={"type": "integer"}, ip={"type": "string"}, port={"type": "integer"},
     protocol={"enum": list(PROXY_PROTOCOLS)}, name={"type": "string"},

@@ -28,10 +28,10 @@ def test_an_eviction_makes_the_most_models_seen_loaded_the_limit() -> None:
     learned = ob.Learned()
     learned.from_ps(ps("a:latest"), time.time())
     learned.from_ps(ps("a:latest", "b:latest"), time.time())
-    assert learned.resident(3) == (3, False)  # two seen, more may fit: still a guess
+    assert learned.resident() == (3, "guessed")  # two seen, more may fit: still a guess
     learned.from_ps(ps("a:latest", "c:latest"), time.time())  # b went early, for c
     assert learned.evictions == 1
-    assert learned.resident(3) == (2, True)
+    assert learned.resident() == (2, "learned")
 
 
 def test_a_model_gone_when_its_keep_alive_ran_out_is_no_eviction() -> None:
@@ -39,13 +39,13 @@ def test_a_model_gone_when_its_keep_alive_ran_out_is_no_eviction() -> None:
     learned.from_ps(ps("a:latest") + ps("b:latest", expires=time.time() - 1), time.time())
     learned.from_ps(ps("a:latest", "c:latest"), time.time())
     assert learned.evictions == 0
-    assert learned.resident(3) == (3, False)
+    assert learned.resident() == (3, "guessed")
 
 
 def test_more_models_seen_loaded_than_guessed_raise_the_guess() -> None:
     learned = ob.Learned()
     learned.from_ps(ps("a:latest", "b:latest", "c:latest", "d:latest"), time.time())
-    assert learned.resident(3) == (4, False)
+    assert learned.resident() == (4, "guessed")
 
 
 def test_an_eviction_below_the_count_seen_teaches_the_memory_limit() -> None:
@@ -59,7 +59,7 @@ def test_an_eviction_below_the_count_seen_teaches_the_memory_limit() -> None:
     assert learned.vram_limit == 10 + 10 + 50  # a, b and big did not fit together
     assert learned.vram_seen == 60 and sizes == {"a:latest": 10, "b:latest": 10,
                                                  "c:latest": 10, "big:latest": 50}
-    assert learned.resident(3) == (3, True)  # it held three at once: the count is three
+    assert learned.resident() == (3, "learned")  # it held three at once: the count is three
 
 
 def test_expires_at_is_read_with_nanoseconds_and_offsets() -> None:
@@ -73,13 +73,26 @@ def test_expires_at_is_read_with_nanoseconds_and_offsets() -> None:
 
 def test_answers_seen_streaming_at_once_are_the_parallel_floor() -> None:
     learned = ob.Learned()
-    assert learned.parallel() == (2, False)  # nothing seen: two are tried
+    assert learned.parallel() == (2, "guessed")  # nothing seen: two are tried
     learned.first_token("m", 0, 0.0, 1.0)
     learned.first_token("m", 1, 0.5, 1.1)
-    assert learned.parallel() == (3, False)  # two seen at once: a third is tried
     learned.answered("m", 2.0)
+    assert learned.parallel() == (3, "guessed")  # two seen at once: a third is tried
     learned.answered("m", 2.1)
     assert learned.generating == {}
+
+
+def test_a_first_token_read_just_before_the_end_of_the_answer_it_followed_is_no_overlap(
+        ) -> None:
+    """Ollama starts a waiting request as one ends: its first token can be read a moment
+    before the balancer has seen the end of the one whose slot it took."""
+    learned = ob.Learned()
+    learned.first_token("m", 0, 0.0, 0.1)
+    learned.first_token("m", 1, 0.5, 2.0)  # sent while one ran ...
+    learned.answered("m", 2.0 + ob.Learned.HANDOFF / 2)  # ... which ended as it began
+    learned.answered("m", 3.0)
+    assert learned.parallel_seen == 1
+    assert learned.parallel() == (2, "guessed")
 
 
 def test_requests_seen_waiting_for_a_slot_make_the_parallel_limit_known() -> None:
@@ -90,7 +103,7 @@ def test_requests_seen_waiting_for_a_slot_make_the_parallel_limit_known() -> Non
         # Sent while one ran; its first token 50 ms after that one ended, 5 s later.
         learned.answered("m", sent + 5.0)
         learned.first_token("m", 1, sent, sent + 5.05)
-    assert learned.parallel() == (1, True)
+    assert learned.parallel() == (1, "learned")
 
 
 def test_a_first_token_long_after_an_answer_ended_is_no_wait_for_a_slot() -> None:
@@ -104,7 +117,7 @@ def test_a_first_token_long_after_an_answer_ended_is_no_wait_for_a_slot() -> Non
         sent = 100.0 + turn * 10
         learned.answered("m", sent + 0.02)  # ended at once (a wait too short to tell) ...
         learned.first_token("m", 1, sent, sent + 0.03)  # ... and its first token soon
-    assert learned.parallel() == (2, False)  # a long prompt, not a queue
+    assert learned.parallel() == (2, "guessed")  # a long prompt, not a queue
 
 
 # -- what the scheduler counts on --------------------------------------------------------
@@ -127,6 +140,11 @@ def test_the_cap_is_models_times_parallel_as_learned_and_four_before() -> None:
     guessing = server_with(ob.Learned(resident_seen=2, evictions=1, parallel_seen=2))
     assert scheduler.parallel(guessing) == 3  # two seen at once: a third is tried ...
     assert scheduler.capacity(guessing) == 2 * 2 + 1  # ... one at a time, not one a model
+    # Neither known: the models loaded now x the requests seen at once, + 1.
+    unknown = server_with(ob.Learned(resident_seen=2, parallel_seen=2))
+    assert scheduler.capacity(unknown) == 1 * 2 + 1  # nothing loaded: counted as one
+    unknown.load.loaded = {"a:latest": 0.0, "b:latest": 0.0}
+    assert scheduler.capacity(unknown) == 2 * 2 + 1  # not the 3 models guessed
     report = scheduler.capacity_report(server)
     assert report["maxLoadedModelsFrom"] == report["numParallelFrom"] == "learned"
 
@@ -159,6 +177,56 @@ def test_a_server_that_keeps_one_model_is_not_sent_another_while_it_runs_one() -
     assert scheduler.tier(small, "b:latest") == 4
     assert scheduler.pick(servers, "b:latest")[0] is big
     scheduler.release(servers, slot)
+
+
+def test_a_server_not_yet_known_is_counted_on_for_the_fleets_usual_limits() -> None:
+    scheduler = ob.Scheduler(ob.Config())
+    known = {i: server_with(ob.Learned(resident_seen=r, evictions=1, parallel_seen=p,
+                                       waited=ob.Learned.SURE_AFTER))
+             for i, (r, p) in enumerate([(1, 1), (2, 2), (2, 2)], start=1)}
+    new = server_with(ob.Learned())
+    new.id = 4
+    servers = {**known, 4: new}
+    for server_id, server in known.items():
+        server.id = server_id
+    assert scheduler.capacity(new) == 4  # nothing known anywhere: the old default
+    for server in known.values():
+        scheduler.learned(servers, server)
+    # The median of what the others showed, as a guess of its own (no probing slot).
+    assert scheduler.resident_known(new) == (2, "fleet")
+    assert scheduler.parallel_known(new) == (2, "fleet")
+    assert scheduler.capacity(new) == 4
+    assert scheduler.capacity_report(new)["numParallelFrom"] == "fleet"
+    new.load.learned.parallel_seen = 3  # it showed more than the others: that counts
+    assert scheduler.parallel_known(new) == (3, "fleet")
+    # A server gone from the fleet is no longer part of what is usual.
+    del servers[2], servers[3]
+    scheduler.learned(servers, known[1])
+    scheduler.learned(servers, new)
+    assert scheduler.usual_resident == 2  # no change for server 1: nothing worked out
+    known[1].load.learned.parallel_seen = 2
+    known[1].load.learned.waited = ob.Learned.SURE_AFTER
+    scheduler.learned(servers, known[1])
+    assert (scheduler.usual_resident, scheduler.usual_parallel) == (1, 2)
+
+
+def test_a_servers_own_settings_count_toward_the_fleets_usual_limits() -> None:
+    scheduler = ob.Scheduler(ob.Config())
+    told = server_with(ob.Learned(), num_parallel=4, max_loaded_models=1)
+    scheduler.learned({1: told}, told)
+    assert scheduler.resident_known(server_with(ob.Learned())) == (1, "fleet")
+    assert scheduler.parallel(server_with(ob.Learned())) == 4
+
+
+def test_one_wait_that_agrees_with_the_fleets_usual_limit_makes_it_known() -> None:
+    learned = ob.Learned()
+    learned.first_token("m", 0, 0.0, 0.1)  # one runs
+    learned.answered("m", 6.0)
+    learned.first_token("m", 1, 1.0, 6.05)  # sent while it ran, its first token after
+    assert learned.parallel() == (2, "guessed")  # alone, one wait is not enough
+    assert learned.parallel(usual=1) == (1, "learned")  # the fleet's other servers agree
+    assert learned.parallel(usual=2) == (2, "fleet")  # they do not: still a guess
+    assert learned.known() == (None, None)  # and nothing of its own for the fleet's
 
 
 # -- conversations ---------------------------------------------------------------------
@@ -273,6 +341,22 @@ def test_the_balancer_learns_a_server_keeps_one_model_from_the_eviction_it_sees(
     assert report["maxConcurrency"] == 2  # 1 model x 1 seen at once, + 1 to find out
 
 
+def test_a_server_added_to_a_fleet_that_showed_its_limits_starts_from_them(
+        balancer: Any) -> None:
+    lb, add = balancer()
+    _, row = add(("llama3:latest", "qwen2:latest"), max_loaded=1, tokens=2)
+    for model in ("llama3", "qwen2", "llama3"):
+        assert stream_chat(lb, model, [{"role": "user", "content": model}])[0] == 200
+    deadline = time.monotonic() + 10
+    while capacity(lb, row["id"])["maxLoadedModelsFrom"] != "learned":
+        assert time.monotonic() < deadline, capacity(lb, row["id"])
+        time.sleep(0.1)
+    _, second = add(("llama3:latest", "qwen2:latest"), max_loaded=1)
+    report = capacity(lb, second["id"])
+    assert (report["maxLoadedModels"], report["maxLoadedModelsFrom"]) == (1, "fleet"), report
+    assert report["learned"]["evictions"] == 0  # its own: nothing yet
+
+
 def run_at_once(count: int, work: Any) -> list[Any]:
     results: list[Any] = [None] * count
 
@@ -291,7 +375,7 @@ def run_at_once(count: int, work: Any) -> list[Any]:
 def test_the_balancer_learns_a_server_runs_one_request_at_a_time(balancer: Any) -> None:
     lb, add = balancer()
     _, row = add(parallel=1, tokens=6, token_delay=0.05)
-    for round_ in range(2):
+    for round_ in range(3):
         results = run_at_once(3, lambda i, r=round_: stream_chat(
             lb, "llama3", [{"role": "user", "content": f"{r}-{i}"}]))
         assert all(status == 200 for status, _ in results)
@@ -311,7 +395,8 @@ def test_the_balancer_sees_a_server_run_two_requests_at_once(balancer: Any) -> N
     assert report["learned"]["numParallelSeen"] == 2
     # Two seen at once, the limit not known: a third is tried where it can run.
     assert report["numParallel"] == 3 and report["numParallelFrom"] == "guessed"
-    assert report["maxConcurrency"] == 7  # 3 models (guessed) x 2 seen, + 1 to find out
+    # The one model loaded (how many it keeps is a guess) x 2 seen, + 1 to find out.
+    assert report["maxConcurrency"] == 3
 
 
 def test_a_servers_own_settings_are_set_shown_and_cleared_through_the_api(

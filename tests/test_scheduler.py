@@ -12,13 +12,14 @@ from hypothesis import strategies as st
 import ollamabalancer as ob
 
 
-def fleet(count: int, **config: Any) -> tuple[ob.Scheduler, dict[int, ob.Server]]:
+def fleet(count: int, models: tuple[str, ...] = ("a", "b", "c"), **config: Any
+          ) -> tuple[ob.Scheduler, dict[int, ob.Server]]:
     settings = ob.Config(**{"num_parallel": 1, "max_loaded_models": 2, "max_concurrency": 2,
                             **config})
     servers = {}
     for index in range(1, count + 1):
         server = ob.Server(index, f"h{index}", 11434, reachable=True,
-                           models=[{"name": m} for m in ("a:latest", "b:latest", "c:latest")])
+                           models=[{"name": f"{m}:latest"} for m in models])
         servers[index] = server
     return ob.Scheduler(settings), servers
 
@@ -222,6 +223,22 @@ def test_a_waiter_exactly_queue_aging_old_is_served_in_order(
     assert served([cold, ready]) == [1, None]  # the aged one first, though "a" is ready
 
 
+def test_an_aged_waiter_still_waits_for_its_models_server_rather_than_evict(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Aging serves the oldest first; it does not make an eviction worth it: a backlog of
+    long waiters would otherwise evict every model in turn."""
+    monkeypatch.setattr(ob.time, "monotonic", lambda: 1000.0)
+    scheduler, servers = fleet(2, max_concurrency=1, max_loaded_models=1)
+    scheduler.service_seconds, scheduler.load_seconds = 0.5, 5.0
+    running = scheduler.take(servers[1], "a:latest")
+    scheduler.release(servers, scheduler.take(servers[2], "b:latest"))
+    (aged,) = queue_up(scheduler, "a:latest", since=1000.0 - ob.QUEUE_AGING - 1)
+    scheduler.dispatch(servers)
+    assert served([aged]) == [None]  # not server 2, by evicting "b"
+    scheduler.release(servers, running)
+    assert served([aged]) == [1]
+
+
 def test_the_ready_pass_takes_only_a_loaded_model_with_a_free_slot() -> None:
     """A request that needs a load, even into free memory, waits behind one whose model
     is loaded and free: the ready pass is for tier 0 only."""
@@ -249,6 +266,75 @@ def test_a_model_loaded_elsewhere_is_loaded_again_only_when_its_backlog_pays_for
     waiters = queue_up(scheduler, *["a:latest"] * backlog)
     scheduler.dispatch(servers)
     assert served(waiters)[0] == (2 if loads else None)
+
+
+@pytest.mark.parametrize("strategy", ["least_load", "random"])
+def test_an_arriving_request_waits_for_its_models_server_rather_than_evict_one_elsewhere(
+        strategy: str) -> None:
+    """As a queued one would: "a" runs on server 1 (full); server 2 could take the new
+    request only by evicting its idle "b", a load that would take longer than the wait.
+    random and round_robin take any free server, as they always did."""
+    async def scenario() -> tuple[int | None, int]:
+        scheduler, servers = fleet(2, max_concurrency=1, max_loaded_models=1,
+                                   strategy=strategy)
+        scheduler.service_seconds, scheduler.load_seconds = 0.5, 5.0
+        running = scheduler.take(servers[1], "a:latest")
+        scheduler.release(servers, scheduler.take(servers[2], "b:latest"))
+        arriving = asyncio.ensure_future(scheduler.acquire(servers, "a:latest"))
+        await asyncio.sleep(0.01)
+        first = arriving.result().server.id if arriving.done() else None
+        scheduler.release(servers, running)
+        slot = await asyncio.wait_for(arriving, 1)
+        return first, slot.server.id
+
+    if strategy == "least_load":
+        assert asyncio.run(scenario()) == (None, 1)  # waited, then ran where "a" is loaded
+    else:
+        assert asyncio.run(scenario()) == (2, 2)
+
+
+def test_an_arriving_request_whose_model_is_loaded_nowhere_loads_it_at_once() -> None:
+    async def scenario() -> int:
+        scheduler, servers = fleet(2, max_concurrency=1, max_loaded_models=1)
+        scheduler.take(servers[1], "a:latest")
+        scheduler.release(servers, scheduler.take(servers[2], "b:latest"))
+        slot = await asyncio.wait_for(scheduler.acquire(servers, "c:latest"), 1)
+        return slot.server.id
+
+    assert asyncio.run(scenario()) == 2  # "b" evicted: there is nothing to wait for
+
+
+def test_a_load_that_must_evict_evicts_a_model_another_server_also_holds() -> None:
+    """Servers 1 and 2 hold "a", server 3 (the heavier, so the best ranked) holds the only
+    "b": a load of "c" goes where it evicts a copy of "a", not the last "b" (whose next
+    request would then evict another model, and so on)."""
+    scheduler, servers = fleet(3, max_loaded_models=1, models=("a", "b", "c", "d"))
+    servers[3].weight = 2.0
+    for server_id, model in ((1, "a:latest"), (2, "a:latest"), (3, "b:latest")):
+        scheduler.release(servers, scheduler.take(servers[server_id], model))
+    assert {scheduler.tier(s, "c:latest") for s in servers.values()} == {ob.EVICTS}
+    server, _ = scheduler.pick(servers, "c:latest")
+    assert server in (servers[1], servers[2])
+    # With every eviction an only copy, the ranking decides as before: the heavier.
+    scheduler.release(servers, scheduler.take(servers[2], "d:latest"))
+    assert scheduler.pick(servers, "c:latest")[0] is servers[3]
+
+
+def test_a_backlog_that_pays_for_a_load_does_not_wait_for_a_busy_model_to_drain() -> None:
+    """"a" runs on server 1 (full) with a backlog worth a load; server 2 has room, but
+    its one loaded model is busy: a load there would wait for that to drain, then take
+    the model its own next requests need. The backlog waits for "a"'s own slot."""
+    scheduler, servers = fleet(2, max_concurrency=1, max_loaded_models=1, num_parallel=1)
+    servers[2].max_concurrency = 2
+    scheduler.service_seconds, scheduler.load_seconds = 0.5, 5.0  # worth 10 a slot
+    running = scheduler.take(servers[1], "a:latest")
+    scheduler.take(servers[2], "b:latest")
+    assert scheduler.tier(servers[2], "a:latest") == 4
+    waiters = queue_up(scheduler, *["a:latest"] * 11)
+    scheduler.dispatch(servers)
+    assert served(waiters)[0] is None
+    scheduler.release(servers, running)
+    assert served(waiters)[0] == 1
 
 
 def test_a_cancelled_waiter_leaves_the_queue_and_a_late_grant_is_returned() -> None:
