@@ -232,9 +232,10 @@ ROUTE_MEMO_SIZE = 1024
 #: for affinity, about 150 bytes each, least recently used dropped first.
 MAX_SESSIONS = 100_000
 #: What the scheduler assumes of a server's Ollama until it has learned otherwise and
-#: nobody said: Ollama's default of OLLAMA_MAX_LOADED_MODELS (3 a GPU), and a cap of 4
-#: requests in flight (the old MAX_CONCURRENCY default) until anything is learned.
-GUESSED_MAX_LOADED_MODELS = 3
+#: nobody said: that it keeps 2 models loaded, or as many as it has shown (a load beyond
+#: that counts as one that may evict: Learned.resident), and a cap of 4 requests in
+#: flight (the old MAX_CONCURRENCY default) until anything is learned.
+GUESSED_MAX_LOADED_MODELS = 2
 GUESSED_MAX_CONCURRENCY = 4
 SERVER_SCHEMES = ("http", "https")
 #: Origins Ollama allows before OLLAMA_ORIGINS adds any (its envconfig), so that browser
@@ -1654,7 +1655,11 @@ class Learned:
     def resident(self, usual: int | None = None) -> tuple[int, str]:
         """Models it keeps loaded at once, and where that figure comes from: "learned"
         (an eviction showed it), "fleet" (the limit the fleet's other servers showed,
-        ``usual``, as most fleets are alike), or "guessed"."""
+        ``usual``, as most fleets are alike), or "guessed": as many as it has shown, and
+        2 before it has shown two. A load past the guess ranks as one that evicts, taken
+        only where a load that must evict pays, so a new fleet explores its limit once,
+        where it has to, rather than every server loading one model too many at once
+        (and each of them evicting one that a request then loads again elsewhere)."""
         if self.evictions:
             return max(1, self.resident_seen), "learned"
         if usual is not None:
@@ -3897,10 +3902,11 @@ class Ranking:
                           exclude: frozenset[int]) -> Server | None:
         """Where to load ``model`` when each server that could would evict an idle model
         (EVICTS): the least busy of those whose evicted model (Ollama's least recently
-        used idle one) another server holds too, else the least busy. Evicting a model's
-        last copy makes its next request load it again elsewhere, evicting another, and
-        the cold loads cascade. A scan of the fleet, for the rare decision that costs a
-        load anyway."""
+        used idle one) another server holds too, else the least busy; and among either,
+        first one that may hold another model (its limit not yet seen): the load then
+        evicts nothing, or shows the limit. Evicting a model's last copy makes its next
+        request load it again elsewhere, evicting another, and the cold loads cascade. A
+        scan of the fleet, for the rare decision that costs a load anyway."""
         now = time.monotonic()
         copies = collections.Counter(m for s in servers.values()
                                      if self.eligible(s, None, now) for m in s.load.loaded)
@@ -3909,10 +3915,14 @@ class Ranking:
             victim = evicted(server.load)
             return victim is None or copies[victim] <= 1
 
+        def full(server: Server) -> bool:
+            return self.resident_known(server)[1] not in ("guessed", "fleet") or not (
+                self.fits(server, model))
+
         return min((s for s in servers.values()
                     if s.id not in exclude and self.eligible(s, model, now)
                     and self.has_room(s) and self.tier(s, model) == EVICTS),
-                   key=lambda s: (last_copy(s), self._rank(s, model)), default=None)
+                   key=lambda s: (last_copy(s), full(s), self._rank(s, model)), default=None)
 
     def tier(self, server: Server, model: str | None) -> int:
         """How soon ``model`` would run on ``server``, from Ollama's own scheduling

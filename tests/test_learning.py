@@ -4,6 +4,7 @@ conversations that keep their server (and its KV cache) without a header."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -27,8 +28,9 @@ def ps(*models: str, size: int = 0, expires: float | None = None) -> list[dict[s
 def test_an_eviction_makes_the_most_models_seen_loaded_the_limit() -> None:
     learned = ob.Learned()
     learned.from_ps(ps("a:latest"), time.time())
+    assert learned.resident() == (2, "guessed")  # nothing seen: two
     learned.from_ps(ps("a:latest", "b:latest"), time.time())
-    assert learned.resident() == (3, "guessed")  # two seen, more may fit: still a guess
+    assert learned.resident() == (2, "guessed")  # two seen, more may fit: still a guess
     learned.from_ps(ps("a:latest", "c:latest"), time.time())  # b went early, for c
     assert learned.evictions == 1
     assert learned.resident() == (2, "learned")
@@ -39,11 +41,13 @@ def test_a_model_gone_when_its_keep_alive_ran_out_is_no_eviction() -> None:
     learned.from_ps(ps("a:latest") + ps("b:latest", expires=time.time() - 1), time.time())
     learned.from_ps(ps("a:latest", "c:latest"), time.time())
     assert learned.evictions == 0
-    assert learned.resident() == (3, "guessed")
+    assert learned.resident() == (2, "guessed")
 
 
 def test_more_models_seen_loaded_than_guessed_raise_the_guess() -> None:
     learned = ob.Learned()
+    learned.from_ps(ps("a:latest", "b:latest", "c:latest"), time.time())
+    assert learned.resident() == (3, "guessed")
     learned.from_ps(ps("a:latest", "b:latest", "c:latest", "d:latest"), time.time())
     assert learned.resident() == (4, "guessed")
 
@@ -177,6 +181,50 @@ def test_a_server_that_keeps_one_model_is_not_sent_another_while_it_runs_one() -
     assert scheduler.tier(small, "b:latest") == 4
     assert scheduler.pick(servers, "b:latest")[0] is big
     scheduler.release(servers, slot)
+
+
+def test_a_load_past_the_models_a_server_has_shown_counts_as_one_that_evicts() -> None:
+    """Server 2 has shown two models loaded, nothing more: a third there may evict one
+    (its limit is not known), so a request for "a", whose server 1 (holding only "a") is
+    busy, waits for that server, as it would rather than make any load that evicts: not
+    every new server takes a third model at once (each evicting one that a request then
+    loads again elsewhere)."""
+    async def scenario() -> tuple[int, int, int]:
+        scheduler = ob.Scheduler(ob.Config())
+        models = [{"name": f"{m}:latest"} for m in ("a", "b", "c", "d")]
+        busy = server_with(ob.Learned(parallel_seen=1, waited=ob.Learned.SURE_AFTER),
+                           models=models[:1])
+        shown = ob.Server(2, "h2", 11434, reachable=True, models=models)
+        shown.load.learned.from_ps(ps("b:latest", "c:latest"), time.time())
+        shown.load.loaded = {"b:latest": 0.0, "c:latest": 1.0}
+        servers = {1: busy, 2: shown}
+        running = scheduler.take(busy, "a:latest")
+        tier = scheduler.tier(shown, "a:latest")
+        arriving = await asyncio.wait_for(scheduler.acquire(servers, "a:latest"), 1)
+        scheduler.release(servers, arriving)
+        scheduler.release(servers, running)
+        # A model loaded nowhere is loaded there all the same: the limit is found where
+        # a load must evict anyway.
+        elsewhere = await asyncio.wait_for(scheduler.acquire(servers, "d:latest"), 1)
+        return tier, arriving.server.id, elsewhere.server.id
+
+    assert asyncio.run(scenario()) == (ob.EVICTS, 1, 2)
+
+
+def test_a_load_that_must_evict_goes_first_where_it_may_evict_nothing() -> None:
+    """Both servers hold "a" and "b", idle; server 1 (the heavier, so the better ranked)
+    has shown two is its limit, server 2 has not: a load of "c" may fit there beside them,
+    and if it does not, the eviction shows server 2's limit."""
+    scheduler = ob.Scheduler(ob.Config())
+    models = [{"name": f"{m}:latest"} for m in ("a", "b", "c")]
+    full = server_with(ob.Learned(resident_seen=2, evictions=1), models=models, weight=2.0)
+    unknown = ob.Server(2, "h2", 11434, reachable=True, models=models)
+    unknown.load.learned.from_ps(ps("a:latest", "b:latest"), time.time())
+    servers = {1: full, 2: unknown}
+    for server in servers.values():
+        server.load.loaded = {"a:latest": 0.0, "b:latest": 1.0}
+    assert {scheduler.tier(s, "c:latest") for s in servers.values()} == {ob.EVICTS}
+    assert scheduler.pick(servers, "c:latest")[0] is unknown
 
 
 def test_a_server_not_yet_known_is_counted_on_for_the_fleets_usual_limits() -> None:
@@ -382,7 +430,7 @@ def test_the_balancer_learns_a_server_runs_one_request_at_a_time(balancer: Any) 
     report = capacity(lb, row["id"])
     assert report["learned"]["numParallelSeen"] == 1
     assert (report["numParallel"], report["numParallelFrom"]) == (1, "learned"), report
-    assert report["maxConcurrency"] == 3  # 3 models (guessed) x 1, now known
+    assert report["maxConcurrency"] == 2  # 2 models (guessed) x 1, now known
 
 
 def test_the_balancer_sees_a_server_run_two_requests_at_once(balancer: Any) -> None:
