@@ -28,7 +28,7 @@ def ps(*models: str, size: int = 0, expires: float | None = None) -> list[dict[s
 def test_an_eviction_makes_the_most_models_seen_loaded_the_limit() -> None:
     learned = ob.Learned()
     learned.from_ps(ps("a:latest"), time.time())
-    assert learned.resident() == (2, "guessed")  # nothing seen: two
+    assert learned.resident() == (2, "guessed")  # one seen: two, before two are seen
     learned.from_ps(ps("a:latest", "b:latest"), time.time())
     assert learned.resident() == (2, "guessed")  # two seen, more may fit: still a guess
     learned.from_ps(ps("a:latest", "c:latest"), time.time())  # b went early, for c
