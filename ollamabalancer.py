@@ -1652,19 +1652,20 @@ class Learned:
     LONG_WAIT: ClassVar[float] = 0.1
     HANDOFF: ClassVar[float] = 0.05
 
-    def resident(self, usual: int | None = None) -> tuple[int, str]:
+    def resident(self, usual: int | None = None, shown: int = 0) -> tuple[int, str]:
         """Models it keeps loaded at once, and where that figure comes from: "learned"
         (an eviction showed it), "fleet" (the limit the fleet's other servers showed,
-        ``usual``, as most fleets are alike), or "guessed": as many as it has shown, and
-        2 before it has shown two. A load past the guess ranks as one that evicts, taken
-        only where a load that must evict pays, so a new fleet explores its limit once,
-        where it has to, rather than every server loading one model too many at once
-        (and each of them evicting one that a request then loads again elsewhere)."""
+        ``usual``, as most fleets are alike), or "guessed": as many as it or another
+        server of its fleet has shown (``shown``), and 2 before any has shown two. A load
+        past the guess ranks as one that evicts, taken only where a load that must evict
+        pays, so a new fleet explores its limit once, where it has to, rather than every
+        server loading one model too many at once (and each of them evicting one that a
+        request then loads again elsewhere)."""
         if self.evictions:
             return max(1, self.resident_seen), "learned"
         if usual is not None:
             return max(self.resident_seen, usual), "fleet"
-        return max(self.resident_seen, GUESSED_MAX_LOADED_MODELS), "guessed"
+        return max(self.resident_seen, shown, GUESSED_MAX_LOADED_MODELS), "guessed"
 
     def parallel(self, usual: int | None = None) -> tuple[int, str]:
         """Requests one loaded model runs at once, and where that figure comes from, as
@@ -3621,10 +3622,13 @@ class Ranking:
         #: Each model's size_vram, as /api/ps last showed it loaded on some server.
         self.model_vram: dict[str, int] = {}
         #: Each server's models kept loaded and parallel limit where known (its own
-        #: settings, or learned), and the fleet's usual ones: learned().
-        self._known: dict[int, tuple[int | None, int | None]] = {}
+        #: settings, or learned) and the most models it has shown loaded at once; the
+        #: fleet's usual limits, and the most models any of its servers has shown:
+        #: learned().
+        self._known: dict[int, tuple[int | None, int | None, int]] = {}
         self.usual_resident: int | None = None
         self.usual_parallel: int | None = None
+        self.fleet_shown = 0
 
 
     def remember(self, session: str | bytes, server_id: int) -> None:
@@ -3644,21 +3648,32 @@ class Ranking:
     def learned(self, servers: dict[int, Server], server: Server) -> None:
         """``server`` may have shown more of its limits (Learned): when what is known of
         them changed, the fleet's usual limits (the median of those known among
-        ``servers``: most fleets are alike) are worked out anew, and so is the ranking
-        they enter."""
-        shown = server.load.learned.known()
-        known = (server.max_loaded_models or shown[0], server.num_parallel or shown[1])
-        if self._known.get(server.id, (None, None)) == known:
+        ``servers``: most fleets are alike) and the most models one of them has shown
+        loaded at once are worked out anew, and so is the ranking they enter."""
+        learned = server.load.learned
+        shown = learned.known()
+        known = (server.max_loaded_models or shown[0], server.num_parallel or shown[1],
+                 learned.resident_seen)
+        if self._known.get(server.id, (None, None, 0)) == known:
             return
         self._known[server.id] = known
+        self._work_out(servers)
+
+    def forget(self, servers: dict[int, Server]) -> None:
+        """The fleet may have lost servers: what they showed counts no more."""
+        if any(server_id not in servers for server_id in self._known):
+            self._work_out(servers)
+
+    def _work_out(self, servers: dict[int, Server]) -> None:
         for gone in [i for i in self._known if i not in servers]:
             del self._known[gone]
 
         def median(values: list[int]) -> int | None:
             return sorted(values)[(len(values) - 1) // 2] if values else None
 
-        self.usual_resident = median([r for r, _ in self._known.values() if r])
-        self.usual_parallel = median([p for _, p in self._known.values() if p])
+        self.usual_resident = median([r for r, _, _ in self._known.values() if r])
+        self.usual_parallel = median([p for _, p, _ in self._known.values() if p])
+        self.fleet_shown = max((seen for _, _, seen in self._known.values()), default=0)
         self.invalidate()
 
     def capacity(self, server: Server) -> int:
@@ -3699,7 +3714,7 @@ class Ranking:
             return server.max_loaded_models, "server"
         if self.config.max_loaded_models:
             return self.config.max_loaded_models, "setting"
-        return server.load.learned.resident(self.usual_resident)
+        return server.load.learned.resident(self.usual_resident, self.fleet_shown)
 
     def resident(self, server: Server) -> int:
         return self.resident_known(server)[0]
@@ -5423,6 +5438,7 @@ class Fleet:
         keys = await self.store.call(store.list_keys)
         old = self.servers
         self.servers = {server.id: carried(old.get(server.id), server) for server in servers}
+        self.scheduler.forget(self.servers)
         self.proxies = {proxy.id: proxy for proxy in proxies}
         self.handles = handles
         self.handle_tokens = {pair: token for token, pair in handles.items()}
@@ -5509,6 +5525,7 @@ class Fleet:
         if server is None:
             if self.servers.pop(server_id, None) is not None:
                 forget_handles(self, lambda pair: pair[0] == server_id)
+                self.scheduler.forget(self.servers)
             return
         moved = old is None or (old.host, old.port, old.scheme, old.proxy_id) != (
             server.host, server.port, server.scheme, server.proxy_id)

@@ -227,6 +227,29 @@ def test_a_load_that_must_evict_goes_first_where_it_may_evict_nothing() -> None:
     assert scheduler.pick(servers, "c:latest")[0] is unknown
 
 
+def test_a_server_counts_on_as_many_models_as_another_of_its_fleet_has_shown() -> None:
+    """Server 1 has shown three models loaded at once, and no eviction anywhere says a
+    limit: server 2, holding two, takes a third as a load that evicts nothing (most
+    fleets are alike), until an eviction somewhere makes a limit usual."""
+    scheduler = ob.Scheduler(ob.Config())
+    models = [{"name": f"{m}:latest"} for m in ("a", "b", "c")]
+    shown = server_with(ob.Learned(), models=models)
+    shown.load.learned.from_ps(ps("a:latest", "b:latest", "c:latest"), time.time())
+    new = ob.Server(2, "h2", 11434, reachable=True, models=models)
+    new.load.loaded = {"a:latest": 0.0, "b:latest": 1.0}
+    servers = {1: shown, 2: new}
+    assert scheduler.tier(new, "c:latest") == ob.EVICTS  # nothing shown yet
+    scheduler.learned(servers, shown)
+    assert scheduler.resident_known(new) == (3, "guessed")
+    assert scheduler.tier(new, "c:latest") == 1
+    shown.load.learned.from_ps(ps("a:latest", "b:latest", "d:latest"), time.time())
+    scheduler.learned(servers, shown)  # c went early, for d: three is server 1's limit
+    assert scheduler.resident_known(new) == (3, "fleet")
+    del servers[1]
+    scheduler.forget(servers)  # a server gone counts no more
+    assert scheduler.resident_known(new) == (2, "guessed")
+
+
 def test_a_server_not_yet_known_is_counted_on_for_the_fleets_usual_limits() -> None:
     scheduler = ob.Scheduler(ob.Config())
     known = {i: server_with(ob.Learned(resident_seen=r, evictions=1, parallel_seen=p,
