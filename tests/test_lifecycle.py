@@ -48,6 +48,7 @@ def test_sigterm_lets_a_stream_finish_then_closes_the_port(
         assert json.loads(response.readline()) == {"n": index}
     assert response.read() == b""  # the stream ended properly, final chunk and all
     assert lb.proc.wait(10) == 0
+    lb.stop()  # reads the rest of its log
     assert "draining" in lb.log
 
 
@@ -66,6 +67,7 @@ def test_drain_timeout_cuts_what_does_not_finish(start_balancer: Any,
     assert lb.proc.wait(10) == 0
     assert time.monotonic() - started < 5
     assert backend.disconnected.wait(5)
+    lb.stop()  # reads the rest of its log
     assert "cutting 1 unfinished requests" in lb.log
 
 
