@@ -3630,7 +3630,6 @@ class Ranking:
         self.usual_parallel: int | None = None
         self.fleet_shown = 0
 
-
     def remember(self, session: str | bytes, server_id: int) -> None:
         """Keeps a session's or a conversation's server, for the requests that follow."""
         sessions = self.sessions
@@ -3930,14 +3929,15 @@ class Ranking:
             victim = evicted(server.load)
             return victim is None or copies[victim] <= 1
 
-        def full(server: Server) -> bool:
+        def surely_evicts(server: Server) -> bool:  # its limit known, or memory short
             return self.resident_known(server)[1] not in ("guessed", "fleet") or not (
                 self.fits(server, model))
 
         return min((s for s in servers.values()
                     if s.id not in exclude and self.eligible(s, model, now)
                     and self.has_room(s) and self.tier(s, model) == EVICTS),
-                   key=lambda s: (last_copy(s), full(s), self._rank(s, model)), default=None)
+                   key=lambda s: (last_copy(s), surely_evicts(s), self._rank(s, model)),
+                   default=None)
 
     def tier(self, server: Server, model: str | None) -> int:
         """How soon ``model`` would run on ``server``, from Ollama's own scheduling
