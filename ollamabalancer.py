@@ -139,6 +139,9 @@ MAX_ERROR_BODY = 64 * 1024
 #: again, for writes whose transactions committed after later ones (MySQL).
 CHANGE_BATCH = 1000
 CHANGE_LOG_KEPT = 10_000
+#: Seconds between two prunings of the change log to its last CHANGE_LOG_KEPT rows, by
+#: each instance (a DELETE that finds nothing costs one indexed read).
+CHANGE_PRUNE_INTERVAL = 60.0
 CHANGE_SLACK = 64
 #: WORKERS=N: a crashed worker is started again after a pause that doubles, between these
 #: bounds in seconds, while workers die young (within WORKER_YOUNG seconds of starting);
@@ -233,9 +236,11 @@ ROUTE_MEMO_SIZE = 1024
 MAX_SESSIONS = 100_000
 #: What the scheduler assumes of a server's Ollama until it has learned otherwise and
 #: nobody said: that it keeps 2 models loaded, or as many as it has shown (a load beyond
-#: that counts as one that may evict: Learned.resident), and a cap of 4 requests in
-#: flight (the old MAX_CONCURRENCY default) until anything is learned.
+#: that counts as one that may evict: Learned.resident); that a loaded model runs 2
+#: requests at once, or one more than it has been seen to (Learned.parallel); and a cap
+#: of 4 requests in flight (the old MAX_CONCURRENCY default) until anything is learned.
 GUESSED_MAX_LOADED_MODELS = 2
+GUESSED_NUM_PARALLEL = 2
 GUESSED_MAX_CONCURRENCY = 4
 SERVER_SCHEMES = ("http", "https")
 #: Origins Ollama allows before OLLAMA_ORIGINS adds any (its envconfig), so that browser
@@ -544,13 +549,14 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "least_load (loaded model first, then least busy; default), round_robin or random"),
     ("MAX_CONCURRENCY", "--max-concurrency", "max_concurrency", _count(1, 100_000),
      "requests in flight per server before requests queue; a server's own value wins "
-     "(default: its models x parallel, as learned; 4 before anything is)"),
+     f"(default: its models x parallel, as learned; {GUESSED_MAX_CONCURRENCY} before "
+     "anything is)"),
     ("NUM_PARALLEL", "--num-parallel", "num_parallel", _count(1, 1000),
      "the fleet's OLLAMA_NUM_PARALLEL: requests one loaded model runs at once (default: "
-     "learned per server, from 1)"),
+     f"learned per server, {GUESSED_NUM_PARALLEL} until more is seen)"),
     ("MAX_LOADED_MODELS", "--max-loaded-models", "max_loaded_models", _count(1, 1000),
      "the fleet's OLLAMA_MAX_LOADED_MODELS: models one server keeps loaded (default: "
-     "learned per server, from 3)"),
+     f"learned per server, {GUESSED_MAX_LOADED_MODELS} until more is seen)"),
     ("CONVERSATION_AFFINITY", "--conversation-affinity", "conversation_affinity", _flag,
      "send a chat's next turn to the server that has its start cached (default on)"),
     ("MAX_QUEUE", "--max-queue", "max_queue", _count(0, 10_000_000),
@@ -1678,7 +1684,7 @@ class Learned:
             return max(1, seen), "learned"
         if usual is not None:
             return max(seen, usual), "fleet"
-        return max(2, seen + 1), "guessed"
+        return max(GUESSED_NUM_PARALLEL, seen + 1), "guessed"
 
     def known(self) -> tuple[int | None, int | None]:
         """Its models kept loaded and parallel limit, each where it showed it (no help
@@ -5464,12 +5470,18 @@ class Fleet:
 
     async def sync_loop(self) -> None:
         """Notices what other instances write within SYNC_INTERVAL (a server disabled there
-        gets no more traffic from here within about that), and beats with them."""
+        gets no more traffic from here within about that), and beats with them; keeps the
+        change log to its last CHANGE_LOG_KEPT rows (CHANGE_PRUNE_INTERVAL)."""
+        loop = asyncio.get_running_loop()
+        pruned = loop.time()
         while True:
             await asyncio.sleep(self.config.sync_interval)
             with contextlib.suppress(StoreUnavailable):  # the health loop says so
                 await self.sync()
                 await self.beat()
+                if loop.time() - pruned >= CHANGE_PRUNE_INTERVAL:
+                    pruned = loop.time()
+                    await self.store.call(self.store.store.prune_changes)
 
     async def beat(self) -> None:
         """Tells the store what this instance wants of each server, and takes its share
@@ -8664,6 +8676,16 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 os.kill(pid, signum)
 
+    def restart_pause(self, index: int, lived: float) -> float:
+        """The pause before worker ``index`` starts again, having lived ``lived`` seconds:
+        twice the last one while it keeps dying young (WORKER_YOUNG), up to the most of
+        WORKER_RESTART; the least again once it lived long."""
+        least, most = WORKER_RESTART
+        young = lived < WORKER_YOUNG
+        pause = min(2 * self.pause.get(index, least / 2), most) if young else least
+        self.pause[index] = pause
+        return pause
+
     def reap(self) -> None:
         """Collects the workers that ended; outside a drain, each is started again after
         a pause that doubles while it keeps dying young."""
@@ -8678,10 +8700,7 @@ class Supervisor:
             self.hung.discard(pid)
             if self.stopping_until is not None:
                 continue
-            young = time.monotonic() - started < WORKER_YOUNG
-            least, most = WORKER_RESTART
-            pause = min(2 * self.pause.get(index, least / 2), most) if young else least
-            self.pause[index] = pause
+            pause = self.restart_pause(index, time.monotonic() - started)
             self.due[index] = time.monotonic() + pause
             code = os.waitstatus_to_exitcode(status)
             how = (f"was killed by {signal.Signals(-code).name}" if code < 0 else

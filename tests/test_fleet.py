@@ -424,12 +424,15 @@ def test_stale_catalog_404_tries_another_server_and_refreshes(fleet: Any) -> Non
 
 
 def test_a_500_is_relayed_not_retried(fleet: Any) -> None:
-    lb, add = fleet("--health-interval", "600")
+    lb, add = fleet("--health-interval", "600", LOG_FORMAT="json")
     broken, _ = add(loaded=["llama3:latest"])
     other, _ = add()
     broken.fail_status = 500
     reply = chat(lb)
     assert reply.status == 500 and reply.json() == {"error": "failing with 500"}
+    # Once the request is over (its access-log line written), nothing went elsewhere.
+    lb.wait_for(lambda: any('"path": "/api/chat"' in line and '"status": 500' in line
+                            for line in lb.lines))
     assert not other.model_requests()
 
 

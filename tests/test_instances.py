@@ -3,6 +3,7 @@ SYNC_INTERVAL, through the store's change log, without waiting for a health roun
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import re
@@ -228,3 +229,32 @@ def test_behind_haproxy_only_the_requests_in_flight_on_a_killed_instance_fail(
     assert len(after) - len(failed) >= 10  # and the rest of the run is served by the other
     assert [s for t, s in outcomes if t >= killed_at + 1.5] == [200] * len(
         [t for t, _ in outcomes if t >= killed_at + 1.5])
+
+
+def test_a_change_committed_late_under_a_lower_revision_is_still_applied(
+        tmp_path: Path) -> None:
+    """MySQL hands out auto-increment revisions at insert, not at commit: a writer can
+    commit revision 3 after another's 5 was read. The instance that read 5 still applies 3."""
+    tables = ob.SQLiteStore(str(tmp_path / "late.db"), 5.0)
+    tables.connect()
+    tables.migrate()
+    config = ob.Config(db_engine="sqlite", db_path=str(tmp_path / "late.db"))
+    shown: list[list[str]] = []
+
+    async def scenario() -> None:
+        app = ob.Balancer(config, ob.AsyncStore(tables))
+        await app.fleet.reload()
+        tables.add_key({"name": "k", "key_hash": "1" * 64})  # revision 1
+        tables._execute("UPDATE change_log SET revision = 5 WHERE revision = 1")
+        await app.fleet.sync()  # read up to 5
+        late = tables.add_server({"host": "127.0.0.1", "port": 1, "scheme": "http",
+                                  "name": "late"})
+        tables._execute("UPDATE change_log SET revision = 3 WHERE kind = 'server'")
+        await app.fleet.sync()
+        shown.append([s["name"] for s in app.observability.status_payload()["servers"]
+                      if s["id"] == late])
+        await app.close()
+
+    asyncio.run(scenario())
+    tables.close()
+    assert shown == [["late"]]

@@ -720,3 +720,34 @@ def test_waiters_that_left_do_not_pile_up_in_the_queue() -> None:
         return len(scheduler.queue.fifos.get("a:latest", ()))
 
     assert asyncio.run(scenario()) <= 2 * 1 + 64 + 1_000
+
+
+def test_an_arriving_request_queues_behind_waiters_for_its_model_though_a_server_has_room(
+        ) -> None:
+    """Server 2 has room for "a", but only behind "a"'s running request there (tier 2),
+    which the one already waiting for "a" does not take: nor does a newcomer pass it.
+    When server 1's "a" is free, the waiter that came first gets it."""
+    async def scenario() -> tuple[bool, int, bool]:
+        scheduler, servers = fleet(2)  # 1 parallel, 2 in flight per server
+        scheduler.service_seconds, scheduler.load_seconds = 1.0, 5.0
+        running_a = scheduler.take(servers[1], "a:latest")
+        scheduler.take(servers[1], "b:latest")
+        scheduler.take(servers[2], "a:latest")
+        other = scheduler.take(servers[2], "b:latest")
+        first = asyncio.ensure_future(scheduler.acquire(servers, "a:latest"))
+        await asyncio.sleep(0.01)
+        scheduler.release(servers, other)  # room on 2, behind its running "a"
+        await asyncio.sleep(0.01)
+        assert not first.done()
+        newcomer = asyncio.ensure_future(scheduler.acquire(servers, "a:latest"))
+        await asyncio.sleep(0.01)
+        passed = newcomer.done()
+        scheduler.release(servers, running_a)
+        slot = await asyncio.wait_for(first, 1)
+        await asyncio.sleep(0.01)
+        waiting = not newcomer.done()
+        newcomer.cancel()
+        await asyncio.gather(newcomer, return_exceptions=True)
+        return passed, slot.server.id, waiting
+
+    assert asyncio.run(scenario()) == (False, 1, True)

@@ -3,6 +3,7 @@ and a start on nothing but the standard library."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -372,3 +373,48 @@ def test_db_engine_defaults_to_mysql_when_db_host_is_set() -> None:
     assert ob.load_config([], {"DB_HOST": "db"}).db_engine == "mysql"
     assert ob.load_config([], {}).db_engine == "sqlite"
     assert ob.load_config(["--db-engine", "sqlite"], {"DB_HOST": "db"}).db_engine == "sqlite"
+
+
+def test_help_says_what_a_new_server_is_counted_on_for() -> None:
+    """The defaults --help gives for NUM_PARALLEL, MAX_LOADED_MODELS and MAX_CONCURRENCY
+    are the ones the scheduler uses for a server it knows nothing of."""
+    done = subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), "--help"],
+                          capture_output=True, text=True, timeout=30)
+    text = " ".join(done.stdout.split())
+    scheduler = ob.Scheduler(ob.Config())
+    new = ob.Server(1, "h", 11434, reachable=True)
+    parallel, resident = scheduler.parallel_known(new), scheduler.resident_known(new)
+    assert (parallel[1], resident[1]) == ("guessed", "guessed")
+    assert f"learned per server, {parallel[0]} until more is seen" in text
+    assert f"learned per server, {resident[0]} until more is seen" in text
+    assert f"{scheduler.capacity(new)} before anything is" in text
+
+
+def test_a_balancer_prunes_the_change_log_to_its_last_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every instance keeps the change log short: at least once a minute (here sped up)
+    all but the last CHANGE_LOG_KEPT rows go."""
+    monkeypatch.setattr(ob, "CHANGE_LOG_KEPT", 3)
+    monkeypatch.setattr(ob, "CHANGE_PRUNE_INTERVAL", 0.05, raising=False)
+    config = ob.Config(db_engine="sqlite", db_path=str(tmp_path / "log.db"),
+                       sync_interval=0.05)
+    rows: list[int] = []
+
+    tables = ob.SQLiteStore(config.db_path, 5.0)
+    tables.connect()
+    tables.migrate()
+    for index in range(10):
+        tables.add_key({"name": f"k{index}", "key_hash": f"{index:064x}"})
+
+    async def scenario() -> None:
+        app = ob.Balancer(config, ob.AsyncStore(tables))
+        loop = asyncio.ensure_future(app.fleet.sync_loop())
+        await asyncio.sleep(0.5)
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await app.close()
+
+    asyncio.run(scenario())
+    rows.append(tables.change_mark(0)[1])  # the rows left
+    tables.close()
+    assert rows == [3]

@@ -220,3 +220,18 @@ def test_a_worker_that_hangs_is_killed_and_started_again(group: BalancerProcess)
                    and stuck not in pids
                    and f"(pid {stuck}) has not written its counts" in group.log
                    and "was killed by SIGKILL: starting it again" in group.log, timeout=30)
+
+
+def test_a_worker_dying_young_waits_twice_as_long_each_time_one_that_lived_long_not(
+        ) -> None:
+    supervisor = ob.Supervisor(ob.Config())
+    least, most = ob.WORKER_RESTART
+    young, old = ob.WORKER_YOUNG / 2, ob.WORKER_YOUNG * 2
+    assert [supervisor.restart_pause(0, young) for _ in range(3)] == [least, 2 * least,
+                                                                      4 * least]
+    assert supervisor.restart_pause(1, young) == least  # each worker its own
+    assert supervisor.restart_pause(0, old) == least  # lived long: from the start again
+    assert supervisor.restart_pause(0, old) == least
+    for _ in range(30):
+        pause = supervisor.restart_pause(2, young)
+    assert pause == most
