@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ollamabalancer: one endpoint in front of a fleet of Ollama servers.
 
-Run it with nothing but Python >= 3.10:
+Run it with nothing but Python >= 3.11:
 
     python ollamabalancer.py                 # SQLite store in ./ollamabalancer.db
     python ollamabalancer.py --help          # every setting, also read from the environment
@@ -273,7 +273,8 @@ class HTTPError(Exception):
     """An error that becomes a JSON response ``{"error": message}`` with ``status``.
 
     ``close`` says the connection cannot be trusted any more (framing errors) and is
-    closed after the response.
+    closed after the response. ``model`` names the request's model in the metrics, when
+    the error came once it was known.
     """
 
     def __init__(
@@ -283,12 +284,19 @@ class HTTPError(Exception):
         *,
         close: bool = False,
         headers: Sequence[tuple[str, str]] = (),
+        model: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.close = close
         self.headers = tuple(headers)
+        self.model = model
+
+    def about(self, model: str | None) -> HTTPError:
+        """This error, naming ``model`` unless it names one already."""
+        self.model = self.model or model
+        return self
 
 
 class ProtocolError(HTTPError):
@@ -304,8 +312,8 @@ class ModelUnavailable(HTTPError):
 
     def __init__(self, model: str, name: str, retry_after: float) -> None:
         super().__init__(503, f"model '{name}' is unavailable: its servers are down",
-                         headers=[("Retry-After", str(max(1, math.ceil(retry_after))))])
-        self.model = model
+                         headers=[("Retry-After", str(max(1, math.ceil(retry_after))))],
+                         model=model)
 
 
 class IncompleteBody(Exception):
@@ -1232,6 +1240,10 @@ class Wire(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None  # drain() waiting
         self._write_paused = False
         self._read_paused = False
+        #: Bytes written since mark(), and when the first of them was (monotonic): what
+        #: a client was sent of one response, for the access log and the metrics.
+        self.sent = 0
+        self.first_sent: float | None = None
 
     # -- asyncio.Protocol callbacks ---------------------------------------------------
 
@@ -1370,19 +1382,25 @@ class Wire(asyncio.Protocol):
         loop = self.loop
         if loop.time() >= self._deadline:
             self._reader = self._consume = None
-            waiter.set_exception(asyncio.TimeoutError())
+            waiter.set_exception(TimeoutError())
         else:
             self._timer = loop.call_at(self._deadline, self._time_out)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self.transport is not None
+        if self.first_sent is None:
+            self.first_sent = time.monotonic()
+        self.sent += len(data)
         self.transport.write(data)
 
     def writelines(self, pieces: Iterable[bytes | bytearray | memoryview]) -> None:
         """Writes the pieces as one: one send, one packet (uvloop's own writelines costs
         a call into the transport per piece)."""
-        assert self.transport is not None
-        self.transport.write(b"".join(pieces))
+        self.write(b"".join(pieces))
+
+    def mark(self) -> None:
+        """Starts counting what is written (``sent``, ``first_sent``) from nothing."""
+        self.sent, self.first_sent = 0, None
 
     async def drain(self) -> None:
         """Returns at once unless the transport asked to pause; raises ConnectionError
@@ -1421,7 +1439,7 @@ async def read_head(
             return head
         remaining = deadline - loop.time()
         if remaining <= 0:
-            raise asyncio.TimeoutError
+            raise TimeoutError
         had_bytes = bool(wire.buf)
         if not await wire.fill(remaining):
             if had_bytes:
@@ -1449,7 +1467,7 @@ async def iter_body(wire: Wire, framing: Framing, timeout: float, error_status: 
             return await wire.fill(timeout)
         remaining = deadline + received / min_rate - loop.time()
         if remaining <= 0:
-            raise asyncio.TimeoutError
+            raise TimeoutError
         return await wire.fill(remaining)
 
     if framing.kind == "length":
@@ -1520,20 +1538,17 @@ class ReplayableBody:
     Iterating it a second time yields the kept bytes, then goes on with the source.
     """
 
-    def __init__(self, source: AsyncIterator[bytes] | None) -> None:
+    def __init__(self, source: AsyncIterator[bytes] | None,
+                 kept: bytes | bytearray = b"") -> None:
         self._source = source
-        self._kept: list[bytes | bytearray] = []  # pragma: no mutate (an annotation)
-        self._kept_size = 0
+        self._kept: list[bytes | bytearray] = [kept] if kept else []
+        self._kept_size = len(kept)
         self.replayable = True
 
     @classmethod
     def of(cls, data: bytes | bytearray) -> ReplayableBody:
         """A body already in memory: it can always be sent again."""
-        body = cls(None)
-        if data:
-            body._kept.append(data)
-            body._kept_size = len(data)
-        return body
+        return cls(None, data)
 
     @property
     def size(self) -> int:
@@ -1806,6 +1821,31 @@ class ServerLoad:
         """Requests and errors in the last minute (whole steps, the current one too)."""
         return per_minute(self.recent(60 // HISTORY_STEP))
 
+    def read_ps(self, payload: Any, sizes: dict[str, int] | None = None) -> None:
+        """Takes an /api/ps answer: which models sit on the GPU (what it shows is learned
+        from, and the models' sizes in memory go into ``sizes``)."""
+        running = payload.get("models") if isinstance(payload, dict) else None
+        if not isinstance(running, list):
+            return
+        self.running = [m for m in running if isinstance(m, dict)]
+        now = time.monotonic()
+        resident = {canonical_model(str(m.get("name") or m.get("model") or ""))
+                    for m in self.running} | {m for m, n in self.by_model.items() if n}
+        self.loaded = {m: self.loaded.get(m, now) for m in resident}
+        self.learned.from_ps(self.running, time.time(), sizes)
+
+    def read_version(self, payload: Any) -> None:
+        """Takes an /api/version answer."""
+        version = payload.get("version") if isinstance(payload, dict) else None
+        self.version = version if isinstance(version, str) else None
+        self.version_read = time.monotonic()
+
+    def unreachable(self) -> None:
+        """What ran there is gone with it, or unknown: nothing counts as loaded but the
+        models of requests still in flight."""
+        self.running = []
+        self.loaded = {m: t for m, t in self.loaded.items() if self.by_model.get(m)}
+
 
 def recent_history(history: Iterable[Sequence[int]], points: int = HISTORY_POINTS
                    ) -> list[list[int]]:
@@ -1926,7 +1966,7 @@ def iso_time(value: datetime.datetime | None) -> str | None:
 
 
 def utc_now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0, tzinfo=None)
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0, tzinfo=None)
 
 
 async def _open_tcp_socket(host: str, port: int) -> socket.socket:
@@ -2036,7 +2076,7 @@ async def open_upstream(server: Server, proxy: Proxy | None, timeout: float) -> 
 
     try:
         wire = await asyncio.wait_for(connect(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise UpstreamError(504, f"timed out connecting to {where}") from None
     except OSError as exc:
         if exc.errno in (errno.EMFILE, errno.ENFILE):  # ours, not the server's fault
@@ -3315,7 +3355,7 @@ class AsyncStore:
         future = loop.run_in_executor(self._executor, functools.partial(method, *args))
         try:
             return await asyncio.wait_for(future, self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise StoreUnavailable(f"no answer within {self.timeout:g} s") from None
 
     def shutdown(self) -> None:
@@ -3610,8 +3650,9 @@ def evicted(load: ServerLoad) -> str | None:
 
 class Ranking:
     """Which server a request should go to now: the strategies, Ollama's tiers, and
-    least_load's index of servers by rank (a heap per model). The Scheduler's first half:
-    it reads the fleet and changes nothing but its index."""
+    least_load's index of servers by rank (a heap per model); what each server's limits
+    are, as given or learned. The Scheduler's, which asks it: it reads the fleet and
+    changes nothing but its index and what it has learned."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -3832,6 +3873,17 @@ class Ranking:
         """Forgets the ranking: servers, their models or their health changed."""
         self._ranked.clear()
 
+    def loaded(self, server: Server, model: str) -> None:
+        """``model`` is being loaded on ``server``: better for that model there (worse for
+        others, which is found out lazily)."""
+        heap = self._ranked.get(model)
+        if heap is not None:
+            self._push(heap, server, model, time.monotonic())
+
+    def least_busy(self, candidates: Sequence[Server], model: str | None) -> Server:
+        """The best ranked of ``candidates``, full or not (getServer holds no slot)."""
+        return min(candidates, key=lambda s: self._rank(s, model))
+
     def changed(self, server: Server) -> None:
         """Re-ranks ``server`` after it got better (a slot freed, its circuit closed);
         worse is found out lazily, when it comes to the top."""
@@ -3970,9 +4022,10 @@ class Ranking:
         return EVICTS if any(not load.by_model.get(m) for m in load.loaded) else 4
 
 
-class Scheduler(Ranking):
-    """Picks a server for each request (Ranking) and holds requests in one fleet-wide
-    queue while every candidate is at its maxConcurrency; keeps each server's breaker.
+class Scheduler:
+    """Hands out slots on servers, each picked by its Ranking, and holds requests in one
+    fleet-wide queue while every candidate is at its maxConcurrency; keeps each server's
+    breaker.
 
     Ollama runs OLLAMA_NUM_PARALLEL requests per loaded model and queues the rest on that
     server, where a free GPU elsewhere cannot take them; a cold load costs seconds. So the
@@ -3980,7 +4033,8 @@ class Scheduler(Ranking):
     overflow here, where the first slot to free up anywhere serves it."""
 
     def __init__(self, config: Config) -> None:
-        super().__init__(config)
+        self.config = config
+        self.ranking = Ranking(config)
         self.queue = WaitQueue()
         # Moving averages, in seconds, of what the fleet's requests take: a warm one whole,
         # a warm one's first byte, and the extra first-byte wait of a cold model load.
@@ -3995,6 +4049,14 @@ class Scheduler(Ranking):
 
     # -- slots and the queue -------------------------------------------------------
 
+    def waiting(self) -> int:
+        """Requests in the queue."""
+        return len(self.queue)
+
+    def demand(self, servers: dict[int, Server]) -> dict[str, int]:
+        """What this instance wants of each server (SharedCapacity.demand)."""
+        return self.ranking.shared.demand(servers, self.queue)
+
     async def acquire(self, servers: dict[int, Server], model: str | None,
                       session: str | bytes | None = None, exclude: frozenset[int] = frozenset()
                       ) -> Slot:
@@ -4003,7 +4065,7 @@ class Scheduler(Ranking):
         Raises NoCandidate, QueueFull or QueueTimeout. Cancelling the caller (its client
         went away) takes it out of the queue at once.
         """
-        server, possible = self.pick(servers, model, session, exclude, self._arriving)
+        server, possible = self.ranking.pick(servers, model, session, exclude, self._arriving)
         if not possible:
             raise NoCandidate(model)
         if server is None and not self.queue:
@@ -4011,7 +4073,7 @@ class Scheduler(Ranking):
             # backlog that a load pays for), it is loaded elsewhere.
             max_tier = self._pass_tier(servers, model, "any", True, time.monotonic())
             if max_tier > self._arriving:
-                server, _ = self.pick(servers, model, session, exclude, max_tier)
+                server, _ = self.ranking.pick(servers, model, session, exclude, max_tier)
         if server is not None and not self.queue:  # FIFO: nobody passes those waiting
             return self.take(server, model, session)
         if len(self.queue) >= self.config.max_queue:
@@ -4051,7 +4113,7 @@ class Scheduler(Ranking):
         load.requests += 1
         load.tally(1)
         if model is not None:
-            if model not in load.loaded and len(load.loaded) >= self.resident(server):
+            if model not in load.loaded and len(load.loaded) >= self.ranking.resident(server):
                 victim = evicted(load)
                 if victim is not None:
                     del load.loaded[victim]
@@ -4061,13 +4123,11 @@ class Scheduler(Ranking):
         if probe:
             load.probing += 1  # half-open: this request is the probe
         if session is not None:
-            self.remember(session, server.id)
-        heap = self._ranked.get(model)
-        now = time.monotonic()
-        if cold and heap is not None:  # now loaded: better for this model, worse for others
-            self._push(heap, server, model, now)
+            self.ranking.remember(session, server.id)
+        if cold and model is not None:  # now loaded: better for this model, worse for others
+            self.ranking.loaded(server, model)
         ahead = load.learned.generating.get(model, 0) if model is not None else 0
-        return Slot(server, model, cold, probe, now, ahead)
+        return Slot(server, model, cold, probe, time.monotonic(), ahead)
 
     def first_token(self, servers: dict[int, Server], slot: Slot) -> None:
         """The answer ``slot`` holds has begun streaming (its first token came)."""
@@ -4075,7 +4135,7 @@ class Scheduler(Ranking):
             slot.streaming = True
             slot.server.load.learned.first_token(slot.model, slot.ahead, slot.taken,
                                                  time.monotonic())
-            self.learned(servers, slot.server)
+            self.ranking.learned(servers, slot.server)
 
     def release(self, servers: dict[int, Server], slot: Slot) -> None:
         """Gives a slot back, on every path: answered, failed, or abandoned (its client
@@ -4095,7 +4155,7 @@ class Scheduler(Ranking):
                 load.by_model[model] = left
             else:
                 load.by_model.pop(model, None)
-        self.changed(server)
+        self.ranking.changed(server)
         self.dispatch(servers, server)
 
     def dispatch(self, servers: dict[int, Server], freed: Server | None = None,
@@ -4151,7 +4211,7 @@ class Scheduler(Ranking):
             elif pass_ == "aged" and now - waiter.since < QUEUE_AGING:
                 continue  # the model's later waiters are younger still
             else:
-                server, possible = self.pick(servers, model, waiter.session,
+                server, possible = self.ranking.pick(servers, model, waiter.session,
                                              waiter.exclude, max_tier)
                 if not possible:  # its servers went away while it waited (a failed probe)
                     queue.discard(waiter)
@@ -4177,8 +4237,8 @@ class Scheduler(Ranking):
             # slots requests long, exceeds the load itself (both measured, observe()).
             # Not a load that waits for a busy model to drain first, though (tier 4): that
             # model's requests would be the next short of slots.
-            slots = sum(self.parallel(s) for s in servers.values()
-                        if model in s.load.loaded and self.eligible(s, model, now))
+            slots = sum(self.ranking.parallel(s) for s in servers.values()
+                        if model in s.load.loaded and self.ranking.eligible(s, model, now))
             worth = self.load_seconds / max(self.service_seconds, 1e-3)
             if slots:
                 return 1 if self.queue.waiting[model] <= slots * worth else EVICTS
@@ -4221,11 +4281,11 @@ class Scheduler(Ranking):
             server.load.breaker_open = False
             server.load.failures = 0
             log.info("circuit of %s closed: %s", server.label, why)
-            self.changed(server)
+            self.ranking.changed(server)
 
     def _cooled(self, servers: dict[int, Server], server: Server) -> None:
         """A circuit's cooldown is over: the server may take a probe request."""
-        self.changed(server)
+        self.ranking.changed(server)
         self.dispatch(servers)
 
 
@@ -4459,7 +4519,11 @@ def eval_count(tail: bytes) -> tuple[int, str | None] | None:
 
 
 class Request:
-    """One request on a client connection; the body is read through it at most once."""
+    """One request on a client connection: what came (its head, its body, read through
+    it at most once), and the means to answer it. What the rooms did with it comes back
+    from them as values (Relayed); what was written to the client is counted by its
+    connection (Wire.sent). The front (Balancer.dispatch) names it and says who sent it:
+    ``id``, ``endpoint``, ``authenticated``, ``privileged`` and ``response_fields``."""
 
     def __init__(self, wire: Wire, head: RequestHead, body_timeout: float = BODY_TIMEOUT,
                  budget: ByteBudget | None = None) -> None:
@@ -4476,37 +4540,32 @@ class Request:
         self.body_done = self.framing.kind == "none"
         self.body_started = False
         #: Called when the body has been read whole while the client has gone already.
-        self.on_body_done: Callable[[], None] | None = None
-        self.responded = False  # set once response bytes may have been written
+        self._on_body_done: Callable[[], None] | None = None
         self.authenticated = False  # its Authorization was the balancer's: not sent on
         self.privileged = False  # the admin token's: errors about upstreams keep their detail
         self.id = ""  # X-Request-Id, in the response and the access log
+        self.endpoint = "unmatched"  # the route's label, for the metrics
         #: Fields every response to it carries (X-Request-Id, CORS), whoever writes it.
         self.response_fields: list[tuple[str, str]] = []
-        # For the access log and the metrics.
         self.started = time.monotonic()
-        self.endpoint = "unmatched"
-        self.status = 0
-        self.server: Server | None = None
-        self.model: str | None = None
-        self.queue_wait: float | None = None
-        self.first_byte: float | None = None
-        self.bytes_out = 0
+        wire.mark()  # what it is sent is counted from here
 
-    async def send(self, response: Response) -> None:
-        """Writes a whole response, noting what went out."""
-        self.status = response.status
-        self.first_byte = time.monotonic() - self.started
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the connection may serve another request after this one's answer."""
+        return self.body_done and not client_wants_close(self.head)
+
+    async def send(self, response: Response) -> Relayed:
+        """Writes a whole response (with ``response_fields``)."""
         response.headers = (*response.headers, *self.response_fields)
-        self.bytes_out += await send_response(self.wire, response, self.head)
+        await send_response(self.wire, response, self.head)
+        return Relayed(not response.close, response.status)
 
     async def send_error(self, status: int, message: str,
                          headers: Sequence[tuple[str, str]] = ()) -> Relayed:
         """An error, for a handler that writes its own response (one that streams)."""
-        keep = self.body_done and not client_wants_close(self.head)
-        await self.send(error_response(status, message, path=self.path, close=not keep,
-                                       headers=headers))
-        return Relayed(keep)
+        return await self.send(error_response(status, message, path=self.path,
+                                              close=not self.keep_alive, headers=headers))
 
     async def _send_continue(self) -> None:
         # RFC 9110 10.1.1: answer "Expect: 100-continue" before reading the body.
@@ -4515,6 +4574,7 @@ class Request:
         ):
             self.wire.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await self.wire.drain()
+            self.wire.mark()  # the response proper is still to come
 
     async def body_chunks(self) -> AsyncIterator[bytes]:
         if self.body_done or self.body_started:
@@ -4525,13 +4585,13 @@ class Request:
             async for piece in iter_body(self.wire, self.framing, self.body_timeout, 400,
                                          BODY_MIN_RATE, self.body_clock):
                 yield piece
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise HTTPError(408, f"request body not received in time ({self.body_timeout:g} s,"
                                  f" then at least {BODY_MIN_RATE // 1024} KiB/s)",
                             close=True) from None
         self.body_done = True
-        if self.wire.eof and self.on_body_done is not None:
-            self.on_body_done()
+        if self.wire.eof and self._on_body_done is not None:
+            self._on_body_done()
 
     async def read_body(self, limit: int) -> bytes | bytearray:
         """The whole body, refused with 413 past ``limit`` bytes, and with 503 when the
@@ -4551,8 +4611,8 @@ class Request:
                 self.body_started = self.body_done = True
                 body = buf[:length]
                 del buf[:length]
-                if self.wire.eof and self.on_body_done is not None:
-                    self.on_body_done()
+                if self.wire.eof and self._on_body_done is not None:
+                    self._on_body_done()
                 return body
             body = bytearray(length)
             view, filled = memoryview(body), 0
@@ -4630,6 +4690,41 @@ class Request:
         pairs = urllib.parse.parse_qsl(self.query, keep_blank_values=True)
         return [value for key, value in pairs if key in names]
 
+    async def watched(self, work: Coroutine[Any, Any, T]) -> T | None:
+        """Runs ``work`` in this task; returns None, with ``work`` cancelled, if the client
+        goes away once the body is read.
+
+        Ollama stops generating, and even loading a model, when its connection closes, so
+        the balancer must notice its own client leaving at any point: the client's
+        connection calls back when it ends, and the callback cancels this task. Bytes of
+        a pipelined next request that arrive meanwhile stay in the buffer.
+        """
+        client = self.wire
+        task = asyncio.current_task(client.loop)
+        assert task is not None
+        left = False
+
+        def leave() -> None:
+            nonlocal left
+            if self.body_done and not left:
+                left = True
+                task.cancel()
+
+        if client.eof and self.body_done:
+            work.close()
+            return None
+        self._on_body_done = client.on_gone = leave
+        try:
+            return await work
+        except asyncio.CancelledError:
+            uncancel = getattr(task, "uncancel", None)  # Python 3.11 counts cancellations
+            if not left or (uncancel is not None and uncancel() > 0):
+                raise  # cancelled for another reason too: shutting down
+            return None
+        finally:
+            work.close()  # never started when the client had already left
+            client.on_gone = self._on_body_done = None
+
 
 Handler = Callable[[Request, "re.Match[str]"], Awaitable["Response | Relayed"]]
 
@@ -4649,46 +4744,18 @@ UPSTREAM_FAILURES = {
     504: "the upstream server did not answer in time",
 }
 
+@dataclasses.dataclass(frozen=True)
 class Relayed:
-    """What a handler returns when it already wrote its response to the client itself."""
+    """What a handler returns when it wrote its response to the client itself: whether the
+    connection may go on, and what the access log and the metrics tell of it (the status
+    it answered, 0 for none; the server that answered; the model, as the metrics name it;
+    the seconds it waited in the queue)."""
 
-    def __init__(self, keep_alive: bool) -> None:
-        self.keep_alive = keep_alive
-
-async def until_client_gone(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
-    """Runs ``work`` in this task; returns None, with ``work`` cancelled, if the client
-    goes away once its request body is read.
-
-    Ollama stops generating, and even loading a model, when its connection closes, so the
-    balancer must notice its own client leaving at any point: the client's connection
-    calls back when it ends, and the callback cancels this task. Bytes of a pipelined
-    next request that arrive meanwhile stay in the buffer.
-    """
-    client = request.wire
-    task = asyncio.current_task(client.loop)
-    assert task is not None
-    left = False
-
-    def leave() -> None:
-        nonlocal left
-        if request.body_done and not left:
-            left = True
-            task.cancel()
-
-    if client.eof and request.body_done:
-        work.close()
-        return None
-    request.on_body_done = client.on_gone = leave
-    try:
-        return await work
-    except asyncio.CancelledError:
-        uncancel = getattr(task, "uncancel", None)  # Python 3.11 counts cancellations
-        if not left or (uncancel is not None and uncancel() > 0):
-            raise  # cancelled for another reason too: shutting down
-        return None
-    finally:
-        work.close()  # never started when the client had already left
-        client.on_gone = request.on_body_done = None
+    keep_alive: bool
+    status: int = 0
+    server: Server | None = None
+    model: str | None = None
+    queue_wait: float | None = None
 
 async def send_response(wire: Wire, response: Response, request_head: RequestHead | None,
                         ) -> int:
@@ -5152,82 +5219,64 @@ def version_key(text: str) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------
 
 
-class Upstreams:
-    """Speaks HTTP/1.1 to Ollama servers, directly or through their proxies, over pooled
-    keep-alive connections: a request out and the head of its answer back (exchange), or
-    a small request of the balancer's own read whole (fetch)."""
+class Exchange:
+    """One request to a server and the head of its answer, used as
+    ``async with upstreams.exchange(...) as answer:``, the only way the balancer talks to
+    an upstream.
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.pool = UpstreamPool(pool_cap(open_files_limit()))
+    Entering sends the request and reads the answer's head: a pooled connection that the
+    server closed while it idled is tried once more on a fresh one, as long as the body
+    sent so far could be kept (REPLAY_LIMIT); errors of the client's own body
+    (IncompleteBody, ProtocolError) pass through untouched. Leaving gives the connection
+    back to the pool when the answer's body was read whole, and drops it on every other
+    way out: an exception, a cancellation, a client gone, a body left unread.
+    """
 
-    def sweep(self) -> None:
-        """Closes pooled connections idle too long; called on the health loop's timer."""
-        self.pool.sweep()
+    __slots__ = ("_body", "_chunked", "_config", "_head", "_key", "_pool", "_proxy",
+                 "_whole", "method", "response", "server", "wire")
 
-    def close(self) -> None:
-        self.pool.close()
+    def __init__(self, pool: UpstreamPool, config: Config, server: Server,
+                 proxy: Proxy | None, head: bytes, body: ReplayableBody, method: str,
+                 chunked: bool) -> None:
+        self._pool, self._config = pool, config
+        self.server, self._proxy = server, proxy
+        self._head, self._body, self.method, self._chunked = head, body, method, chunked
+        self._key = pool.key(server, proxy)
+        self._whole = False
 
-    async def fetch(self, server: Server, proxy: Proxy | None, method: str, path: str,
-                    body: bytes = b"", *, limit: int = MAX_HEALTH_BODY,
-                    timeout: float | None = None) -> tuple[int, bytes]:
-        """A small request of the balancer's own (health checks, fan-out calls): its
-        status and whole body, at most ``limit`` bytes, each read within ``timeout``."""
-        fields = [("Host", server.authority), ("Accept", "application/json"),
-                  ("User-Agent", f"ollamabalancer/{__version__}"), *server_credentials(server)]
-        if body:
-            fields += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-        head = render_head(f"{method} {path} HTTP/1.1", fields)
-        wire, response, key = await self.exchange(server, proxy, head, ReplayableBody.of(body),
-                                                  method)
-        answer = bytearray()
-        try:
-            async for piece in iter_body(wire, response_framing(response, method),
-                                         timeout or self.config.health_timeout, 502):
-                answer += piece
-                if len(answer) > limit:
-                    raise UpstreamError(502, f"{path} answer too large")
-        except BaseException:
-            wire.abort()
-            raise
-        self.release(key, wire, response)
-        return response.status, bytes(answer)
-
-    async def exchange(
-        self, server: Server, proxy: Proxy | None, head: bytes, body: ReplayableBody,
-        method: str, chunked_body: bool = False,
-    ) -> tuple[Wire, ResponseHead, PoolKey]:
-        """Sends a request upstream and reads the response head.
-
-        A pooled connection may have been closed by the server while idle; if it fails
-        before answering, the request goes once more on a fresh connection, as long as
-        the body sent so far could be kept (REPLAY_LIMIT). Errors of the client's own
-        body (IncompleteBody, ProtocolError) pass through untouched.
-        """
-        key = self.pool.key(server, proxy)
+    async def __aenter__(self) -> Exchange:
         while True:
-            wire = self.pool.take(key)
+            wire = self._pool.take(self._key)
             reused = wire is not None
             if wire is None:
-                wire = await open_upstream(server, proxy, self.config.connect_timeout)
+                wire = await open_upstream(self.server, self._proxy,
+                                           self._config.connect_timeout)
             try:
-                await self._send_request(wire, head, body, chunked_body)
-                response = await self._read_response_head(wire, server)
-                return wire, response, key
+                await self._send(wire)
+                self.response = await self._read_head(wire)
+                self.wire = wire
+                return self
             except UpstreamClosed as exc:
                 wire.abort()
-                if reused and body.replayable and not exc.answered:
+                if reused and self._body.replayable and not exc.answered:
                     continue
-                raise UpstreamError(502, f"{server.label} closed the connection: {exc}"
-                                    ) from None
+                raise UpstreamError(502, f"{self.server.label} closed the connection: "
+                                         f"{exc}") from None
             except BaseException:
                 wire.abort()
                 raise
 
-    @staticmethod
-    async def _send_request(wire: Wire, head: bytes, body: ReplayableBody, chunked: bool
-                            ) -> None:
-        pending = head  # sent with the first piece of body: one write, one packet
+    async def __aexit__(self, *exc_info: object) -> None:
+        response = self.response
+        if self._whole and not ("close" in response.headers.tokens("connection")
+                                or response.version == "HTTP/1.0"):
+            self._pool.put(self._key, self.wire)
+        else:
+            self.wire.abort()
+
+    async def _send(self, wire: Wire) -> None:
+        body, chunked = self._body, self._chunked
+        pending = self._head  # sent with the first piece of body: one write, one packet
         try:
             small = body.small()
             if small is not None:  # most requests: head and body in one write, at once
@@ -5245,17 +5294,17 @@ class Upstreams:
             # No mutation: the detail of a reset (its words, or its name) says the same.
             raise UpstreamClosed(str(exc) or type(exc).__name__) from None  # pragma: no mutate
 
-    async def _read_response_head(self, wire: Wire, server: Server) -> ResponseHead:
-        loop = wire.loop
+    async def _read_head(self, wire: Wire) -> ResponseHead:
+        loop, label, timeout = wire.loop, self.server.label, self._config.upstream_timeout
         while True:
-            deadline = loop.time() + self.config.upstream_timeout
+            deadline = loop.time() + timeout
             try:
                 response = await read_head(wire, maybe_response_head, deadline)
-            except asyncio.TimeoutError:
-                raise UpstreamError(504, f"{server.label} did not answer within "
-                                         f"{self.config.upstream_timeout:g} s") from None
+            except TimeoutError:
+                raise UpstreamError(504, f"{label} did not answer within {timeout:g} s"
+                                    ) from None
             except ProtocolError as exc:
-                raise UpstreamError(502, f"{server.label}: {exc.message}") from None
+                raise UpstreamError(502, f"{label}: {exc.message}") from None
             except IncompleteBody as exc:
                 raise UpstreamClosed(str(exc), answered=True) from None
             except ConnectionError as exc:
@@ -5263,32 +5312,97 @@ class Upstreams:
             if response is None:
                 raise UpstreamClosed("closed before answering")
             if response.status == 101:
-                raise UpstreamError(502, f"{server.label} switched protocols")
+                raise UpstreamError(502, f"{label} switched protocols")
             if response.status >= 200:
                 return response
 
-    def release(self, key: PoolKey, wire: Wire, response: ResponseHead) -> None:
-        if "close" in response.headers.tokens("connection") or response.version == "HTTP/1.0":
-            wire.abort()
-        else:
-            self.pool.put(key, wire)
+    @property
+    def status(self) -> int:
+        return self.response.status
 
-    async def read_error(self, wire: Wire, response: ResponseHead, key: PoolKey
-                          ) -> str | None:
-        """The message of a small upstream error response, read whole."""
+    def framing(self) -> Framing:
+        """How the answer's body is delimited; ProtocolError when that cannot be told."""
+        return response_framing(self.response, self.method)
+
+    def finished(self) -> None:
+        """Says the body was read whole, by whoever read it off ``wire`` (a forwarder):
+        the connection may carry another request."""
+        self._whole = True
+
+    def drop(self) -> None:
+        """Drops the connection now (its client left: Ollama stops generating), which
+        ends any read of it under way."""
+        self._whole = False
+        self.wire.abort()
+
+    async def pieces(self, timeout: float | None = None) -> AsyncIterator[bytes]:
+        """The answer's body as it arrives, each wait for bytes within ``timeout``
+        (UPSTREAM_TIMEOUT when not given)."""
+        async for piece in iter_body(self.wire, self.framing(),
+                                     timeout or self._config.upstream_timeout, 502):
+            yield piece
+        self._whole = True
+
+    async def read(self, limit: int, timeout: float | None = None) -> bytes:
+        """The whole body; UpstreamError past ``limit`` bytes."""
+        body = bytearray()
+        async for piece in self.pieces(timeout):
+            body += piece
+            if len(body) > limit:
+                raise UpstreamError(502, f"{self.server.label}: answer larger than "
+                                         f"{limit} bytes")
+        return bytes(body)
+
+    async def error_message(self) -> str | None:
+        """The message of a small error answer (Ollama's ``{"error": ...}``, or its text),
+        as much of it as came when the answer breaks off; None past MAX_ERROR_BODY."""
         body = bytearray()
         try:
-            async for piece in iter_body(wire, response_framing(response, "POST"),
-                                         self.config.upstream_timeout, 502):
+            async for piece in self.pieces():
                 body += piece
                 if len(body) > MAX_ERROR_BODY:
-                    wire.abort()
                     return None
-        except (IncompleteBody, ProtocolError, asyncio.TimeoutError, ConnectionError):
-            wire.abort()
-            return upstream_error_message(bytes(body))
-        self.release(key, wire, response)
+        except (TimeoutError, IncompleteBody, ProtocolError, ConnectionError):
+            pass
         return upstream_error_message(bytes(body))
+
+
+class Upstreams:
+    """Speaks HTTP/1.1 to Ollama servers, directly or through their proxies, over pooled
+    keep-alive connections: an Exchange (a request out, its answer's head back), or a
+    small request of the balancer's own read whole (fetch)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._pool = UpstreamPool(pool_cap(open_files_limit()))
+
+    def sweep(self) -> None:
+        """Closes pooled connections idle too long; called on the health loop's timer."""
+        self._pool.sweep()
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def exchange(self, server: Server, proxy: Proxy | None, head: bytes,
+                 body: ReplayableBody, method: str, chunked: bool = False) -> Exchange:
+        """``head`` (and ``body``, chunked when ``chunked``) to ``server`` through
+        ``proxy``: ``async with`` it to send it and read the answer's head."""
+        return Exchange(self._pool, self.config, server, proxy, head, body, method, chunked)
+
+    async def fetch(self, server: Server, proxy: Proxy | None, method: str, path: str,
+                    body: bytes = b"", *, limit: int = MAX_HEALTH_BODY,
+                    timeout: float | None = None) -> tuple[int, bytes]:
+        """A small request of the balancer's own (health checks, fan-out calls): its
+        status and whole body, at most ``limit`` bytes, each read within ``timeout``."""
+        fields = [("Host", server.authority), ("Accept", "application/json"),
+                  ("User-Agent", f"ollamabalancer/{__version__}"), *server_credentials(server)]
+        if body:
+            fields += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        head = render_head(f"{method} {path} HTTP/1.1", fields)
+        async with self.exchange(server, proxy, head, ReplayableBody.of(body),
+                                 method) as answer:
+            return answer.status, await answer.read(limit, timeout or
+                                                    self.config.health_timeout)
 
 
 # ---------------------------------------------------------------------------
@@ -5343,68 +5457,40 @@ async def spread_out(work: Sequence[Callable[[], Awaitable[None]]], at_once: int
     await asyncio.gather(*(one(index, job) for index, job in enumerate(work)))
 
 
-def forget_handles(fleet: Fleet, gone: Callable[[tuple[int, int | None]], bool]) -> None:
-    """Drops the getServer IDs of the (server, proxy) pairs that are ``gone``."""
-    for token, pair in list(fleet.handles.items()):
-        if gone(pair):
-            del fleet.handles[token]
-            fleet.handle_tokens.pop(pair, None)
+def paged(items: dict[int, T], page: tuple[int | None, int]) -> tuple[list[T], int | None]:
+    """The items of ``page``, by id, and the id to ask the next page after (None: none)."""
+    limit, after = page
+    ids = sorted(i for i in items if i > after)
+    if limit is None or len(ids) <= limit:
+        return [items[i] for i in ids], None
+    return [items[i] for i in ids[:limit]], ids[limit - 1]
 
 
 def _through_proxy(proxy_id: int, pair: tuple[int, int | None]) -> bool:
     return pair[1] == proxy_id
 
 
-async def read_running(upstreams: Upstreams, server: Server, proxy: Proxy | None,
-                       timeout: float, sizes: dict[str, int] | None = None,
-                       with_version: bool = True) -> None:
-    """Reads /api/ps (which models sit on the GPU; what it shows is learned from, and
-    the models' sizes in memory go into ``sizes``), and /api/version now and then
-    (VERSION_RECHECK), into the server's load; a server that does not answer them keeps
-    what it had."""
-    load = server.load
-    try:
-        status, body = await asyncio.wait_for(
-            upstreams.fetch(server, proxy, "GET", "/api/ps"), timeout)
-        payload = decode_json(body) if status == 200 else {}
-        running = payload.get("models") if isinstance(payload, dict) else None
-        if isinstance(running, list):
-            load.running = [m for m in running if isinstance(m, dict)]
-            now = time.monotonic()
-            resident = {canonical_model(str(m.get("name") or m.get("model") or ""))
-                        for m in load.running} | {m for m, n in load.by_model.items() if n}
-            load.loaded = {m: load.loaded.get(m, now) for m in resident}
-            load.learned.from_ps(load.running, time.time(), sizes)
-        if not with_version or time.monotonic() - load.version_read < VERSION_RECHECK:
-            return
-        status, body = await asyncio.wait_for(
-            upstreams.fetch(server, proxy, "GET", "/api/version"), timeout)
-        version = decode_json(body).get("version") if status == 200 else None
-        load.version = version if isinstance(version, str) else None
-        load.version_read = time.monotonic()
-    except (asyncio.TimeoutError, UpstreamError, ValueError, AttributeError,
-            IncompleteBody, OSError, ProtocolError) as exc:
-        log.debug("no /api/ps from %s: %s", server.label, exc)
-
-
 class Fleet:
     """The servers, proxies, getServer IDs and API keys the store holds, in memory, kept
     current by the change log and health checks, with the scheduler that shares the
-    servers out and their failures' record. Handlers read it; it knows nothing of them."""
+    servers out and their failures' record. The one door to all of that: handlers ask it
+    for what they want (a slot for a model, the catalog, a server added), and never touch
+    its store, scheduler or tables. It knows nothing of them."""
 
     def __init__(self, config: Config, store: AsyncStore, upstreams: Upstreams,
                  metrics: Metrics) -> None:
         self.config = config
-        self.store = store
-        self.upstreams = upstreams
-        self.metrics = metrics
-        self.scheduler = Scheduler(config)
-        self.servers: dict[int, Server] = {}
-        self.proxies: dict[int, Proxy] = {}
-        self.handles: dict[str, tuple[int, int | None]] = {}
-        self.handle_tokens: dict[tuple[int, int | None], str] = {}
-        self.keys: dict[str, ApiKey] = {}  # by the SHA-256 of the key
-        self.recent_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
+        self._store = store
+        self._upstreams = upstreams
+        self._metrics = metrics
+        self._scheduler = Scheduler(config)
+        self._ranking = self._scheduler.ranking
+        self._servers: dict[int, Server] = {}
+        self._proxies: dict[int, Proxy] = {}
+        self._handles: dict[str, tuple[int, int | None]] = {}
+        self._handle_tokens: dict[tuple[int, int | None], str] = {}
+        self._keys: dict[str, ApiKey] = {}  # by the SHA-256 of the key
+        self._errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._store_down_logged = False
         self._catalog_refresh: asyncio.Future[None] | None = None
@@ -5418,9 +5504,14 @@ class Fleet:
         self.revision = 0  # the change log's last applied here, and its mark when read:
         self._change_mark: tuple[int, int] | None = None
 
-    async def db(self, method: Callable[..., T], *args: Any) -> T:
+    @property
+    def _tables(self) -> Store:
+        """The store's tables, whose methods run through ``_store.call``."""
+        return self._store.store
+
+    async def _db(self, method: Callable[..., T], *args: Any) -> T:
         """A store call a request waits on: a 503 for it when the database is down."""
-        return await self.or_503(self.store.call(method, *args))
+        return await self.or_503(self._store.call(method, *args))
 
     @staticmethod
     async def or_503(work: Awaitable[T]) -> T:
@@ -5436,31 +5527,30 @@ class Fleet:
         Other instances and outside crawlers write the same tables, so this runs on every
         health round. When the store is down the in-memory copy keeps serving.
         """
-        store = self.store.store
-        revision = await self.store.call(store.latest_change)  # first: nothing is missed
-        servers = await self.store.call(store.list_servers)
-        proxies = await self.store.call(store.list_proxies)
-        handles = await self.store.call(store.list_handles)
-        keys = await self.store.call(store.list_keys)
-        old = self.servers
-        self.servers = {server.id: carried(old.get(server.id), server) for server in servers}
-        self.scheduler.forget(self.servers)
-        self.proxies = {proxy.id: proxy for proxy in proxies}
-        self.handles = handles
-        self.handle_tokens = {pair: token for token, pair in handles.items()}
-        self.keys = {key.key_hash: key for key in keys}
+        store, tables = self._store, self._tables
+        revision = await store.call(tables.latest_change)  # first: nothing is missed
+        servers = await store.call(tables.list_servers)
+        proxies = await store.call(tables.list_proxies)
+        handles = await store.call(tables.list_handles)
+        keys = await store.call(tables.list_keys)
+        old = self._servers
+        self._servers = {server.id: carried(old.get(server.id), server) for server in servers}
+        self._ranking.forget(self._servers)
+        self._proxies = {proxy.id: proxy for proxy in proxies}
+        self._handles = handles
+        self._handle_tokens = {pair: token for token, pair in handles.items()}
+        self._keys = {key.key_hash: key for key in keys}
         self.revision, self._change_mark = max(self.revision, revision), None
 
     async def sync(self) -> None:
         """Applies what was written since the last sync, by this instance or another, row
         by row from the store's change log (all of it again when too far behind). Cheap
         when nothing changed: one read of the log's last entries. Raises StoreUnavailable."""
-        store = self.store.store
         base = max(0, self.revision - CHANGE_SLACK)  # again: late commits land there
-        mark = await self.store.call(store.change_mark, base)
+        mark = await self._store.call(self._tables.change_mark, base)
         if mark == self._change_mark:
             return
-        changes = await self.store.call(store.changes_since, base)
+        changes = await self._store.call(self._tables.changes_since, base)
         if changes is None:
             await self.reload()
             return
@@ -5481,23 +5571,23 @@ class Fleet:
                 await self.beat()
                 if loop.time() - pruned >= CHANGE_PRUNE_INTERVAL:
                     pruned = loop.time()
-                    await self.store.call(self.store.store.prune_changes)
+                    await self._store.call(self._tables.prune_changes)
 
     async def beat(self) -> None:
         """Tells the store what this instance wants of each server, and takes its share
         of them (SharedCapacity.plan). Raises StoreUnavailable."""
-        scheduler, servers = self.scheduler, self.servers
-        shared, wants = scheduler.shared, scheduler.shared.demand(servers, scheduler.queue)
-        decide = shared.plan({i: scheduler.capacity(s) for i, s in servers.items()},
+        scheduler, ranking, servers = self._scheduler, self._ranking, self._servers
+        shared, wants = ranking.shared, scheduler.demand(servers)
+        decide = shared.plan({i: ranking.capacity(s) for i, s in servers.items()},
                              {i: s.load.inflight for i, s in servers.items()}, wants,
                              self.instance)
-        live = await self.store.call(self.store.store.beat, self.instance,
-                                     json.dumps(wants, separators=(",", ":")),
-                                     INSTANCE_MISSED_BEATS * self.config.sync_interval + 1,
-                                     decide)
+        live = await self._store.call(self._tables.beat, self.instance,
+                                      json.dumps(wants, separators=(",", ":")),
+                                      INSTANCE_MISSED_BEATS * self.config.sync_interval + 1,
+                                      decide)
         for server_id in shared.take(live):
             if server_id in servers:
-                scheduler.changed(servers[server_id])
+                ranking.changed(servers[server_id])
         scheduler.dispatch(servers)
 
     async def _apply(self, changes: Iterable[tuple[int, str, str]]) -> None:
@@ -5506,95 +5596,126 @@ class Fleet:
         named: dict[str, set[str]] = collections.defaultdict(set)
         for _, kind, row_id in changes:
             named[kind].add(row_id)
-        store = self.store.store
+        store, tables = self._store, self._tables
         if server_ids := sorted(int(i) for i in named["server"]):
-            read = {s.id: s for s in await self.store.call(store.servers_by_id, server_ids)}
+            read = {s.id: s for s in await store.call(tables.servers_by_id, server_ids)}
             for server_id in server_ids:
                 self._put_server(server_id, read.get(server_id))
         if proxy_ids := sorted(int(i) for i in named["proxy"]):
-            read_proxies = {p.id: p for p in await self.store.call(store.list_proxies,
-                                                                    proxy_ids)}
+            read_proxies = {p.id: p for p in await store.call(tables.list_proxies,
+                                                               proxy_ids)}
             for proxy_id in proxy_ids:
                 proxy = read_proxies.get(proxy_id)
                 if proxy is None:
-                    self.proxies.pop(proxy_id, None)
-                    forget_handles(self, functools.partial(_through_proxy, proxy_id))
+                    self._proxies.pop(proxy_id, None)
+                    self._forget_handles(functools.partial(_through_proxy, proxy_id))
                 else:
-                    self.proxies[proxy_id] = proxy
-                self.recheck(s for s in self.servers.values() if s.proxy_id == proxy_id)
+                    self._proxies[proxy_id] = proxy
+                self.recheck(s for s in self._servers.values() if s.proxy_id == proxy_id)
         if key_ids := {int(i) for i in named["key"]}:
-            self.keys = {h: k for h, k in self.keys.items() if k.id not in key_ids}
-            for key in await self.store.call(store.list_keys, sorted(key_ids)):
-                self.keys[key.key_hash] = key
-        for token in named["handle"] - self.handles.keys():
-            pair = await self.store.call(store.resolve_handle, token)
+            self._keys = {h: k for h, k in self._keys.items() if k.id not in key_ids}
+            for key in await store.call(tables.list_keys, sorted(key_ids)):
+                self._keys[key.key_hash] = key
+        for token in named["handle"] - self._handles.keys():
+            pair = await store.call(tables.resolve_handle, token)
             if pair is not None:
-                self.remember_handle(token, pair)
-        self.scheduler.dispatch(self.servers)  # a new or changed server may take the queue
+                self._remember_handle(token, pair)
+        self._scheduler.dispatch(self._servers)  # a new or changed server may take the queue
 
     def _put_server(self, server_id: int, server: Server | None) -> None:
-        old = self.servers.get(server_id)
+        old = self._servers.get(server_id)
         if server is None:
-            if self.servers.pop(server_id, None) is not None:
-                forget_handles(self, lambda pair: pair[0] == server_id)
-                self.scheduler.forget(self.servers)
+            if self._servers.pop(server_id, None) is not None:
+                self._forget_handles(lambda pair: pair[0] == server_id)
+                self._ranking.forget(self._servers)
             return
         moved = old is None or (old.host, old.port, old.scheme, old.proxy_id) != (
             server.host, server.port, server.scheme, server.proxy_id)
-        server = self.servers[server_id] = carried(old, server)
+        server = self._servers[server_id] = carried(old, server)
         if not server.enabled:
             server.reachable, server.last_error = False, "disabled"
         elif moved or (old is not None and not old.enabled):
             self.spawn(self.check_server(server))  # new here, at a new address, or back
-        self.scheduler.changed(server)
+        self._ranking.changed(server)
 
-    async def look_up(self, server_id: int, proxy_id: int | None) -> None:
+    async def _look_up(self, server_id: int, proxy_id: int | None) -> None:
         """Reads a server (and proxy) unknown here from the store, where another instance
         or an outside tool may have just written it (a store down changes nothing)."""
         with contextlib.suppress(StoreUnavailable):
             await self.sync()
-            missing = [(0, "server", str(server_id))] if server_id not in self.servers else []
-            if proxy_id is not None and proxy_id not in self.proxies:
+            missing = [(0, "server", str(server_id))] if server_id not in self._servers else []
+            if proxy_id is not None and proxy_id not in self._proxies:
                 missing.append((0, "proxy", str(proxy_id)))
             await self._apply(missing)
 
     def proxy_of(self, server: Server) -> Proxy | None:
         if server.proxy_id is None:
             return None
-        proxy = self.proxies.get(server.proxy_id)
+        proxy = self._proxies.get(server.proxy_id)
         if proxy is None:
             raise UpstreamError(502, f"server {server.id} names proxy {server.proxy_id}, "
                                      "which does not exist")
         return proxy
 
-    def remember_handle(self, token: str, pair: tuple[int, int | None]) -> None:
-        self.handles[token] = pair
-        self.handle_tokens[pair] = token
+    def _remember_handle(self, token: str, pair: tuple[int, int | None]) -> None:
+        self._handles[token] = pair
+        self._handle_tokens[pair] = token
+
+    def _forget_handles(self, gone: Callable[[tuple[int, int | None]], bool]) -> None:
+        """Drops the getServer IDs of the (server, proxy) pairs that are ``gone``."""
+        for token, pair in list(self._handles.items()):
+            if gone(pair):
+                del self._handles[token]
+                self._handle_tokens.pop(pair, None)
 
     async def handle_for(self, pair: tuple[int, int | None]) -> str:
         """The getServer ID of a (server, proxy) pair: the one known, else one made in the
         store and shared by every instance. A 503 when the store is down."""
-        token = self.handle_tokens.get(pair)
+        token = self._handle_tokens.get(pair)
         if token is None:
-            token = await self.db(self.store.store.handle_for, *pair)
-            self.remember_handle(token, pair)
+            token = await self._db(self._tables.handle_for, *pair)
+            self._remember_handle(token, pair)
         return token
 
-    async def resolve_handle(self, token: str) -> tuple[int, int | None] | None:
+    async def _resolve_handle(self, token: str) -> tuple[int, int | None] | None:
         """The (server, proxy) a getServer ID names, looked up in the store when another
         instance made it since the last reload; None for an ID nobody made."""
-        pair = self.handles.get(token)
+        pair = self._handles.get(token)
         if pair is None and re.fullmatch(r"[0-9a-f]{32}", token):
-            pair = await self.db(self.store.store.resolve_handle, token)
+            pair = await self._db(self._tables.resolve_handle, token)
             if pair is not None:
-                self.remember_handle(token, pair)
+                self._remember_handle(token, pair)
         return pair
+
+    async def target(self, key: str) -> tuple[Server, Proxy | None]:
+        """The server and proxy a getServer ID, or a server's numeric id, names for the
+        seed's relay; what this instance does not know is looked for in the store before
+        a 404."""
+        if re.fullmatch(r"[0-9]{1,9}", key):
+            pair: tuple[int, int | None] | None = (int(key), None)
+        else:
+            pair = await self._resolve_handle(key)
+        if pair is None:
+            raise HTTPError(404, "unknown server id")
+        server_id, proxy_id = pair
+        if server_id not in self._servers or (proxy_id is not None and
+                                              proxy_id not in self._proxies):
+            await self._look_up(server_id, proxy_id)
+        server = self._servers.get(server_id)
+        if server is None:
+            raise HTTPError(404, "unknown server id")
+        if proxy_id is None:
+            return server, self.proxy_of(server)
+        proxy = self._proxies.get(proxy_id)
+        if proxy is None:
+            raise HTTPError(404, "unknown server id")
+        return server, proxy
 
     async def touch_key(self, key: ApiKey) -> None:
         """Records an API key's use (lastUsedAt); a store that is down loses only that."""
         key.last_used_at = utc_now()
         with contextlib.suppress(StoreUnavailable):
-            await self.store.call(self.store.store.touch_key, key.id, key.last_used_at)
+            await self._store.call(self._tables.touch_key, key.id, key.last_used_at)
 
     async def check_server(self, server: Server) -> None:
         """Reads the server's /api/tags through its proxy and updates memory; the store
@@ -5612,8 +5733,8 @@ class Fleet:
             if proxy is not None and not proxy.status:
                 raise UpstreamError(502, f"{proxy.label} is disabled")
             status, body = await asyncio.wait_for(
-                self.upstreams.fetch(server, proxy, "GET", "/api/tags"), self.config.health_timeout
-            )
+                self._upstreams.fetch(server, proxy, "GET", "/api/tags"),
+                self.config.health_timeout)
             if status != 200:
                 raise UpstreamError(502, f"/api/tags answered {status}")
             payload = decode_json(body)
@@ -5621,7 +5742,7 @@ class Fleet:
             if not isinstance(listed, list):
                 raise UpstreamError(502, "/api/tags did not list models")
             models = [m for m in listed if isinstance(m, dict)]
-        except asyncio.TimeoutError:
+        except TimeoutError:
             error = "health check timed out"
         except UpstreamError as exc:
             error = exc.message
@@ -5639,21 +5760,41 @@ class Fleet:
             self._mark(server, True, None)
             if server.load.open_until <= time.monotonic() and not server.load.probing:
                 # Past its cooldown, an answer to the health check is as good as a probe.
-                self.scheduler.close_circuit(server, "its health check passed")
-            await read_running(self.upstreams, server, proxy, self.config.health_timeout,
-                               self.scheduler.model_vram)
-            self.scheduler.learned(self.servers, server)
+                self._scheduler.close_circuit(server, "its health check passed")
+            await self._read_running(server, proxy)
+            self._ranking.learned(self._servers, server)
         server.last_checked = utc_now()
-        self.scheduler.changed(server)  # its models, health or resident models may differ
+        self._ranking.changed(server)  # its models, health or resident models may differ
         self._health_dirty[server.id] = (server.models if server.reachable else None,
                                          server.last_checked)
         if self._persisting is None or self._persisting.done():
             self._persisting = asyncio.ensure_future(self._persist_health())
 
+    async def _read_running(self, server: Server, proxy: Proxy | None,
+                            with_version: bool = True) -> None:
+        """Reads /api/ps into the server's load, and /api/version now and then
+        (VERSION_RECHECK); a server that does not answer them keeps what it had."""
+        load, timeout = server.load, self.config.health_timeout
+        try:
+            status, body = await asyncio.wait_for(
+                self._upstreams.fetch(server, proxy, "GET", "/api/ps"), timeout)
+            load.read_ps(decode_json(body) if status == 200 else {}, self._ranking.model_vram)
+            if not with_version or time.monotonic() - load.version_read < VERSION_RECHECK:
+                return
+            status, body = await asyncio.wait_for(
+                self._upstreams.fetch(server, proxy, "GET", "/api/version"), timeout)
+            payload = decode_json(body) if status == 200 else {}
+            if not isinstance(payload, dict):
+                raise ValueError("/api/version did not answer an object")
+            load.read_version(payload)
+        except (TimeoutError, UpstreamError, ValueError, AttributeError, IncompleteBody,
+                OSError, ProtocolError) as exc:
+            log.debug("no /api/ps from %s: %s", server.label, exc)
+
     def _current(self, checked: Server) -> Server | None:
         """The server's object now: a reload may have replaced the one that was checked
         (the result holds if the address is the same)."""
-        server = self.servers.get(checked.id)
+        server = self._servers.get(checked.id)
         if server is None or server is checked:
             return server
         address = (checked.host, checked.port, checked.scheme, checked.proxy_id)
@@ -5666,8 +5807,8 @@ class Fleet:
         while self._health_dirty:
             batch, self._health_dirty = self._health_dirty, {}
             with contextlib.suppress(StoreUnavailable):
-                await self.store.call(self.store.store.record_health_many,
-                                      [(i, m, c) for i, (m, c) in batch.items()])
+                await self._store.call(self._tables.record_health_many,
+                                       [(i, m, c) for i, (m, c) in batch.items()])
 
     def _mark(self, server: Server, reachable: bool, error: str | None) -> None:
         if reachable != server.reachable or error != server.last_error:
@@ -5675,24 +5816,21 @@ class Fleet:
                 log.info("server %s is reachable (%d models)", server.label, len(server.models))
             else:
                 log.warning("server %s is unreachable: %s", server.label, error)
-                self.recent_errors.appendleft({
+                self._errors.appendleft({
                     "time": iso_time(utc_now()), "server": server.label, "kind": "health",
                     "message": f"health check failed: {error}"})
         if not reachable:
-            # What ran there is gone with it, or unknown: nothing counts as loaded but the
-            # models of requests still in flight.
-            load = server.load
-            load.running = []
-            load.loaded = {m: t for m, t in load.loaded.items() if load.by_model.get(m)}
+            server.load.unreachable()
         server.reachable, server.last_error = reachable, error
 
     async def check_all(self, over: float = 0.0) -> None:
-        work = [functools.partial(self.check_server, s) for s in self.servers.values() if s.enabled]
+        work = [functools.partial(self.check_server, s) for s in self._servers.values()
+                if s.enabled]
         await spread_out(work, self.config.health_concurrency, over)
-        for server in self.servers.values():
+        for server in self._servers.values():
             if not server.enabled:
                 server.reachable, server.last_error = False, "disabled"
-        self.scheduler.dispatch(self.servers)  # servers that came back take queued work
+        self._scheduler.dispatch(self._servers)  # servers that came back take queued work
 
     def recheck(self, servers: Iterable[Server]) -> None:
         for server in servers:
@@ -5722,7 +5860,7 @@ class Fleet:
             if self._syncing is None or self._syncing.done():
                 self._syncing = asyncio.ensure_future(self._sync())
             await self.check_all(over=self.config.health_interval / 2)
-            self.upstreams.sweep()
+            self._upstreams.sweep()
 
     async def _sync(self) -> None:
         try:
@@ -5739,7 +5877,7 @@ class Fleet:
         """Writes the last health results (as long as the store answers in time), gives
         back this instance's shares, stops what runs in the background."""
         with contextlib.suppress(StoreUnavailable):
-            await self.store.call(self.store.store.leave, self.instance)
+            await self._store.call(self._tables.leave, self.instance)
         if self._persisting is not None:
             with contextlib.suppress(asyncio.TimeoutError, StoreUnavailable):
                 await asyncio.wait_for(asyncio.shield(self._persisting),
@@ -5757,13 +5895,45 @@ class Fleet:
     def upstream_failed(self, server: Server, kind: str, message: str = "") -> None:
         """A failure that counts against the server: for the breaker, the metrics and the
         status page."""
-        self.scheduler.record(self.servers, server, False)
-        self.metrics.count("upstream_errors_total", (server.label, kind))
-        self.recent_errors.appendleft({"time": iso_time(utc_now()), "server": server.label,
-                                       "kind": kind, "message": message or kind})
+        self._scheduler.record(self._servers, server, False)
+        self._metrics.count("upstream_errors_total", (server.label, kind))
+        self._errors.appendleft({"time": iso_time(utc_now()), "server": server.label,
+                                 "kind": kind, "message": message or kind})
+
+    # -- what handlers read ---------------------------------------------------------
+
+    def server(self, server_id: int) -> Server | None:
+        return self._servers.get(server_id)
+
+    def every_server(self) -> list[Server]:
+        return list(self._servers.values())
+
+    def server_page(self, page: tuple[int | None, int]) -> tuple[list[Server], int | None]:
+        """The servers of ``page`` (paged()), and the id the next page starts after."""
+        return paged(self._servers, page)
 
     def serving(self) -> list[Server]:
-        return [s for s in self.servers.values() if s.enabled and s.reachable]
+        return [s for s in self._servers.values() if s.enabled and s.reachable]
+
+    def proxy(self, proxy_id: int) -> Proxy | None:
+        return self._proxies.get(proxy_id)
+
+    def every_proxy(self) -> list[Proxy]:
+        return list(self._proxies.values())
+
+    def has_keys(self) -> bool:
+        return bool(self._keys)
+
+    def key(self, key_hash: str) -> ApiKey | None:
+        """The API key whose SHA-256 is ``key_hash``."""
+        return self._keys.get(key_hash)
+
+    def every_key(self) -> list[ApiKey]:
+        return list(self._keys.values())
+
+    def recent_errors(self) -> list[dict[str, Any]]:
+        """The last failures, the newest first: health checks' and requests'."""
+        return list(self._errors)
 
     def catalog(self) -> dict[str, dict[str, Any]]:
         """Every model in the fleet once, as the first serving server lists it."""
@@ -5773,6 +5943,191 @@ class Fleet:
                 name = str(model.get("name") or model.get("model") or "")
                 catalog.setdefault(name, model)
         return catalog
+
+    def capacity(self, server: Server) -> int:
+        """Requests in flight on ``server`` before more wait here."""
+        return self._ranking.capacity(server)
+
+    def capacity_report(self, server: Server) -> dict[str, Any]:
+        """What the scheduler counts on for ``server``, and whence (Ranking)."""
+        return self._ranking.capacity_report(server)
+
+    def share(self, server_id: int) -> int | None:
+        """This instance's slots of the server while others share the fleet."""
+        return self._ranking.shared.shares.get(server_id)
+
+    def instances(self) -> int:
+        """Instances serving from the store, as the last heartbeat counted them."""
+        return self._ranking.shared.instances
+
+    def queue_depth(self) -> int:
+        return self._scheduler.waiting()
+
+    # -- routing: slots, outcomes, what answers show ----------------------------------
+
+    def runnable(self, model: str) -> bool:
+        """Whether some server could run ``model`` now, slots aside."""
+        if self.config.strategy == "least_load":  # the index knows, without a scan
+            return self._ranking.runnable(self._servers, model)
+        now = time.monotonic()
+        return any(self._ranking.eligible(s, model, now) for s in self._servers.values())
+
+    def unavailable(self, model: str, name: str) -> HTTPError:
+        """Why no server takes ``model``: not found, or its servers are down (with when
+        to try again: the soonest circuit to half-open, else the next health round)."""
+        having = [s for s in self._servers.values() if model in s.model_names]
+        if not having:
+            return HTTPError(404, f"model '{name}' not found")
+        now = time.monotonic()
+        reopening = [s.load.open_until - now for s in having
+                     if s.enabled and s.reachable and s.load.open_until > now]
+        return ModelUnavailable(model, name, min(reopening, default=self.config.health_interval))
+
+    async def acquire(self, model: str, session: str | bytes | None = None,
+                      exclude: frozenset[int] = frozenset()) -> Slot:
+        """A slot for ``model`` on the best server, waiting in the queue if need be
+        (Scheduler.acquire); give it back with release()."""
+        return await self._scheduler.acquire(self._servers, model, session, exclude)
+
+    def take(self, server: Server) -> Slot:
+        """A slot on ``server`` for a request that chose it itself; release() it."""
+        return self._scheduler.take(server, None)
+
+    def release(self, slot: Slot) -> None:
+        self._scheduler.release(self._servers, slot)
+
+    def record(self, server: Server, ok: bool) -> None:
+        """A request's outcome, for the server's breaker."""
+        self._scheduler.record(self._servers, server, ok)
+
+    def observe(self, cold: bool, first_byte: float, total: float) -> None:
+        """How long a finished request took, for the scheduler's estimates."""
+        self._scheduler.observe(cold, first_byte, total)
+
+    def conversation(self, prints: Sequence[bytes]) -> bytes | None:
+        """The longest start of a conversation that has a server (Ranking.conversation)."""
+        return self._ranking.conversation(prints)
+
+    def remember(self, key: str | bytes, server: Server) -> None:
+        """Keeps a session's or a conversation's server for the requests that follow."""
+        self._ranking.remember(key, server.id)
+
+    def answer_began(self, slot: Slot, proxy: Proxy | None, streamed: bool) -> None:
+        """What an answer's start shows of its server: a streamed answer's first token
+        (its parallel limit), and, after a cold load, what /api/ps shows now (an
+        eviction, if the load made room for itself)."""
+        if streamed:
+            self._scheduler.first_token(self._servers, slot)
+        learned = slot.server.load.learned
+        if slot.cold and not learned.checking:
+            learned.checking = True
+            self.spawn(self._after_load(slot.server, proxy))
+
+    async def _after_load(self, server: Server, proxy: Proxy | None) -> None:
+        try:
+            await self._read_running(server, proxy, with_version=False)
+            self._ranking.learned(self._servers, server)
+            self._ranking.changed(server)
+        finally:
+            server.load.learned.checking = False
+
+    def model_gone(self, server: Server, model: str) -> None:
+        """``server`` said it lacks ``model``, which the catalog gave it: forgotten there
+        now, and the server checked again."""
+        server.set_models([m for m in server.models if canonical_model(
+            str(m.get("name") or m.get("model") or "")) != model])
+        self.spawn(self.check_server(server))
+
+    def choose(self, models: Sequence[str], size: float | None) -> Server:
+        """getServer's choice among the healthy servers that have ``models`` (and
+        ``size``): the configured strategy's, holding no slot, so that a full fleet still
+        answers (the least loaded); a 404 saying why when none has."""
+        servers = list(self._servers.values())
+        healthy = self._ranking.candidates(servers, None)
+        candidates = [s for s in healthy if server_qualifies(s, models, size)]
+        if not candidates:
+            raise HTTPError(404, explain_no_match(servers, models, size))
+        first_model = canonical_model(models[0]) if models else None
+        return self._ranking.choose(candidates, first_model) or self._ranking.least_busy(
+            candidates, first_model)
+
+    # -- what management writes, through the store and its change log -----------------
+
+    async def refresh(self) -> None:
+        """Reads everything again (a list reads its table whole, as outside tools may
+        write it too); a 503 when the store is down."""
+        await self.or_503(self.reload())
+
+    async def catch_up(self) -> None:
+        """Applies what the change log holds since the last sync; a 503 when the store is
+        down."""
+        await self.or_503(self.sync())
+
+    async def add_proxy(self, values: dict[str, Any]) -> int:
+        proxy_id = await self._db(self._tables.add_proxy, values)
+        await self.catch_up()
+        return proxy_id
+
+    async def update_proxy(self, proxy_id: int, values: dict[str, Any]) -> Proxy | None:
+        """The proxy changed, None if there is none; its servers are checked again."""
+        if not await self._db(self._tables.update_proxy, proxy_id, values):
+            return None
+        await self.catch_up()
+        self.recheck(s for s in self._servers.values() if s.proxy_id == proxy_id)
+        return self._proxies.get(proxy_id)
+
+    async def delete_proxy(self, proxy_id: int) -> bool:
+        """False if there is no such proxy; Conflict while servers use it."""
+        users = sorted(s.id for s in self._servers.values() if s.proxy_id == proxy_id)
+        if users:
+            raise Conflict(f"proxy {proxy_id} is used by servers "
+                           f"{', '.join(map(str, users))}; change them first")
+        if not await self._db(self._tables.delete_proxy, proxy_id):
+            return False
+        await self.catch_up()
+        return True
+
+    async def add_server(self, values: dict[str, Any]) -> Server:
+        """The server added and checked (Conflict: one at that address exists already)."""
+        server_id = await self._db(self._tables.add_server, values)
+        await self.catch_up()
+        server = self._servers[server_id]
+        log.info("added server %d %s", server_id, server.label)
+        if server.enabled:
+            await self.check_server(server)
+        # As it is now: a health round or sync may have read its row again meanwhile.
+        return self._servers.get(server_id, server)
+
+    async def update_server(self, server_id: int, values: dict[str, Any]) -> Server | None:
+        """The server changed and checked again in full, None if there is none (Conflict:
+        another server has its new address)."""
+        if not await self._db(self._tables.update_server, server_id, values):
+            return None
+        await self.catch_up()
+        server = self._servers[server_id]
+        if server.enabled:
+            server.load.version_read = -math.inf  # checked in full, version too
+            await self.check_server(server)
+        else:
+            server.reachable, server.last_error = False, "disabled"
+        return self._servers.get(server_id, server)
+
+    async def delete_server(self, server_id: int) -> bool:
+        if not await self._db(self._tables.delete_server, server_id):
+            return False
+        await self.catch_up()
+        return True
+
+    async def add_key(self, values: dict[str, Any]) -> int:
+        key_id = await self._db(self._tables.add_key, values)
+        await self.catch_up()
+        return key_id
+
+    async def delete_key(self, key_id: int) -> bool:
+        if not await self._db(self._tables.delete_key, key_id):
+            return False
+        await self.catch_up()
+        return True
 
 
 # ---------------------------------------------------------------------------
@@ -5787,6 +6142,19 @@ class KeyUsage:
     inflight: int = 0
     recent: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
     touched: float = -1e9
+
+@dataclasses.dataclass(frozen=True)
+class Grant:
+    """Access.authorize_client's verdict on a request it lets through: the API key's
+    usage to count it against (None: no key counts), whether its Authorization was the
+    balancer's own (then not sent on), and whether it was the admin token's."""
+
+    usage: KeyUsage | None
+    authenticated: bool
+    privileged: bool
+
+
+NO_GRANT = Grant(None, False, False)
 
 def bearer_token(head: RequestHead) -> str | None:
     value = head.headers.get("authorization")
@@ -5932,52 +6300,51 @@ class Access:
                 raise HTTPError(415, "management requests with a body must be sent as "
                                      "Content-Type: application/json")
 
-    def allow_origin(self, request: Request) -> None:
+    def allow_origin(self, request: Request) -> list[tuple[str, str]]:
         """CORS on the Ollama endpoints, as Ollama answers it: a browser page of an allowed
-        origin (ORIGINS, and Ollama's defaults) may read the answer; another gets 403."""
+        origin (ORIGINS, and Ollama's defaults) may read the answer, with the fields this
+        returns; another gets 403."""
         origins = request.head.headers.index.get("origin")
         if origins is None:
-            return
+            return []
         origin = origins[0]
         if len(origins) > 1 or not self._origins.fullmatch(origin):  # a browser sends one
             raise HTTPError(403, f"origin {origin[:100]!r} is not allowed: add it to ORIGINS")
-        request.response_fields += [("Access-Control-Allow-Origin", origin),
-                                    ("Vary", "Origin")]
+        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
 
     def preflight(self, request: Request, accesses: list[str]) -> Response:
         """A CORS preflight (OPTIONS with Access-Control-Request-Method): 204 with what
         Ollama allows, for an allowed origin on the Ollama endpoints only."""
-        request.endpoint = "preflight"
         if "admin" in accesses:
             raise HTTPError(403, "management endpoints take no cross-origin requests")
-        self.allow_origin(request)
-        return Response(204, headers=CORS_PREFLIGHT_FIELDS)
+        return Response(204, headers=[*CORS_PREFLIGHT_FIELDS, *self.allow_origin(request)])
 
-    def authorize_client(self, request: Request) -> KeyUsage | None:
+    def authorize_client(self, request: Request) -> Grant:
         """Once any API key exists (or REQUIRE_API_KEY=1), a valid key within its limits.
 
         The key is compared through its SHA-256, so timing reveals nothing of it. The
         balancer's own credentials, an API key or the admin token, are recognised in
-        every mode and never sent upstream. Returns the key's usage to count the request
-        against, or None when no key is needed or the admin token was used.
+        every mode and never sent upstream. Returns whose credential it was, and the
+        key's usage to count the request against (None when no key is needed or the
+        admin token was used).
         """
-        if not (self.admin_token or self.fleet.keys or self.config.require_api_key):
-            return None  # no credential of the balancer's exists to recognise
+        keys = self.fleet.has_keys()
+        if not (self.admin_token or keys or self.config.require_api_key):
+            return NO_GRANT  # no credential of the balancer's exists to recognise
         token = bearer_token(request.head) or basic_password(request.head)
         is_admin = bool(token and self.admin_token and hmac.compare_digest(
             token.encode(), self.admin_token.encode()))
-        key = self.fleet.keys.get(hashlib.sha256(token.encode()).hexdigest()) if (
-            token and self.fleet.keys and not is_admin) else None
-        request.authenticated = is_admin or key is not None
-        request.privileged = is_admin
-        if not (self.fleet.keys or self.config.require_api_key):
-            return None
+        key = self.fleet.key(hashlib.sha256(token.encode()).hexdigest()) if (
+            token and keys and not is_admin) else None
+        grant = Grant(None, is_admin or key is not None, is_admin)
+        if not (keys or self.config.require_api_key):
+            return grant
         challenge = [("WWW-Authenticate", 'Bearer realm="ollamabalancer"')]
         if token is None:
             raise HTTPError(401, "missing API key: send Authorization: Bearer <key>",
                             headers=challenge)
         if is_admin:
-            return None
+            return grant
         if key is None:
             raise HTTPError(401, "invalid API key", headers=challenge)
         usage = self.key_usage.setdefault(key.id, KeyUsage())
@@ -5998,7 +6365,7 @@ class Access:
         if now - usage.touched > 60:  # lastUsedAt, written at most once a minute
             usage.touched = now
             self.fleet.spawn(self.fleet.touch_key(key))
-        return usage
+        return Grant(usage, True, False)
 
     def public_message(self, request: Request | None, status: int, detail: str) -> str:
         """What a client is told of an upstream's or a proxy's failure: the detail (names,
@@ -6060,7 +6427,8 @@ NOT_FORWARDED_NOR_AUTHORIZATION = NOT_FORWARDED | {"authorization"}
 class Relay:
     """Forwards a request to one server and copies the answer back as it arrives, byte
     for byte, with flow control both ways, and counts how it went against the server;
-    the seed's /servers/ollama/<id>/... endpoint is that and nothing more."""
+    the seed's /servers/ollama/<id>/... endpoint is that and nothing more. Its forward()
+    is the one way an upstream's answer reaches a client, from whichever room."""
 
     def __init__(self, config: Config, fleet: Fleet, upstreams: Upstreams, access: Access,
                  metrics: Metrics) -> None:
@@ -6091,37 +6459,13 @@ class Relay:
                 raise HTTPError(404, "no server id in the path: /servers/ollama/<id>/<path>")
         if has_dot_dot_segment(path):
             raise HTTPError(400, "'..' is not allowed in the path")
-        server, proxy = await self._resolve_target(key)
+        server, proxy = await self.fleet.target(key)
         if not server.enabled:
             raise HTTPError(409, f"server {server.id} is disabled")
         if proxy is not None and not proxy.status:
             raise HTTPError(409, f"proxy {proxy.id} is disabled")
         target = path + ("?" + "&".join(query_pairs) if query_pairs else "")
         return await self.relay(request, server, proxy, target)
-
-    async def _resolve_target(self, key: str) -> tuple[Server, Proxy | None]:
-        """A getServer ID, or a server's numeric id, to the server and proxy to use; what
-        this instance does not know is looked for in the store before a 404."""
-        if re.fullmatch(r"[0-9]{1,9}", key):
-            pair: tuple[int, int | None] | None = (int(key), None)
-        else:
-            pair = await self.fleet.resolve_handle(key)
-        if pair is None:
-            raise HTTPError(404, "unknown server id")
-        server_id, proxy_id = pair
-        fleet = self.fleet
-        if server_id not in fleet.servers or (proxy_id is not None and
-                                              proxy_id not in fleet.proxies):
-            await fleet.look_up(server_id, proxy_id)
-        server = fleet.servers.get(server_id)
-        if server is None:
-            raise HTTPError(404, "unknown server id")
-        if proxy_id is None:
-            return server, fleet.proxy_of(server)
-        proxy = fleet.proxies.get(proxy_id)
-        if proxy is None:
-            raise HTTPError(404, "unknown server id")
-        return server, proxy
 
     async def relay(self, request: Request, server: Server, proxy: Proxy | None,
                     target: str) -> Relayed:
@@ -6133,28 +6477,27 @@ class Relay:
         """
         head, chunked = self.upstream_head(request, server, target)
         body = ReplayableBody(request.body_chunks())
-        slot = self.fleet.scheduler.take(server, None)
+        slot = self.fleet.take(server)
         try:
-            outcome = await until_client_gone(
-                request, self._forward(request, server, proxy, head, chunked, body))
+            outcome = await request.watched(
+                self._forward(request, server, proxy, head, chunked, body))
         finally:
-            self.fleet.scheduler.release(self.fleet.servers, slot)
+            self.fleet.release(slot)
         return Relayed(False) if outcome is None else outcome
 
     async def _forward(self, request: Request, server: Server, proxy: Proxy | None,
                        head: bytes, chunked: bool, body: ReplayableBody) -> Relayed:
-        request.responded = True
         try:
-            wire, response, key = await self.upstreams.exchange(server, proxy, head, body,
-                                                                request.method, chunked)
+            async with self.upstreams.exchange(server, proxy, head, body, request.method,
+                                               chunked) as answer:
+                relayed, ok = await self.forward(request, answer)
         except UpstreamError as exc:
             self.fleet.upstream_failed(server, "timeout" if exc.status == 504 else "connect",
                                        exc.message)
-            request.server = server
-            return await self.send_upstream_error(request, exc.status, exc.message)
-        relayed, ok = await self.send_upstream_response(request, server, wire, response, key)
+            error = await self.send_upstream_error(request, exc.status, exc.message)
+            return dataclasses.replace(error, server=server)
         if ok:
-            self.fleet.scheduler.record(self.fleet.servers, server, True)
+            self.fleet.record(server, True)
         return relayed
 
     def upstream_head(self, request: Request, server: Server, target: str,
@@ -6187,51 +6530,49 @@ class Relay:
         return await request.send_error(status,
                                         self.access.public_message(request, status, detail))
 
-    async def send_upstream_response(self, request: Request, server: Server, wire: Wire,
-                                     response: ResponseHead, key: PoolKey
-                                     ) -> tuple[Relayed, bool]:
-        """Relays an upstream response to the client; the flag is False when it was a
-        5xx or cut short, which counts against the server."""
+    async def forward(self, request: Request, answer: Exchange, model: str | None = None,
+                      fields: Sequence[tuple[str, str]] = ()) -> tuple[Relayed, bool]:
+        """Relays an upstream's answer to the client, with ``fields`` added to its head;
+        the flag is False when it was a 5xx or cut short, which counts against the server,
+        or when the client left before its end. ``model`` names the request's model in the
+        token count (else the answer's own)."""
+        server = answer.server
         try:
-            framing = response_framing(response, request.method)
+            framing = answer.framing()
         except ProtocolError as exc:
-            wire.abort()
             message = f"{server.label}: {exc.message}"
             self.fleet.upstream_failed(server, "protocol", message)
             return await self.send_upstream_error(request, 502, message), False
-        keep_alive = request.body_done and not client_wants_close(request.head)
-        fields, chunked_out = self._response_fields(response, framing, request)
-        fields += request.response_fields
+        response = answer.response
+        keep_alive = request.keep_alive
+        out_fields, chunked_out = self._response_fields(response, framing, request)
+        out_fields += request.response_fields
+        out_fields += fields
         if chunked_out is None:
             # An HTTP/1.0 client reads the body until we close.
             keep_alive = False  # pragma: no mutate (None: as false)
         if not keep_alive:
-            fields.append(("Connection", "close"))
+            out_fields.append(("Connection", "close"))
         reason = response.reason or reason_phrase(response.status)
-        request.server, request.status = server, response.status
-        request.first_byte = time.monotonic() - request.started
-        head = render_head(f"HTTP/1.1 {response.status} {reason}", fields)
-        request.bytes_out += len(head)  # pragma: no mutate (= is the same: 0 before it)
+        head = render_head(f"HTTP/1.1 {response.status} {reason}", out_fields)
         failed = response.status >= 500
         if failed:  # now: whether its client stays for the body or not
             self.fleet.upstream_failed(server, "http_5xx", f"answered {response.status}")
         try:
-            tail = await self._relay_body(wire, framing, request, head, bool(chunked_out))
-        except BaseException:
-            wire.abort()
-            raise
+            tail = await self._relay_body(answer, framing, request, head, bool(chunked_out))
+        except ConnectionError:  # the client left mid-answer: the upstream is dropped
+            return Relayed(False, response.status, server, model), False
         if tail is None:
-            wire.abort()
             if not failed:
                 self.fleet.upstream_failed(server, "cut_stream",
                                            "the stream broke off mid-answer")
-            return Relayed(False), False
-        self.upstreams.release(key, wire, response)
+            return Relayed(False, response.status, server, model), False
+        answer.finished()
         if response.status == 200 and (counted := eval_count(tail)) is not None:
-            tokens, model = counted
-            request.model = request.model or (canonical_model(model) if model else None)
-            self.metrics.count("tokens_total", (server.label, request.model or ""), tokens)
-        return Relayed(keep_alive), not failed
+            tokens, named = counted
+            model = model or (canonical_model(named) if named else None)
+            self.metrics.count("tokens_total", (server.label, model or ""), tokens)
+        return Relayed(keep_alive, response.status, server, model), not failed
 
     @staticmethod
     def _response_fields(response: ResponseHead, framing: Framing, request: Request
@@ -6256,17 +6597,19 @@ class Relay:
             return fields, None
         return fields, False
 
-    async def _relay_body(self, upstream: Wire, framing: Framing, request: Request,
+    async def _relay_body(self, answer: Exchange, framing: Framing, request: Request,
                           head: bytes, chunked_out: bool) -> bytes | None:
         """Copies the response body to the client as it arrives, after ``head`` (in the
         same write as the first bytes, or at once when none came with it: a model may take
         long to load). Returns its last bytes (where Ollama's final line holds the token
-        count), or None if it broke off.
+        count), or None if it broke off; ConnectionError when the client left.
 
         The copying happens in the upstream connection's ``data_received``: a token of
         a stream costs one callback, not a task switch. While the client reads slower
-        than the server writes, the upstream socket is not read (backpressure)."""
-        client = request.wire
+        than the server writes, the upstream socket is not read (backpressure). A client
+        that leaves drops the upstream connection (Ollama stops generating), which ends
+        the copying with the answer's account kept, rather than a cancellation."""
+        client, upstream = request.wire, answer.wire
         # A chunked answer to a chunked client goes as it came; else it is taken apart.
         scanner = ChunkedScanner() if framing.kind == "chunked" else None
         remaining = framing.length
@@ -6274,12 +6617,14 @@ class Relay:
 
         def consume(eof: bool) -> bool:
             nonlocal head, remaining
+            if client.lost or (eof and client.eof):
+                raise ConnectionResetError("client gone")  # pragma: no mutate (words)
             buf = upstream.buf
             pieces: list[bytes] = []  # the body's own bytes that arrived
             out: list[bytes | bytearray | memoryview]  # what goes to the client
             if scanner is not None:
                 checked, done, spans = scanner.take(buf)
-                request.bytes_out += tail.add(checked, spans)
+                tail.add(checked, spans)
                 # To a chunked client as it came; else its data, out of the framing.
                 out = [head, checked] if chunked_out else [
                     head, *(checked[start:stop] for start, stop in spans)]
@@ -6306,27 +6651,28 @@ class Relay:
                 client.writelines(out)
             head = b""
             for piece in pieces:
-                request.bytes_out += tail.add(piece)
+                tail.add(piece)
             if done:
                 return True
             if eof:
                 raise IncompleteBody("upstream closed in the middle of the body")
-            if client.lost:
-                raise ConnectionResetError("client gone")  # pragma: no mutate (nobody reads it)
             if client.backed_up:
                 upstream.pause_reading()  # until the client catches up
             return False
 
+        watching, client.on_gone = client.on_gone, answer.drop
         client.on_writable = upstream.resume_reading
         try:
             await upstream.pump(consume, self.config.upstream_timeout)
-        except (IncompleteBody, ProtocolError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, IncompleteBody, ProtocolError) as exc:
             # No final chunk: the client must not mistake a cut stream for a whole one.
             client.write(head)
             log.warning("stream from upstream cut: %s", exc or type(exc).__name__)
             return None
         finally:
             client.on_writable = None  # pragma: no mutate (any false value: not called)
+            if client.on_gone == answer.drop:  # still here: watched as before
+                client.on_gone = watching
             upstream.resume_reading()
         await client.drain()
         return tail.last()
@@ -6335,6 +6681,19 @@ class Relay:
 # ---------------------------------------------------------------------------
 # The Ollama API: the fleet as one Ollama
 # ---------------------------------------------------------------------------
+
+
+class Waits:
+    """The seconds one routed request has spent in the queue, over all its tries: kept
+    where its handler reads them even when the client leaves before an answer."""
+
+    __slots__ = ("total",)
+
+    def __init__(self) -> None:
+        self.total: float | None = None
+
+    def add(self, seconds: float) -> None:
+        self.total = (self.total or 0.0) + seconds
 
 
 class OllamaFront:
@@ -6374,7 +6733,7 @@ class OllamaFront:
         with contextlib.suppress(ValueError, TypeError):
             stamp = str(model.get("modified_at", ""))[:19]
             created = int(datetime.datetime.fromisoformat(stamp).replace(
-                tzinfo=datetime.timezone.utc).timestamp())
+                tzinfo=datetime.UTC).timestamp())
         owner = name.rsplit("/", 1)[0] if "/" in name else "library"
         return {"id": name, "object": "model", "created": created, "owned_by": owner}
 
@@ -6398,82 +6757,67 @@ class OllamaFront:
         its model, as Ollama's clients send it, an unknown model is refused first."""
         leading = leading_model(request.peeked(MODEL_PEEK)
                                 or await request.peek_body(MODEL_PEEK))
-        if leading is not None:
-            model = await self._known_model(request, leading)
-        body = await request.read_body(MAX_ROUTED_BODY)
-        # The leading model is the model when no other "model" follows; then the body is
-        # not parsed here (Ollama answers bad JSON itself), which saves a copy and time.
-        if leading is None or body.count(b'"model"') != 1:
-            model = await self._known_model(request, model_field(body))
+        model: str | None = None
+        try:
+            if leading is not None:
+                model = await self._routable(leading)
+            body = await request.read_body(MAX_ROUTED_BODY)
+            # The leading model is the model when no other "model" follows; then the body
+            # is not parsed here (Ollama answers bad JSON itself): a copy and time saved.
+            if model is None or body.count(b'"model"') != 1:
+                model = await self._routable(model_field(body))
+        except HTTPError as exc:
+            raise exc.about(model) from None
         session: str | bytes | None = request.head.headers.get("x-session-id")
         # (round_robin and random keep their plain meaning: X-Session-Id only.)
         prints = (conversation_prints(body, model) if session is None and
                   self.config.conversation_affinity and request.path in CHAT_PATHS
                   and self.config.strategy == "least_load" else [])
         if prints:  # a turn of a conversation: where its start went, if anywhere
-            session = self.fleet.scheduler.conversation(prints)
-        outcome = await until_client_gone(request, self._route(request, body, model, session,
-                                                               prints[-1:]))
-        return Relayed(False) if outcome is None else outcome
+            session = self.fleet.conversation(prints)
+        waits = Waits()
+        outcome = await request.watched(self._route(request, body, model, session,
+                                                    prints[-1:], waits))
+        if outcome is None:  # the client left before an answer began
+            return Relayed(False, model=model, queue_wait=waits.total)
+        return outcome
 
     async def _routable(self, name: str) -> str:
         """The canonical name of a model some server can run now. Else a 404 when no
-        server has it, or ModelUnavailable when those that have it cannot take it."""
+        server has it (not named in the metrics: any client could make any number of
+        labels), or ModelUnavailable when those that have it cannot take it."""
         model = canonical_model(name)
-        if not self._runnable(model):
+        if not self.fleet.runnable(model):
             await self.fleet.refresh_catalog()  # pulled since the last check, perhaps
-            if not self._runnable(model):
-                raise self.unavailable(model, name)
+            if not self.fleet.runnable(model):
+                raise self.fleet.unavailable(model, name)
         return model
 
-    def _runnable(self, model: str) -> bool:
-        scheduler, servers = self.fleet.scheduler, self.fleet.servers
-        if self.config.strategy == "least_load":  # the index knows, without a scan
-            return scheduler.runnable(servers, model)
-        now = time.monotonic()
-        return any(scheduler.eligible(s, model, now) for s in servers.values())
-
-    def unavailable(self, model: str, name: str) -> HTTPError:
-        """Why no server takes ``model``: not found, or its servers are down (with when
-        to try again: the soonest circuit to half-open, else the next health round)."""
-        having = [s for s in self.fleet.servers.values() if model in s.model_names]
-        if not having:
-            return HTTPError(404, f"model '{name}' not found")
-        now = time.monotonic()
-        reopening = [s.load.open_until - now for s in having
-                     if s.enabled and s.reachable and s.load.open_until > now]
-        return ModelUnavailable(model, name, min(reopening, default=self.config.health_interval))
-
-    async def _known_model(self, request: Request, name: str) -> str:
-        """The model's canonical name, on the request for its metrics; a model nobody has
-        is not named there (any client could make any number of labels)."""
-        try:
-            request.model = await self._routable(name)
-        except ModelUnavailable as exc:
-            request.model = exc.model
-            raise
-        return request.model
-
     async def _route(self, request: Request, body: bytes | bytearray, model: str,
-                     session: str | bytes | None, keep: Sequence[bytes] = ()) -> Relayed:
+                     session: str | bytes | None, keep: Sequence[bytes], waits: Waits
+                     ) -> Relayed:
         """Sends the request to a server, queued while none has room, tried on another
         when one fails; ``keep``: what to remember the server by when it answers (the
-        conversation this turn makes, for its next turn)."""
-        request.responded = True
+        conversation this turn makes, for its next turn); ``waits``: the time spent in
+        the queue, told as it adds up."""
+        outcome = await self._tries(request, body, model, session, keep, waits)
+        return dataclasses.replace(outcome, model=model, queue_wait=waits.total)
+
+    async def _tries(self, request: Request, body: bytes | bytearray, model: str,
+                     session: str | bytes | None, keep: Sequence[bytes], waits: Waits
+                     ) -> Relayed:
         replay = ReplayableBody.of(body)
         tried: set[int] = set()
         failure: Failure | None = None
         busy = [("Retry-After", "1")]
-        request.model = model
         for _ in range(self.config.retries + 1):
             waited = time.monotonic()
             try:
-                slot = await self.fleet.scheduler.acquire(self.fleet.servers, model, session,
-                                                          frozenset(tried))
-                request.queue_wait = (request.queue_wait or 0.0) + time.monotonic() - waited
+                slot = await self.fleet.acquire(model, session, frozenset(tried))
+                waits.add(time.monotonic() - waited)
             except NoCandidate:
                 if failure is None:  # its servers went down since _routable()
-                    error = self.unavailable(model, model)
+                    error = self.fleet.unavailable(model, model)
                     return await request.send_error(error.status, error.message,
                                                     error.headers)
                 break
@@ -6488,10 +6832,10 @@ class OllamaFront:
             try:
                 outcome = await self._attempt(request, slot, replay, model)
             finally:
-                self.fleet.scheduler.release(self.fleet.servers, slot)
+                self.fleet.release(slot)
             if isinstance(outcome, Relayed):
                 for key in keep:
-                    self.fleet.scheduler.remember(key, server.id)
+                    self.fleet.remember(key, server)
                 return outcome
             failure = outcome
             log.warning("request %s: %s failed for %s: %s", request.id, server.label, model,
@@ -6500,26 +6844,6 @@ class OllamaFront:
         if failure.from_ollama:
             return await request.send_error(failure.status, failure.detail)
         return await self.relay.send_upstream_error(request, failure.status, failure.detail)
-
-    def _learn(self, slot: Slot, response: ResponseHead, proxy: Proxy | None) -> None:
-        """What an answer's start shows of its server: a streamed answer's first token
-        (its parallel limit), and, after a cold load, what /api/ps shows now (an
-        eviction, if the load made room for itself)."""
-        if "chunked" in response.headers.tokens("transfer-encoding"):
-            self.fleet.scheduler.first_token(self.fleet.servers, slot)
-        learned = slot.server.load.learned
-        if slot.cold and not learned.checking:
-            learned.checking = True
-            self.fleet.spawn(self._check_running(slot.server, proxy))
-
-    async def _check_running(self, server: Server, proxy: Proxy | None) -> None:
-        try:
-            await read_running(self.upstreams, server, proxy, self.config.health_timeout,
-                               self.fleet.scheduler.model_vram, with_version=False)
-            self.fleet.scheduler.learned(self.fleet.servers, server)
-            self.fleet.scheduler.changed(server)
-        finally:
-            server.load.learned.checking = False
 
     async def _attempt(self, request: Request, slot: Slot, body: ReplayableBody,
                        model: str) -> Relayed | Failure:
@@ -6537,35 +6861,38 @@ class OllamaFront:
                 raise UpstreamError(502, f"{proxy.label} is disabled")
             head, _ = self.relay.upstream_head(request, server, request.head.target,
                                                body_length=body.size)
-            wire, response, key = await self.upstreams.exchange(server, proxy, head, body,
-                                                                request.method)
+            async with self.upstreams.exchange(server, proxy, head, body,
+                                               request.method) as answer:
+                return await self._answered(request, slot, answer, proxy, model, started)
         except UpstreamError as exc:
             self.fleet.upstream_failed(server, "timeout" if exc.status == 504 else "connect",
                                        exc.message)
             return Failure(exc.status, exc.message, False)
-        if response.status not in (404, 502, 503):
-            request.response_fields.append(server.answered_by)
+
+    async def _answered(self, request: Request, slot: Slot, answer: Exchange,
+                        proxy: Proxy | None, model: str, started: float
+                        ) -> Relayed | Failure:
+        server, status = slot.server, answer.status
+        if status not in (404, 502, 503):
             first_byte = time.monotonic() - started
-            if response.status == 200:
-                self._learn(slot, response, proxy)
-            relayed, ok = await self.relay.send_upstream_response(request, server, wire,
-                                                                  response, key)
+            if status == 200:
+                self.fleet.answer_began(slot, proxy, "chunked" in answer.response.headers
+                                        .tokens("transfer-encoding"))
+            relayed, ok = await self.relay.forward(request, answer, model,
+                                                   [server.answered_by])
             if ok:
-                self.fleet.scheduler.record(self.fleet.servers, server, True)
-                self.fleet.scheduler.observe(slot.cold, first_byte, time.monotonic() - started)
+                self.fleet.record(server, True)
+                self.fleet.observe(slot.cold, first_byte, time.monotonic() - started)
             return relayed
-        own = await self.upstreams.read_error(wire, response, key)
-        message = own or f"{server.label} answered {response.status}"
-        if response.status == 404:
+        own = await answer.error_message()
+        message = own or f"{server.label} answered {status}"
+        if status == 404:
             if not MODEL_NOT_FOUND.match(message):  # Ollama's own 404: not a stale catalog
                 return await request.send_error(404, message, [server.answered_by])
-            # The catalog was stale: forget the model there now, and recheck the server.
-            server.set_models([m for m in server.models if canonical_model(
-                str(m.get("name") or m.get("model") or "")) != model])
-            self.fleet.spawn(self.fleet.check_server(server))
+            self.fleet.model_gone(server, model)  # the catalog was stale
             return Failure(404, message, own is not None)
         self.fleet.upstream_failed(server, "http_5xx", message)
-        return Failure(response.status, message, own is not None)
+        return Failure(status, message, own is not None)
 
 
 # ---------------------------------------------------------------------------
@@ -6603,7 +6930,7 @@ class FanOut:
                     isinstance(w, (str, int)) and not isinstance(w, bool) for w in wanted):
                 raise HTTPError(400, "'servers' must be a list of server ids or names")
             keys = {str(w) for w in wanted}
-            targets = [s for s in self.fleet.servers.values()
+            targets = [s for s in self.fleet.every_server()
                        if str(s.id) in keys or s.name in keys]
             unknown = keys - {str(s.id) for s in targets} - {s.name for s in targets if s.name}
             if unknown:
@@ -6624,7 +6951,7 @@ class FanOut:
                 timeout=self.config.upstream_timeout)
         except UpstreamError as exc:
             return exc.status, exc.message
-        except (IncompleteBody, ProtocolError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, IncompleteBody, ProtocolError, ConnectionError) as exc:
             return 502, f"{server.label}: the answer broke off: {exc or type(exc).__name__}"
         return status, upstream_error_message(answer) if answer else None
 
@@ -6683,39 +7010,42 @@ class FanOut:
         stream = payload.get("stream", True) is not False
         body = json.dumps({**payload, "stream": True}).encode()
         try:
-            outcome = await until_client_gone(
-                request, self._merge_progress(request, targets, body, stream, name, skipped))
+            outcome = await request.watched(
+                self._merge_progress(request, targets, body, stream, name, skipped))
         finally:
             self.fleet.recheck(targets)  # even when the client left: some layers may have landed
-        return Relayed(False) if outcome is None else outcome
+        if outcome is None:  # the client left: mid-stream, its answer had begun
+            return Relayed(False, 200 if stream and request.wire.sent else 0)
+        return outcome
 
     async def _merge_progress(self, request: Request, targets: list[Server], body: bytes,
                               stream: bool, name: str, skipped: list[str]) -> Relayed:
-        request.responded = True
         client = request.wire
-        keep = request.body_done and not client_wants_close(request.head)
+        keep = request.keep_alive
         if stream:
-            request.status, request.first_byte = 200, time.monotonic() - request.started
             fields = [("Content-Type", "application/x-ndjson"), *request.response_fields]
             fields.append(("Transfer-Encoding", "chunked") if keep else ("Connection", "close"))
             client.write(render_head("HTTP/1.1 200 OK", fields))
         final: dict[str, Any] = {}
-        async for line in self.merged_progress(targets, request.path, body, name, skipped):
-            if stream or "server" not in line:
-                data = json.dumps(line).encode() + b"\n"
-                if not stream:
-                    final = line
-                    break
-                client.writelines(chunk(data) if keep else [data])
+        try:
+            async for line in self.merged_progress(targets, request.path, body, name,
+                                                   skipped):
+                if stream or "server" not in line:
+                    data = json.dumps(line).encode() + b"\n"
+                    if not stream:
+                        final = line
+                        break
+                    client.writelines(chunk(data) if keep else [data])
+                    await client.drain()
+            if not stream:
+                return await request.send(json_response(502 if "error" in final else 200,
+                                                        final, close=not keep))
+            if keep:
+                client.write(LAST_CHUNK)
                 await client.drain()
-        if not stream:
-            await request.send(json_response(502 if "error" in final else 200, final,
-                                             close=not keep))
-            return Relayed(keep)
-        if keep:
-            client.write(LAST_CHUNK)
-            await client.drain()
-        return Relayed(keep)
+        except ConnectionError:  # the client left mid-stream
+            return Relayed(False, 200 if stream else 0)
+        return Relayed(keep, 200)
 
     async def merged_progress(self, targets: list[Server], path: str, body: bytes, name: str,
                               skipped: Sequence[str] = ()) -> AsyncIterator[dict[str, Any]]:
@@ -6784,50 +7114,41 @@ class FanOut:
         """The enabled servers a fan-out to the whole fleet leaves out, being down."""
         if "servers" in payload:
             return []
-        return [s.label for s in self.fleet.servers.values() if s.enabled and not s.reachable]
+        return [s.label for s in self.fleet.every_server() if s.enabled and not s.reachable]
 
     async def _progress_of(self, server: Server, path: str, body: bytes,
                            events: asyncio.Queue[tuple[Server, dict[str, Any] | None,
                                                        str | None]]) -> None:
         """Feeds one server's progress lines into ``events``, then (server, None, error)."""
         error: str | None = None
-        wire: Wire | None = None
         try:
             proxy = self.fleet.proxy_of(server)
             head = render_head(f"POST {path} HTTP/1.1", [
                 ("Host", server.authority), ("Content-Type", "application/json"),
                 ("Content-Length", str(len(body))), *server_credentials(server)])
-            wire, response, key = await self.upstreams.exchange(server, proxy, head,
-                                                                ReplayableBody.of(body), "POST")
-            if response.status != 200:
-                error = (await self.upstreams.read_error(wire, response, key)
-                         or f"status {response.status}")
-                wire = None
-                return
-            pending = bytearray()
-            async for piece in iter_body(wire, response_framing(response, "POST"),
-                                         self.config.upstream_timeout, 502):
-                pending += piece
-                *lines, rest = pending.split(b"\n")
-                pending = bytearray(rest)
-                for raw in lines:
-                    if not raw.strip():
-                        continue
-                    line = decode_json(raw)
-                    if isinstance(line, dict) and "error" in line:
-                        error = str(line["error"])
-                    elif isinstance(line, dict) and line.get("status") != "success":
-                        await events.put((server, line, None))
-            self.upstreams.release(key, wire, response)
-            wire = None
+            async with self.upstreams.exchange(server, proxy, head, ReplayableBody.of(body),
+                                               "POST") as answer:
+                if answer.status != 200:
+                    error = await answer.error_message() or f"status {answer.status}"
+                    return
+                pending = bytearray()
+                async for piece in answer.pieces():
+                    pending += piece
+                    *lines, rest = pending.split(b"\n")
+                    pending = bytearray(rest)
+                    for raw in lines:
+                        if not raw.strip():
+                            continue
+                        line = decode_json(raw)
+                        if isinstance(line, dict) and "error" in line:
+                            error = str(line["error"])
+                        elif isinstance(line, dict) and line.get("status") != "success":
+                            await events.put((server, line, None))
         except UpstreamError as exc:
             error = exc.message
-        except (IncompleteBody, ProtocolError, asyncio.TimeoutError, ConnectionError,
-                ValueError) as exc:
+        except (TimeoutError, IncompleteBody, ProtocolError, ConnectionError, ValueError) as exc:
             error = f"progress stream broke off: {exc or type(exc).__name__}"
         finally:
-            if wire is not None:
-                wire.abort()
             events.put_nowait((server, None, error))
 
     async def blobs(self, request: Request, match: re.Match[str]) -> Response | Relayed:
@@ -6839,7 +7160,6 @@ class FanOut:
         if request.method == "HEAD":
             results = await asyncio.gather(*(self._call(s, "HEAD", path, b"") for s in targets))
             return Response(200 if all(status == 200 for status, _ in results) else 404)
-        request.responded = True
         feeds = [asyncio.Queue[bytes | None](maxsize=4) for _ in targets]
         uploads = [asyncio.ensure_future(self._upload(server, request, path, feed))
                    for server, feed in zip(targets, feeds, strict=True)]
@@ -6860,9 +7180,7 @@ class FanOut:
         error = self._summary([(s, *r) for s, r in zip(targets, results, strict=True)], "upload")
         if error:
             return await request.send_error(502, error)
-        keep = request.body_done and not client_wants_close(request.head)
-        await request.send(Response(201, close=not keep))
-        return Relayed(keep)
+        return await request.send(Response(201, close=not request.keep_alive))
 
     async def _upload(self, server: Server, request: Request, path: str,
                       feed: asyncio.Queue[bytes | None]) -> tuple[int, str | None]:
@@ -6873,14 +7191,11 @@ class FanOut:
         try:
             proxy = self.fleet.proxy_of(server)
             head, chunked = self.relay.upstream_head(request, server, path)
-            wire, response, key = await self.upstreams.exchange(
-                server, proxy, head, ReplayableBody(pieces()), "POST", chunked)
+            async with self.upstreams.exchange(server, proxy, head, ReplayableBody(pieces()),
+                                               "POST", chunked) as answer:
+                return answer.status, await answer.error_message()
         except UpstreamError as exc:
             return exc.status, exc.message
-        if response_framing(response, "POST") is NO_BODY:
-            self.upstreams.release(key, wire, response)
-            return response.status, None
-        return response.status, await self.upstreams.read_error(wire, response, key)
 
 
 # ---------------------------------------------------------------------------
@@ -6905,15 +7220,6 @@ def page_of(request: Request) -> tuple[int | None, int]:
     return (int(limit[-1]) if limit else None), (int(after[-1]) if after else 0)
 
 
-def paged(items: dict[int, T], page: tuple[int | None, int]) -> tuple[list[T], int | None]:
-    """The items of ``page``, by id, and the id to ask the next page after (None: none)."""
-    limit, after = page
-    ids = sorted(i for i in items if i > after)
-    if limit is None or len(ids) <= limit:
-        return [items[i] for i in ids], None
-    return [items[i] for i in ids[:limit]], ids[limit - 1]
-
-
 #: getServer's ``size`` and ``proxy``: a number (below a million) or an id, or blank.
 SIZE_QUERY_RE = re.compile(r"\s*(?:[0-9]{1,6}(?:\.[0-9]*)?|\.[0-9]+)?\s*")
 PROXY_QUERY_RE = re.compile(r"\s*(?:[0-9]{1,9})?\s*")
@@ -6921,121 +7227,93 @@ PROXY_QUERY_RE = re.compile(r"\s*(?:[0-9]{1,9})?\s*")
 
 class Management:
     """The seed's endpoints and the ones it lacked: proxies, servers and API keys, each
-    written to the store and reloaded from it, and getServer's ID for a server (and
-    proxy) that qualifies."""
+    written through the fleet to the store (and its change log, for other instances),
+    and getServer's ID for a server (and proxy) that qualifies."""
 
     def __init__(self, config: Config, fleet: Fleet) -> None:
         self.config = config
         self.fleet = fleet
 
-    @property
-    def tables(self) -> Store:
-        """The store's tables: written here, then read back into the fleet through the
-        change log (a list reads its table whole, as outside tools may write it too)."""
-        return self.fleet.store.store
-
     async def add_proxy(self, request: Request, match: re.Match[str]) -> Response:
         values = parse_proxy_body(_json_object(await request.read_json()), partial=False)
-        new_id = await self.fleet.db(self.tables.add_proxy, values)
-        await self.fleet.or_503(self.fleet.sync())
+        new_id = await self.fleet.add_proxy(values)
         log.info("added proxy %d (%s://%s:%d)", new_id, values["protocol"], values["ip"],
                  values["port"])
         return json_response(200, True)
 
     async def all_proxies(self, request: Request, match: re.Match[str]) -> Response:
-        await self.fleet.or_503(self.fleet.reload())
-        return json_response(200, [p.to_json() for p in self.fleet.proxies.values()])
+        await self.fleet.refresh()
+        return json_response(200, [p.to_json() for p in self.fleet.every_proxy()])
 
     async def one_proxy(self, request: Request, match: re.Match[str]) -> Response:
         proxy_id = _path_id(match)
-        await self.fleet.or_503(self.fleet.sync())
+        await self.fleet.catch_up()
+        proxy = self.fleet.proxy(proxy_id)
         if request.method == "PATCH":
             values = parse_proxy_body(_json_object(await request.read_json()), partial=True)
-            if not await self.fleet.db(self.tables.update_proxy, proxy_id, values):
-                raise HTTPError(404, f"no proxy with id {proxy_id}")
-            await self.fleet.or_503(self.fleet.sync())
-            self.fleet.recheck(s for s in self.fleet.servers.values() if s.proxy_id == proxy_id)
+            proxy = await self.fleet.update_proxy(proxy_id, values)
         elif request.method == "DELETE":
-            users = sorted(s.id for s in self.fleet.servers.values() if s.proxy_id == proxy_id)
-            if users:
-                raise HTTPError(409, f"proxy {proxy_id} is used by servers "
-                                     f"{', '.join(map(str, users))}; change them first")
-            if not await self.fleet.db(self.tables.delete_proxy, proxy_id):
-                raise HTTPError(404, f"no proxy with id {proxy_id}")
-            await self.fleet.or_503(self.fleet.sync())
-            return Response(204)
-        proxy = self.fleet.proxies.get(proxy_id)
+            try:
+                deleted = await self.fleet.delete_proxy(proxy_id)
+            except Conflict as exc:
+                raise HTTPError(409, str(exc)) from None
+            if deleted:
+                return Response(204)
+            proxy = None
         if proxy is None:
             raise HTTPError(404, f"no proxy with id {proxy_id}")
         return json_response(200, proxy.to_json())
 
     def _check_proxy_reference(self, values: dict[str, Any]) -> None:
         proxy_id = values.get("proxy_id")
-        if proxy_id is not None and proxy_id not in self.fleet.proxies:
+        if proxy_id is not None and self.fleet.proxy(proxy_id) is None:
             # Well formed, but naming nothing: 422, as the body's schema cannot say this.
             raise HTTPError(422, f"'proxyId' {proxy_id} is not a known proxy")
 
     async def add_server(self, request: Request, match: re.Match[str]) -> Response:
         values = parse_server_body(_json_object(await request.read_json()), partial=False)
-        await self.fleet.or_503(self.fleet.sync())
+        await self.fleet.catch_up()
         self._check_proxy_reference(values)
         try:
-            new_id = await self.fleet.db(self.tables.add_server, values)
+            server = await self.fleet.add_server(values)
         except Conflict:
             raise HTTPError(409, f"a server at {values['host']}:{values['port']} "
                                  "already exists") from None
-        await self.fleet.or_503(self.fleet.sync())
-        server = self.fleet.servers[new_id]
-        log.info("added server %d %s", new_id, server.label)
-        if server.enabled:
-            await self.fleet.check_server(server)
-        # As it is now: a health round or sync may have read its row again meanwhile.
-        server = self.fleet.servers.get(new_id, server)
         return json_response(201, self._server_json(server))
 
     def _server_json(self, server: Server) -> dict[str, Any]:
         """A server as the API shows it alone: with what the scheduler counts on for it
         and what it has learned of it."""
-        return {**server.to_json(), "capacity": self.fleet.scheduler.capacity_report(server)}
+        return {**server.to_json(), "capacity": self.fleet.capacity_report(server)}
 
     async def all_servers(self, request: Request, match: re.Match[str]) -> Response:
         """Every server; with ``limit`` (and ``after``), a page of them and a Link to the
         next, read through the change log rather than whole (fleets of thousands)."""
         page = page_of(request)
         if page[0] is None:
-            await self.fleet.or_503(self.fleet.reload())
+            await self.fleet.refresh()
         else:
-            await self.fleet.or_503(self.fleet.sync())
-        servers, following = paged(self.fleet.servers, page)
+            await self.fleet.catch_up()
+        servers, following = self.fleet.server_page(page)
         link = [] if following is None else [
             ("Link", f'</servers/allServers?limit={page[0]}&after={following}>; rel="next"')]
         return json_response(200, [s.to_json() for s in servers], headers=link)
 
     async def one_server(self, request: Request, match: re.Match[str]) -> Response:
         server_id = _path_id(match)
-        await self.fleet.or_503(self.fleet.sync())
+        await self.fleet.catch_up()
+        server = self.fleet.server(server_id)
         if request.method == "PATCH":
             values = parse_server_body(_json_object(await request.read_json()), partial=True)
             self._check_proxy_reference(values)
             try:
-                found = await self.fleet.db(self.tables.update_server, server_id, values)
+                server = await self.fleet.update_server(server_id, values)
             except Conflict:
                 raise HTTPError(409, "another server has that host and port") from None
-            if not found:
-                raise HTTPError(404, f"no server with id {server_id}")
-            await self.fleet.or_503(self.fleet.sync())
-            updated = self.fleet.servers[server_id]
-            if updated.enabled:
-                updated.load.version_read = -math.inf  # checked in full, version too
-                await self.fleet.check_server(updated)
-            else:
-                updated.reachable, updated.last_error = False, "disabled"
         elif request.method == "DELETE":
-            if not await self.fleet.db(self.tables.delete_server, server_id):
-                raise HTTPError(404, f"no server with id {server_id}")
-            await self.fleet.or_503(self.fleet.sync())
-            return Response(204)
-        server = self.fleet.servers.get(server_id)
+            if await self.fleet.delete_server(server_id):
+                return Response(204)
+            server = None
         if server is None:
             raise HTTPError(404, f"no server with id {server_id}")
         return json_response(200, self._server_json(server))
@@ -7060,24 +7338,15 @@ class Management:
             if not PROXY_QUERY_RE.fullmatch(proxy_values[-1]):
                 raise HTTPError(400, "'proxy' must be the id of a proxy")
             proxy_id = int(proxy_values[-1])
-            if proxy_id not in self.fleet.proxies:
+            if self.fleet.proxy(proxy_id) is None:
                 with contextlib.suppress(StoreUnavailable):
                     await self.fleet.reload()  # perhaps added by another instance
-            proxy = self.fleet.proxies.get(proxy_id)
+            proxy = self.fleet.proxy(proxy_id)
             if proxy is None:
                 raise HTTPError(404, f"no proxy with id {proxy_values[-1].strip()}")
             if not proxy.status:
                 raise HTTPError(409, f"proxy {proxy.id} is disabled")
-        servers = list(self.fleet.servers.values())
-        healthy = self.fleet.scheduler.candidates(servers, None)
-        candidates = [s for s in healthy if server_qualifies(s, models, size)]
-        if not candidates:
-            raise HTTPError(404, explain_no_match(servers, models, size))
-        # The configured strategy, as for routed requests; getServer holds no slot, so a
-        # full fleet still gets an answer (the least loaded).
-        first_model = canonical_model(models[0]) if models else None
-        chosen = self.fleet.scheduler.choose(candidates, first_model) or min(
-            candidates, key=lambda s: self.fleet.scheduler._rank(s, first_model))
+        chosen = self.fleet.choose(models, size)
         token = await self.fleet.handle_for((chosen.id, proxy.id if proxy else None))
         return text_response(200, token)
 
@@ -7091,20 +7360,18 @@ class Management:
         values = {"name": name, "key_hash": hashlib.sha256(key.encode()).hexdigest(),
                   "requests_per_minute": None if rpm is None else int(rpm),
                   "max_concurrent": None if concurrent is None else int(concurrent)}
-        key_id = await self.fleet.db(self.tables.add_key, values)
-        await self.fleet.or_503(self.fleet.sync())
+        key_id = await self.fleet.add_key(values)
         log.info("added API key %d (%s)", key_id, name)
         return json_response(201, {"id": key_id, "name": name, "key": key})
 
     async def all_keys(self, request: Request, match: re.Match[str]) -> Response:
-        await self.fleet.or_503(self.fleet.reload())
-        return json_response(200, [k.to_json() for k in self.fleet.keys.values()])
+        await self.fleet.refresh()
+        return json_response(200, [k.to_json() for k in self.fleet.every_key()])
 
     async def delete_key(self, request: Request, match: re.Match[str]) -> Response:
         key_id = _path_id(match)
-        if not await self.fleet.db(self.tables.delete_key, key_id):
+        if not await self.fleet.delete_key(key_id):
             raise HTTPError(404, f"no API key with id {key_id}")
-        await self.fleet.or_503(self.fleet.sync())
         return Response(204)
 
 
@@ -7356,30 +7623,33 @@ class AccessLog:
         second = int(now)
         if second != self._second:
             self._second = second
-            self._stamp = (datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
+            self._stamp = (datetime.datetime.fromtimestamp(second, datetime.UTC)
                            .strftime("%Y-%m-%dT%H:%M:%S") if self.json else
                            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
         millis = int((now - second) * 1000)
         return (f"{self._stamp}.{millis:03d}+00:00" if self.json
                 else f"{self._stamp},{millis:03d}")
 
-    def write(self, request: Request, server: str, model: str, duration: float) -> None:
+    def write(self, request: Request, outcome: Relayed, first_byte: float | None,
+              duration: float, bytes_out: int) -> None:
         now = time.time()
+        server = outcome.server.label if outcome.server is not None else ""
+        model, status, queue_wait = outcome.model or "", outcome.status, outcome.queue_wait
         if self.json:
             line = json.dumps({
                 "time": self.stamp(now), "level": "info", "logger": "ollamabalancer.access",
                 **self.worker, "request_id": request.id or None,
                 "client": request.wire.peer, "method": request.method,
-                "path": request.head.target, "status": request.status,
+                "path": request.head.target, "status": status,
                 "server": server or None, "model": model or None,
-                "queue_wait": request.queue_wait, "ttfb": request.first_byte,
-                "duration": duration, "bytes_out": request.bytes_out}, ensure_ascii=False)
+                "queue_wait": queue_wait, "ttfb": first_byte,
+                "duration": duration, "bytes_out": bytes_out}, ensure_ascii=False)
         else:
             line = (f"{self.stamp(now)} INFO    {self.mark}{request.wire.peer:<15} "
                     f"{request.method:<6} {request.head.target[:200]:<32} "
-                    f"{request.status:>3} {server or '-':<20} {model or '-':<24} "
-                    f"{_secs(request.queue_wait)} {_secs(request.first_byte)} "
-                    f"{_secs(duration)} {request.bytes_out:>9} {request.id or '-'}")
+                    f"{status:>3} {server or '-':<20} {model or '-':<24} "
+                    f"{_secs(queue_wait)} {_secs(first_byte)} "
+                    f"{_secs(duration)} {bytes_out:>9} {request.id or '-'}")
         self.pending.append(line)
         self.size += len(line)
         if self.size > 65536:
@@ -7414,29 +7684,34 @@ class Observability:
         self.group = group  # WORKERS=N: status and metrics are the whole group's
         self.access = AccessLog(config, group.index if group else None)
 
-    def finished(self, request: Request) -> None:
-        """Counts a finished request and writes its access-log line."""
-        duration = time.monotonic() - request.started
-        server = request.server.label if request.server else ""
-        model = request.model or ""
+    def finished(self, request: Request, outcome: Relayed) -> None:
+        """Counts a finished request and writes its access-log line: ``outcome`` is what
+        its handler (or the front, for an error) said of it, and its connection counted
+        what was sent."""
+        now = time.monotonic()
+        duration = now - request.started
+        sent = request.wire.first_sent
+        first_byte = None if sent is None else sent - request.started
+        server = outcome.server.label if outcome.server is not None else ""
+        model = outcome.model or ""
         metrics = self.metrics
-        metrics.count("requests_total", (request.endpoint, server, model, request.status))
-        if request.server is not None:
+        metrics.count("requests_total", (request.endpoint, server, model, outcome.status))
+        if outcome.server is not None:
             pair = (server, model)
-            if request.first_byte is not None:
-                metrics.observe("ttfb_seconds", pair, request.first_byte)
+            if first_byte is not None:
+                metrics.observe("ttfb_seconds", pair, first_byte)
             metrics.observe("request_duration_seconds", pair, duration)
-        if request.queue_wait is not None:
-            metrics.observe("queue_wait_seconds", (), request.queue_wait)
+        if outcome.queue_wait is not None:
+            metrics.observe("queue_wait_seconds", (), outcome.queue_wait)
         if self.access.enabled:
-            self.access.write(request, server, model, duration)
+            self.access.write(request, outcome, first_byte, duration, request.wire.sent)
 
     def status_payload(self, page: tuple[int | None, int] = (None, 0)) -> dict[str, Any]:
         """What the dashboard shows: the fleet (its totals, and the servers of ``page``),
         the queue, the proxies, recent errors; of every worker of a group (WORKERS=N)."""
         fleet = self.fleet
-        everyone = fleet.servers
-        shown, following = paged(everyone, page)
+        everyone = fleet.every_server()
+        shown, following = fleet.server_page(page)
         others = [o for o in self.group.snapshots(others_only=True) if o["live"]] if (
             self.group) else []
         servers = []
@@ -7450,48 +7725,48 @@ class Observability:
             entry.update(inflight=server.load.inflight + sum(their[0] for their in theirs),
                          circuitOpen=server.load.breaker_open or any(t[1] for t in theirs),
                          requestsPerMinute=minute[0], errorsPerMinute=minute[1],
-                         history=history, capacity=fleet.scheduler.capacity(server),
-                         scheduling=fleet.scheduler.capacity_report(server),
-                         share=fleet.scheduler.shared.shares.get(server.id),
+                         history=history, capacity=fleet.capacity(server),
+                         scheduling=fleet.capacity_report(server),
+                         share=fleet.share(server.id),
                          version=server.load.version)
             servers.append(entry)
         workers = [self.snapshot(servers=False), *others]
         totals = {"servers": len(everyone),
-                  "up": sum(1 for s in everyone.values() if s.enabled and s.reachable),
+                  "up": sum(1 for s in everyone if s.enabled and s.reachable),
                   "inflight": sum(w["inflight"] for w in workers),
                   "requestsPerMinute": sum(w["perMinute"] for w in workers)}
         # Health is checked by every worker, so its failures are this one's to tell.
-        errors = sorted([*fleet.recent_errors, *(e for o in others for e in o["errors"])],
+        errors = sorted([*fleet.recent_errors(), *(e for o in others for e in o["errors"])],
                         key=lambda e: str(e["time"]), reverse=True)
         return {
             "version": __version__, "time": iso_time(utc_now()),
             "strategy": self.config.strategy,
             "queue": {"depth": sum(w["queue"] for w in workers), "max": self.config.max_queue},
-            "instances": fleet.scheduler.shared.instances,
+            "instances": fleet.instances(),
             "workers": [{"pid": w["pid"], "worker": w["worker"], "inflight": w["inflight"],
                          "queued": w["queue"], "requests": w["requests"]} for w in workers],
             "totals": totals, "next": following,
             "servers": servers,
-            "proxies": [p.to_json() for p in fleet.proxies.values()],
+            "proxies": [p.to_json() for p in fleet.every_proxy()],
             "recentErrors": errors[:20],
         }
 
     def snapshot(self, *, servers: bool = True) -> dict[str, Any]:
         """This worker's part of the group's status and metrics (WorkerGroup)."""
         fleet = self.fleet
+        everyone = fleet.every_server()
         active = {str(s.id): (s.load.inflight, s.load.breaker_open, list(s.load.history))
-                  for s in fleet.servers.values()
+                  for s in everyone
                   if servers and (s.load.inflight or s.load.history or s.load.breaker_open)}
         counts = self.metrics.snapshot() if servers else {}
         requests = self.metrics.counters["requests_total"]
         return {
             "pid": os.getpid(), "worker": self.group.index if self.group else 0,
-            "time": time.time(), "queue": len(fleet.scheduler.queue),
-            "inflight": sum(s.load.inflight for s in fleet.servers.values()),
-            "perMinute": sum(s.load.per_minute()[0] for s in fleet.servers.values()
-                             if s.load.history),
+            "time": time.time(), "queue": fleet.queue_depth(),
+            "inflight": sum(s.load.inflight for s in everyone),
+            "perMinute": sum(s.load.per_minute()[0] for s in everyone if s.load.history),
             "requests": int(sum(requests.values())), "servers": active,
-            "errors": [e for e in fleet.recent_errors if e["kind"] != "health"][:20],
+            "errors": [e for e in fleet.recent_errors() if e["kind"] != "health"][:20],
             **counts,
         }
 
@@ -7531,12 +7806,12 @@ class Observability:
                                   "style-src 'unsafe-inline'")])
 
     async def metrics_page(self, request: Request, match: re.Match[str]) -> Response:
-        servers = list(self.fleet.servers.values())
+        servers = self.fleet.every_server()
         metrics = self.metrics
         others: list[dict[str, Any]] = []  # the other workers' files, those still written
         inflight = {s.label: s.load.inflight for s in servers}
         circuit = {s.label: s.load.breaker_open for s in servers}
-        queued = len(self.fleet.scheduler.queue)
+        queued = self.fleet.queue_depth()
         if self.group is not None:
             # This worker's file first, then every file: each only ever grows, so the
             # group's counters never go back, whichever worker a scrape reaches.
@@ -8120,6 +8395,7 @@ class Balancer:
         routes = self.matching_routes(path)
         if request.method == "OPTIONS" and routes and (
                 "access-control-request-method" in request.head.headers.index):
+            request.endpoint = "preflight"
             return access.preflight(request, [r.access for r, *_ in routes])
         for found, match, handler in routes:
             if found.methods and request.method not in found.methods:
@@ -8130,8 +8406,12 @@ class Balancer:
                 access.authorize_admin(request)
                 request.privileged = True
                 return await handler(request, match)
-            access.allow_origin(request)
-            usage = access.authorize_client(request) if found.access == "client" else None
+            request.response_fields += access.allow_origin(request)
+            if found.access != "client":
+                return await handler(request, match)
+            grant = access.authorize_client(request)
+            request.authenticated, request.privileged = grant.authenticated, grant.privileged
+            usage = grant.usage
             if usage is None:
                 return await handler(request, match)
             usage.inflight += 1
@@ -8144,8 +8424,8 @@ class Balancer:
                             headers=[("Allow", ", ".join(sorted(allowed)))])
         raise HTTPError(404, f"no route for {request.method} {path}")
 
-    def finished(self, request: Request) -> None:
-        self.observability.finished(request)
+    def finished(self, request: Request, outcome: Relayed) -> None:
+        self.observability.finished(request, outcome)
 
     def public_message(self, request: Request | None, status: int, detail: str) -> str:
         return self.access.public_message(request, status, detail)
@@ -8230,9 +8510,11 @@ class HTTPServer:
     async def serve_connection(self, wire: Wire) -> None:
         # A new connection has HEADER_TIMEOUT for its first request, idle time included.
         idle_until, first = wire.loop.time() + self.app.config.header_timeout, True
-        unread: list[bool] = []  # set when a request ends with its body not read whole
         try:
-            while await self.serve_one(wire, idle_until, first, unread) and not self.draining:
+            while True:
+                keep_alive, unread = await self.serve_one(wire, idle_until, first)
+                if not keep_alive or self.draining:
+                    break
                 idle_until, first = wire.loop.time() + KEEPALIVE_TIMEOUT, False
             if unread or wire.buf:
                 await self.linger(wire)
@@ -8261,39 +8543,36 @@ class HTTPServer:
                 if not await wire.fill(remaining):
                     return
 
-    async def serve_one(self, wire: Wire, idle_until: float, first: bool,
-                        unread: list[bool]) -> bool:
-        """Serves one request; False when the connection should close."""
+    async def serve_one(self, wire: Wire, idle_until: float, first: bool
+                        ) -> tuple[bool, bool]:
+        """Serves one request: whether the connection may serve another, and whether the
+        request's body was left unread (then the connection lingers before it closes)."""
+        task = asyncio.current_task(wire.loop)
         try:
-            return await self._serve_one(wire, idle_until, first, unread)
+            request = await self._next_request(wire, idle_until, first, task)
+            if request is None:
+                return False, False
+            outcome = Relayed(False)  # what is told of it if it goes no further
+            try:
+                outcome = await self._answer(request)
+            finally:
+                request.close()
+                self.app.finished(request, outcome)
+            return outcome.keep_alive, not request.body_done
         finally:
-            task = asyncio.current_task(wire.loop)
             if task is not None:
                 self.busy.discard(task)
 
-    async def _serve_one(self, wire: Wire, idle_until: float, first: bool,
-                         unread: list[bool]) -> bool:
-        current: list[Request] = []  # the request, once its head is parsed
-        try:
-            return await self._answer(wire, current, idle_until, first)
-        finally:
-            if current:
-                if not current[0].body_done:
-                    unread.append(True)
-                current[0].close()
-                self.app.finished(current[0])
-
-    async def _answer(self, wire: Wire, current: list[Request], idle_until: float,
-                      first: bool) -> bool:
-        loop = wire.loop
+    async def _next_request(self, wire: Wire, idle_until: float, first: bool,
+                            task: asyncio.Task[Any] | None) -> Request | None:
+        """The next request, its head read; None when the connection should close (idle
+        too long, closed, or a head refused, whose error this has answered)."""
+        loop, config = wire.loop, self.app.config
         head: RequestHead | None = None
-        request: Request | None = None
-        config = self.app.config
         try:
             # Idle: wait for the first byte of the next request.
             if not wire.buf and not await wire.fill(idle_until - loop.time()):
-                return False
-            task = asyncio.current_task(loop)
+                return None
             if task is not None:
                 self.busy.add(task)  # from its first byte on, a request may finish
             # HEADER_TIMEOUT from the head's first byte, and for a new connection's first
@@ -8302,49 +8581,59 @@ class HTTPServer:
                                    min(loop.time() + config.header_timeout, idle_until)
                                    if first else loop.time() + config.header_timeout)
             if head is None:
-                return False
-            request = Request(wire, head, config.body_timeout, self.app.body_budget)
-            current.append(request)
-            result = await self.app.dispatch(request)
-        except asyncio.TimeoutError:
-            if head is None and wire.buf:
+                return None
+            return Request(wire, head, config.body_timeout, self.app.body_budget)
+        except TimeoutError:
+            if wire.buf:
                 await self._try_send(wire, error_response(408, "request head not received "
                                                           "in time", close=True), None)
-            return False
+            return None
         except IncompleteBody:
-            return False
+            return None
+        except HTTPError as exc:  # a head, or a body's framing, that cannot be trusted
+            await self._try_send(wire, error_response(
+                exc.status, exc.message, close=True, headers=exc.headers,
+                path=head.target if head is not None else ""), head)
+            return None
+
+    async def _answer(self, request: Request) -> Relayed:
+        """Dispatches the request and answers what it returns, or the error it raises."""
+        wire, head = request.wire, request.head
+        try:
+            result = await self.app.dispatch(request)
+        except TimeoutError:
+            return Relayed(False)
+        except IncompleteBody:
+            return Relayed(False)
         except HTTPError as exc:
-            response = error_response(exc.status, exc.message, path=head.target if head else "",
-                                      headers=[*exc.headers, *(request.response_fields
-                                                               if request else ())])
-            if request is not None:
-                request.status = exc.status
-            response.close = (
-                exc.close or head is None or client_wants_close(head)
-                or not (request is not None and request.body_done)
-            )
+            response = error_response(exc.status, exc.message, path=head.target,
+                                      headers=[*exc.headers, *request.response_fields])
+            response.close = exc.close or not request.keep_alive
             await self._try_send(wire, response, head)
-            return not response.close
+            return Relayed(not response.close, exc.status, model=exc.model)
         except UpstreamError as exc:
             message = self.app.public_message(request, exc.status, exc.message)
             await self._try_send(wire, error_response(
-                exc.status, message, close=True, path=head.target if head else "",
-                headers=request.response_fields if request else ()), head)
-            return False
+                exc.status, message, close=True, path=head.target,
+                headers=request.response_fields), head)
+            return Relayed(False, exc.status)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception:
-            log.exception("unexpected error answering %s", head.target if head else "?")
-            if request is not None and not request.responded:
-                await self._try_send(wire, error_response(500, "internal error", close=True),
-                                     head)
-            return False
+            log.exception("unexpected error answering %s", head.target)
+            if wire.sent:  # part of an answer went out: nothing can follow it
+                return Relayed(False)
+            await self._try_send(wire, error_response(500, "internal error", close=True),
+                                 head)
+            return Relayed(False, 500)
         if isinstance(result, Relayed):
-            return result.keep_alive
-        if not request.body_done or client_wants_close(head):
+            return result
+        if not request.keep_alive:
             result.close = True
-        await request.send(result)
-        return not result.close
+        try:
+            return await request.send(result)
+        except ConnectionError:  # the client left before its answer was out
+            return Relayed(False, result.status)
 
     async def _try_send(self, wire: Wire, response: Response, head: RequestHead | None
                         ) -> None:
@@ -8359,7 +8648,7 @@ class JsonFormatter(logging.Formatter):
         self.worker = {} if worker is None else {"worker": worker}
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
         entry: dict[str, Any] = {"time": stamp.isoformat(timespec="milliseconds"),
                                  "level": record.levelname.lower(), "logger": record.name,
                                  **self.worker, "message": record.getMessage()}
@@ -8400,14 +8689,15 @@ def connection_cap(configured: int, file_limit: int | None) -> int:
     return max(1, min(configured, (file_limit - FD_RESERVE - pool_cap(file_limit)) // 2))
 
 def log_start(config: Config, fleet: Fleet) -> None:
-    reachable = sum(1 for s in fleet.servers.values() if s.reachable)
-    log.info("%d servers (%d reachable), %d proxies, %d API keys", len(fleet.servers),
-             reachable, len(fleet.proxies), len(fleet.keys))
+    servers = fleet.every_server()
+    reachable = sum(1 for s in servers if s.reachable)
+    log.info("%d servers (%d reachable), %d proxies, %d API keys", len(servers),
+             reachable, len(fleet.every_proxy()), len(fleet.every_key()))
     if config.admin_token:
         log.info("management endpoints need the admin token")
     else:
         log.warning("ADMIN_TOKEN is not set: management endpoints answer loopback clients only")
-    if not (fleet.keys or config.require_api_key):
+    if not (fleet.has_keys() or config.require_api_key):
         log.warning("no API keys exist: the Ollama endpoints are open to every client")
 
 
@@ -8832,7 +9122,8 @@ async def balancer_once(config: Config) -> AsyncIterator[Balancer]:
 async def cli_reach(config: Config, server_id: int) -> str | None:
     """Why the server cannot be reached now, through its proxy; None if it answers."""
     async with balancer_once(config) as app:
-        server = app.fleet.servers[server_id]
+        server = app.fleet.server(server_id)
+        assert server is not None  # the command found it in the store
         await app.fleet.check_server(server)
         return None if server.reachable else (
             f"server {server.id} ({server.label}) is not reachable now: {server.last_error}")
@@ -8844,7 +9135,7 @@ async def cli_fleet(config: Config, args: argparse.Namespace) -> int:
         fleet = app.fleet
         if args.command == "check":
             rows = []
-            for server in fleet.servers.values():
+            for server in fleet.every_server():
                 started = time.monotonic()
                 await fleet.check_server(server)
                 rows.append((server.id, server.name, f"{server.scheme}://"

@@ -995,7 +995,7 @@ def routing(rows: list[list[str]]) -> None:
 
         def decide(scheduler: ob.Scheduler = scheduler,
                    servers: dict[int, ob.Server] = servers) -> None:
-            server, _ = scheduler.pick(servers, "common:latest")
+            server, _ = scheduler.ranking.pick(servers, "common:latest")
             assert server is not None
             scheduler.release(servers, scheduler.take(server, "common:latest"))
 

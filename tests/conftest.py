@@ -116,8 +116,15 @@ def free_port() -> int:
 # -- the balancer process -------------------------------------------------------------------
 
 
+#: Every balancer process started, with the test that started it: a failing test shows
+#: the log of each one it started and of each still running (pytest_runtest_makereport).
+STARTED: list[tuple[str, BalancerProcess]] = []
+CURRENT_TEST = [""]
+
+
 class BalancerProcess:
     def __init__(self, env: dict[str, str], args: list[str]) -> None:
+        STARTED.append((CURRENT_TEST[0], self))
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "ollamabalancer.py"), "--ip", "127.0.0.1",
@@ -387,3 +394,57 @@ def tinyproxy(tmp_path: Path) -> Iterator[tuple[int, str, str]]:
 def tmpdir_path() -> Iterator[Path]:
     with tempfile.TemporaryDirectory() as name:
         yield Path(name)
+
+
+# -- the unit subset: pytest -m unit ---------------------------------------------------------
+
+#: Fixtures that start a process, a server or a database: a test that asks for none of them
+#: (nor starts a process itself) is a unit test, run by ``pytest -m unit`` in seconds.
+END_TO_END_FIXTURES = frozenset({
+    "start_balancer", "balancer", "backend", "make_backend", "microsocks", "tinyproxy",
+    "store", "sqlite_store", "mysql_store", "fleet", "routed", "scripted", "pair", "client",
+    "fuzzed", "attack_site", "group"})
+STARTS_A_PROCESS = re.compile(r"\b(subprocess|Popen|chromium|BalancerProcess|FakeOllama|"
+                              r"mysql_connect|cli)\(|subprocess\.")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unit: in-process, no servers or processes started "
+                            "(pytest -m unit: the edit loop's subset)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    import inspect
+
+    for item in items:
+        function = getattr(item, "function", None)
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if function is None or fixtures & END_TO_END_FIXTURES:
+            continue
+        try:
+            source = inspect.getsource(function)
+        except (OSError, TypeError):
+            continue
+        if not STARTS_A_PROCESS.search(source):
+            item.add_marker(pytest.mark.unit)
+
+
+# -- a failing end-to-end test shows what its balancers logged ---------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    CURRENT_TEST[0] = item.nodeid
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for index, (test, process) in enumerate(STARTED):
+        if test == item.nodeid or process.proc.poll() is None:
+            log = process.log
+            report.sections.append((f"balancer {index} (pid {process.proc.pid}) log",
+                                    log[-20_000:] if log else "(nothing)"))

@@ -64,14 +64,13 @@ SECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
          "Headers.*"),
         "tests/test_http_parsing.py"),
     "scheduler": (
-        ("Scheduler.*",),
+        ("Scheduler.*", "Ranking.*"),
         "tests/test_scheduler.py"),
     "relay": (
-        ("Upstreams.exchange", "Upstreams._send_request", "Upstreams._read_response_head",
-         "Relay.upstream_head", "Relay.send_upstream_response", "ReplayableBody.*",
-         "iter_body"),
+        ("Upstreams.*", "Exchange.*", "Relay.upstream_head", "Relay.forward",
+         "ReplayableBody.*", "iter_body"),
         # The relay's tests on asyncio's loop only: uvloop runs the same code.
-        "tests/test_bodies.py tests/test_passthrough.py"
+        "tests/test_bodies.py tests/test_passthrough.py tests/test_upstreams.py"
         " tests/test_security.py::test_the_admin_token_never_reaches_an_ollama_server"
         " tests/test_security.py::test_upstream_credentials_are_sent_and_never_returned"
         " tests/test_observability.py::test_metrics_count_a_known_sequence_of_requests"

@@ -136,20 +136,20 @@ def server_with(learned: ob.Learned, **fields: Any) -> ob.Server:
 def test_the_cap_is_models_times_parallel_as_learned_and_four_before() -> None:
     scheduler = ob.Scheduler(ob.Config())
     server = server_with(ob.Learned())
-    assert scheduler.capacity(server) == 4  # nothing learned: 4, as it always was
+    assert scheduler.ranking.capacity(server) == 4  # nothing learned: 4, as it always was
     known = ob.Learned(resident_seen=1, evictions=1, parallel_seen=2, waited=ob.Learned.SURE_AFTER)
     server = server_with(known)
-    assert (scheduler.resident(server), scheduler.parallel(server)) == (1, 2)
-    assert scheduler.capacity(server) == 2
+    assert (scheduler.ranking.resident(server), scheduler.ranking.parallel(server)) == (1, 2)
+    assert scheduler.ranking.capacity(server) == 2
     guessing = server_with(ob.Learned(resident_seen=2, evictions=1, parallel_seen=2))
-    assert scheduler.parallel(guessing) == 3  # two seen at once: a third is tried ...
-    assert scheduler.capacity(guessing) == 2 * 2 + 1  # ... one at a time, not one a model
+    assert scheduler.ranking.parallel(guessing) == 3  # two seen at once: a third is tried ...
+    assert scheduler.ranking.capacity(guessing) == 2 * 2 + 1  # ... one at a time, not one a model
     # Neither known: the models loaded now x the requests seen at once, + 1.
     unknown = server_with(ob.Learned(resident_seen=2, parallel_seen=2))
-    assert scheduler.capacity(unknown) == 1 * 2 + 1  # nothing loaded: counted as one
+    assert scheduler.ranking.capacity(unknown) == 1 * 2 + 1  # nothing loaded: counted as one
     unknown.load.loaded = {"a:latest": 0.0, "b:latest": 0.0}
-    assert scheduler.capacity(unknown) == 2 * 2 + 1  # not the 3 models guessed
-    report = scheduler.capacity_report(server)
+    assert scheduler.ranking.capacity(unknown) == 2 * 2 + 1  # not the 3 models guessed
+    report = scheduler.ranking.capacity_report(server)
     assert report["maxLoadedModelsFrom"] == report["numParallelFrom"] == "learned"
 
 
@@ -157,15 +157,15 @@ def test_settings_and_a_servers_own_values_win_over_what_was_learned() -> None:
     known = ob.Learned(resident_seen=1, evictions=1, parallel_seen=2, waited=ob.Learned.SURE_AFTER)
     configured = ob.Scheduler(ob.Config(num_parallel=4, max_loaded_models=2))
     server = server_with(known)
-    assert (configured.resident(server), configured.parallel(server)) == (2, 4)
-    assert configured.capacity(server) == 8
+    assert (configured.ranking.resident(server), configured.ranking.parallel(server)) == (2, 4)
+    assert configured.ranking.capacity(server) == 8
     own = server_with(known, num_parallel=3, max_loaded_models=5, max_concurrency=7)
-    assert (configured.resident(own), configured.parallel(own)) == (5, 3)
-    assert configured.capacity(own) == 7
-    report = configured.capacity_report(own)
+    assert (configured.ranking.resident(own), configured.ranking.parallel(own)) == (5, 3)
+    assert configured.ranking.capacity(own) == 7
+    report = configured.ranking.capacity_report(own)
     assert (report["numParallelFrom"], report["maxLoadedModelsFrom"],
             report["maxConcurrencyFrom"]) == ("server", "server", "server")
-    assert configured.capacity_report(server)["numParallelFrom"] == "setting"
+    assert configured.ranking.capacity_report(server)["numParallelFrom"] == "setting"
 
 
 def test_a_server_that_keeps_one_model_is_not_sent_another_while_it_runs_one() -> None:
@@ -178,8 +178,8 @@ def test_a_server_that_keeps_one_model_is_not_sent_another_while_it_runs_one() -
     servers = {1: small, 2: big}
     slot = scheduler.take(small, "a:latest")
     # b on small would wait for a to finish, then evict it: big loads it instead.
-    assert scheduler.tier(small, "b:latest") == 4
-    assert scheduler.pick(servers, "b:latest")[0] is big
+    assert scheduler.ranking.tier(small, "b:latest") == 4
+    assert scheduler.ranking.pick(servers, "b:latest")[0] is big
     scheduler.release(servers, slot)
 
 
@@ -199,7 +199,7 @@ def test_a_load_past_the_models_a_server_has_shown_counts_as_one_that_evicts() -
         shown.load.loaded = {"b:latest": 0.0, "c:latest": 1.0}
         servers = {1: busy, 2: shown}
         running = scheduler.take(busy, "a:latest")
-        tier = scheduler.tier(shown, "a:latest")
+        tier = scheduler.ranking.tier(shown, "a:latest")
         arriving = await asyncio.wait_for(scheduler.acquire(servers, "a:latest"), 1)
         scheduler.release(servers, arriving)
         scheduler.release(servers, running)
@@ -223,8 +223,8 @@ def test_a_load_that_must_evict_goes_first_where_it_may_evict_nothing() -> None:
     servers = {1: full, 2: unknown}
     for server in servers.values():
         server.load.loaded = {"a:latest": 0.0, "b:latest": 1.0}
-    assert {scheduler.tier(s, "c:latest") for s in servers.values()} == {ob.EVICTS}
-    assert scheduler.pick(servers, "c:latest")[0] is unknown
+    assert {scheduler.ranking.tier(s, "c:latest") for s in servers.values()} == {ob.EVICTS}
+    assert scheduler.ranking.pick(servers, "c:latest")[0] is unknown
 
 
 def test_a_server_counts_on_as_many_models_as_another_of_its_fleet_has_shown() -> None:
@@ -238,16 +238,16 @@ def test_a_server_counts_on_as_many_models_as_another_of_its_fleet_has_shown() -
     new = ob.Server(2, "h2", 11434, reachable=True, models=models)
     new.load.loaded = {"a:latest": 0.0, "b:latest": 1.0}
     servers = {1: shown, 2: new}
-    assert scheduler.tier(new, "c:latest") == ob.EVICTS  # nothing shown yet
-    scheduler.learned(servers, shown)
-    assert scheduler.resident_known(new) == (3, "guessed")
-    assert scheduler.tier(new, "c:latest") == 1
+    assert scheduler.ranking.tier(new, "c:latest") == ob.EVICTS  # nothing shown yet
+    scheduler.ranking.learned(servers, shown)
+    assert scheduler.ranking.resident_known(new) == (3, "guessed")
+    assert scheduler.ranking.tier(new, "c:latest") == 1
     shown.load.learned.from_ps(ps("a:latest", "b:latest", "d:latest"), time.time())
-    scheduler.learned(servers, shown)  # c went early, for d: three is server 1's limit
-    assert scheduler.resident_known(new) == (3, "fleet")
+    scheduler.ranking.learned(servers, shown)  # c went early, for d: three is server 1's limit
+    assert scheduler.ranking.resident_known(new) == (3, "fleet")
     del servers[1]
-    scheduler.forget(servers)  # a server gone counts no more
-    assert scheduler.resident_known(new) == (2, "guessed")
+    scheduler.ranking.forget(servers)  # a server gone counts no more
+    assert scheduler.ranking.resident_known(new) == (2, "guessed")
 
 
 def test_a_server_not_yet_known_is_counted_on_for_the_fleets_usual_limits() -> None:
@@ -260,33 +260,33 @@ def test_a_server_not_yet_known_is_counted_on_for_the_fleets_usual_limits() -> N
     servers = {**known, 4: new}
     for server_id, server in known.items():
         server.id = server_id
-    assert scheduler.capacity(new) == 4  # nothing known anywhere: the old default
+    assert scheduler.ranking.capacity(new) == 4  # nothing known anywhere: the old default
     for server in known.values():
-        scheduler.learned(servers, server)
+        scheduler.ranking.learned(servers, server)
     # The median of what the others showed, as a guess of its own (no probing slot).
-    assert scheduler.resident_known(new) == (2, "fleet")
-    assert scheduler.parallel_known(new) == (2, "fleet")
-    assert scheduler.capacity(new) == 4
-    assert scheduler.capacity_report(new)["numParallelFrom"] == "fleet"
+    assert scheduler.ranking.resident_known(new) == (2, "fleet")
+    assert scheduler.ranking.parallel_known(new) == (2, "fleet")
+    assert scheduler.ranking.capacity(new) == 4
+    assert scheduler.ranking.capacity_report(new)["numParallelFrom"] == "fleet"
     new.load.learned.parallel_seen = 3  # it showed more than the others: that counts
-    assert scheduler.parallel_known(new) == (3, "fleet")
+    assert scheduler.ranking.parallel_known(new) == (3, "fleet")
     # A server gone from the fleet is no longer part of what is usual.
     del servers[2], servers[3]
-    scheduler.learned(servers, known[1])
-    scheduler.learned(servers, new)
-    assert scheduler.usual_resident == 2  # no change for server 1: nothing worked out
+    scheduler.ranking.learned(servers, known[1])
+    scheduler.ranking.learned(servers, new)
+    assert scheduler.ranking.usual_resident == 2  # no change for server 1: nothing worked out
     known[1].load.learned.parallel_seen = 2
     known[1].load.learned.waited = ob.Learned.SURE_AFTER
-    scheduler.learned(servers, known[1])
-    assert (scheduler.usual_resident, scheduler.usual_parallel) == (1, 2)
+    scheduler.ranking.learned(servers, known[1])
+    assert (scheduler.ranking.usual_resident, scheduler.ranking.usual_parallel) == (1, 2)
 
 
 def test_a_servers_own_settings_count_toward_the_fleets_usual_limits() -> None:
     scheduler = ob.Scheduler(ob.Config())
     told = server_with(ob.Learned(), num_parallel=4, max_loaded_models=1)
-    scheduler.learned({1: told}, told)
-    assert scheduler.resident_known(server_with(ob.Learned())) == (1, "fleet")
-    assert scheduler.parallel(server_with(ob.Learned())) == 4
+    scheduler.ranking.learned({1: told}, told)
+    assert scheduler.ranking.resident_known(server_with(ob.Learned())) == (1, "fleet")
+    assert scheduler.ranking.parallel(server_with(ob.Learned())) == 4
 
 
 def test_one_wait_that_agrees_with_the_fleets_usual_limit_makes_it_known() -> None:
@@ -343,11 +343,11 @@ def test_a_system_prompt_outside_the_messages_is_part_of_the_conversation() -> N
 
 def test_the_longest_known_start_of_a_conversation_names_its_server() -> None:
     scheduler = ob.Scheduler(ob.Config())
-    scheduler.remember(b"one", 1)
-    scheduler.remember(b"one-two-three", 2)
-    assert scheduler.conversation([b"one", b"one-two", b"one-two-three", b"four"]) == (
+    scheduler.ranking.remember(b"one", 1)
+    scheduler.ranking.remember(b"one-two-three", 2)
+    assert scheduler.ranking.conversation([b"one", b"one-two", b"one-two-three", b"four"]) == (
         b"one-two-three")
-    assert scheduler.conversation([b"five"]) is None
+    assert scheduler.ranking.conversation([b"five"]) is None
 
 
 def test_conversations_share_the_bounded_session_table_the_oldest_forgotten_first(
@@ -355,9 +355,9 @@ def test_conversations_share_the_bounded_session_table_the_oldest_forgotten_firs
     monkeypatch.setattr(ob, "MAX_SESSIONS", 2)
     scheduler = ob.Scheduler(ob.Config())
     for key in (b"a", "session", b"b"):
-        scheduler.remember(key, 1)
-    assert list(scheduler.sessions) == ["session", b"b"]
-    assert scheduler.conversation([b"a"]) is None
+        scheduler.ranking.remember(key, 1)
+    assert list(scheduler.ranking.sessions) == ["session", b"b"]
+    assert scheduler.ranking.conversation([b"a"]) is None
 
 
 # -- through the balancer, with Ollama-like fakes ----------------------------------------

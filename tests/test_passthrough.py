@@ -181,6 +181,25 @@ def test_client_disconnect_closes_the_upstream_at_once(
     assert time.monotonic() - started < 2
 
 
+def test_a_client_that_leaves_mid_answer_is_logged_with_what_it_was_sent(
+        start_balancer: Any, sqlite_store: Any, backend: FakeOllama) -> None:
+    """Its answer began: the access log and the metrics keep its status and server (and
+    the server is not blamed for the stream it had to drop)."""
+    lb = start_balancer(sqlite_store, env={"LOG_FORMAT": "json"})
+    lb.add_server(backend.url, name="gpu-slow")
+    sid = lb.server_id()
+    sock = socket.create_connection(("127.0.0.1", lb.port), timeout=5)
+    sock.sendall(f"GET /servers/ollama/{sid}/slow HTTP/1.1\r\nHost: lb\r\n\r\n".encode())
+    assert b"200 OK" in sock.recv(4096)
+    sock.close()
+    assert backend.disconnected.wait(5)
+    lb.wait_for(lambda: any(line["path"].endswith("/slow") for line in access_lines(lb)))
+    line = next(line for line in access_lines(lb) if line["path"].endswith("/slow"))
+    assert (line["status"], line["server"]) == (200, "gpu-slow") and line["bytes_out"] > 0
+    metrics = lb.call("GET", "/metrics").text
+    assert 'server="gpu-slow"' in metrics and "upstream_errors_total{" not in metrics
+
+
 def test_client_leaving_before_the_first_byte_closes_the_upstream(
         routed: tuple[BalancerProcess, str], backend: FakeOllama) -> None:
     lb, sid = routed

@@ -27,15 +27,15 @@ def fleet(count: int, models: tuple[str, ...] = ("a", "b", "c"), **config: Any
 def test_tiers_follow_ollamas_own_scheduling() -> None:
     scheduler, servers = fleet(1)
     server = servers[1]
-    assert scheduler.tier(server, "a:latest") == 1  # memory free: a load, no eviction
+    assert scheduler.ranking.tier(server, "a:latest") == 1  # memory free: a load, no eviction
     slot = scheduler.take(server, "a:latest")
-    assert scheduler.tier(server, "a:latest") == 2  # loaded, its one slot taken
+    assert scheduler.ranking.tier(server, "a:latest") == 2  # loaded, its one slot taken
     scheduler.release(servers, slot)
-    assert scheduler.tier(server, "a:latest") == 0  # loaded and free: runs at once
+    assert scheduler.ranking.tier(server, "a:latest") == 0  # loaded and free: runs at once
     scheduler.take(server, "b:latest")
-    assert scheduler.tier(server, "c:latest") == 3  # full memory, "a" idle: evicts it
+    assert scheduler.ranking.tier(server, "c:latest") == 3  # full memory, "a" idle: evicts it
     scheduler.take(server, "a:latest")
-    assert scheduler.tier(server, "c:latest") == 4  # full memory, all busy: waits
+    assert scheduler.ranking.tier(server, "c:latest") == 4  # full memory, all busy: waits
 
 
 def test_taking_a_model_predicts_the_lru_eviction() -> None:
@@ -53,37 +53,37 @@ def test_least_load_prefers_a_ready_server_then_memory_then_least_busy() -> None
     scheduler, servers = fleet(3)
     scheduler.release(servers, scheduler.take(servers[2], "a:latest"))
     candidates = list(servers.values())
-    assert scheduler.choose(candidates, "a:latest") is servers[2]
+    assert scheduler.ranking.choose(candidates, "a:latest") is servers[2]
     scheduler.take(servers[2], "a:latest")  # now busy: a load elsewhere beats waiting
-    assert scheduler.choose(candidates, "a:latest") in (servers[1], servers[3])
+    assert scheduler.ranking.choose(candidates, "a:latest") in (servers[1], servers[3])
 
 
 def test_weight_breaks_ties_and_scales_load() -> None:
     scheduler, servers = fleet(2, max_concurrency=4)
     servers[2].weight = 3.0
-    assert scheduler.choose(list(servers.values()), None) is servers[2]  # idle tie: heavier
+    assert scheduler.ranking.choose(list(servers.values()), None) is servers[2]  # idle tie: heavier
     scheduler.take(servers[1], None)
     scheduler.take(servers[2], None)
     scheduler.take(servers[2], None)
     # 2/4 used per 3 units of weight is less loaded than 1/4 per 1 unit.
-    assert scheduler.choose(list(servers.values()), None) is servers[2]
+    assert scheduler.ranking.choose(list(servers.values()), None) is servers[2]
 
 
 def test_the_index_breaks_ties_by_weight_too() -> None:
     scheduler, servers = fleet(3, max_concurrency=4)
     servers[2].weight = 3.0
-    assert scheduler.pick(servers, None) == (servers[2], True)  # idle tie: the heavier
+    assert scheduler.ranking.pick(servers, None) == (servers[2], True)  # idle tie: the heavier
 
 
 def test_the_index_is_kept_for_a_fleet_and_made_anew_for_another() -> None:
     scheduler, servers = fleet(2)
-    assert scheduler.pick(servers, "a:latest")[1]
-    heap = scheduler._ranked["a:latest"]
-    scheduler.pick(servers, "a:latest")
-    assert scheduler._ranked["a:latest"] is heap  # kept: a decision costs O(log n)
+    assert scheduler.ranking.pick(servers, "a:latest")[1]
+    heap = scheduler.ranking._ranked["a:latest"]
+    scheduler.ranking.pick(servers, "a:latest")
+    assert scheduler.ranking._ranked["a:latest"] is heap  # kept: a decision costs O(log n)
     reloaded = {5: ob.Server(5, "h5", 11434, reachable=True, models=[{"name": "a:latest"}])}
-    assert scheduler.pick(reloaded, "a:latest") == (reloaded[5], True)
-    assert scheduler.pick(servers, "a:latest")[0] in (servers[1], servers[2])
+    assert scheduler.ranking.pick(reloaded, "a:latest") == (reloaded[5], True)
+    assert scheduler.ranking.pick(servers, "a:latest")[0] in (servers[1], servers[2])
 
 
 def test_a_server_that_got_better_is_ranked_anew_for_every_model_it_serves() -> None:
@@ -93,17 +93,17 @@ def test_a_server_that_got_better_is_ranked_anew_for_every_model_it_serves() -> 
         scheduler, servers = fleet(2, max_concurrency=4, num_parallel=4)
         first = [scheduler.take(servers[1], model) for _ in range(2)]
         scheduler.take(servers[2], model)
-        assert scheduler.pick(servers, model) == (servers[2], True)  # the index is made
+        assert scheduler.ranking.pick(servers, model) == (servers[2], True)  # the index is made
         for slot in first:
             scheduler.release(servers, slot)  # server 1 idle now, server 2 still busy
-        assert scheduler.pick(servers, model) == (servers[1], True), model
+        assert scheduler.ranking.pick(servers, model) == (servers[1], True), model
 
 
 def test_the_index_stays_bounded_however_often_servers_change() -> None:
     """Stale entries are dropped once they outnumber the live ones twice over (plus 64)."""
     scheduler, servers = fleet(2, max_concurrency=4)
-    scheduler.pick(servers, None)
-    heap = scheduler._ranked[None]
+    scheduler.ranking.pick(servers, None)
+    heap = scheduler.ranking._ranked[None]
     sizes = []
     for _ in range(300):
         scheduler.release(servers, scheduler.take(servers[1], None))
@@ -111,20 +111,20 @@ def test_the_index_stays_bounded_however_often_servers_change() -> None:
     assert max(sizes) == 2 * len(heap.latest) + 64
     assert min(sizes) <= len(heap.latest) + 1  # compacted down to the live entries
     scheduler.take(servers[1], None)  # server 2 is the better now: its entry must be live
-    assert scheduler.pick(servers, None) == (servers[2], True)
+    assert scheduler.ranking.pick(servers, None) == (servers[2], True)
 
 
 def test_pick_keeps_a_session_on_its_server_unless_excluded_or_full() -> None:
     scheduler, servers = fleet(3, max_concurrency=2)
     scheduler.release(servers, scheduler.take(servers[2], None, session="conv"))
     scheduler.take(servers[2], None)  # server 2 is now the busiest
-    assert scheduler.pick(servers, None, "conv") == (servers[2], True)
+    assert scheduler.ranking.pick(servers, None, "conv") == (servers[2], True)
     others = (servers[1], servers[3])
-    assert scheduler.pick(servers, None, "conv", exclude=frozenset({2}))[0] in others
+    assert scheduler.ranking.pick(servers, None, "conv", exclude=frozenset({2}))[0] in others
     scheduler.take(servers[2], None)  # and now full
-    assert scheduler.pick(servers, None, "conv")[0] in others
+    assert scheduler.ranking.pick(servers, None, "conv")[0] in others
     scheduler.take(servers[1], None)  # server 3 is the least loaded
-    assert scheduler.pick(servers, None, "a new conversation") == (servers[3], True)
+    assert scheduler.ranking.pick(servers, None, "a new conversation") == (servers[3], True)
 
 
 def test_a_session_stays_put_in_the_queues_ready_pass_too() -> None:
@@ -133,26 +133,26 @@ def test_a_session_stays_put_in_the_queues_ready_pass_too() -> None:
         scheduler.release(servers, scheduler.take(server, "a:latest"))  # loaded on both
     scheduler.release(servers, scheduler.take(servers[2], "a:latest", session="conv"))
     scheduler.take(servers[2], "a:latest")  # the busier, yet ready (1 of 2 parallel)
-    assert scheduler.pick(servers, "a:latest", "conv", max_tier=0) == (servers[2], True)
+    assert scheduler.ranking.pick(servers, "a:latest", "conv", max_tier=0) == (servers[2], True)
 
 
 def test_pick_goes_as_far_as_a_server_that_must_wait_but_never_to_a_full_one() -> None:
     scheduler, servers = fleet(1, max_loaded_models=1, num_parallel=1, max_concurrency=2)
     server = servers[1]
     scheduler.take(server, "a:latest")  # "a" loaded and busy: "b" would wait (tier 4)
-    assert scheduler.tier(server, "b:latest") == 4
-    assert scheduler.pick(servers, "b:latest") == (server, True)
+    assert scheduler.ranking.tier(server, "b:latest") == 4
+    assert scheduler.ranking.pick(servers, "b:latest") == (server, True)
     scheduler.take(server, "a:latest")  # both slots taken: full
-    assert scheduler.pick(servers, "b:latest") == (None, True)
+    assert scheduler.ranking.pick(servers, "b:latest") == (None, True)
 
 
 def test_capacity_is_enforced_and_the_server_value_wins() -> None:
     scheduler, servers = fleet(1, max_concurrency=1)
     server = servers[1]
     scheduler.take(server, None)
-    assert scheduler.choose([server], None) is None
+    assert scheduler.ranking.choose([server], None) is None
     server.max_concurrency = 2
-    assert scheduler.choose([server], None) is server
+    assert scheduler.ranking.choose([server], None) is server
 
 
 def queue_order(strategy: str = "least_load") -> list[str]:
@@ -262,7 +262,7 @@ def test_a_model_loaded_elsewhere_is_loaded_again_only_when_its_backlog_pays_for
     scheduler.service_seconds, scheduler.load_seconds = service, 5.0
     scheduler.take(servers[1], "a:latest")
     scheduler.release(servers, scheduler.take(servers[2], "b:latest"))
-    assert scheduler.tier(servers[2], "a:latest") == 3
+    assert scheduler.ranking.tier(servers[2], "a:latest") == 3
     waiters = queue_up(scheduler, *["a:latest"] * backlog)
     scheduler.dispatch(servers)
     assert served(waiters)[0] == (2 if loads else None)
@@ -312,12 +312,12 @@ def test_a_load_that_must_evict_evicts_a_model_another_server_also_holds() -> No
     servers[3].weight = 2.0
     for server_id, model in ((1, "a:latest"), (2, "a:latest"), (3, "b:latest")):
         scheduler.release(servers, scheduler.take(servers[server_id], model))
-    assert {scheduler.tier(s, "c:latest") for s in servers.values()} == {ob.EVICTS}
-    server, _ = scheduler.pick(servers, "c:latest")
+    assert {scheduler.ranking.tier(s, "c:latest") for s in servers.values()} == {ob.EVICTS}
+    server, _ = scheduler.ranking.pick(servers, "c:latest")
     assert server in (servers[1], servers[2])
     # With every eviction an only copy, the ranking decides as before: the heavier.
     scheduler.release(servers, scheduler.take(servers[2], "d:latest"))
-    assert scheduler.pick(servers, "c:latest")[0] is servers[3]
+    assert scheduler.ranking.pick(servers, "c:latest")[0] is servers[3]
 
 
 def test_a_backlog_that_pays_for_a_load_does_not_wait_for_a_busy_model_to_drain() -> None:
@@ -329,7 +329,7 @@ def test_a_backlog_that_pays_for_a_load_does_not_wait_for_a_busy_model_to_drain(
     scheduler.service_seconds, scheduler.load_seconds = 0.5, 5.0  # worth 10 a slot
     running = scheduler.take(servers[1], "a:latest")
     scheduler.take(servers[2], "b:latest")
-    assert scheduler.tier(servers[2], "a:latest") == 4
+    assert scheduler.ranking.tier(servers[2], "a:latest") == 4
     waiters = queue_up(scheduler, *["a:latest"] * 11)
     scheduler.dispatch(servers)
     assert served(waiters)[0] is None
@@ -373,8 +373,8 @@ def test_the_queue_holds_max_queue_waiters_each_for_queue_timeout() -> None:
 
 def test_a_request_for_no_model_may_start_anywhere_at_once() -> None:
     scheduler, servers = fleet(2)
-    assert {scheduler.tier(s, None) for s in servers.values()} == {0}
-    assert scheduler.pick(servers, None, max_tier=0)[0] is not None
+    assert {scheduler.ranking.tier(s, None) for s in servers.values()} == {0}
+    assert scheduler.ranking.pick(servers, None, max_tier=0)[0] is not None
 
 
 def test_slots_count_what_runs_per_server_and_model() -> None:
@@ -398,10 +398,10 @@ def test_requests_relayed_to_a_half_open_server_are_each_its_probe() -> None:
     server = servers[1]
     server.load.breaker_open = True
     slots = [scheduler.take(server, None), scheduler.take(server, None)]
-    assert server.load.probing == 2 and not scheduler.has_room(server)
+    assert server.load.probing == 2 and not scheduler.ranking.has_room(server)
     for slot in slots:
         scheduler.release(servers, slot)
-    assert server.load.probing == 0 and scheduler.has_room(server)
+    assert server.load.probing == 0 and scheduler.ranking.has_room(server)
 
 
 def test_sessions_are_remembered_up_to_max_sessions_the_oldest_forgotten_first(
@@ -410,7 +410,7 @@ def test_sessions_are_remembered_up_to_max_sessions_the_oldest_forgotten_first(
     scheduler, servers = fleet(1, max_concurrency=9)
     for name in ("s1", "s2", "s3", "s4"):
         scheduler.take(servers[1], None, session=name)
-    assert list(scheduler.sessions) == ["s2", "s3", "s4"]
+    assert list(scheduler.ranking.sessions) == ["s2", "s3", "s4"]
 
 
 def test_breaker_opens_after_the_threshold_and_allows_one_probe() -> None:
@@ -418,18 +418,19 @@ def test_breaker_opens_after_the_threshold_and_allows_one_probe() -> None:
         scheduler, servers = fleet(1, breaker_threshold=2, breaker_cooldown=0.05)
         server = servers[1]
         scheduler.record(servers, server, False)
-        assert scheduler.candidates(servers.values(), None) == [server]
+        assert scheduler.ranking.candidates(servers.values(), None) == [server]
         scheduler.record(servers, server, False)
-        assert scheduler.candidates(servers.values(), None) == []
+        assert scheduler.ranking.candidates(servers.values(), None) == []
         await asyncio.sleep(0.06)
-        assert scheduler.candidates(servers.values(), None) == [server]
+        assert scheduler.ranking.candidates(servers.values(), None) == [server]
         probe = scheduler.take(server, None)
         assert probe.probe
-        assert scheduler.choose(scheduler.candidates(servers.values(), None), None) is None
+        ranking = scheduler.ranking
+        assert ranking.choose(ranking.candidates(servers.values(), None), None) is None
         scheduler.record(servers, server, True)
         scheduler.release(servers, probe)
         assert not server.load.breaker_open
-        assert scheduler.candidates(servers.values(), None) == [server]
+        assert scheduler.ranking.candidates(servers.values(), None) == [server]
 
     asyncio.run(scenario())
 
@@ -484,7 +485,7 @@ def test_a_probe_granted_to_a_waiter_that_leaves_is_given_back() -> None:
         waiting.cancel()  # ... whose client leaves before it runs
         await asyncio.gather(waiting, return_exceptions=True)
         assert (server.load.probing, server.load.inflight) == (0, 0)
-        assert scheduler.pick(servers, None)[0] is server  # free to be probed again
+        assert scheduler.ranking.pick(servers, None)[0] is server  # free to be probed again
 
     asyncio.run(scenario())
 
@@ -511,13 +512,13 @@ def test_waiters_fail_at_once_when_a_failed_probe_leaves_no_server() -> None:
 
 def test_session_affinity_holds_while_the_server_has_room() -> None:
     scheduler, servers = fleet(2)
-    first = scheduler.choose(list(servers.values()), None, "s1")
+    first = scheduler.ranking.choose(list(servers.values()), None, "s1")
     assert first is not None
     scheduler.take(first, None, "s1")
     for _ in range(1):
-        assert scheduler.choose(list(servers.values()), None, "s1") is first
+        assert scheduler.ranking.choose(list(servers.values()), None, "s1") is first
     scheduler.take(first, None, "s1")  # now full (capacity 2)
-    other = scheduler.choose(list(servers.values()), None, "s1")
+    other = scheduler.ranking.choose(list(servers.values()), None, "s1")
     assert other is not None and other is not first
 
 
@@ -559,20 +560,20 @@ def test_a_candidate_is_enabled_reachable_has_the_model_and_no_open_circuit(
     servers[3].load.breaker_open, servers[3].load.open_until = True, 100.0
     monkeypatch.setattr(ob.time, "monotonic", lambda: 99.5)
     every = list(servers.values())
-    assert scheduler.candidates(every, "a:latest") == [servers[4]]
-    assert scheduler.candidates(every, None) == [servers[4]]
-    assert scheduler.candidates(every, "z:latest") == []
+    assert scheduler.ranking.candidates(every, "a:latest") == [servers[4]]
+    assert scheduler.ranking.candidates(every, None) == [servers[4]]
+    assert scheduler.ranking.candidates(every, "z:latest") == []
     monkeypatch.setattr(ob.time, "monotonic", lambda: 100.0)  # cooled down: half-open
-    assert scheduler.candidates(every, "a:latest") == [servers[3], servers[4]]
-    assert scheduler.candidates(every, "a:latest", frozenset({3})) == [servers[4]]
+    assert scheduler.ranking.candidates(every, "a:latest") == [servers[3], servers[4]]
+    assert scheduler.ranking.candidates(every, "a:latest", frozenset({3})) == [servers[4]]
 
 
 def test_round_robin_takes_the_ready_servers_in_id_order_turn_by_turn() -> None:
     scheduler, servers = fleet(3, strategy="round_robin")
     ready = [servers[3], servers[1], servers[2]]
-    picks = [scheduler.choose(ready, "a:latest") for _ in range(6)]
+    picks = [scheduler.ranking.choose(ready, "a:latest") for _ in range(6)]
     assert [s.id for s in picks if s] == [2, 3, 1, 2, 3, 1]
-    picked = scheduler.pick(servers, "a:latest", exclude=frozenset({3}))
+    picked = scheduler.ranking.pick(servers, "a:latest", exclude=frozenset({3}))
     assert picked == (servers[2], True)  # turn 7 of the two left: [1, 2][7 % 2]
 
 
@@ -581,10 +582,10 @@ def test_random_ignores_load_where_least_load_does_not() -> None:
         scheduler, servers = fleet(2, strategy=strategy, max_concurrency=4)
         for _ in range(3):
             scheduler.take(servers[1], None)  # three of its four slots busy
-        scheduler._random.seed(7)
-        picks = [scheduler.choose(list(servers.values()), None) for _ in range(100)]
+        scheduler.ranking._random.seed(7)
+        picks = [scheduler.ranking.choose(list(servers.values()), None) for _ in range(100)]
         assert {s.id for s in picks if s} == expected, strategy
-        assert {scheduler.pick(servers, None)[0].id for _ in range(100)  # type: ignore[union-attr]
+        assert {scheduler.ranking.pick(servers, None)[0].id for _ in range(100)  # type: ignore[union-attr]
                 } == expected, strategy
 
 
@@ -600,8 +601,8 @@ def test_least_load_compares_the_busy_share_of_capacity_per_unit_of_weight() -> 
             server.max_concurrency, server.weight = capacity, weight
             for _ in range(busy):
                 scheduler.take(server, None)
-        assert scheduler.choose(list(servers.values()), None) is servers[1]
-        assert scheduler.pick(servers, None) == (servers[1], True)
+        assert scheduler.ranking.choose(list(servers.values()), None) is servers[1]
+        assert scheduler.ranking.pick(servers, None) == (servers[1], True)
 
 
 # Operations on a small fleet: (what, server index, model index).
@@ -625,14 +626,15 @@ def test_the_ranked_index_chooses_as_well_as_a_scan_of_the_fleet(
     loop = asyncio.new_event_loop()  # the breaker schedules its cooldown on the loop
 
     def check(model: str | None) -> None:
-        picked, possible = scheduler.pick(servers, model, exclude=exclude)
-        candidates = scheduler.candidates(servers.values(), model, exclude)
-        chosen = scheduler.choose(candidates, model)
+        picked, possible = scheduler.ranking.pick(servers, model, exclude=exclude)
+        candidates = scheduler.ranking.candidates(servers.values(), model, exclude)
+        chosen = scheduler.ranking.choose(candidates, model)
         assert possible == bool(candidates)
         assert (picked is None) == (chosen is None)
         if picked is not None and chosen is not None:
             assert picked.id not in exclude
-            assert scheduler._rank(picked, model)[:3] == scheduler._rank(chosen, model)[:3]
+            rank = scheduler.ranking._rank
+            assert rank(picked, model)[:3] == rank(chosen, model)[:3]
 
     async def run() -> None:
         for what, index, model_index in operations:
@@ -648,7 +650,7 @@ def test_the_ranked_index_chooses_as_well_as_a_scan_of_the_fleet(
                     server.reachable = what == "reachable"
                 else:
                     server.enabled = what == "enable"
-                scheduler.changed(server)  # what the health check and reload tell it
+                scheduler.ranking.changed(server)  # what the health check and reload tell it
             check(model)
         for model in models:
             check(model)
@@ -673,13 +675,13 @@ class LookedAt(ob.Waiter):
 def counting_picks(scheduler: ob.Scheduler, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The model of every pick() the scheduler makes from now on."""
     picked: list[str] = []
-    real = scheduler.pick
+    real = scheduler.ranking.pick
 
     def pick(servers: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
         picked.append(model)
         return real(servers, model, *args, **kwargs)
 
-    monkeypatch.setattr(scheduler, "pick", pick)
+    monkeypatch.setattr(scheduler.ranking, "pick", pick)
     return picked
 
 

@@ -383,11 +383,12 @@ def test_help_says_what_a_new_server_is_counted_on_for() -> None:
     text = " ".join(done.stdout.split())
     scheduler = ob.Scheduler(ob.Config())
     new = ob.Server(1, "h", 11434, reachable=True)
-    parallel, resident = scheduler.parallel_known(new), scheduler.resident_known(new)
+    ranking = scheduler.ranking
+    parallel, resident = ranking.parallel_known(new), ranking.resident_known(new)
     assert (parallel[1], resident[1]) == ("guessed", "guessed")
     assert f"learned per server, {parallel[0]} until more is seen" in text
     assert f"learned per server, {resident[0]} until more is seen" in text
-    assert f"{scheduler.capacity(new)} before anything is" in text
+    assert f"{scheduler.ranking.capacity(new)} before anything is" in text
 
 
 def test_a_balancer_prunes_the_change_log_to_its_last_rows(
