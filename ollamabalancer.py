@@ -1470,24 +1470,23 @@ async def iter_body(wire: Wire, framing: Framing, timeout: float, error_status: 
             raise TimeoutError
         return await wire.fill(remaining)
 
+    # Whoever takes a piece may wait (a relay, on its upstream's drain) while more bytes
+    # arrive: the buffer is looked at again after each piece, before any wait for more.
     if framing.kind == "length":
         remaining = framing.length
-        while True:
-            if buf:
-                # All of it in one copy; "<" would take the same bytes the other way (pragma).
-                if len(buf) <= remaining:  # pragma: no mutate
-                    data = bytes(buf)
-                    buf.clear()
-                else:
-                    data = bytes(buf[:remaining])
-                    del buf[:remaining]
-                remaining -= len(data)
-                received += len(data)
-                yield data
-            if not remaining:
-                return
-            if not await more():
+        while remaining:
+            if not buf and not await more():
                 raise IncompleteBody(f"connection closed with {remaining} body bytes missing")
+            # All of it in one copy; "<" would take the same bytes the other way (pragma).
+            if len(buf) <= remaining:  # pragma: no mutate
+                data = bytes(buf)
+                buf.clear()
+            else:
+                data = bytes(buf[:remaining])
+                del buf[:remaining]
+            remaining -= len(data)
+            received += len(data)
+            yield data
     elif framing.kind == "chunked":
         decoder = ChunkedDecoder(error_status)
         while True:
@@ -1503,14 +1502,11 @@ async def iter_body(wire: Wire, framing: Framing, timeout: float, error_status: 
             elif not await more():
                 raise IncompleteBody("connection closed in the middle of a chunked body")
     elif framing.kind == "close":
-        while True:
-            if buf:
-                data = bytes(buf)
-                buf.clear()
-                received += len(data)
-                yield data
-            if not await more():
-                return
+        while buf or await more():
+            data = bytes(buf)
+            buf.clear()
+            received += len(data)
+            yield data
 
 
 class ByteBudget:
@@ -6567,7 +6563,6 @@ class Relay:
                 self.fleet.upstream_failed(server, "cut_stream",
                                            "the stream broke off mid-answer")
             return Relayed(False, response.status, server, model), False
-        answer.finished()
         if response.status == 200 and (counted := eval_count(tail)) is not None:
             tokens, named = counted
             model = model or (canonical_model(named) if named else None)
@@ -6674,6 +6669,7 @@ class Relay:
             if client.on_gone == answer.drop:  # still here: watched as before
                 client.on_gone = watching
             upstream.resume_reading()
+        answer.finished()  # read whole: the connection may serve another request
         await client.drain()
         return tail.last()
 

@@ -197,3 +197,24 @@ def test_the_tail_of_a_chunked_body_is_its_data_without_the_framing() -> None:
     assert tail.add(b"0\r\n\r\n", []) == 0  # no data: nothing kept
     assert tail.last() == b'{"a":1}\n{"done":true,"eval_count":7}\n'
     assert ob.eval_count(tail.last()) == (7, None)
+
+
+@pytest.mark.parametrize("framing", [ob.Framing("length", 5), ob.Framing("close")],
+                         ids=["length", "close"])
+def test_bytes_that_arrive_while_a_piece_is_handled_are_read_before_waiting_for_more(
+        framing: ob.Framing) -> None:
+    """The reader of a piece may wait (a relay on its upstream's drain) while the rest of
+    the body arrives; those bytes are taken at once, not left in the buffer while the
+    body waits for bytes that will never come (a 4 MiB upload hung so, now and then)."""
+    async def main() -> tuple[list[bytes], list[float]]:
+        wire = ScriptedWire([b"ab", None])  # then nothing more: the peer is done
+        pieces = []
+        async for piece in ob.iter_body(wire, framing, 5.0, 400):  # type: ignore[arg-type]
+            pieces.append(piece)
+            if piece == b"ab":
+                wire.buf += b"cde"  # arrived meanwhile
+        return pieces, wire.waits
+
+    pieces, waits = asyncio.run(main())
+    assert b"".join(pieces) == b"abcde"
+    assert len(waits) == (1 if framing.kind == "length" else 2)
