@@ -1396,7 +1396,12 @@ class Wire(asyncio.Protocol):
     def writelines(self, pieces: Iterable[bytes | bytearray | memoryview]) -> None:
         """Writes the pieces as one: one send, one packet (uvloop's own writelines costs
         a call into the transport per piece)."""
-        self.write(b"".join(pieces))
+        assert self.transport is not None
+        data = b"".join(pieces)
+        if self.first_sent is None:
+            self.first_sent = time.monotonic()
+        self.sent += len(data)
+        self.transport.write(data)
 
     def mark(self) -> None:
         """Starts counting what is written (``sent``, ``first_sent``) from nothing."""
@@ -4740,18 +4745,30 @@ UPSTREAM_FAILURES = {
     504: "the upstream server did not answer in time",
 }
 
-@dataclasses.dataclass(frozen=True)
 class Relayed:
     """What a handler returns when it wrote its response to the client itself: whether the
     connection may go on, and what the access log and the metrics tell of it (the status
     it answered, 0 for none; the server that answered; the model, as the metrics name it;
-    the seconds it waited in the queue)."""
+    the seconds it waited in the queue). Made once a request and never changed: a plain
+    class, as a frozen dataclass costs a request several calls to make."""
 
-    keep_alive: bool
-    status: int = 0
-    server: Server | None = None
-    model: str | None = None
-    queue_wait: float | None = None
+    __slots__ = ("keep_alive", "model", "queue_wait", "server", "status")
+
+    def __init__(self, keep_alive: bool, status: int = 0, server: Server | None = None,
+                 model: str | None = None, queue_wait: float | None = None) -> None:
+        self.keep_alive = keep_alive
+        self.status = status
+        self.server = server
+        self.model = model
+        self.queue_wait = queue_wait
+
+    def by(self, server: Server) -> Relayed:
+        """This outcome, answered by ``server``."""
+        return Relayed(self.keep_alive, self.status, server, self.model, self.queue_wait)
+
+    def routed(self, model: str, queue_wait: float | None) -> Relayed:
+        """This outcome, of a request for ``model`` that waited ``queue_wait`` seconds."""
+        return Relayed(self.keep_alive, self.status, self.server, model, queue_wait)
 
 async def send_response(wire: Wire, response: Response, request_head: RequestHead | None,
                         ) -> int:
@@ -5291,16 +5308,16 @@ class Exchange:
             raise UpstreamClosed(str(exc) or type(exc).__name__) from None  # pragma: no mutate
 
     async def _read_head(self, wire: Wire) -> ResponseHead:
-        loop, label, timeout = wire.loop, self.server.label, self._config.upstream_timeout
+        loop, timeout = wire.loop, self._config.upstream_timeout
         while True:
             deadline = loop.time() + timeout
             try:
                 response = await read_head(wire, maybe_response_head, deadline)
             except TimeoutError:
-                raise UpstreamError(504, f"{label} did not answer within {timeout:g} s"
-                                    ) from None
+                raise UpstreamError(504, f"{self.server.label} did not answer within "
+                                         f"{timeout:g} s") from None
             except ProtocolError as exc:
-                raise UpstreamError(502, f"{label}: {exc.message}") from None
+                raise UpstreamError(502, f"{self.server.label}: {exc.message}") from None
             except IncompleteBody as exc:
                 raise UpstreamClosed(str(exc), answered=True) from None
             except ConnectionError as exc:
@@ -5308,7 +5325,7 @@ class Exchange:
             if response is None:
                 raise UpstreamClosed("closed before answering")
             if response.status == 101:
-                raise UpstreamError(502, f"{label} switched protocols")
+                raise UpstreamError(502, f"{self.server.label} switched protocols")
             if response.status >= 200:
                 return response
 
@@ -5979,11 +5996,12 @@ class Fleet:
                      if s.enabled and s.reachable and s.load.open_until > now]
         return ModelUnavailable(model, name, min(reopening, default=self.config.health_interval))
 
-    async def acquire(self, model: str, session: str | bytes | None = None,
-                      exclude: frozenset[int] = frozenset()) -> Slot:
+    def acquire(self, model: str, session: str | bytes | None = None,
+                exclude: frozenset[int] = frozenset()) -> Awaitable[Slot]:
         """A slot for ``model`` on the best server, waiting in the queue if need be
-        (Scheduler.acquire); give it back with release()."""
-        return await self._scheduler.acquire(self._servers, model, session, exclude)
+        (Scheduler.acquire); give it back with release(). (Its coroutine, as it is: not
+        one more wrapped around it, on every routed request.)"""
+        return self._scheduler.acquire(self._servers, model, session, exclude)
 
     def take(self, server: Server) -> Slot:
         """A slot on ``server`` for a request that chose it itself; release() it."""
@@ -6296,13 +6314,13 @@ class Access:
                 raise HTTPError(415, "management requests with a body must be sent as "
                                      "Content-Type: application/json")
 
-    def allow_origin(self, request: Request) -> list[tuple[str, str]]:
+    def allow_origin(self, request: Request) -> Sequence[tuple[str, str]]:
         """CORS on the Ollama endpoints, as Ollama answers it: a browser page of an allowed
         origin (ORIGINS, and Ollama's defaults) may read the answer, with the fields this
         returns; another gets 403."""
         origins = request.head.headers.index.get("origin")
         if origins is None:
-            return []
+            return ()
         origin = origins[0]
         if len(origins) > 1 or not self._origins.fullmatch(origin):  # a browser sends one
             raise HTTPError(403, f"origin {origin[:100]!r} is not allowed: add it to ORIGINS")
@@ -6491,7 +6509,7 @@ class Relay:
             self.fleet.upstream_failed(server, "timeout" if exc.status == 504 else "connect",
                                        exc.message)
             error = await self.send_upstream_error(request, exc.status, exc.message)
-            return dataclasses.replace(error, server=server)
+            return error.by(server)
         if ok:
             self.fleet.record(server, True)
         return relayed
@@ -6527,11 +6545,12 @@ class Relay:
                                         self.access.public_message(request, status, detail))
 
     async def forward(self, request: Request, answer: Exchange, model: str | None = None,
-                      fields: Sequence[tuple[str, str]] = ()) -> tuple[Relayed, bool]:
+                      fields: Sequence[tuple[str, str]] = (),
+                      queue_wait: float | None = None) -> tuple[Relayed, bool]:
         """Relays an upstream's answer to the client, with ``fields`` added to its head;
         the flag is False when it was a 5xx or cut short, which counts against the server,
         or when the client left before its end. ``model`` names the request's model in the
-        token count (else the answer's own)."""
+        token count (else the answer's own); it and ``queue_wait`` go into the outcome."""
         server = answer.server
         try:
             framing = answer.framing()
@@ -6557,17 +6576,17 @@ class Relay:
         try:
             tail = await self._relay_body(answer, framing, request, head, bool(chunked_out))
         except ConnectionError:  # the client left mid-answer: the upstream is dropped
-            return Relayed(False, response.status, server, model), False
+            return Relayed(False, response.status, server, model, queue_wait), False
         if tail is None:
             if not failed:
                 self.fleet.upstream_failed(server, "cut_stream",
                                            "the stream broke off mid-answer")
-            return Relayed(False, response.status, server, model), False
+            return Relayed(False, response.status, server, model, queue_wait), False
         if response.status == 200 and (counted := eval_count(tail)) is not None:
             tokens, named = counted
             model = model or (canonical_model(named) if named else None)
             self.metrics.count("tokens_total", (server.label, model or ""), tokens)
-        return Relayed(keep_alive, response.status, server, model), not failed
+        return Relayed(keep_alive, response.status, server, model, queue_wait), not failed
 
     @staticmethod
     def _response_fields(response: ResponseHead, framing: Framing, request: Request
@@ -6776,6 +6795,8 @@ class OllamaFront:
                                                     prints[-1:], waits))
         if outcome is None:  # the client left before an answer began
             return Relayed(False, model=model, queue_wait=waits.total)
+        if outcome.model is None:  # an answer of its own (a 503, a 404 of Ollama's)
+            return outcome.routed(model, waits.total)
         return outcome
 
     async def _routable(self, name: str) -> str:
@@ -6796,12 +6817,6 @@ class OllamaFront:
         when one fails; ``keep``: what to remember the server by when it answers (the
         conversation this turn makes, for its next turn); ``waits``: the time spent in
         the queue, told as it adds up."""
-        outcome = await self._tries(request, body, model, session, keep, waits)
-        return dataclasses.replace(outcome, model=model, queue_wait=waits.total)
-
-    async def _tries(self, request: Request, body: bytes | bytearray, model: str,
-                     session: str | bytes | None, keep: Sequence[bytes], waits: Waits
-                     ) -> Relayed:
         replay = ReplayableBody.of(body)
         tried: set[int] = set()
         failure: Failure | None = None
@@ -6826,7 +6841,7 @@ class OllamaFront:
             server = slot.server
             tried.add(server.id)
             try:
-                outcome = await self._attempt(request, slot, replay, model)
+                outcome = await self._attempt(request, slot, replay, model, waits.total)
             finally:
                 self.fleet.release(slot)
             if isinstance(outcome, Relayed):
@@ -6842,7 +6857,7 @@ class OllamaFront:
         return await self.relay.send_upstream_error(request, failure.status, failure.detail)
 
     async def _attempt(self, request: Request, slot: Slot, body: ReplayableBody,
-                       model: str) -> Relayed | Failure:
+                       model: str, queue_wait: float | None) -> Relayed | Failure:
         """One try on one server: the relayed response, or why another server should try.
 
         Worth another server: no connection, a timeout, 502/503 (Ollama's "server busy"),
@@ -6859,28 +6874,24 @@ class OllamaFront:
                                                body_length=body.size)
             async with self.upstreams.exchange(server, proxy, head, body,
                                                request.method) as answer:
-                return await self._answered(request, slot, answer, proxy, model, started)
+                status = answer.status
+                if status not in (404, 502, 503):
+                    first_byte = time.monotonic() - started
+                    if status == 200:
+                        self.fleet.answer_began(slot, proxy, "chunked" in (
+                            answer.response.headers.tokens("transfer-encoding")))
+                    relayed, ok = await self.relay.forward(request, answer, model,
+                                                           [server.answered_by], queue_wait)
+                    if ok:
+                        self.fleet.record(server, True)
+                        self.fleet.observe(slot.cold, first_byte,
+                                           time.monotonic() - started)
+                    return relayed
+                own = await answer.error_message()
         except UpstreamError as exc:
             self.fleet.upstream_failed(server, "timeout" if exc.status == 504 else "connect",
                                        exc.message)
             return Failure(exc.status, exc.message, False)
-
-    async def _answered(self, request: Request, slot: Slot, answer: Exchange,
-                        proxy: Proxy | None, model: str, started: float
-                        ) -> Relayed | Failure:
-        server, status = slot.server, answer.status
-        if status not in (404, 502, 503):
-            first_byte = time.monotonic() - started
-            if status == 200:
-                self.fleet.answer_began(slot, proxy, "chunked" in answer.response.headers
-                                        .tokens("transfer-encoding"))
-            relayed, ok = await self.relay.forward(request, answer, model,
-                                                   [server.answered_by])
-            if ok:
-                self.fleet.record(server, True)
-                self.fleet.observe(slot.cold, first_byte, time.monotonic() - started)
-            return relayed
-        own = await answer.error_message()
         message = own or f"{server.label} answered {status}"
         if status == 404:
             if not MODEL_NOT_FOUND.match(message):  # Ollama's own 404: not a stale catalog
@@ -7626,10 +7637,9 @@ class AccessLog:
         return (f"{self._stamp}.{millis:03d}+00:00" if self.json
                 else f"{self._stamp},{millis:03d}")
 
-    def write(self, request: Request, outcome: Relayed, first_byte: float | None,
+    def write(self, request: Request, outcome: Relayed, server: str, first_byte: float | None,
               duration: float, bytes_out: int) -> None:
         now = time.time()
-        server = outcome.server.label if outcome.server is not None else ""
         model, status, queue_wait = outcome.model or "", outcome.status, outcome.queue_wait
         if self.json:
             line = json.dumps({
@@ -7700,7 +7710,8 @@ class Observability:
         if outcome.queue_wait is not None:
             metrics.observe("queue_wait_seconds", (), outcome.queue_wait)
         if self.access.enabled:
-            self.access.write(request, outcome, first_byte, duration, request.wire.sent)
+            self.access.write(request, outcome, server, first_byte, duration,
+                              request.wire.sent)
 
     def status_payload(self, page: tuple[int | None, int] = (None, 0)) -> dict[str, Any]:
         """What the dashboard shows: the fleet (its totals, and the servers of ``page``),
@@ -8402,11 +8413,14 @@ class Balancer:
                 access.authorize_admin(request)
                 request.privileged = True
                 return await handler(request, match)
-            request.response_fields += access.allow_origin(request)
+            if cors := access.allow_origin(request):
+                request.response_fields += cors
             if found.access != "client":
                 return await handler(request, match)
             grant = access.authorize_client(request)
-            request.authenticated, request.privileged = grant.authenticated, grant.privileged
+            if grant is not NO_GRANT:
+                request.authenticated, request.privileged = (grant.authenticated,
+                                                             grant.privileged)
             usage = grant.usage
             if usage is None:
                 return await handler(request, match)
