@@ -6077,16 +6077,20 @@ class Fleet:
         down."""
         await self.or_503(self.sync())
 
-    async def add_proxy(self, values: dict[str, Any]) -> int:
-        proxy_id = await self._db(self._tables.add_proxy, values)
+    async def _write(self, method: Callable[..., T], *args: Any) -> T:
+        """A write to the store (which logs it in its change log), then applied here: the
+        next request sees it. A 503 when the store is down."""
+        result = await self._db(method, *args)
         await self.catch_up()
-        return proxy_id
+        return result
+
+    async def add_proxy(self, values: dict[str, Any]) -> int:
+        return await self._write(self._tables.add_proxy, values)
 
     async def update_proxy(self, proxy_id: int, values: dict[str, Any]) -> Proxy | None:
         """The proxy changed, None if there is none; its servers are checked again."""
-        if not await self._db(self._tables.update_proxy, proxy_id, values):
+        if not await self._write(self._tables.update_proxy, proxy_id, values):
             return None
-        await self.catch_up()
         self.recheck(s for s in self._servers.values() if s.proxy_id == proxy_id)
         return self._proxies.get(proxy_id)
 
@@ -6096,15 +6100,11 @@ class Fleet:
         if users:
             raise Conflict(f"proxy {proxy_id} is used by servers "
                            f"{', '.join(map(str, users))}; change them first")
-        if not await self._db(self._tables.delete_proxy, proxy_id):
-            return False
-        await self.catch_up()
-        return True
+        return await self._write(self._tables.delete_proxy, proxy_id)
 
     async def add_server(self, values: dict[str, Any]) -> Server:
         """The server added and checked (Conflict: one at that address exists already)."""
-        server_id = await self._db(self._tables.add_server, values)
-        await self.catch_up()
+        server_id = await self._write(self._tables.add_server, values)
         server = self._servers[server_id]
         log.info("added server %d %s", server_id, server.label)
         if server.enabled:
@@ -6115,9 +6115,8 @@ class Fleet:
     async def update_server(self, server_id: int, values: dict[str, Any]) -> Server | None:
         """The server changed and checked again in full, None if there is none (Conflict:
         another server has its new address)."""
-        if not await self._db(self._tables.update_server, server_id, values):
+        if not await self._write(self._tables.update_server, server_id, values):
             return None
-        await self.catch_up()
         server = self._servers[server_id]
         if server.enabled:
             server.load.version_read = -math.inf  # checked in full, version too
@@ -6127,21 +6126,13 @@ class Fleet:
         return self._servers.get(server_id, server)
 
     async def delete_server(self, server_id: int) -> bool:
-        if not await self._db(self._tables.delete_server, server_id):
-            return False
-        await self.catch_up()
-        return True
+        return await self._write(self._tables.delete_server, server_id)
 
     async def add_key(self, values: dict[str, Any]) -> int:
-        key_id = await self._db(self._tables.add_key, values)
-        await self.catch_up()
-        return key_id
+        return await self._write(self._tables.add_key, values)
 
     async def delete_key(self, key_id: int) -> bool:
-        if not await self._db(self._tables.delete_key, key_id):
-            return False
-        await self.catch_up()
-        return True
+        return await self._write(self._tables.delete_key, key_id)
 
 
 # ---------------------------------------------------------------------------
