@@ -1177,6 +1177,20 @@ def json_response(status: int, payload: Any, **kwargs: Any) -> Response:
     return Response(status, body, **kwargs)
 
 
+#: Ollama's answer for a model it does not have: "model 'x' not found" (and, in older
+#: releases, 'model "x" not found, try pulling it first').
+MODEL_NOT_FOUND = re.compile(r"""model (['"]).*\1 not found""")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``...), for a log
+    line: a name a client or a server chose cannot forge another line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def error_response(status: int, message: str, *, path: str = "", **kwargs: Any) -> Response:
     """An error in the shape its API uses: Ollama's ``{"error": "..."}``, OpenAI's under
     /v1, Anthropic's on /v1/messages."""
@@ -1191,9 +1205,10 @@ def error_payload(status: int, message: str, path: str = "") -> Any:
         return {"type": "error", "error": {"type": kind, "message": message}}
     if path.startswith("/v1/"):
         kind = "invalid_request_error" if status < 500 else "server_error"
-        code = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded"}
-        return {"error": {"message": message, "type": kind, "param": None,
-                          "code": code.get(status)}}
+        code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status)
+        if status == 404 and MODEL_NOT_FOUND.match(message):
+            code = "model_not_found"  # not for an endpoint an older Ollama lacks
+        return {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return {"error": message}
 
 
@@ -1540,10 +1555,13 @@ class ReplayableBody:
     """
 
     def __init__(self, source: AsyncIterator[bytes] | None,
-                 kept: bytes | bytearray = b"") -> None:
+                 kept: bytes | bytearray = b"",
+                 hold: Callable[[int], bool] | None = None) -> None:
         self._source = source
         self._kept: list[bytes | bytearray] = [kept] if kept else []
         self._kept_size = len(kept)
+        #: Asks for room for bytes to keep (MAX_BUFFERED_BODIES); refused, none is kept.
+        self._hold = hold
         self.replayable = True
 
     @classmethod
@@ -1573,7 +1591,8 @@ class ReplayableBody:
             return
         async for piece in self._source:
             if self.replayable:
-                if self._kept_size + len(piece) <= REPLAY_LIMIT:
+                if self._kept_size + len(piece) <= REPLAY_LIMIT and (
+                        self._hold is None or self._hold(len(piece))):
                     self._kept.append(piece)
                     self._kept_size += len(piece)
                 else:
@@ -4633,13 +4652,32 @@ class Request:
         return b"".join(pieces)
 
     def _hold(self, size: int) -> None:
-        if self.budget is None:
-            return
-        if not self.budget.take(size):
+        if not self.hold(size):
             raise HTTPError(503, "the balancer holds as many request bodies as it may right "
                                  "now (MAX_BUFFERED_BODIES); try again",
                             close=True, headers=[("Retry-After", "1")])
+
+    def hold(self, size: int) -> bool:
+        """Takes ``size`` bytes of the budget of buffered bodies for this request, until
+        close(); False when they are not to be had."""
+        if self.budget is None:
+            return True
+        if not self.budget.take(size):
+            return False
         self.held += size
+        return True
+
+    def skip_body(self) -> bool:
+        """Drops a body that is here whole and was not read (a request refused before its
+        body mattered), so that the connection can serve the next request; whether the
+        body is done with now."""
+        if self.body_done:
+            return True
+        if not self._peekable() or len(self.wire.buf) < self.framing.length:
+            return False
+        del self.wire.buf[:self.framing.length]
+        self.body_started = self.body_done = True
+        return True
 
     def close(self) -> None:
         """Gives back what its body held of the budget; once the request is over."""
@@ -5168,6 +5206,18 @@ def leading_model(prefix: bytes) -> str | None:
 CHAT_PATHS = frozenset({"/api/chat", "/v1/chat/completions", "/v1/messages"})
 
 
+#: Longest X-Session-Id kept as it is; a longer one is kept as its hash, so that the
+#: affinity table (MAX_SESSIONS entries) is bounded in bytes too, not only in count.
+MAX_SESSION_ID = 64
+
+
+def session_key(session_id: str | None) -> str | None:
+    """What an X-Session-Id is remembered by: itself, or a hash of it when long."""
+    if session_id is None or len(session_id) <= MAX_SESSION_ID:
+        return session_id
+    return "#" + hashlib.blake2b(session_id.encode(), digest_size=16).hexdigest()
+
+
 def conversation_prints(body: bytes | bytearray, model: str) -> list[bytes]:
     """Fingerprints of a chat's leading messages: the i-th covers ``model``, a top-level
     "system" string (/v1/messages) and the first i messages, byte for byte as the client
@@ -5204,9 +5254,6 @@ def conversation_prints(body: bytes | bytearray, model: str) -> list[bytes]:
     return []
 
 
-#: Ollama's answer for a model it does not have: "model 'x' not found" (and, in older
-#: releases, 'model "x" not found, try pulling it first').
-MODEL_NOT_FOUND = re.compile(r"""model (['"]).*\1 not found""")
 
 
 def upstream_error_message(body: bytes) -> str | None:
@@ -5771,8 +5818,9 @@ class Fleet:
         else:
             server.set_models(models)
             self._mark(server, True, None)
-            if server.load.open_until <= time.monotonic() and not server.load.probing:
-                # Past its cooldown, an answer to the health check is as good as a probe.
+            if not server.load.probing:
+                # An answer to the health check is as good as a probe: a repaired server
+                # is back within a health round, not at the end of its cooldown.
                 self._scheduler.close_circuit(server, "its health check passed")
             await self._read_running(server, proxy)
             self._ranking.learned(self._servers, server)
@@ -6427,6 +6475,11 @@ class Tail:
 #: ORIGINS would refuse what the balancer allowed).
 NOT_FORWARDED = HOP_BY_HOP | {"host", "x-forwarded-for", "origin"}
 NOT_FORWARDED_NOR_AUTHORIZATION = NOT_FORWARDED | {"authorization"}
+#: Fields every passthrough answer carries: whatever a server sends (an HTML page of its
+#: own, or of whoever answers at its address) runs sandboxed, without the balancer's
+#: origin, and is never sniffed into a type it did not say.
+PASSTHROUGH_FIELDS = (("Content-Security-Policy", "sandbox"),
+                      ("X-Content-Type-Options", "nosniff"))
 
 
 class Relay:
@@ -6481,7 +6534,7 @@ class Relay:
         The request counts toward the server's load, though it chose its server itself.
         """
         head, chunked = self.upstream_head(request, server, target)
-        body = ReplayableBody(request.body_chunks())
+        body = ReplayableBody(request.body_chunks(), hold=request.hold)
         slot = self.fleet.take(server)
         try:
             outcome = await request.watched(
@@ -6495,7 +6548,7 @@ class Relay:
         try:
             async with self.upstreams.exchange(server, proxy, head, body, request.method,
                                                chunked) as answer:
-                relayed, ok = await self.forward(request, answer)
+                relayed, ok = await self.forward(request, answer, fields=PASSTHROUGH_FIELDS)
         except UpstreamError as exc:
             self.fleet.upstream_failed(server, "timeout" if exc.status == 504 else "connect",
                                        exc.message)
@@ -6774,7 +6827,7 @@ class OllamaFront:
                 model = await self._routable(model_field(body))
         except HTTPError as exc:
             raise exc.about(model) from None
-        session: str | bytes | None = request.head.headers.get("x-session-id")
+        session: str | bytes | None = session_key(request.head.headers.get("x-session-id"))
         # (round_robin and random keep their plain meaning: X-Session-Id only.)
         prints = (conversation_prints(body, model) if session is None and
                   self.config.conversation_affinity and request.path in CHAT_PATHS
@@ -6966,7 +7019,8 @@ class FanOut:
         error = self._summary(results, what)
         if error is None:
             return Response(200)
-        if all(status == 404 for _, status, _ in results):
+        if all(status == 404 and MODEL_NOT_FOUND.match(error or "")
+               for _, status, error in results):
             return error_response(404, f"model '{model}' not found")
         return error_response(502, error)
 
@@ -7643,8 +7697,8 @@ class AccessLog:
                 "duration": duration, "bytes_out": bytes_out}, ensure_ascii=False)
         else:
             line = (f"{self.stamp(now)} INFO    {self.mark}{request.wire.peer:<15} "
-                    f"{request.method:<6} {request.head.target[:200]:<32} "
-                    f"{status:>3} {server or '-':<20} {model or '-':<24} "
+                    f"{request.method:<6} {printable(request.head.target[:200]):<32} "
+                    f"{status:>3} {printable(server) or '-':<20} {printable(model) or '-':<24} "
                     f"{_secs(queue_wait)} {_secs(first_byte)} "
                     f"{_secs(duration)} {bytes_out:>9} {request.id or '-'}")
         self.pending.append(line)
@@ -8609,7 +8663,8 @@ class HTTPServer:
         except HTTPError as exc:
             response = error_response(exc.status, exc.message, path=head.target,
                                       headers=[*exc.headers, *request.response_fields])
-            response.close = exc.close or not request.keep_alive
+            # A quick refusal (404, 429, 503) keeps the connection when the body is here.
+            response.close = exc.close or not (request.skip_body() and request.keep_alive)
             await self._try_send(wire, response, head)
             return Relayed(not response.close, exc.status, model=exc.model)
         except UpstreamError as exc:
@@ -8640,6 +8695,14 @@ class HTTPServer:
                         ) -> None:
         with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
             await asyncio.wait_for(send_response(wire, response, head), 5.0)
+
+class TextFormatter(logging.Formatter):
+    """LOG_FORMAT=text: a line a record, control characters escaped (a traceback after
+    it keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
 
 class JsonFormatter(logging.Formatter):
     """LOG_FORMAT=json: one JSON object a line (AccessLog writes its own the same way)."""
@@ -8793,7 +8856,7 @@ def log_to_stderr(config: Config, worker: int | None = None) -> None:
     handler = LogHandler(sys.stderr)
     mark = "" if worker is None else f"[{worker}] "
     handler.setFormatter(JsonFormatter(worker) if config.log_format == "json" else
-                         logging.Formatter(f"%(asctime)s %(levelname)-7s {mark}%(message)s"))
+                         TextFormatter(f"%(asctime)s %(levelname)-7s {mark}%(message)s"))
     logging.basicConfig(level=config.log_level, handlers=[handler], force=True)
 
 

@@ -4,6 +4,7 @@ the circuit breaker, affinity, strategies, and fan-out of pulls, deletes, copies
 from __future__ import annotations
 
 import hashlib
+import http.client
 import itertools
 import json
 import socket
@@ -14,6 +15,8 @@ from typing import Any
 import pytest
 from conftest import BalancerProcess, Reply, StoreConfig, call, require_module
 from fakeollama import FakeOllama, tag
+
+import ollamabalancer as ob
 
 #: Each chat() is a conversation of its own (a first turn): the same messages again would
 #: be the same conversation, which goes where it went before (conversation affinity).
@@ -678,3 +681,92 @@ def test_a_round_of_health_checks_runs_only_so_many_at_once(fleet: Any) -> None:
         assert slow.most == 3, slow.most
     finally:
         slow.close()
+
+
+# -- Ollama's contract kept (issue 27) ---------------------------------------------------------
+
+
+def test_a_missing_endpoint_is_not_called_a_missing_model(fleet: Any) -> None:
+    """An older Ollama's "404 page not found" is passed on: not an OpenAI
+    ``model_not_found``, nor, from every server of a fan-out, "model not found"."""
+    lb, add = fleet("--health-interval", "600")
+    old, _ = add(loaded=["llama3:latest"])
+    old.missing_paths = {"/v1/embeddings", "/api/copy"}
+    reply = lb.call("POST", "/v1/embeddings", {"model": "llama3", "input": "hi"})
+    assert reply.status == 404 and reply.json()["error"]["code"] is None, reply
+    copied = lb.call("POST", "/api/copy", {"source": "llama3", "destination": "mine"})
+    assert copied.status == 502 and "404 page not found" in copied.json()["error"], copied
+    old.missing_paths = set()
+    gone = lb.call("POST", "/v1/embeddings", {"model": "nothing-here", "input": "hi"})
+    assert gone.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_repaired_server_is_back_within_a_health_round_not_its_cooldown(
+        fleet: Any) -> None:
+    lb, add = fleet("--health-interval", "0.5", "--breaker-threshold", "1",
+                    "--breaker-cooldown", "60")
+    fake, row = add(loaded=["llama3:latest"])
+    fake.fail_status = 503
+    assert chat(lb).status == 503
+    assert lb.call("GET", f"/servers/{row['id']}").json()["circuitOpen"] is True
+    fake.fail_status = None
+    repaired = time.monotonic()
+    wait_until(lambda: lb.call("GET", f"/servers/{row['id']}").json()["circuitOpen"] is False,
+               timeout=0.5 + 2)
+    assert time.monotonic() - repaired < 0.5 + 2
+    assert chat(lb).status == 200
+
+
+def test_long_session_ids_keep_their_affinity_at_a_bounded_size() -> None:
+    long_id = "s" * 60_000
+    key = ob.session_key(long_id)
+    assert key is not None and len(key) <= ob.MAX_SESSION_ID
+    assert key == ob.session_key("s" * 60_000) != ob.session_key("s" * 59_999)
+    assert ob.session_key("short-id") == "short-id" and ob.session_key(None) is None
+
+
+def test_long_session_ids_still_stick_to_their_server(fleet: Any) -> None:
+    lb, add = fleet("--health-interval", "600")
+    first, _ = add(loaded=["llama3:latest"])
+    second, _ = add(loaded=["llama3:latest"])
+    for index in range(3):
+        session = {"X-Session-Id": f"{index}-" + "x" * 50_000}
+        for _ in range(3):
+            assert chat(lb, headers=session).status == 200
+    # Each session's three turns went to one server.
+    turns = [r["headers"].get("X-Session-Id", "")[:2] for f in (first, second)
+             for r in f.model_requests()]
+    assert sorted(turns) == sorted(["0-"] * 3 + ["1-"] * 3 + ["2-"] * 3)
+    for fake in (first, second):
+        seen = [r["headers"].get("X-Session-Id", "")[:2] for r in fake.model_requests()]
+        assert all(seen.count(prefix) in (0, 3) for prefix in ("0-", "1-", "2-")), seen
+
+
+def test_a_model_name_with_a_newline_cannot_forge_an_access_log_line(fleet: Any) -> None:
+    lb, add = fleet("--health-interval", "600")
+    add(["evil\n2026-01-01 00:00:00,000 INFO    forged:latest"])
+    assert chat(lb, "evil\n2026-01-01 00:00:00,000 INFO    forged:latest").status == 200
+    lb.wait_for(lambda: any("/api/chat" in line for line in lb.lines))
+    assert not [line for line in lb.lines if line.startswith("2026-01-01")]
+    assert any("evil\\n2026-01-01" in line for line in lb.lines)
+
+
+def test_a_quick_refusal_keeps_the_connection_when_the_request_was_read_whole(
+        fleet: Any) -> None:
+    lb, add = fleet("--health-interval", "600")
+    add(loaded=["llama3:latest"])
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+    sockets = []
+    try:
+        for model, status in (("nothing-here", 404), ("llama3", 200), ("nothing", 404),
+                              ("llama3", 200)):
+            conn.request("POST", "/api/chat", json.dumps(
+                {"model": model, "messages": [], "stream": False}),
+                {"Content-Type": "application/json"})
+            sockets.append(conn.sock)
+            reply = conn.getresponse()
+            reply.read()
+            assert reply.status == status and reply.getheader("Connection") != "close"
+    finally:
+        conn.close()
+    assert len({id(sock) for sock in sockets}) == 1  # one connection for all four

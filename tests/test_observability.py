@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 from typing import Any
 
 import pytest
 from conftest import BalancerProcess, StoreConfig, free_port, require_module
 from fakeollama import FakeOllama, tag
+
+import ollamabalancer as ob
 
 parser = require_module("prometheus_client.parser")
 
@@ -110,3 +113,13 @@ def test_json_log_format(start_balancer: Any, sqlite_store: StoreConfig,
     assert chat["model"] == "llama3:latest" and chat["bytes_out"] > 0
     assert chat["ttfb"] <= chat["duration"] and chat["queue_wait"] >= 0
     assert any("listening on" in e.get("message", "") for e in entries)
+
+
+def test_control_characters_in_names_are_escaped_in_log_lines() -> None:
+    assert ob.printable("llama3:latest") == "llama3:latest"
+    assert ob.printable("evil\n2026-01-01 INFO forged\x1b[2J") == (
+        "evil\\n2026-01-01 INFO forged\\x1b[2J")
+    record = logging.LogRecord("ollamabalancer", logging.WARNING, __file__, 1,
+                               "request %s failed for %s", ("r-1", "m\nforged"), None)
+    line = ob.TextFormatter("%(levelname)s %(message)s").format(record)
+    assert line == "WARNING request r-1 failed for m\\nforged"

@@ -808,3 +808,39 @@ def test_the_pool_keeps_few_idle_connections_over_a_large_fleet_the_longest_idle
 def test_the_idle_pool_is_smaller_under_a_low_open_file_limit() -> None:
     assert ob.pool_cap(None) == ob.POOL_MAX_IDLE_TOTAL == ob.pool_cap(1_000_000)
     assert ob.pool_cap(2_000) == 200 and ob.pool_cap(5) == 1
+
+
+def test_a_page_a_server_answers_runs_sandboxed_off_the_balancers_origin(
+        routed: tuple[BalancerProcess, str], backend: FakeOllama) -> None:
+    lb, sid = routed
+    backend.missing_paths = {"/page"}
+    backend.missing_answer = (b"<script>fetch('/keys/addKey')</script>", "text/html")
+    reply = lb.call("GET", f"/servers/ollama/{sid}/page")
+    assert reply.headers["Content-Type"] == "text/html"
+    assert reply.headers["Content-Security-Policy"] == "sandbox"
+    assert reply.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_passthrough_bodies_kept_for_a_retry_count_against_the_buffered_bodies_budget(
+        start_balancer: Any, sqlite_store: Any, backend: FakeOllama) -> None:
+    """Two uploads the server holds keep 1.4 MB for a retry: a routed request that needs
+    more than the rest of a 1.5 MB budget waits for none of it (503), until they end."""
+    lb = start_balancer(sqlite_store, "--max-buffered-bodies", str(1536 * 1024))
+    lb.add_server(backend.url)
+    sid = lb.server_id()
+    holders = []
+    for _ in range(2):
+        sock = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+        sock.sendall(f"POST /servers/ollama/{sid}/hang HTTP/1.1\r\nHost: lb\r\n"
+                     f"Content-Length: {700 * 1024}\r\n\r\n".encode() + b"x" * (700 * 1024))
+        holders.append(sock)
+    deadline = time.monotonic() + 10
+    while sum(1 for r in backend.requests if r["path"] == "/hang") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    chat = {"model": "llama3", "messages": [{"role": "user", "content": "y" * 200_000}],
+            "stream": False}
+    assert lb.call("POST", "/api/chat", chat).status == 503
+    for sock in holders:
+        sock.close()
+    lb.wait_for(lambda: lb.call("POST", "/api/chat", chat).status == 200)
