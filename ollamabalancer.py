@@ -3030,6 +3030,12 @@ class Store(Database):
     def touch_key(self, key_id: int, when: datetime.datetime) -> None:
         self._execute("UPDATE api_key SET last_used_at = ? WHERE id = ?", [when, key_id])
 
+    def models_changed(self) -> None:
+        """Records that models were pulled, created, copied or deleted somewhere in the
+        fleet: every instance reads its servers' models again (Fleet._apply)."""
+        with self.transaction():
+            self._changed("catalog", "models")
+
     def delete_proxy(self, proxy_id: int) -> bool:
         with self.transaction():
             self._execute("DELETE FROM server_handle WHERE proxy_id = ?", [proxy_id])
@@ -5157,7 +5163,7 @@ def _path_id(match: re.Match[str]) -> int:
 #: Endpoints routed by their body's model to one server (Ollama's and its OpenAI- and
 #: Anthropic-compatible ones).
 ROUTED_PATHS = (
-    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show", "/api/push",
+    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/push",
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
     "/v1/messages",
 )
@@ -5489,17 +5495,37 @@ def carried(old: Server | None, server: Server) -> Server:
 
 class Once:
     """One run at a time per key: a caller that comes while a run goes on waits for that
-    run rather than start another (and its leaving does not stop the run)."""
+    run rather than start another (and its leaving does not stop the run). A ``fresh``
+    caller needs a run that started after it came (what it must see may have happened
+    after the run under way began): it waits for that one to end, then takes the next."""
 
     def __init__(self) -> None:
-        self.running: dict[Hashable, asyncio.Future[None]] = {}
+        self._running: dict[Hashable, tuple[asyncio.Future[None], int]] = {}
+        self._clock = itertools.count()
 
-    async def run(self, key: Hashable, start: Callable[[], Awaitable[None]]) -> None:
-        running = self.running.get(key)
-        if running is None:
-            running = self.running[key] = asyncio.ensure_future(start())
-            running.add_done_callback(lambda _: self.running.pop(key, None))
-        await asyncio.shield(running)
+    def pending(self) -> list[asyncio.Future[None]]:
+        return [future for future, _ in self._running.values()]
+
+    async def run(self, key: Hashable, start: Callable[[], Awaitable[None]],
+                  fresh: bool = False) -> None:
+        arrived = next(self._clock)
+        while True:
+            entry = self._running.get(key)
+            if entry is None:
+                entry = (asyncio.ensure_future(start()), next(self._clock))
+                self._running[key] = entry
+                entry[0].add_done_callback(functools.partial(self._ended, key, entry))
+            running, began = entry
+            if not fresh or began > arrived:
+                await asyncio.shield(running)
+                return
+            with contextlib.suppress(Exception):  # its own caller hears of its failure
+                await asyncio.shield(running)
+
+    def _ended(self, key: Hashable, entry: tuple[asyncio.Future[None], int],
+               _: object) -> None:
+        if self._running.get(key) is entry:
+            del self._running[key]
 
 
 async def spread_out(work: Sequence[Callable[[], Awaitable[None]]], at_once: int,
@@ -5680,6 +5706,8 @@ class Fleet:
             pair = await store.call(tables.resolve_handle, token)
             if pair is not None:
                 self._remember_handle(token, pair)
+        if named["catalog"]:  # models pulled, created, copied or deleted elsewhere
+            await self.check_all(fresh=True)
         self._scheduler.dispatch(self._servers)  # a new or changed server may take the queue
 
     def _put_server(self, server_id: int, server: Server | None) -> None:
@@ -5777,12 +5805,14 @@ class Fleet:
         with contextlib.suppress(StoreUnavailable):
             await self._store.call(self._tables.touch_key, key.id, key.last_used_at)
 
-    async def check_server(self, server: Server) -> None:
+    async def check_server(self, server: Server, fresh: bool = False) -> None:
         """Reads the server's /api/tags through its proxy and updates memory; the store
         learns of it later (_persist_health), so a slow database never holds up a check.
-        One check at a time per server and address: who asks meanwhile waits for it."""
+        One check at a time per server and address: who asks meanwhile waits for it, or,
+        ``fresh``, for one that starts after it asked (a model was just pulled there)."""
         await self._checks.run((server.id, server.host, server.port, server.scheme,
-                                server.proxy_id), functools.partial(self._check, server))
+                                server.proxy_id), functools.partial(self._check, server),
+                               fresh)
 
     async def _check(self, server: Server) -> None:
         models: list[dict[str, Any]] = []
@@ -5884,8 +5914,8 @@ class Fleet:
             server.load.unreachable()
         server.reachable, server.last_error = reachable, error
 
-    async def check_all(self, over: float = 0.0) -> None:
-        work = [functools.partial(self.check_server, s) for s in self._servers.values()
+    async def check_all(self, over: float = 0.0, fresh: bool = False) -> None:
+        work = [functools.partial(self.check_server, s, fresh) for s in self._servers.values()
                 if s.enabled]
         await spread_out(work, self.config.health_concurrency, over)
         for server in self._servers.values():
@@ -5897,13 +5927,27 @@ class Fleet:
         for server in servers:
             self.spawn(self.check_server(server))
 
-    async def check_now(self, servers: Iterable[Server]) -> None:
-        """Re-reads the servers a fan-out changed, so /api/tags is current when it answers."""
-        await asyncio.gather(*(self.check_server(s) for s in servers))
+    async def models_changed(self, servers: Iterable[Server]) -> None:
+        """Reads again the models of the servers a fan-out changed, and tells every other
+        instance to (the change log): once the fan-out has answered, the next request,
+        here or anywhere, sees the change."""
+        await asyncio.gather(*(self.check_server(s, fresh=True) for s in servers))
+        with contextlib.suppress(StoreUnavailable):  # the others then see it a round on
+            await self._store.call(self._tables.models_changed)
+
+    async def up_to_date(self) -> None:
+        """Applies what the change log holds now (one indexed read when nothing changed):
+        a model another instance or worker has just pulled or deleted is seen here; a
+        store that is down leaves what memory holds."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.sync()
 
     async def refresh_catalog(self) -> None:
-        """Checks every server now, once for all concurrent callers and at most once a
-        second (a model nobody has should not make each request scan the fleet)."""
+        """Reads what the store's change log holds first (a model another instance or
+        worker pulled is read from its servers at once), then checks every server, once
+        for all concurrent callers and at most once a second (a model nobody has should
+        not make each request scan the fleet)."""
+        await self.up_to_date()
         loop = asyncio.get_running_loop()
         if self._catalog_refresh is None or (
             self._catalog_refresh.done() and loop.time() - self._catalog_refreshed_at > 1.0
@@ -5944,7 +5988,7 @@ class Fleet:
                 await asyncio.wait_for(asyncio.shield(self._persisting),
                                        self.config.db_timeout)
         pending = [t for t in (self._persisting, self._syncing, *self._tasks,
-                               *self._checks.running.values()) if t is not None]
+                               *self._checks.pending()) if t is not None]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -6032,6 +6076,12 @@ class Fleet:
             return self._ranking.runnable(self._servers, model)
         now = time.monotonic()
         return any(self._ranking.eligible(s, model, now) for s in self._servers.values())
+
+    def holders(self, model: str) -> list[Server]:
+        """The servers that could serve ``model`` now, slots aside, the least busy first
+        (for what takes no slot: /api/show)."""
+        servers = self._ranking.candidates(self._servers.values(), model)
+        return sorted(servers, key=lambda s: s.load.inflight / self._ranking.capacity(s))
 
     def unavailable(self, model: str, name: str) -> HTTPError:
         """Why no server takes ``model``: not found, or its servers are down (with when
@@ -6777,9 +6827,11 @@ class OllamaFront:
         return json_response(200, {"version": version})
 
     async def api_tags(self, request: Request, match: re.Match[str]) -> Response:
+        await self.fleet.up_to_date()  # a model changed through another instance too
         return json_response(200, {"models": list(self.fleet.catalog().values())})
 
     async def api_ps(self, request: Request, match: re.Match[str]) -> Response:
+        await self.fleet.up_to_date()
         running: dict[str, dict[str, Any]] = {}
         for server in self.fleet.serving():
             for model in server.load.running:
@@ -6797,11 +6849,13 @@ class OllamaFront:
         return {"id": name, "object": "model", "created": created, "owned_by": owner}
 
     async def v1_models(self, request: Request, match: re.Match[str]) -> Response:
+        await self.fleet.up_to_date()
         data = [self._openai_model(n, m) for n, m in self.fleet.catalog().items()]
         return json_response(200, {"object": "list", "data": data})
 
     async def v1_model(self, request: Request, match: re.Match[str]) -> Response:
         name = urllib.parse.unquote(match.group("model"))
+        await self.fleet.up_to_date()
         catalog = self.fleet.catalog()
         model = catalog.get(name) or catalog.get(canonical_model(name))
         if model is None:
@@ -6814,19 +6868,7 @@ class OllamaFront:
 
         The body is read whole (to be sent again on failover), but where it starts with
         its model, as Ollama's clients send it, an unknown model is refused first."""
-        leading = leading_model(request.peeked(MODEL_PEEK)
-                                or await request.peek_body(MODEL_PEEK))
-        model: str | None = None
-        try:
-            if leading is not None:
-                model = await self._routable(leading)
-            body = await request.read_body(MAX_ROUTED_BODY)
-            # The leading model is the model when no other "model" follows; then the body
-            # is not parsed here (Ollama answers bad JSON itself): a copy and time saved.
-            if model is None or body.count(b'"model"') != 1:
-                model = await self._routable(model_field(body))
-        except HTTPError as exc:
-            raise exc.about(model) from None
+        model, body = await self._model_and_body(request)
         session: str | bytes | None = session_key(request.head.headers.get("x-session-id"))
         # (round_robin and random keep their plain meaning: X-Session-Id only.)
         prints = (conversation_prints(body, model) if session is None and
@@ -6842,6 +6884,62 @@ class OllamaFront:
         if outcome.model is None:  # an answer of its own (a 503, a 404 of Ollama's)
             return outcome.routed(model, waits.total)
         return outcome
+
+    async def _model_and_body(self, request: Request) -> tuple[str, bytes | bytearray]:
+        """The model a request names, one some server can run, and its body read whole;
+        where the body starts with its model, as Ollama's clients send it, an unknown
+        model is refused before the body is read."""
+        leading = leading_model(request.peeked(MODEL_PEEK)
+                                or await request.peek_body(MODEL_PEEK))
+        model: str | None = None
+        try:
+            if leading is not None:
+                model = await self._routable(leading)
+            body = await request.read_body(MAX_ROUTED_BODY)
+            # The leading model is the model when no other "model" follows; then the body
+            # is not parsed here (Ollama answers bad JSON itself): a copy and time saved.
+            if model is None or body.count(b'"model"') != 1:
+                model = await self._routable(model_field(body))
+        except HTTPError as exc:
+            raise exc.about(model) from None
+        return model, body
+
+    async def show(self, request: Request, match: re.Match[str]) -> Response | Relayed:
+        """/api/show: what a server that has the model says of it. Metadata, not a
+        generation: it takes no slot and never waits in the queue (as a real Ollama answers
+        it at once, however busy), and goes to the least busy server that has the model,
+        then the next if that one cannot answer."""
+        model, body = await self._model_and_body(request)
+        outcome = await request.watched(self._show(request, body, model))
+        return Relayed(False, model=model) if outcome is None else outcome
+
+    async def _show(self, request: Request, body: bytes | bytearray, model: str
+                    ) -> Relayed:
+        replay = ReplayableBody.of(body)
+        failure = Failure(503, f"no server that has '{model}' answered", False)
+        for server in self.fleet.holders(model)[:self.config.retries + 1]:
+            try:
+                proxy = self.fleet.proxy_of(server)
+                head, _ = self.relay.upstream_head(request, server, request.head.target,
+                                                   body_length=replay.size)
+                async with self.upstreams.exchange(server, proxy, head, replay,
+                                                   request.method) as answer:
+                    if answer.status not in (502, 503):
+                        relayed, _ = await self.relay.forward(request, answer, model,
+                                                              [server.answered_by])
+                        return relayed
+                    own = await answer.error_message()
+                    failure = Failure(answer.status, own or f"{server.label} answered "
+                                      f"{answer.status}", own is not None)
+            except UpstreamError as exc:
+                self.fleet.upstream_failed(server, "timeout" if exc.status == 504 else
+                                           "connect", exc.message)
+                failure = Failure(exc.status, exc.message, False)
+        if failure.from_ollama:
+            return (await request.send_error(failure.status, failure.detail)).routed(model,
+                                                                                    None)
+        error = await self.relay.send_upstream_error(request, failure.status, failure.detail)
+        return error.routed(model, None)
 
     async def _routable(self, name: str) -> str:
         """The canonical name of a model some server can run now. Else a 404 when no
@@ -7027,14 +7125,17 @@ class FanOut:
     async def delete(self, request: Request, match: re.Match[str]) -> Response:
         payload = _json_object(await request.read_json())
         name = model_field(json.dumps(payload).encode())
-        model = canonical_model(name)
-        targets = [s for s in self.targets(payload) if model in s.model_names]
-        if not targets:
-            raise HTTPError(404, f"model '{name}' not found")
+        # Every server, not only those the catalog says have it: one may have pulled it
+        # since its last check. Those that do not have it say so, and that is no failure
+        # as long as one had it.
+        targets = self.targets(payload)
         body = json.dumps(payload).encode()
         results = [(s, *result) for s, result in zip(targets, await asyncio.gather(
             *(self._call(s, "DELETE", "/api/delete", body) for s in targets)), strict=True)]
-        await self.fleet.check_now(targets)
+        await self.fleet.models_changed(targets)
+        if any(200 <= status < 300 for _, status, _ in results):
+            results = [r for r in results
+                       if not (r[1] == 404 and MODEL_NOT_FOUND.match(r[2] or ""))]
         return self._fan_out_response(results, f"deleting '{name}'", name)
 
     async def copy(self, request: Request, match: re.Match[str]) -> Response:
@@ -7046,7 +7147,7 @@ class FanOut:
         body = json.dumps(payload).encode()
         results = [(s, *r) for s, r in zip(targets, await asyncio.gather(
             *(self._call(s, "POST", "/api/copy", body) for s in targets)), strict=True)]
-        await self.fleet.check_now(targets)
+        await self.fleet.models_changed(targets)
         return self._fan_out_response(results, f"copying '{payload['source']}'",
                                       payload["source"])
 
@@ -7144,6 +7245,8 @@ class FanOut:
         finally:
             for task in tasks:
                 task.cancel()
+        # The last line only once the catalog shows what the servers hold now.
+        await self.fleet.models_changed(targets)
         down = f"; skipped, being down: {', '.join(skipped)}" if skipped else ""
         if failures:
             yield {"error": f"{name}: failed on {'; '.join(failures)}{down}"}
@@ -8306,6 +8409,9 @@ ROUTES: tuple[Route, ...] = (
     route("GET", "/v1/models/{model}", "front.v1_model", "client",
           "one model as OpenAI describes it", label="v1_model",
           pattern=r"/v1/models/(?P<model>.+)", errors=(404,)),
+    route("POST", "/api/show", "front.show", "client",
+          "a model's details, from a server that has it: never queued behind generations",
+          body="OllamaRequest", errors=(404, 502, 503, 504)),
     route("POST", ROUTED_PATHS, "front.routed", "client",
           "routed by its body's model to the best server, queued while the fleet is full",
           body="OllamaRequest", query=("X-Session-Id",), answers={200: OLLAMA_ANSWER},

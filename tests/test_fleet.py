@@ -770,3 +770,24 @@ def test_a_quick_refusal_keeps_the_connection_when_the_request_was_read_whole(
     finally:
         conn.close()
     assert len({id(sock) for sock in sockets}) == 1  # one connection for all four
+
+
+def test_metadata_is_answered_at_once_while_every_slot_is_busy_and_requests_queue(
+        fleet: Any) -> None:
+    lb, add = fleet("--health-interval", "600", "--max-concurrency", "1")
+    fake, _ = add(loaded=["llama3:latest"])
+    holder, _ = in_thread(chat, lb, fake_hold=True)
+    wait_until(lambda: held(fake) == 1)
+    waiting = [in_thread(chat, lb) for _ in range(2)]
+    wait_until(lambda: lb.call("GET", "/servers/status").json()["queue"]["depth"] == 2)
+    for method, path, body in (("POST", "/api/show", {"model": "llama3"}),
+                               ("GET", "/api/tags", None), ("GET", "/api/ps", None),
+                               ("GET", "/api/version", None), ("GET", "/v1/models", None),
+                               ("GET", "/v1/models/llama3:latest", None)):
+        started = time.monotonic()
+        reply = lb.call(method, path, body, timeout=5)
+        assert reply.status == 200 and time.monotonic() - started < 1.0, (path, reply)
+    assert lb.call("POST", "/api/show", {"model": "nothing-here"}).status == 404
+    fake.release(3)
+    for thread in [holder, *(waiter for waiter, _ in waiting)]:
+        thread.join(10)

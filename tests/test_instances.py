@@ -258,3 +258,30 @@ def test_a_change_committed_late_under_a_lower_revision_is_still_applied(
     asyncio.run(scenario())
     tables.close()
     assert shown == [["late"]]
+
+
+def test_a_model_pulled_or_deleted_through_one_instance_is_seen_by_the_other_at_once(
+        pair: tuple[BalancerProcess, BalancerProcess], backend: FakeOllama) -> None:
+    """Read-your-writes: once a pull (or delete) has answered, the very next request,
+    through the other instance too, sees the change (no health round in between)."""
+    first, second = pair
+    first.add_server(backend.url)
+    second.wait_for(lambda: chat(second) == 200)
+    failures = []
+    for index in range(20):
+        name = f"fresh{index}:latest"
+        pulled = first.call("POST", "/api/pull", {"model": name, "stream": False})
+        assert pulled.status == 200, pulled
+        for lb in (second, first):
+            status = lb.call("POST", "/api/chat", {"model": name, "messages": [],
+                                                   "stream": False}).status
+            failures += [(index, status)] if status != 200 else []
+    assert failures == []
+    for index in range(10):
+        name = f"fresh{index}:latest"
+        deleted = second.call("DELETE", "/api/delete", {"model": name})
+        failures += [(index, deleted.status)] if deleted.status != 200 else []
+        listed = {m["name"] for lb in (first, second)
+                  for m in lb.call("GET", "/api/tags").json()["models"]}
+        failures += [(index, "still listed")] if name in listed else []
+    assert failures == []
