@@ -1818,6 +1818,9 @@ class ServerLoad:
     open_until: float = 0.0
     breaker_open: bool = False
     probing: int = 0
+    #: What the last failure that counted was (Fleet.upstream_failed's kind): a circuit
+    #: opened by failures to reach the server closes as soon as it answers again.
+    failure_kind: str = ""
     # For the status page: counts, and [step, requests, errors] per HISTORY_STEP seconds
     # (monotonic), the newest last; steps with nothing in them are left out.
     requests: int = 0
@@ -4282,14 +4285,16 @@ class Scheduler:
 
     # -- circuit breaker -------------------------------------------------------------
 
-    def record(self, servers: dict[int, Server], server: Server, ok: bool) -> None:
-        """Counts a request's outcome; N failures in a row open the circuit for a while,
-        after which one probe request closes it again or reopens it."""
+    def record(self, servers: dict[int, Server], server: Server, ok: bool,
+               kind: str = "") -> None:
+        """Counts a request's outcome (a failure of ``kind``); N failures in a row open the
+        circuit for a while, after which one probe request closes it again or reopens it."""
         load = server.load
         if ok:
             self.close_circuit(server, "a request succeeded")
             load.failures = 0
             return
+        load.failure_kind = kind
         load.errors += 1
         load.tally(2)
         load.failures += 1
@@ -5476,6 +5481,11 @@ class Upstreams:
 # ---------------------------------------------------------------------------
 
 
+#: Failures that say a server could not be reached: a circuit they opened closes as soon
+#: as a health check of the server passes.
+REPAIRABLE = frozenset({"connect", "timeout"})
+
+
 def carried(old: Server | None, server: Server) -> Server:
     """``server`` as just read from the store, with the live state of ``old``, the object
     it replaces: its load always, its health while its address is the same."""
@@ -5847,10 +5857,14 @@ class Fleet:
             server.load.version_read = -math.inf  # back, it may run another version
         else:
             server.set_models(models)
+            back = not server.reachable
             self._mark(server, True, None)
-            if not server.load.probing:
-                # An answer to the health check is as good as a probe: a repaired server
-                # is back within a health round, not at the end of its cooldown.
+            if not server.load.probing and (back or server.load.failure_kind in REPAIRABLE
+                                            or server.load.open_until <= time.monotonic()):
+                # A server that could not be reached (or was down) and answers again is
+                # repaired: back within a health round, not at the end of its cooldown.
+                # One that answered its requests with errors waits out the cooldown (its
+                # health check says nothing of them); past it, a check is a probe.
                 self._scheduler.close_circuit(server, "its health check passed")
             await self._read_running(server, proxy)
             self._ranking.learned(self._servers, server)
@@ -6000,7 +6014,7 @@ class Fleet:
     def upstream_failed(self, server: Server, kind: str, message: str = "") -> None:
         """A failure that counts against the server: for the breaker, the metrics and the
         status page."""
-        self._scheduler.record(self._servers, server, False)
+        self._scheduler.record(self._servers, server, False, kind)
         self._metrics.count("upstream_errors_total", (server.label, kind))
         self._errors.appendleft({"time": iso_time(utc_now()), "server": server.label,
                                  "kind": kind, "message": message or kind})

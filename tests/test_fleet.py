@@ -543,7 +543,9 @@ def test_delete_reaches_every_server_that_has_the_model(fleet: Any) -> None:
     third, _ = add(["llama3:latest"])
     assert lb.call("DELETE", "/api/delete", {"model": "phi3"}).status == 200
     assert not first.has("phi3") and not second.has("phi3")
-    assert all(r["path"] != "/api/delete" for r in third.requests)
+    # The third was asked too (it may have pulled it since its last check): it said it
+    # does not have it, which is no failure while others did.
+    assert [r["path"] for r in third.requests].count("/api/delete") == 1
     assert lb.call("DELETE", "/api/delete", {"model": "phi3"}).status == 404
 
 
@@ -703,13 +705,13 @@ def test_a_missing_endpoint_is_not_called_a_missing_model(fleet: Any) -> None:
 
 def test_a_repaired_server_is_back_within_a_health_round_not_its_cooldown(
         fleet: Any) -> None:
+    """A server that did not answer (here: in time) opens its circuit; once it answers
+    its health check again, it is back within a health round (the cooldown is 60 s)."""
     lb, add = fleet("--health-interval", "0.5", "--breaker-threshold", "1",
-                    "--breaker-cooldown", "60")
+                    "--breaker-cooldown", "60", "--upstream-timeout", "0.5")
     fake, row = add(loaded=["llama3:latest"])
-    fake.fail_status = 503
-    assert chat(lb).status == 503
+    assert chat(lb, fake_sleep=1.0).status == 504
     assert lb.call("GET", f"/servers/{row['id']}").json()["circuitOpen"] is True
-    fake.fail_status = None
     repaired = time.monotonic()
     wait_until(lambda: lb.call("GET", f"/servers/{row['id']}").json()["circuitOpen"] is False,
                timeout=0.5 + 2)
