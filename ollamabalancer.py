@@ -4801,23 +4801,27 @@ class Relayed:
     the seconds it waited in the queue). Made once a request and never changed: a plain
     class, as a frozen dataclass costs a request several calls to make."""
 
-    __slots__ = ("keep_alive", "model", "queue_wait", "server", "status")
+    __slots__ = ("cut", "keep_alive", "model", "queue_wait", "server", "status")
 
     def __init__(self, keep_alive: bool, status: int = 0, server: Server | None = None,
-                 model: str | None = None, queue_wait: float | None = None) -> None:
+                 model: str | None = None, queue_wait: float | None = None,
+                 cut: bool = False) -> None:
         self.keep_alive = keep_alive
         self.status = status
         self.server = server
         self.model = model
         self.queue_wait = queue_wait
+        self.cut = cut  # the answer broke off upstream: its client has part of it
 
     def by(self, server: Server) -> Relayed:
         """This outcome, answered by ``server``."""
-        return Relayed(self.keep_alive, self.status, server, self.model, self.queue_wait)
+        return Relayed(self.keep_alive, self.status, server, self.model, self.queue_wait,
+                       self.cut)
 
     def routed(self, model: str, queue_wait: float | None) -> Relayed:
         """This outcome, of a request for ``model`` that waited ``queue_wait`` seconds."""
-        return Relayed(self.keep_alive, self.status, self.server, model, queue_wait)
+        return Relayed(self.keep_alive, self.status, self.server, model, queue_wait,
+                       self.cut)
 
 async def send_response(wire: Wire, response: Response, request_head: RequestHead | None,
                         ) -> int:
@@ -6685,11 +6689,14 @@ class Relay:
             tail = await self._relay_body(answer, framing, request, head, bool(chunked_out))
         except ConnectionError:  # the client left mid-answer: the upstream is dropped
             return Relayed(False, response.status, server, model, queue_wait), False
-        if tail is None:
+        if isinstance(tail, Exception):
+            log.warning("request %s: the answer of %s%s broke off after %d bytes: %s",
+                        request.id, server.label, f" for {model}" if model else "",
+                        request.wire.sent, tail or type(tail).__name__)
             if not failed:
                 self.fleet.upstream_failed(server, "cut_stream",
                                            "the stream broke off mid-answer")
-            return Relayed(False, response.status, server, model, queue_wait), False
+            return Relayed(False, response.status, server, model, queue_wait, True), False
         if response.status == 200 and (counted := eval_count(tail)) is not None:
             tokens, named = counted
             model = model or (canonical_model(named) if named else None)
@@ -6720,11 +6727,11 @@ class Relay:
         return fields, False
 
     async def _relay_body(self, answer: Exchange, framing: Framing, request: Request,
-                          head: bytes, chunked_out: bool) -> bytes | None:
+                          head: bytes, chunked_out: bool) -> bytes | Exception:
         """Copies the response body to the client as it arrives, after ``head`` (in the
         same write as the first bytes, or at once when none came with it: a model may take
         long to load). Returns its last bytes (where Ollama's final line holds the token
-        count), or None if it broke off; ConnectionError when the client left.
+        count), or why it broke off; ConnectionError when the client left.
 
         The copying happens in the upstream connection's ``data_received``: a token of
         a stream costs one callback, not a task switch. While the client reads slower
@@ -6789,8 +6796,7 @@ class Relay:
         except (TimeoutError, IncompleteBody, ProtocolError) as exc:
             # No final chunk: the client must not mistake a cut stream for a whole one.
             client.write(head)
-            log.warning("stream from upstream cut: %s", exc or type(exc).__name__)
-            return None
+            return exc
         finally:
             client.on_writable = None  # pragma: no mutate (any false value: not called)
             if client.on_gone == answer.drop:  # still here: watched as before
@@ -7811,13 +7817,15 @@ class AccessLog:
                 "path": request.head.target, "status": status,
                 "server": server or None, "model": model or None,
                 "queue_wait": queue_wait, "ttfb": first_byte,
-                "duration": duration, "bytes_out": bytes_out}, ensure_ascii=False)
+                "duration": duration, "bytes_out": bytes_out, "cut": outcome.cut},
+                ensure_ascii=False)
         else:
             line = (f"{self.stamp(now)} INFO    {self.mark}{request.wire.peer:<15} "
                     f"{request.method:<6} {printable(request.head.target[:200]):<32} "
                     f"{status:>3} {printable(server) or '-':<20} {printable(model) or '-':<24} "
                     f"{_secs(queue_wait)} {_secs(first_byte)} "
-                    f"{_secs(duration)} {bytes_out:>9} {request.id or '-'}")
+                    f"{_secs(duration)} {bytes_out:>9} {request.id or '-'}"
+                    f"{' cut' if outcome.cut else ''}")
         self.pending.append(line)
         self.size += len(line)
         if self.size > 65536:

@@ -667,8 +667,14 @@ def test_a_cut_stream_and_a_5xx_are_recorded_as_what_happened(
 
     lb.wait_for(lambda: ("http_5xx", "answered 500") in said())  # once relayed
     assert ("cut_stream", "the stream broke off mid-answer") in said()
-    lb.wait_for(lambda: re.search(r" WARNING +stream from upstream cut: upstream closed in "
+    # The warning names the request, its server and how much went out; the access line
+    # says the answer was cut.
+    lb.wait_for(lambda: re.search(r" WARNING +request (\S+): the answer of http://127\.0\.0\.1:"
+                                  r"\d+ broke off after [1-9]\d* bytes: upstream closed in "
                                   r"the middle of the body$", lb.log, re.M) is not None)
+    request_id = re.search(r" WARNING +request (\S+): the answer of", lb.log).group(1)
+    lb.wait_for(lambda: re.search(rf" GET +/servers/ollama/\S+/die .* {request_id} cut$",
+                                  lb.log, re.M) is not None)
 
 
 @pytest.mark.parametrize("how", ["cut", "500", "500, its client gone at once"])
