@@ -381,6 +381,7 @@ class Config:
     health_timeout: float = 5.0
     connect_timeout: float = 10.0
     upstream_timeout: float = 600.0
+    client_timeout: float = 60.0
     strategy: Literal["least_load", "round_robin", "random"] = "least_load"
     # None: learned per server (Learned), from the guesses below until it is.
     max_concurrency: int | None = None
@@ -551,6 +552,9 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "seconds one health check may take (default 5)"),
     ("CONNECT_TIMEOUT", "--connect-timeout", "connect_timeout", _seconds,
      "seconds to connect to a server or proxy before 504 (default 10)"),
+    ("CLIENT_TIMEOUT", "--client-timeout", "client_timeout", _seconds,
+     "seconds a client may stop reading an answer before it is cut, its server freed and "
+     "never blamed (default 60)"),
     ("UPSTREAM_TIMEOUT", "--upstream-timeout", "upstream_timeout", _seconds,
      "seconds to wait for an upstream byte; a cold model load can take minutes (default 600)"),
     ("STRATEGY", "--strategy", "strategy", _strategy,
@@ -6744,10 +6748,28 @@ class Relay:
         remaining = framing.length
         tail = Tail()
 
+        loop = client.loop
+        stall: asyncio.TimerHandle | None = None  # runs while the client reads nothing
+        stopped = False  # it ran out: the client stopped reading
+
+        def stalled() -> None:  # CLIENT_TIMEOUT without the client taking a byte
+            nonlocal stall, stopped
+            stall, stopped = None, True
+            answer.drop()
+
+        def writable() -> None:
+            nonlocal stall
+            if stall is not None:
+                stall.cancel()
+                stall = None
+            upstream.resume_reading()
+
         def consume(eof: bool) -> bool:
-            nonlocal head, remaining
+            nonlocal head, remaining, stall
             if client.lost or (eof and client.eof):
                 raise ConnectionResetError("client gone")  # pragma: no mutate (words)
+            if stopped:
+                raise ConnectionResetError("client stopped reading")
             buf = upstream.buf
             pieces: list[bytes] = []  # the body's own bytes that arrived
             out: list[bytes | bytearray | memoryview]  # what goes to the client
@@ -6787,23 +6809,35 @@ class Relay:
                 raise IncompleteBody("upstream closed in the middle of the body")
             if client.backed_up:
                 upstream.pause_reading()  # until the client catches up
+                if stall is None:
+                    stall = loop.call_later(self.config.client_timeout, stalled)
             return False
 
         watching, client.on_gone = client.on_gone, answer.drop
-        client.on_writable = upstream.resume_reading
+        client.on_writable = writable
         try:
             await upstream.pump(consume, self.config.upstream_timeout)
         except (TimeoutError, IncompleteBody, ProtocolError) as exc:
+            if client.backed_up:  # the upstream waited on the client: not its failure
+                raise ConnectionResetError("client stopped reading") from None
             # No final chunk: the client must not mistake a cut stream for a whole one.
             client.write(head)
             return exc
         finally:
+            if stall is not None:
+                stall.cancel()
             client.on_writable = None  # pragma: no mutate (any false value: not called)
             if client.on_gone == answer.drop:  # still here: watched as before
                 client.on_gone = watching
             upstream.resume_reading()
         answer.finished()  # read whole: the connection may serve another request
-        await client.drain()
+        if not client.backed_up:
+            await client.drain()  # at once; ConnectionError if the client is gone
+        else:  # its last bytes wait on the client: as long as a client may take
+            try:
+                await asyncio.wait_for(client.drain(), self.config.client_timeout)
+            except TimeoutError:
+                raise ConnectionResetError("client stopped reading") from None
         return tail.last()
 
 

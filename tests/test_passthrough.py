@@ -850,3 +850,28 @@ def test_passthrough_bodies_kept_for_a_retry_count_against_the_buffered_bodies_b
     for sock in holders:
         sock.close()
     lb.wait_for(lambda: lb.call("POST", "/api/chat", chat).status == 200)
+
+
+def test_a_client_that_stops_reading_frees_its_server_and_is_not_its_failure(
+        start_balancer: Any, sqlite_store: Any, backend: FakeOllama) -> None:
+    """Past CLIENT_TIMEOUT without reading, the answer is cut and the upstream dropped:
+    the server's slot is free and its circuit (one failure opens it) stays closed."""
+    lb = start_balancer(sqlite_store, "--client-timeout", "1", "--breaker-threshold", "1",
+                        "--breaker-cooldown", "60", "--health-interval", "600")
+    row = lb.add_server(backend.url, maxConcurrency=1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", lb.port))
+    sock.sendall(f"GET /servers/ollama/{row['id']}/flood?mib=64 HTTP/1.1\r\nHost: lb\r\n\r\n"
+                 .encode())
+    started = time.monotonic()
+    lb.wait_for(lambda: any("/flood" in line and " 200 " in line for line in lb.lines),
+                timeout=10)
+    assert time.monotonic() - started < 1 + 3
+    sock.close()
+    status = lb.call("GET", f"/servers/{row['id']}").json()
+    assert status["circuitOpen"] is False
+    assert lb.call("GET", f"/servers/ollama/{row['id']}/api/version").status == 200
+    errors = lb.call("GET", "/servers/status").json()["recentErrors"]
+    assert not [e for e in errors if e["kind"] != "health"]
