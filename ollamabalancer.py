@@ -120,6 +120,9 @@ MAX_ADMIN_BODY = 1024 * 1024
 #: Largest body of a model-routed request (/api/chat with images, say), read whole so it
 #: can be sent again to another server. 64 MiB, as a dozen large base64 images.
 MAX_ROUTED_BODY = 64 * 1024 * 1024
+#: Bytes of a chat read for its conversation's fingerprints (conversation_prints): a
+#: bound on the work on the event loop (a 62 MiB chat once froze it 5.6 s) and on memory.
+FINGERPRINT_BYTES = 1024 * 1024
 #: Deepest nesting of JSON arrays and objects read from a peer. Ollama's bodies nest less
 #: than 10 deep, tool schemas a few levels more; CPython's parser itself gives up near
 #: 1,000 with a RecursionError (and a traceback), so depth is checked before parsing.
@@ -5241,13 +5244,15 @@ def conversation_prints(body: bytes | bytearray, model: str) -> list[bytes]:
     """Fingerprints of a chat's leading messages: the i-th covers ``model``, a top-level
     "system" string (/v1/messages) and the first i messages, byte for byte as the client
     sent them (a client sends the same messages the same way turn after turn). Read off
-    the body's bytes, neither parsed nor serialised again; [] when it has no such list.
-    """
+    the body's first FINGERPRINT_BYTES, neither parsed nor serialised again, nor copied;
+    [] when it has no such list. A conversation longer than that keeps the prints of its
+    start, which is what its next turn is found by."""
     seed = hashlib.blake2b(model.encode(), digest_size=16)
     prints: list[bytes] = []
     depth, element, value_of = 0, -1, b""  # value_of: the depth-1 key just read
     in_messages = False
-    for match in _json_structure_re.finditer(body):
+    view = memoryview(body)
+    for match in _json_structure_re.finditer(body, 0, FINGERPRINT_BYTES):
         token = match.group()
         if token[:1] == b'"':
             if depth == 1:
@@ -5264,13 +5269,14 @@ def conversation_prints(body: bytes | bytearray, model: str) -> list[bytes]:
         else:
             depth -= 1
             if depth == 2 and in_messages and element >= 0:
-                seed.update(body[element:match.end()])
+                seed.update(view[element:match.end()])
                 prints.append(seed.copy().digest())
                 element = -1
             elif depth == 1 and in_messages:
                 return prints
             value_of = b""
-    return []
+    # Cut short by FINGERPRINT_BYTES (not by the body's end): the prints of its start.
+    return prints if in_messages and len(body) > FINGERPRINT_BYTES else []
 
 
 
@@ -6262,11 +6268,14 @@ class Fleet:
 
 @dataclasses.dataclass(eq=False)
 class KeyUsage:
-    """One API key's use on this instance: in flight, and request times in the last minute."""
+    """One API key's use on this instance: in flight, waiting for a turn (first come,
+    first served), and request times in the last minute."""
 
     inflight: int = 0
     recent: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
     touched: float = -1e9
+    turns: collections.deque[asyncio.Future[None]] = dataclasses.field(
+        default_factory=collections.deque)
 
 @dataclasses.dataclass(frozen=True)
 class Grant:
@@ -6277,6 +6286,7 @@ class Grant:
     usage: KeyUsage | None
     authenticated: bool
     privileged: bool
+    concurrency: int | None = None  # the key's maxConcurrent
 
 
 NO_GRANT = Grant(None, False, False)
@@ -6474,9 +6484,6 @@ class Access:
             raise HTTPError(401, "invalid API key", headers=challenge)
         usage = self.key_usage.setdefault(key.id, KeyUsage())
         now = time.monotonic()
-        if key.max_concurrent is not None and usage.inflight >= key.max_concurrent:
-            raise HTTPError(429, f"API key '{key.name}' has {key.max_concurrent} requests "
-                                 "in flight already", headers=[("Retry-After", "1")])
         if key.requests_per_minute is not None:
             recent = usage.recent
             while recent and now - recent[0] >= 60:
@@ -6490,7 +6497,49 @@ class Access:
         if now - usage.touched > 60:  # lastUsedAt, written at most once a minute
             usage.touched = now
             self.fleet.spawn(self.fleet.touch_key(key))
-        return Grant(usage, True, False)
+        return Grant(usage, True, False, key.max_concurrent)
+
+    async def enter(self, grant: Grant) -> None:
+        """Counts a request against its key's maxConcurrent: at once while the key has
+        room, else after those that came first, as the fleet's queue does, for up to
+        QUEUE_TIMEOUT (then 503). Each enter() is followed by a leave(), on every path."""
+        usage, limit = grant.usage, grant.concurrency
+        assert usage is not None
+        if limit is None or (usage.inflight < limit and not usage.turns):
+            usage.inflight += 1
+            return
+        if len(usage.turns) >= self.config.max_queue:
+            raise HTTPError(503, "server busy, please try again.  maximum pending requests "
+                                 "exceeded", headers=[("Retry-After", "1")])
+        loop = asyncio.get_running_loop()
+        turn = loop.create_future()
+        usage.turns.append(turn)
+        timer = loop.call_later(self.config.queue_timeout, turn.cancel)
+        try:
+            await turn  # given by leave(): the request that ended handed its place on
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self.leave(usage)  # handed a turn as it left: passed on
+            else:
+                with contextlib.suppress(ValueError):
+                    usage.turns.remove(turn)
+                if not timer.cancelled() and loop.time() >= timer.when():
+                    raise HTTPError(503, f"none of the API key's {limit} requests in flight "
+                                         "ended in time (QUEUE_TIMEOUT)",
+                                    headers=[("Retry-After", "1")]) from None
+            raise
+        finally:
+            timer.cancel()
+
+    @staticmethod
+    def leave(usage: KeyUsage) -> None:
+        """A request of the key is over: its place goes to the first that waits, if any."""
+        while usage.turns:
+            turn = usage.turns.popleft()
+            if not turn.done():
+                turn.set_result(None)  # in flight in its stead: the count stays
+                return
+        usage.inflight -= 1
 
     def public_message(self, request: Request | None, status: int, detail: str) -> str:
         """What a client is told of an upstream's or a proxy's failure: the detail (names,
@@ -8631,11 +8680,11 @@ class Balancer:
             usage = grant.usage
             if usage is None:
                 return await handler(request, match)
-            usage.inflight += 1
+            await access.enter(grant)
             try:
                 return await handler(request, match)
             finally:
-                usage.inflight -= 1
+                access.leave(usage)
         if allowed:
             raise HTTPError(405, f"{request.method} is not allowed on {path}",
                             headers=[("Allow", ", ".join(sorted(allowed)))])

@@ -273,13 +273,11 @@ def test_api_keys_are_required_once_one_exists_and_counted_within_their_limits()
             str(n) for n in range(55, 61)}
         usage.recent[0] -= 61  # a minute on, one of the two is forgotten
         assert balancer.authorize_client(request(Authorization="Bearer olb-one")).usage is usage
-        two = balancer.authorize_client(request(Authorization="Bearer olb-two")).usage
-        assert two is not None
-        two.inflight = 1
-        busy = refused(balancer.authorize_client, request(Authorization="Bearer olb-two"))
-        assert busy.status == 429 and dict(busy.headers)["Retry-After"] == "1"
-        two.inflight = 0
-        assert balancer.authorize_client(request(Authorization="Bearer olb-two")).usage is two
+        two = balancer.authorize_client(request(Authorization="Bearer olb-two"))
+        assert two.usage is not None and two.concurrency == 1
+        two.usage.inflight = 1  # over its maxConcurrent: let through, to wait its turn
+        again = balancer.authorize_client(request(Authorization="Bearer olb-two"))
+        assert again.usage is two.usage
         await asyncio.sleep(0)  # lastUsedAt written in the background
 
     asyncio.run(scenario())
@@ -432,14 +430,46 @@ def test_rate_windows_and_retry_after_are_exact(monkeypatch: pytest.MonkeyPatch)
         assert touched.count(3) == written, at
 
 
-def test_a_key_over_its_concurrency_is_told_so() -> None:
+def test_a_key_over_its_concurrency_waits_its_turn_first_come_first_served() -> None:
+    """maxConcurrent 2: the third and fourth wait, and get their turns in the order they
+    came as the first two end; a waiter that leaves passes its turn on; past QUEUE_TIMEOUT
+    a waiter is told so (503)."""
+    async def scenario() -> None:
+        balancer = with_keys(app(queue_timeout=0.3), key(2, "olb-two", max_concurrent=2))
+        balancer.fleet.spawn = lambda coro: coro.close()  # type: ignore[method-assign]
+        grant = balancer.authorize_client(request(Authorization="Bearer olb-two"))
+        usage = grant.usage
+        assert usage is not None
+        await balancer.enter(grant)
+        await balancer.enter(grant)
+        order: list[str] = []
+
+        async def third(name: str) -> None:
+            await balancer.enter(grant)
+            order.append(name)
+
+        waiting = [asyncio.ensure_future(third(n)) for n in ("c", "d", "e")]
+        await asyncio.sleep(0.01)
+        assert order == [] and usage.inflight == 2
+        waiting[1].cancel()  # "d" leaves before its turn
+        balancer.leave(usage)
+        await asyncio.sleep(0.01)
+        assert order == ["c"] and usage.inflight == 2
+        balancer.leave(usage)
+        await asyncio.sleep(0.01)
+        assert order == ["c", "e"] and usage.inflight == 2
+        late = asyncio.ensure_future(balancer.enter(grant))
+        with pytest.raises(ob.HTTPError) as caught:
+            await late
+        assert caught.value.status == 503 and "QUEUE_TIMEOUT" in caught.value.message
+        for _ in range(2):
+            balancer.leave(usage)
+        assert usage.inflight == 0 and not usage.turns
+
+    asyncio.run(scenario())
+
+
+def test_a_key_over_its_rate_or_unknown_is_told_so() -> None:
     balancer = with_keys(app(), key(2, "olb-two", max_concurrent=3))
-    balancer.fleet.spawn = lambda coro: coro.close()  # type: ignore[method-assign]
-    usage = balancer.authorize_client(request(Authorization="Bearer olb-two")).usage
-    assert usage is not None
-    usage.inflight = 3
-    busy = refused(balancer.authorize_client, request(Authorization="Bearer olb-two"))
-    assert busy.message == "API key 'key2' has 3 requests in flight already"
-    assert busy.headers == (("Retry-After", "1"),)
     challenge = refused(balancer.authorize_client, request(Authorization="Bearer nope"))
     assert challenge.headers == (("WWW-Authenticate", 'Bearer realm="ollamabalancer"'),)

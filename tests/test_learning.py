@@ -603,3 +603,18 @@ def test_affinity_keeps_a_turn_home_though_another_server_is_idler_unless_off(
     fakes[home].release()
     held.join(10)
     assert went == (home if affinity == "on" else 1 - home)
+
+
+def test_a_huge_chat_is_fingerprinted_by_its_start_alone() -> None:
+    """Only FINGERPRINT_BYTES of a chat are read: a 50 MiB one costs what 1 MiB does, and
+    its next turn (longer still) is found by the same start."""
+    big = "x" * (ob.FINGERPRINT_BYTES // 2)
+    turn = [{"role": "user", "content": big}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "y" * (50 * 1024 * 1024)}]
+    body = chat_body(turn)
+    prints = ob.conversation_prints(body, "llama3:latest")
+    assert prints == ob.conversation_prints(body[:ob.FINGERPRINT_BYTES + 100],
+                                            "llama3:latest")
+    assert len(prints) == 2  # the two messages that end within the first MiB
+    following = chat_body([*turn, {"role": "assistant", "content": "z"}])
+    assert ob.conversation_prints(following, "llama3:latest")[-1] == prints[-1]
