@@ -167,8 +167,13 @@ HISTORY_POINTS = 30
 #: comes back): a version changes with a restart, not every round; 10,000 servers checked
 #: every 10 s would otherwise ask 1,000 times a second.
 VERSION_RECHECK = 300.0
-#: Largest /api/tags answer the health check reads, in bytes (a big model library is ~100 KiB).
-MAX_HEALTH_BODY = 16 * 1024 * 1024
+#: Largest /api/tags (or /api/ps) answer a health check reads, in bytes: a big model
+#: library is ~100 KiB; past this the answer is refused, never parsed (parsing 16 MiB of
+#: JSON held the event loop).
+MAX_HEALTH_BODY = 2 * 1024 * 1024
+#: Informational (1xx) answers an upstream may send before its answer: each restarts the
+#: wait for it, so an endless stream of "100 Continue" must end somewhere.
+MAX_INFORMATIONAL = 16
 #: Chunks of a request body taken apart per turn of the event loop. Each costs about
 #: 1.5 us whatever its size: a body of 1-byte chunks takes 0.4 ms a turn, then other
 #: connections run, while chunks of a useful size still pass 256 at a time.
@@ -5381,7 +5386,7 @@ class Exchange:
 
     async def _read_head(self, wire: Wire) -> ResponseHead:
         loop, timeout = wire.loop, self._config.upstream_timeout
-        while True:
+        for _ in range(MAX_INFORMATIONAL + 1):
             deadline = loop.time() + timeout
             try:
                 response = await read_head(wire, maybe_response_head, deadline)
@@ -5400,6 +5405,8 @@ class Exchange:
                 raise UpstreamError(502, f"{self.server.label} switched protocols")
             if response.status >= 200:
                 return response
+        raise UpstreamError(502, f"{self.server.label} sent more than {MAX_INFORMATIONAL} "
+                                 "informational (1xx) answers")
 
     @property
     def status(self) -> int:

@@ -709,7 +709,7 @@ def test_a_repaired_server_is_back_within_a_health_round_not_its_cooldown(
     its health check again, it is back within a health round (the cooldown is 60 s)."""
     lb, add = fleet("--health-interval", "0.5", "--breaker-threshold", "1",
                     "--breaker-cooldown", "60", "--upstream-timeout", "0.5")
-    fake, row = add(loaded=["llama3:latest"])
+    _, row = add(loaded=["llama3:latest"])
     assert chat(lb, fake_sleep=1.0).status == 504
     assert lb.call("GET", f"/servers/{row['id']}").json()["circuitOpen"] is True
     repaired = time.monotonic()

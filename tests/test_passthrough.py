@@ -477,6 +477,7 @@ class ScriptedUpstream:
         "/hints": (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "close"),
         "/garbage": (b"HTTP/9 nope\r\n\r\n", "close"),
+        "/continues": (b"HTTP/1.1 100 Continue\r\n\r\n" * 1000, "hold"),
         "/no-reason": (b"HTTP/1.1 200\r\nTransfer-Encoding: chunked\r\n\r\n"
                        b"2\r\nok\r\n0\r\n\r\n", "close"),
         "/keep": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "keep"),
@@ -875,3 +876,11 @@ def test_a_client_that_stops_reading_frees_its_server_and_is_not_its_failure(
     assert lb.call("GET", f"/servers/ollama/{row['id']}/api/version").status == 200
     errors = lb.call("GET", "/servers/status").json()["recentErrors"]
     assert not [e for e in errors if e["kind"] != "health"]
+
+
+def test_an_upstream_that_sends_1xx_without_end_gets_a_502(
+        scripted: tuple[BalancerProcess, Any]) -> None:
+    lb, (sid, _) = scripted
+    reply = lb.call("GET", f"/servers/ollama/{sid}/continues")
+    assert reply.status == 502
+    assert lb.call("GET", f"/servers/ollama/{sid}/hints").body == b"ok"  # a few are fine
