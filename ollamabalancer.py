@@ -5608,6 +5608,7 @@ class Fleet:
         self._handle_tokens: dict[tuple[int, int | None], str] = {}
         self._keys: dict[str, ApiKey] = {}  # by the SHA-256 of the key
         self._errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
+        self._drifted: set[str] = set()  # models told of as drifted (_log_drift)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._store_down_logged = False
         self._catalog_refresh: asyncio.Future[None] | None = None
@@ -5957,6 +5958,7 @@ class Fleet:
             if not server.enabled:
                 server.reachable, server.last_error = False, "disabled"
         self._scheduler.dispatch(self._servers)  # servers that came back take queued work
+        self._log_drift()
 
     def recheck(self, servers: Iterable[Server]) -> None:
         for server in servers:
@@ -6083,6 +6085,32 @@ class Fleet:
                 name = str(model.get("name") or model.get("model") or "")
                 catalog.setdefault(name, model)
         return catalog
+
+    def models(self) -> dict[str, dict[str, list[Server]]]:
+        """Every model of the serving servers: each digest it has, and the servers that
+        hold it so. Two digests of one name (pulled before and after the tag moved, or a
+        different quantization) are a drift: the same name answers differently."""
+        found: dict[str, dict[str, list[Server]]] = {}
+        for server in self.serving():
+            for model in server.models:
+                name = canonical_model(str(model.get("name") or model.get("model") or ""))
+                digest = str(model.get("digest") or "")
+                found.setdefault(name, {}).setdefault(digest, []).append(server)
+        return found
+
+    def drifted(self) -> list[str]:
+        """The models whose servers hold them under more than one digest."""
+        return sorted(name for name, digests in self.models().items() if len(digests) > 1)
+
+    def _log_drift(self) -> None:
+        """Says once when a model's servers come to hold it under different digests."""
+        drifted = set(self.drifted())
+        for name in sorted(drifted - self._drifted):
+            log.warning("model %s differs between servers (%s): `ollamabalancer models "
+                        "pull %s` brings them together", name, "; ".join(
+                            f"{digest[:12] or '?'} on {', '.join(s.label for s in servers)}"
+                            for digest, servers in self.models()[name].items()), name)
+        self._drifted = drifted
 
     def capacity(self, server: Server) -> int:
         """Requests in flight on ``server`` before more wait here."""
@@ -7615,6 +7643,18 @@ class Management:
         token = await self.fleet.handle_for((chosen.id, proxy.id if proxy else None))
         return text_response(200, token)
 
+    async def models(self, request: Request, match: re.Match[str]) -> Response:
+        """Every model of the fleet, each digest with the servers that hold it, and
+        ``drift`` when there is more than one (``ollamabalancer models pull NAME`` brings
+        them together)."""
+        return json_response(200, [
+            {"name": name, "drift": len(digests) > 1,
+             "digests": [{"digest": digest or None,
+                          "servers": [{"id": s.id, "name": s.name, "label": s.label}
+                                      for s in servers]}
+                         for digest, servers in sorted(digests.items())]}
+            for name, digests in sorted(self.fleet.models().items())])
+
     async def add_key(self, request: Request, match: re.Match[str]) -> Response:
         body = _json_object(await request.read_json())
         _unknown_fields(body, KEY_FIELDS, nullable=KEY_CLEARABLE)
@@ -7688,6 +7728,7 @@ DASHBOARD_HTML = """<!doctype html>
   .pill { display: inline-block; padding: 1px 8px; border-radius: 10px; margin: 1px 2px;
           background: #1f2a36; font-size: 12px; }
   .pill.loaded { background: #1b3a26; color: var(--ok); }
+  .pill.drift { outline: 1px solid var(--warn); }
   .bar { width: 90px; height: 8px; background: #0b0f13; border-radius: 4px; overflow: hidden;
          display: inline-block; vertical-align: middle; margin-right: 6px; }
   .bar > span { display: block; height: 100%; background: var(--accent); }
@@ -7789,6 +7830,7 @@ function chart(points) {
 }
 function render(data) {
   const servers = data.servers;
+  const drifted = new Set(data.drifted || []);
   document.getElementById("meta").textContent =
     `v${data.version} · strategy ${data.strategy}` +
     (data.workers.length > 1 ? ` · ${data.workers.length} workers` : "") +
@@ -7815,7 +7857,12 @@ function render(data) {
     const models = el("div");
     for (const model of s.models) {
       const loaded = s.reachable && s.loadedModels.includes(model);
-      models.appendChild(el("span", model, loaded ? "pill loaded" : "pill"));
+      const pill = el("span", model, loaded ? "pill loaded" : "pill");
+      if (drifted.has(model) || drifted.has(model + ":latest")) {
+        pill.classList.add("drift");  // the same name, another digest elsewhere
+        pill.title = "differs between servers: ollamabalancer models pull " + model;
+      }
+      models.appendChild(pill);
     }
     const load = el("div");
     const bar = el("span", null, "bar"), fillBar = el("span");
@@ -8015,6 +8062,7 @@ class Observability:
             "totals": totals, "next": following,
             "servers": servers,
             "proxies": [p.to_json() for p in fleet.every_proxy()],
+            "drifted": fleet.drifted(),
             "recentErrors": errors[:20],
         }
 
@@ -8109,6 +8157,8 @@ class Observability:
                               for label, is_open in circuit.items()]),
             "workers": ("Serving processes whose counts these are (WORKERS).",
                         [((), 1 + len(others))]),
+            "models_drifted": ("Models whose servers hold them under different digests.",
+                               [((), len(self.fleet.drifted()))]),
         }
         return Response(200, metrics.render(gauges).encode(),
                         "text/plain; version=0.0.4; charset=utf-8")
@@ -8247,13 +8297,19 @@ API_SCHEMAS: dict[str, dict[str, Any]] = {
     "ServerChange": {**body_schema(SERVER_FIELDS, SERVER_CLEARABLE), **_ONE_OF_URL_OR_HOST},
     "ApiKey": KEY_SCHEMA,
     "ApiKeys": {"type": "array", "items": {"$ref": "#/components/schemas/ApiKey"}},
+    "FleetModels": {"type": "array", "items": _record(
+        name={"type": "string"}, drift={"type": "boolean"},
+        digests={"type": "array", "items": _record(
+            digest={"type": ["string", "null"]},
+            servers={"type": "array", "items": _record(
+                id={"type": "integer"}, name=_NULLABLE_TEXT, label={"type": "string"})})})},
     "NewApiKey": body_schema(KEY_FIELDS, KEY_CLEARABLE, ("name",)),
     "CreatedApiKey": _record(id={"type": "integer"}, name={"type": "string"},
                              key={"type": "string", "description": "shown this once"}),
     "True": {"const": True},
     "Status": {"type": "object", "required": [
         "version", "time", "strategy", "queue", "totals", "next", "servers", "proxies",
-        "recentErrors"]},
+        "drifted", "recentErrors"]},
     "OllamaRequest": _OLLAMA_BODY,
     "FanOutRequest": {**_OLLAMA_BODY, "properties": {
         "servers": _FAN_OUT_TARGETS, "stream": {"type": "boolean"}}},
@@ -8577,6 +8633,9 @@ ROUTES: tuple[Route, ...] = (
           "/servers/ollama/<path>?serverId=<id> works too",
           label="passthrough", pattern=r"/servers/ollama(?P<rest>/.*)?",
           answers={200: OLLAMA_ANSWER}, errors=(400, 404, 409, 502, 503, 504)),
+    route("GET", "/models", "management.models", "admin",
+          "every model of the fleet, each digest with its servers; drift: more than one",
+          label="models", answers={200: "FleetModels"}),
     route("POST", "/keys/addKey", "management.add_key", "admin",
           "makes an API key, shown this once", label="add_key", body="NewApiKey",
           answers={201: "CreatedApiKey"}),
@@ -8709,6 +8768,25 @@ class Balancer:
 # ---------------------------------------------------------------------------
 
 
+#: The share of MAX_CONNECTIONS past which an address that holds its fair part already
+#: gets no more (HTTPServer.accept): the last tenth is for those that hold few.
+CROWDED = 0.9
+
+
+def client_group(peer: str) -> str:
+    """What connections are counted by: an IPv4 address (an IPv4-mapped one as such), or
+    an IPv6 address's /64, all of which one host may use."""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return peer
+
+
 class HTTPServer:
     """Accepts connections and runs requests on each in order (keep-alive, pipelining)."""
 
@@ -8741,9 +8819,15 @@ class HTTPServer:
     def accept(self, wire: Wire) -> None:
         """Each new client connection is served by a task of its own; over
         MAX_CONNECTIONS it gets a short 503 instead, and over its address's share
-        (MAX_CONNECTIONS_PER_CLIENT) a 429."""
-        peer = wire.peer
-        crowded = self.by_peer[peer] >= self.per_client
+        (MAX_CONNECTIONS_PER_CLIENT) a 429. An address is an IPv6 client's /64 (one host
+        has a whole /64 to pick from). Near the limit (CROWDED of it), an address that
+        holds its fair part already (an equal part for each address, one more counted)
+        is refused too, so that the last connections go to those that hold few."""
+        peer = client_group(wire.peer)
+        held = self.by_peer[peer]
+        crowded = held >= self.per_client or (
+            len(self.connections) >= self.max_connections * CROWDED
+            and held >= self.max_connections // (len(self.by_peer) + 1))
         if len(self.connections) < self.max_connections and not crowded:
             self.by_peer[peer] += 1
             task = asyncio.ensure_future(self.serve_connection(wire))

@@ -793,3 +793,24 @@ def test_metadata_is_answered_at_once_while_every_slot_is_busy_and_requests_queu
     fake.release(3)
     for thread in [holder, *(waiter for waiter, _ in waiting)]:
         thread.join(10)
+
+
+def test_a_model_held_under_two_digests_is_shown_as_drift(fleet: Any) -> None:
+    lb, add = fleet("--health-interval", "0.5")
+    first, _ = add()
+    second, _ = add()
+    models = lb.call("GET", "/models").json()
+    assert [(m["name"], m["drift"]) for m in models] == [("llama3:latest", False)]
+    assert {s["label"] for s in models[0]["digests"][0]["servers"]} == {
+        first.url, second.url}
+    second.models = [dict(tag("llama3:latest"), digest="b" * 64)]  # pulled after the tag moved
+    wait_until(lambda: lb.call("GET", "/models").json()[0]["drift"] is True)
+    digests = lb.call("GET", "/models").json()[0]["digests"]
+    assert [(d["digest"], [s["label"] for s in d["servers"]]) for d in digests] == [
+        ("a" * 64, [first.url]), ("b" * 64, [second.url])]
+    assert "ollamabalancer_models_drifted 1" in lb.call("GET", "/metrics").text
+    assert lb.call("GET", "/servers/status").json()["drifted"] == ["llama3:latest"]
+    lb.wait_for(lambda: sum("llama3:latest differs between servers" in line
+                            for line in lb.lines) == 1)
+    time.sleep(1.2)  # more health rounds: said once
+    assert sum("llama3:latest differs between servers" in line for line in lb.lines) == 1

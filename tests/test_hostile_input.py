@@ -433,3 +433,29 @@ def test_a_server_name_in_a_header_cannot_break_the_head() -> None:
     assert ob.header_text("gpu-1 (rack 2)") == "gpu-1 (rack 2)"
     assert ob.header_text("gpü\r\nSet-Cookie: x%") == "gp%C3%BC%0D%0ASet-Cookie: x%25"
     ob.render_head("HTTP/1.1 200 OK", [("X-Ollama-Server", ob.header_text("\u2603\x00"))])
+
+
+def test_four_addresses_cannot_take_every_connection_and_ipv6_counts_by_64(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    """Four addresses at their per-address cap (a quarter each) could hold all 20 slots;
+    near the limit those holding their fair part get no more, so a fifth still gets in."""
+    lb = start_balancer(sqlite_store, "--max-connections", "20")
+    held = []
+    for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"):
+        for _ in range(5):
+            sock = socket.create_connection(("127.0.0.1", lb.port), timeout=5,
+                                            source_address=(host, 0))
+            held.append(sock)
+    time.sleep(0.3)
+    newcomer = socket.create_connection(("127.0.0.1", lb.port), timeout=5,
+                                        source_address=("127.0.0.6", 0))
+    newcomer.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert newcomer.recv(100).startswith(b"HTTP/1.1 200 ")
+    newcomer.close()
+    for sock in held:
+        sock.close()
+    assert ob.client_group("2001:db8::1") == ob.client_group("2001:db8::ffff:7") == (
+        "2001:db8::/64")
+    assert ob.client_group("2001:db8:0:1::1") != ob.client_group("2001:db8::1")
+    assert ob.client_group("::ffff:10.1.2.3") == "10.1.2.3"
+    assert ob.client_group("10.1.2.3") == "10.1.2.3" and ob.client_group("unix") == "unix"
