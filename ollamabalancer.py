@@ -5583,6 +5583,32 @@ def paged(items: dict[int, T], page: tuple[int | None, int]) -> tuple[list[T], i
     return [items[i] for i in ids[:limit]], ids[limit - 1]
 
 
+class Handles:
+    """getServer's IDs in memory, each with the (server, proxy) pair it names and back:
+    the store makes them, so every instance hands out and resolves the same ones."""
+
+    def __init__(self, pairs: dict[str, tuple[int, int | None]] | None = None) -> None:
+        self._pairs = dict(pairs or {})
+        self._tokens = {pair: token for token, pair in self._pairs.items()}
+
+    def pair(self, token: str) -> tuple[int, int | None] | None:
+        return self._pairs.get(token)
+
+    def token(self, pair: tuple[int, int | None]) -> str | None:
+        return self._tokens.get(pair)
+
+    def remember(self, token: str, pair: tuple[int, int | None]) -> None:
+        self._pairs[token] = pair
+        self._tokens[pair] = token
+
+    def forget(self, gone: Callable[[tuple[int, int | None]], bool]) -> None:
+        """Drops the IDs of the (server, proxy) pairs that are ``gone``."""
+        for token, pair in list(self._pairs.items()):
+            if gone(pair):
+                del self._pairs[token]
+                self._tokens.pop(pair, None)
+
+
 def _through_proxy(proxy_id: int, pair: tuple[int, int | None]) -> bool:
     return pair[1] == proxy_id
 
@@ -5604,8 +5630,7 @@ class Fleet:
         self._ranking = self._scheduler.ranking
         self._servers: dict[int, Server] = {}
         self._proxies: dict[int, Proxy] = {}
-        self._handles: dict[str, tuple[int, int | None]] = {}
-        self._handle_tokens: dict[tuple[int, int | None], str] = {}
+        self._handles = Handles()
         self._keys: dict[str, ApiKey] = {}  # by the SHA-256 of the key
         self._errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._drifted: set[str] = set()  # models told of as drifted (_log_drift)
@@ -5655,8 +5680,7 @@ class Fleet:
         self._servers = {server.id: carried(old.get(server.id), server) for server in servers}
         self._ranking.forget(self._servers)
         self._proxies = {proxy.id: proxy for proxy in proxies}
-        self._handles = handles
-        self._handle_tokens = {pair: token for token, pair in handles.items()}
+        self._handles = Handles(handles)
         self._keys = {key.key_hash: key for key in keys}
         self.revision, self._change_mark = max(self.revision, revision), None
 
@@ -5726,7 +5750,7 @@ class Fleet:
                 proxy = read_proxies.get(proxy_id)
                 if proxy is None:
                     self._proxies.pop(proxy_id, None)
-                    self._forget_handles(functools.partial(_through_proxy, proxy_id))
+                    self._handles.forget(functools.partial(_through_proxy, proxy_id))
                 else:
                     self._proxies[proxy_id] = proxy
                 self.recheck(s for s in self._servers.values() if s.proxy_id == proxy_id)
@@ -5734,10 +5758,11 @@ class Fleet:
             self._keys = {h: k for h, k in self._keys.items() if k.id not in key_ids}
             for key in await store.call(tables.list_keys, sorted(key_ids)):
                 self._keys[key.key_hash] = key
-        for token in named["handle"] - self._handles.keys():
-            pair = await store.call(tables.resolve_handle, token)
-            if pair is not None:
-                self._remember_handle(token, pair)
+        for token in named["handle"]:
+            if self._handles.pair(token) is None:
+                pair = await store.call(tables.resolve_handle, token)
+                if pair is not None:
+                    self._handles.remember(token, pair)
         if named["catalog"]:  # models pulled, created, copied or deleted elsewhere
             await self.check_all(fresh=True)
         self._scheduler.dispatch(self._servers)  # a new or changed server may take the queue
@@ -5746,7 +5771,7 @@ class Fleet:
         old = self._servers.get(server_id)
         if server is None:
             if self._servers.pop(server_id, None) is not None:
-                self._forget_handles(lambda pair: pair[0] == server_id)
+                self._handles.forget(lambda pair: pair[0] == server_id)
                 self._ranking.forget(self._servers)
             return
         moved = old is None or (old.host, old.port, old.scheme, old.proxy_id) != (
@@ -5777,34 +5802,23 @@ class Fleet:
                                      "which does not exist")
         return proxy
 
-    def _remember_handle(self, token: str, pair: tuple[int, int | None]) -> None:
-        self._handles[token] = pair
-        self._handle_tokens[pair] = token
-
-    def _forget_handles(self, gone: Callable[[tuple[int, int | None]], bool]) -> None:
-        """Drops the getServer IDs of the (server, proxy) pairs that are ``gone``."""
-        for token, pair in list(self._handles.items()):
-            if gone(pair):
-                del self._handles[token]
-                self._handle_tokens.pop(pair, None)
-
     async def handle_for(self, pair: tuple[int, int | None]) -> str:
         """The getServer ID of a (server, proxy) pair: the one known, else one made in the
         store and shared by every instance. A 503 when the store is down."""
-        token = self._handle_tokens.get(pair)
+        token = self._handles.token(pair)
         if token is None:
             token = await self._db(self._tables.handle_for, *pair)
-            self._remember_handle(token, pair)
+            self._handles.remember(token, pair)
         return token
 
     async def _resolve_handle(self, token: str) -> tuple[int, int | None] | None:
         """The (server, proxy) a getServer ID names, looked up in the store when another
         instance made it since the last reload; None for an ID nobody made."""
-        pair = self._handles.get(token)
+        pair = self._handles.pair(token)
         if pair is None and re.fullmatch(r"[0-9a-f]{32}", token):
             pair = await self._db(self._tables.resolve_handle, token)
             if pair is not None:
-                self._remember_handle(token, pair)
+                self._handles.remember(token, pair)
         return pair
 
     async def target(self, key: str) -> tuple[Server, Proxy | None]:
