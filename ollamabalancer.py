@@ -1822,6 +1822,10 @@ class ServerLoad:
     loaded: dict[str, float] = dataclasses.field(default_factory=dict)
     running: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # /api/ps
     learned: Learned = dataclasses.field(default_factory=Learned)
+    #: Models the balancer has sent a request for here: all that /api/ps is learned from
+    #: (a server cannot claim models it was never asked to run, and skew the fleet's
+    #: learned limits).
+    asked: set[str] = dataclasses.field(default_factory=set)
     version: str | None = None
     version_read: float = -math.inf  # monotonic: when /api/version last answered
     # Circuit breaker: consecutive failures; open until a monotonic time; then half-open,
@@ -1864,10 +1868,13 @@ class ServerLoad:
             return
         self.running = [m for m in running if isinstance(m, dict)]
         now = time.monotonic()
-        resident = {canonical_model(str(m.get("name") or m.get("model") or ""))
-                    for m in self.running} | {m for m, n in self.by_model.items() if n}
+        names = [canonical_model(str(m.get("name") or m.get("model") or ""))
+                 for m in self.running]
+        resident = {*names, *(m for m, n in self.by_model.items() if n)}
         self.loaded = {m: self.loaded.get(m, now) for m in resident}
-        self.learned.from_ps(self.running, time.time(), sizes)
+        asked = self.asked
+        self.learned.from_ps([m for m, name in zip(self.running, names, strict=True)
+                              if name in asked], time.time(), sizes)
 
     def read_version(self, payload: Any) -> None:
         """Takes an /api/version answer."""
@@ -4154,6 +4161,7 @@ class Scheduler:
         load.requests += 1
         load.tally(1)
         if model is not None:
+            load.asked.add(model)
             if model not in load.loaded and len(load.loaded) >= self.ranking.resident(server):
                 victim = evicted(load)
                 if victim is not None:

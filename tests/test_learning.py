@@ -618,3 +618,17 @@ def test_a_huge_chat_is_fingerprinted_by_its_start_alone() -> None:
     assert len(prints) == 2  # the two messages that end within the first MiB
     following = chat_body([*turn, {"role": "assistant", "content": "z"}])
     assert ob.conversation_prints(following, "llama3:latest")[-1] == prints[-1]
+
+
+def test_a_server_cannot_claim_models_it_was_never_asked_to_run(balancer: Any) -> None:
+    """A hostile server lists 20 models on its GPU in /api/ps: they are not learned from
+    (the fleet would count on every server holding 20), only models sent to it are."""
+    lb, add = balancer("--health-interval", "0.3")
+    add(tuple(f"m{i}:latest" for i in range(20)),
+        loaded=[f"m{i}:latest" for i in range(20)])
+    add()
+    time.sleep(1.0)  # health rounds: /api/ps read again and again
+    for server in lb.call("GET", "/servers/allServers").json():
+        report = lb.call("GET", f"/servers/{server['id']}").json()["capacity"]
+        assert report["maxLoadedModels"] == 2, report
+        assert report["learned"]["maxLoadedModelsSeen"] == 0, report
