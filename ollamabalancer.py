@@ -5617,6 +5617,17 @@ class Handles:
                 self._tokens.pop(pair, None)
 
 
+#: Seconds a request waits for the change log to be read (Fleet.up_to_date) before it is
+#: answered from memory: a database that hangs costs a catalog request no more.
+UP_TO_DATE_WAIT = 1.0
+
+
+def _quietly(future: asyncio.Future[Any]) -> None:
+    """Retrieves a background future's exception (its waiters were told, or gave up)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _through_proxy(proxy_id: int, pair: tuple[int, int | None]) -> bool:
     return pair[1] == proxy_id
 
@@ -5650,6 +5661,7 @@ class Fleet:
                                             datetime.datetime]] = {}
         self._persisting: asyncio.Future[None] | None = None
         self._syncing: asyncio.Future[None] | None = None
+        self._catching_up: asyncio.Future[None] | None = None  # up_to_date()'s read
         self._checks = Once()
         self.instance = secrets.token_hex(8)  # this process among the store's (beat())
         self.revision = 0  # the change log's last applied here, and its mark when read:
@@ -5996,10 +6008,14 @@ class Fleet:
 
     async def up_to_date(self) -> None:
         """Applies what the change log holds now (one indexed read when nothing changed):
-        a model another instance or worker has just pulled or deleted is seen here; a
-        store that is down leaves what memory holds."""
-        with contextlib.suppress(StoreUnavailable):
-            await self.sync()
+        a model another instance or worker has just pulled or deleted is seen here. One
+        read for all who ask at once, waited for UP_TO_DATE_WAIT at most: a database that
+        hangs or is down leaves what memory holds, and the read goes on behind."""
+        if self._catching_up is None or self._catching_up.done():
+            self._catching_up = asyncio.ensure_future(self.sync())
+            self._catching_up.add_done_callback(_quietly)
+        with contextlib.suppress(StoreUnavailable, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._catching_up), UP_TO_DATE_WAIT)
 
     async def refresh_catalog(self) -> None:
         """Reads what the store's change log holds first (a model another instance or
@@ -6046,8 +6062,8 @@ class Fleet:
             with contextlib.suppress(asyncio.TimeoutError, StoreUnavailable):
                 await asyncio.wait_for(asyncio.shield(self._persisting),
                                        self.config.db_timeout)
-        pending = [t for t in (self._persisting, self._syncing, *self._tasks,
-                               *self._checks.pending()) if t is not None]
+        pending = [t for t in (self._persisting, self._syncing, self._catching_up,
+                               *self._tasks, *self._checks.pending()) if t is not None]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
