@@ -406,6 +406,8 @@ class Config:
     admin_token: str = dataclasses.field(default="", repr=False)
     admin_token_file: str = ""
     require_api_key: bool = False
+    trusted_proxies: tuple[str, ...] = ()
+    model_management: str = "admin"
     allowed_hosts: tuple[str, ...] = ()
     origins: tuple[str, ...] = ()
     header_timeout: float = HEADER_TIMEOUT
@@ -523,6 +525,25 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip().lower() for name in text.split(",") if name.strip())
 
 
+def _networks(text: str) -> tuple[str, ...]:
+    """Comma-separated addresses and CIDRs (10.0.0.0/8, ::1), each checked."""
+    networks = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            try:
+                networks.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address or a CIDR") from None
+    return tuple(networks)
+
+
+def _model_management(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("admin", "open"):
+        raise ValueError("must be admin or open")
+    return value
+
+
 def _flag(text: str) -> bool:
     value = text.strip().lower()
     if value not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
@@ -599,6 +620,13 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "file holding ADMIN_TOKEN"),
     ("REQUIRE_API_KEY", "--require-api-key", "require_api_key", _flag,
      "1 to require a client API key even before any exists (default 0)"),
+    ("TRUSTED_PROXIES", "--trusted-proxies", "trusted_proxies", _networks,
+     "comma-separated addresses and CIDRs of reverse proxies in front: from them, the "
+     "client's address is read from Forwarded / X-Forwarded-For (default none)"),
+    ("MODEL_MANAGEMENT", "--model-management", "model_management", _model_management,
+     "who may pull, push, create, copy and delete models on the fleet at the root: admin "
+     "(the admin token, or a loopback client without one; default) or open (anyone, as "
+     "Ollama)"),
     ("ALLOWED_HOSTS", "--allowed-hosts", "allowed_hosts", _names,
      "comma-separated host names the management API answers to without ADMIN_TOKEN, "
      "besides IP addresses, localhost and this host's name (stops DNS rebinding)"),
@@ -4592,6 +4620,11 @@ class Request:
         self.body_started = False
         #: Called when the body has been read whole while the client has gone already.
         self._on_body_done: Callable[[], None] | None = None
+        #: The client's address: its connection's peer, or, from a trusted proxy, what the
+        #: proxy says (Access.client_of); ``forwarded``: it carried the word of a proxy
+        #: this balancer does not trust, so it is not taken for a client on this host.
+        self.client = wire.peer
+        self.forwarded = False
         self.authenticated = False  # its Authorization was the balancer's: not sent on
         self.privileged = False  # the admin token's: errors about upstreams keep their detail
         self.id = ""  # X-Request-Id, in the response and the access log
@@ -5192,7 +5225,7 @@ def _path_id(match: re.Match[str]) -> int:
 #: Endpoints routed by their body's model to one server (Ollama's and its OpenAI- and
 #: Anthropic-compatible ones).
 ROUTED_PATHS = (
-    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/push",
+    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
     "/v1/messages",
 )
@@ -6416,6 +6449,34 @@ def same_origin(origin: str, host: str | None) -> bool:
     default = 443 if parts.scheme == "https" else 80
     return (named[0], named[1] or default) == (parts.hostname.lower(), port or default)
 
+#: A ``for=`` of a Forwarded element (RFC 7239 4): a token, or a quoted string.
+_forwarded_for_re = re.compile(r'(?:^|[;,])\s*for\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]+)',
+                               re.IGNORECASE)
+#: The longest hop kept from a proxy's header: anything longer is no address.
+MAX_HOP = 64
+
+
+def forwarded_hops(headers: Headers) -> list[str]:
+    """The client addresses a request's proxies wrote, the first (left-most) first: from
+    Forwarded (RFC 7239), else X-Forwarded-For; each without its port or brackets."""
+    values = headers.get_all("forwarded")
+    if values:
+        hops = [m.group(1).strip('"') for value in values
+                for m in _forwarded_for_re.finditer(value)]
+    else:
+        hops = [hop.strip() for value in headers.get_all("x-forwarded-for")
+                for hop in value.split(",")]
+    found = []
+    for hop in hops:
+        if hop.startswith("["):  # "[2001:db8::1]:4711"
+            hop = hop[1:hop.find("]")] if "]" in hop else hop[1:]
+        elif hop.count(":") == 1:  # "192.0.2.1:80"
+            hop = hop.partition(":")[0]
+        if hop:
+            found.append(hop[:MAX_HOP])
+    return found
+
+
 def is_loopback(peer: str) -> bool:
     try:
         address = ipaddress.ip_address(peer)
@@ -6442,6 +6503,7 @@ class Access:
         self._id_prefix = secrets.token_hex(4) + "-"
         self._id_counter = itertools.count(1)
         self.key_usage: dict[int, KeyUsage] = {}
+        self._trusted = [ipaddress.ip_network(n) for n in config.trusted_proxies]
 
     def request_id(self, head: RequestHead) -> str:
         """The client's X-Request-Id when it is a plain token (a proxy in front set it),
@@ -6485,7 +6547,7 @@ class Access:
             # page of another site sends by itself is refused.
             raise HTTPError(403, "management requests from another site are refused")
         if not self.admin_token:
-            if not is_loopback(request.wire.peer):
+            if not self.on_this_host(request):
                 raise HTTPError(403, "management endpoints answer only loopback clients "
                                      "while ADMIN_TOKEN is not set")
             if not self.names_this_balancer(headers.get("host")):
@@ -6507,6 +6569,55 @@ class Access:
             if media != "application/json":
                 raise HTTPError(415, "management requests with a body must be sent as "
                                      "Content-Type: application/json")
+
+    def trusts(self, address: str) -> bool:
+        """Whether ``address`` is a reverse proxy of TRUSTED_PROXIES."""
+        if not self._trusted:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self._trusted)
+
+    def client_of(self, request: Request) -> tuple[str, bool]:
+        """The client's address, and whether the request carries a proxy's word that is
+        not taken (Forwarded / X-Forwarded-For from a peer not in TRUSTED_PROXIES: then
+        the peer is the client, and never counts as a client on this host). From a
+        trusted peer, the right-most hop that is not a trusted proxy is the client
+        (those to its left are what the client itself may have written)."""
+        peer = request.wire.peer
+        hops = forwarded_hops(request.head.headers)
+        if not hops:
+            return peer, False
+        if not self.trusts(peer):
+            return peer, True
+        for hop in reversed(hops):
+            if not self.trusts(hop):
+                return hop, False
+        return hops[0], False
+
+    def on_this_host(self, request: Request) -> bool:
+        """A client on this host, in its own name: loopback, and no proxy's word about
+        someone else (a reverse proxy on this host forwards others)."""
+        return not request.forwarded and is_loopback(request.client)
+
+    def authorize_model_change(self, request: Request) -> None:
+        """Pulling, pushing, creating, copying and deleting models change every server:
+        the admin token, or without one a client on this host (MODEL_MANAGEMENT=admin)."""
+        token = bearer_token(request.head) or basic_password(request.head)
+        if self.admin_token:
+            if token and hmac.compare_digest(token.encode(), self.admin_token.encode()):
+                return
+        elif self.on_this_host(request):
+            return
+        raise HTTPError(403, "changing the fleet's models (pull, push, create, copy, delete, "
+                             "blob uploads) needs the admin token (Authorization: Bearer "
+                             "<ADMIN_TOKEN>)" + ("" if self.admin_token else
+                                                 " or, without one, a client on this host")
+                        + "; MODEL_MANAGEMENT=open allows every client, as Ollama does")
 
     def allow_origin(self, request: Request) -> Sequence[tuple[str, str]]:
         """CORS on the Ollama endpoints, as Ollama answers it: a browser page of an allowed
@@ -6621,7 +6732,7 @@ class Access:
         request_id = request.id if request is not None else "-"
         log.warning("request %s failed upstream: %s", request_id, detail)
         if request is not None and (request.privileged or (
-                not self.admin_token and is_loopback(request.wire.peer))):
+                not self.admin_token and self.on_this_host(request))):
             return detail
         what = UPSTREAM_FAILURES.get(status, "the upstream request failed")
         return f"{what} (request id {request_id})"
@@ -7988,14 +8099,14 @@ class AccessLog:
             line = json.dumps({
                 "time": self.stamp(now), "level": "info", "logger": "ollamabalancer.access",
                 **self.worker, "request_id": request.id or None,
-                "client": request.wire.peer, "method": request.method,
+                "client": request.client, "method": request.method,
                 "path": request.head.target, "status": status,
                 "server": server or None, "model": model or None,
                 "queue_wait": queue_wait, "ttfb": first_byte,
                 "duration": duration, "bytes_out": bytes_out, "cut": outcome.cut},
                 ensure_ascii=False)
         else:
-            line = (f"{self.stamp(now)} INFO    {self.mark}{request.wire.peer:<15} "
+            line = (f"{self.stamp(now)} INFO    {self.mark}{printable(request.client):<15} "
                     f"{request.method:<6} {printable(request.head.target[:200]):<32} "
                     f"{status:>3} {printable(server) or '-':<20} {printable(model) or '-':<24} "
                     f"{_secs(queue_wait)} {_secs(first_byte)} "
@@ -8216,13 +8327,15 @@ Answer = str | tuple[str, ...] | None
 class Route:
     """One line of the route table: what it matches, who may call it ("open" to anyone,
     "client" with an API key once keys exist, "admin" with ADMIN_TOKEN or, without one,
-    from loopback), the handler ("room.method" on the application), and what it takes and
-    answers, for people and for the description at /openapi.json."""
+    from loopback, "models" as "admin" for changing the fleet's models unless
+    MODEL_MANAGEMENT=open, then as "client"), the handler ("room.method" on the
+    application), and what it takes and answers, for people and for the description at
+    /openapi.json."""
 
     methods: frozenset[str]  # empty: any method
     pattern: re.Pattern[str]
     handler: str
-    access: Literal["open", "client", "admin"]
+    access: Literal["open", "client", "models", "admin"]
     summary: str
     #: The endpoint label of the metrics and the access log: the path itself where the
     #: route's paths are few and fixed (""), else a name, so that labels stay bounded.
@@ -8236,7 +8349,7 @@ class Route:
 
 
 def route(methods: str, path: str | tuple[str, ...], handler: str,
-          access: Literal["open", "client", "admin"], summary: str, *, label: str = "",
+          access: Literal["open", "client", "models", "admin"], summary: str, *, label: str = "",
           pattern: str = "", query: tuple[str, ...] = (), body: str | None = None,
           answers: dict[int, Answer] | None = None, errors: tuple[int, ...] = ()) -> Route:
     """A line of the route table. ``path`` is one path or several, fixed or with {names};
@@ -8368,7 +8481,7 @@ def _common_answers(route: Route, method: str) -> dict[int, Answer]:
     found: dict[int, Answer] = {}
     if route.body is not None:
         found.update({400: "Error", 408: "Error", 413: "Error"})
-    if route.access == "client":
+    if route.access in ("client", "models"):
         found.update({401: "Error", 403: "Error", 429: "Error"})
     elif route.access == "admin":
         found.update({401: "Error", 403: "Error", 503: "Error"})
@@ -8415,6 +8528,8 @@ API_SECURITY: dict[str, list[dict[str, list[str]]]] = {
     "open": [],
     "client": [{"apiKey": []}, {}],  # {}: without one until the first key is made
     "admin": [{"adminToken": []}, {"adminPassword": []}],
+    # MODEL_MANAGEMENT=admin (the default): the admin token; open: as "client".
+    "models": [{"adminToken": []}, {"apiKey": []}, {}],
 }
 SECURITY_SCHEMES = {
     "adminToken": {"type": "http", "scheme": "bearer", "description":
@@ -8618,23 +8733,30 @@ ROUTES: tuple[Route, ...] = (
     route("POST", "/api/show", "front.show", "client",
           "a model's details, from a server that has it: never queued behind generations",
           body="OllamaRequest", errors=(404, 502, 503, 504)),
+    route("POST", "/api/push", "front.routed", "models",
+          "pushes a model from the server that has it (changes the registry: management)",
+          body="OllamaRequest", answers={200: OLLAMA_ANSWER}, errors=(404, 502, 503, 504)),
     route("POST", ROUTED_PATHS, "front.routed", "client",
           "routed by its body's model to the best server, queued while the fleet is full",
           body="OllamaRequest", query=("X-Session-Id",), answers={200: OLLAMA_ANSWER},
           errors=(404, 502, 503, 504)),
-    route("POST", ("/api/pull", "/api/create"), "fan_out.progress", "client",
+    route("POST", ("/api/pull", "/api/create"), "fan_out.progress", "models",
           "on every server (or those in 'servers'), progress merged into one stream",
           body="FanOutRequest", answers={200: ("application/x-ndjson", "application/json")},
           errors=(404, 502, 503)),
-    route("DELETE", "/api/delete", "fan_out.delete", "client",
+    route("DELETE", "/api/delete", "fan_out.delete", "models",
           "deletes a model on every server that has it", body="FanOutRequest",
           answers={200: None}, errors=(404, 502, 503)),
-    route("POST", "/api/copy", "fan_out.copy", "client", "copies a model on every server",
+    route("POST", "/api/copy", "fan_out.copy", "models", "copies a model on every server",
           body="CopyRequest", answers={200: None}, errors=(404, 502, 503)),
-    route("POST HEAD", "/api/blobs/{digest}", "fan_out.blobs", "client",
-          "HEAD: does every server have the blob; POST: upload it to every one",
-          label="blobs", pattern=r"/api/blobs/(?P<digest>sha256[:-][0-9a-fA-F]{64})",
-          answers={200: None, 201: None}, errors=(404, 502, 503)),
+    route("HEAD", "/api/blobs/{digest}", "fan_out.blobs", "client",
+          "does every server have the blob", label="blobs",
+          pattern=r"/api/blobs/(?P<digest>sha256[:-][0-9a-fA-F]{64})",
+          answers={200: None}, errors=(404, 502, 503)),
+    route("POST", "/api/blobs/{digest}", "fan_out.blobs", "models",
+          "uploads the blob to every server", label="blobs",
+          pattern=r"/api/blobs/(?P<digest>sha256[:-][0-9a-fA-F]{64})",
+          answers={201: None}, errors=(502, 503)),
     # The seed's API and its management.
     route("POST", "/proxy/addProxy", "management.add_proxy", "admin", "adds a proxy",
           label="add_proxy", body="NewProxy", answers={200: "True"}),
@@ -8758,6 +8880,9 @@ class Balancer:
         allowed: set[str] = set()
         access = self.access
         request.id = access.request_id(request.head)
+        if self.config.trusted_proxies or "x-forwarded-for" in request.head.headers.index or (
+                "forwarded" in request.head.headers.index):
+            request.client, request.forwarded = access.client_of(request)
         request.response_fields.append(("X-Request-Id", request.id))
         routes = self.matching_routes(path)
         if request.method == "OPTIONS" and routes and (
@@ -8773,9 +8898,11 @@ class Balancer:
                 access.authorize_admin(request)
                 request.privileged = True
                 return await handler(request, match)
+            if found.access == "models" and self.config.model_management != "open":
+                access.authorize_model_change(request)
             if cors := access.allow_origin(request):
                 request.response_fields += cors
-            if found.access != "client":
+            if found.access == "open":
                 return await handler(request, match)
             grant = access.authorize_client(request)
             if grant is not NO_GRANT:
@@ -8863,6 +8990,8 @@ class HTTPServer:
         is refused too, so that the last connections go to those that hold few."""
         peer = client_group(wire.peer)
         held = self.by_peer[peer]
+        if self.app.access.trusts(wire.peer):  # a proxy in front carries many clients
+            held = 0
         crowded = held >= self.per_client or (
             len(self.connections) >= self.max_connections * CROWDED
             and held >= self.max_connections // (len(self.by_peer) + 1))
@@ -9103,6 +9232,16 @@ def log_start(config: Config, fleet: Fleet) -> None:
         log.warning("ADMIN_TOKEN is not set: management endpoints answer loopback clients only")
     if not (fleet.has_keys() or config.require_api_key):
         log.warning("no API keys exist: the Ollama endpoints are open to every client")
+    if config.model_management == "open":
+        log.warning("MODEL_MANAGEMENT=open: every client may pull, push, create, copy and "
+                    "delete models on every server")
+    else:
+        log.info("pulling, pushing, creating, copying and deleting models needs %s "
+                 "(MODEL_MANAGEMENT=admin)", "the admin token" if config.admin_token else
+                 "a client on this host")
+    if config.trusted_proxies:
+        log.info("client addresses read from Forwarded / X-Forwarded-For when they come "
+                 "through %s", ", ".join(config.trusted_proxies))
 
 
 async def serve(config: Config, ready: Callable[[str, int], None] | None = None,

@@ -27,7 +27,8 @@ def request(method: str = "GET", path: str = "/servers/allServers", *,
     head = ob.RequestHead(method, path, "HTTP/1.1", headers)
     return types.SimpleNamespace(head=head, method=method, path=path, body_done=not body,
                                  wire=types.SimpleNamespace(peer=peer), response_fields=[],
-                                 authenticated=False, privileged=False, endpoint="")
+                                 authenticated=False, privileged=False, endpoint="",
+                                 client=peer, forwarded=False)
 
 
 def app(**settings: Any) -> ob.Access:

@@ -188,7 +188,7 @@ def test_every_route_comes_from_the_one_table_and_names_a_handler() -> None:
     assert [route for route, _ in app.routes] == list(ob.ROUTES)
     for route, handler in app.routes:
         assert inspect.iscoroutinefunction(handler), route.handler
-        assert route.access in ("open", "client", "admin")
+        assert route.access in ("open", "client", "models", "admin")
         assert route.summary and route.methods <= {"GET", "HEAD", "POST", "PATCH", "DELETE"}
         # Labels stay bounded: a name, or the path of a route whose paths are fixed.
         assert route.label or "(?P<" not in route.pattern.pattern, route.handler

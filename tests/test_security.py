@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import os
 import sqlite3
 import stat
@@ -326,7 +327,8 @@ def test_without_admin_token_only_loopback_may_manage() -> None:
                           ("127.8.9.10", True), ("10.0.0.1", False), ("192.168.1.9", False),
                           ("2001:db8::1", False)):
         request = types.SimpleNamespace(wire=types.SimpleNamespace(peer=peer), head=head,
-                                        method="GET", path="/", body_done=True)
+                                        method="GET", path="/", body_done=True, client=peer,
+                                        forwarded=False)
         if allowed:
             app.authorize_admin(request)  # type: ignore[arg-type]
         else:
@@ -669,3 +671,63 @@ def test_db_password_file_is_read(tmp_path: Path) -> None:
             lb.stop()
     finally:
         drop_database(mysql.database)
+
+
+def test_behind_an_untrusted_proxy_a_loopback_peer_is_not_the_admin(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    """A reverse proxy on this host forwards other people: a request that carries
+    X-Forwarded-For or Forwarded is not taken for a client on this host."""
+    lb = start_balancer(sqlite_store, env={"LOG_FORMAT": "json"})
+    assert lb.call("GET", "/servers/allServers").status == 200
+    for header in ({"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"}):
+        reply = lb.call("GET", "/servers/allServers", headers=header)
+        assert reply.status == 403, reply
+        pull = lb.call("POST", "/api/pull", {"model": "llama3"}, headers=header)
+        assert pull.status == 403 and "MODEL_MANAGEMENT=open" in pull.json()["error"]
+
+
+def test_from_a_trusted_proxy_the_client_is_the_right_most_untrusted_hop(
+        start_balancer: Any, sqlite_store: StoreConfig) -> None:
+    lb = start_balancer(sqlite_store, "--trusted-proxies", "127.0.0.1,10.0.0.0/8",
+                        env={"LOG_FORMAT": "json"})
+    cases = [({"X-Forwarded-For": "1.2.3.4, 198.51.100.7, 10.1.2.3"}, "198.51.100.7"),
+             ({"Forwarded": 'for="[2001:db8::1]:4711";proto=https, for=10.9.9.9'},
+              "2001:db8::1"),
+             ({"X-Forwarded-For": "127.0.0.1"}, "127.0.0.1")]
+    for header, client in cases:
+        path = f"/api/version?case={len(lb.lines)}"
+        assert lb.call("GET", path, headers=header).status == 200
+        lb.wait_for(lambda p=path: any(p in line for line in lb.lines))
+        line = next(json.loads(line) for line in lb.lines if path in line)
+        assert line["client"] == client, (header, line)
+    # A proxied client elsewhere is no admin; one on this host through the proxy is.
+    outside = lb.call("GET", "/servers/allServers",
+                      headers={"X-Forwarded-For": "198.51.100.7"})
+    assert outside.status == 403
+    assert lb.call("GET", "/servers/allServers",
+                   headers={"X-Forwarded-For": "127.0.0.1"}).status == 200
+
+
+def test_model_changes_need_the_admin_token_unless_model_management_is_open(
+        start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama) -> None:
+    lb = start_balancer(sqlite_store, env={"ADMIN_ADMIN": ADMIN})
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    lb.call("POST", "/servers/addServer", {"url": backend.url}, headers=auth)
+    for method, path, body in (("POST", "/api/pull", {"model": "phi3", "stream": False}),
+                               ("POST", "/api/copy", {"source": "llama3",
+                                                      "destination": "mine"}),
+                               ("DELETE", "/api/delete", {"model": "mine"}),
+                               ("POST", "/api/push", {"model": "llama3"})):
+        refused = lb.call(method, path, body)
+        assert refused.status == 403, (path, refused)
+        assert "admin token" in refused.json()["error"], refused
+    assert lb.call("POST", "/api/pull", {"model": "phi3", "stream": False},
+                   headers=auth).status == 200
+    assert lb.call("POST", "/api/chat", {"model": "phi3", "messages": [],
+                                         "stream": False}).status == 200
+    assert lb.call("HEAD", "/api/blobs/sha256:" + "0" * 64).status == 404  # a read
+    assert "MODEL_MANAGEMENT=admin" in lb.log
+    open_lb = start_balancer(sqlite_store, "--model-management", "open",
+                             env={"ADMIN_ADMIN": ADMIN})
+    assert open_lb.call("POST", "/api/copy", {"source": "phi3",
+                                              "destination": "theirs"}).status == 200
