@@ -710,7 +710,7 @@ def test_from_a_trusted_proxy_the_client_is_the_right_most_untrusted_hop(
 
 def test_model_changes_need_the_admin_token_unless_model_management_is_open(
         start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama) -> None:
-    lb = start_balancer(sqlite_store, env={"ADMIN_ADMIN": ADMIN})
+    lb = start_balancer(sqlite_store, env={"ADMIN_TOKEN": ADMIN})
     auth = {"Authorization": f"Bearer {ADMIN}"}
     lb.call("POST", "/servers/addServer", {"url": backend.url}, headers=auth)
     for method, path, body in (("POST", "/api/pull", {"model": "phi3", "stream": False}),
@@ -728,6 +728,6 @@ def test_model_changes_need_the_admin_token_unless_model_management_is_open(
     assert lb.call("HEAD", "/api/blobs/sha256:" + "0" * 64).status == 404  # a read
     assert "MODEL_MANAGEMENT=admin" in lb.log
     open_lb = start_balancer(sqlite_store, "--model-management", "open",
-                             env={"ADMIN_ADMIN": ADMIN})
+                             env={"ADMIN_TOKEN": ADMIN})
     assert open_lb.call("POST", "/api/copy", {"source": "phi3",
                                               "destination": "theirs"}).status == 200
