@@ -6629,7 +6629,8 @@ class Access:
         origin = origins[0]
         if len(origins) > 1 or not self._origins.fullmatch(origin):  # a browser sends one
             raise HTTPError(403, f"origin {origin[:100]!r} is not allowed: add it to ORIGINS")
-        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+                ("Access-Control-Expose-Headers", "X-Request-Id, X-Ollama-Server")]
 
     def preflight(self, request: Request, accesses: list[str]) -> Response:
         """A CORS preflight (OPTIONS with Access-Control-Request-Method): 204 with what
@@ -8134,6 +8135,31 @@ class AccessLog:
 ACCESS_LOGS: weakref.WeakSet[AccessLog] = weakref.WeakSet()
 
 
+#: When this process started (Unix time): process_start_time_seconds.
+PROCESS_STARTED = time.time()
+
+
+def process_metrics() -> str:
+    """The process's own metrics, under the names every Prometheus client library gives
+    them: resident memory, CPU seconds, open descriptors, start time (Linux's /proc;
+    a figure that cannot be read is left out)."""
+    samples: list[tuple[str, str, str, float]] = [
+        ("process_cpu_seconds_total", "counter", "User and system CPU time, in seconds.",
+         time.process_time()),
+        ("process_start_time_seconds", "gauge", "When the process started, in Unix time.",
+         PROCESS_STARTED)]
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+        samples.append(("process_resident_memory_bytes", "gauge",
+                        "Resident memory, in bytes.", pages * os.sysconf("SC_PAGE_SIZE")))
+    with contextlib.suppress(OSError):
+        samples.append(("process_open_fds", "gauge", "Open file descriptors.",
+                        len(os.listdir("/proc/self/fd"))))
+    return "".join(f"# HELP {name} {text}\n# TYPE {name} {kind}\n{name} {value:.17g}\n"
+                   for name, kind, text, value in samples)
+
+
 class Observability:
     """What the balancer says about itself: an access-log line and the metrics of each
     finished request, /metrics, the status JSON and the dashboard page."""
@@ -8308,8 +8334,10 @@ class Observability:
                         [((), 1 + len(others))]),
             "models_drifted": ("Models whose servers hold them under different digests.",
                                [((), len(self.fleet.drifted()))]),
+            "build_info": ("The balancer's version (always 1).",
+                           [((("version", __version__),), 1)]),
         }
-        return Response(200, metrics.render(gauges).encode(),
+        return Response(200, (metrics.render(gauges) + process_metrics()).encode(),
                         "text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -186,8 +186,9 @@ def test_allowed_origins_get_cors_fields_and_others_403() -> None:
                    "app://obsidian.md", "file://", "tauri://localhost", "vscode-webview://x",
                    "vscode-file://vscode-app", "https://chat.example.com"):
         allowed = request("POST", "/api/chat", Origin=origin)
-        assert balancer.allow_origin(allowed) == [("Access-Control-Allow-Origin", origin),
-                                                  ("Vary", "Origin")], origin
+        assert balancer.allow_origin(allowed) == [
+            ("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+            ("Access-Control-Expose-Headers", "X-Request-Id, X-Ollama-Server")], origin
     for origin in ("https://evil.example", "https://chat.example.com.evil", "null",
                    "http://localhost.evil"):
         error = refused(balancer.allow_origin, request("POST", "/api/chat", Origin=origin))
@@ -381,7 +382,7 @@ def test_more_than_one_origin_is_refused_and_fields_already_set_are_left_alone()
     assert refused(balancer.allow_origin, twice).status == 403
     kept = request("GET", "/api/tags", Origin="http://localhost")
     kept.response_fields.append(("X-Request-Id", "r-1"))
-    assert len(balancer.allow_origin(kept)) == 2
+    assert len(balancer.allow_origin(kept)) == 3
     assert kept.response_fields == [("X-Request-Id", "r-1")]  # the front adds them
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -71,6 +72,12 @@ def test_metrics_count_a_known_sequence_of_requests(
     assert metrics["ollamabalancer_circuit_open"][(("server", "gpu-good"),)] == 0
     assert metrics["ollamabalancer_inflight"][(("server", "gpu-good"),)] == 0
     assert metrics["ollamabalancer_queue_depth"][()] == 0
+    # What operators expect of any service: its version, and the process's own figures.
+    assert metrics["ollamabalancer_build_info"] == {(("version", ob.__version__),): 1}
+    assert 10e6 < metrics["process_resident_memory_bytes"][()] < 2e9
+    assert metrics["process_cpu_seconds_total"][()] > 0
+    assert 5 < metrics["process_open_fds"][()] < 10_000
+    assert 0 < time.time() - metrics["process_start_time_seconds"][()] < 600
 
 
 def test_metrics_are_a_management_endpoint(start_balancer: Any,
