@@ -7677,8 +7677,20 @@ class Management:
         self.config = config
         self.fleet = fleet
 
+    @staticmethod
+    def _check_socks(values: dict[str, Any]) -> None:
+        """A SOCKS proxy works only with python-socks: refused without it, rather than
+        stored to fail every request later."""
+        if str(values.get("protocol") or "").startswith("socks"):
+            try:
+                import python_socks  # noqa: F401 (only whether it is there)
+            except ImportError:
+                raise HTTPError(400, "SOCKS proxies need the python-socks package on the "
+                                     "balancer's host: pip install python-socks") from None
+
     async def add_proxy(self, request: Request, match: re.Match[str]) -> Response:
         values = parse_proxy_body(_json_object(await request.read_json()), partial=False)
+        self._check_socks(values)
         new_id = await self.fleet.add_proxy(values)
         log.info("added proxy %d (%s://%s:%d)", new_id, values["protocol"], values["ip"],
                  values["port"])
@@ -7694,6 +7706,7 @@ class Management:
         proxy = self.fleet.proxy(proxy_id)
         if request.method == "PATCH":
             values = parse_proxy_body(_json_object(await request.read_json()), partial=True)
+            self._check_socks(values)
             proxy = await self.fleet.update_proxy(proxy_id, values)
         elif request.method == "DELETE":
             try:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -142,3 +143,19 @@ def test_a_server_with_a_proxy_is_reached_through_it_by_id_and_from_the_root(
             assert reply.status == 200, reply
             (seen,) = [r for r in backend.requests if marker.encode() in r["body"]]
             assert seen["peer"] == source, (path, seen["peer"])
+
+
+def test_a_socks_proxy_is_refused_while_python_socks_is_missing(
+        start_balancer: Any, sqlite_store: Any, tmp_path: Path) -> None:
+    hidden = tmp_path / "python_socks"
+    hidden.mkdir()
+    (hidden / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    lb = start_balancer(sqlite_store, env={"PYTHONPATH": str(tmp_path)})
+    socks = lb.call("POST", "/proxy/addProxy", {"name": "s", "ip": "127.0.0.1", "port": 1080,
+                                                "protocol": "socks5"})
+    assert socks.status == 400 and "pip install python-socks" in socks.json()["error"]
+    assert lb.call("GET", "/proxy/allProxies").json() == []
+    assert lb.call("POST", "/proxy/addProxy", {"name": "h", "ip": "127.0.0.1", "port": 3128,
+                                               "protocol": "http"}).status == 200
+    proxy_id = lb.call("GET", "/proxy/allProxies").json()[0]["id"]
+    assert lb.call("PATCH", f"/proxy/{proxy_id}", {"protocol": "socks5h"}).status == 400
