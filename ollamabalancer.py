@@ -724,6 +724,7 @@ COMMANDS = {
     "proxies": "proxies add URL [--password-file F] | list | remove ID: the proxies",
     "check": "try every server through its proxy now; exit 1 if any is down",
     "models": "models pull NAME [--servers ID ...]: pull a model on every server",
+    "status": "status [--json]: the running balancer's fleet at a glance (asks IP:PORT)",
     "rotate-secret": "rotate-secret --new-key-file F: seal every stored secret anew",
 }
 
@@ -9804,9 +9805,55 @@ class ProgressBars:
             self.draw()
 
 
+def cli_status(config: Config, args: argparse.Namespace) -> int:
+    """``status``: what the running balancer at IP:PORT says of its fleet, as ``ollama ps``
+    shows a server's: each server, up or down and why, its models loaded, in flight; the
+    queue. With ADMIN_TOKEN when one is set."""
+    import urllib.error
+    import urllib.request
+
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(config.ip, config.ip)
+    url = f"http://{format_host(host)}:{config.port}/servers/status"
+    ask = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if config.admin_token:
+        ask.add_header("Authorization", f"Bearer {config.admin_token}")
+    try:
+        with urllib.request.urlopen(ask, timeout=10) as answer:
+            status = json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        error = upstream_error_message(exc.read()) or exc.reason
+        print(f"error: {url} answered {exc.code}: {error}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"error: no balancer answers at {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    rows = [("SERVER", "STATE", "IN FLIGHT", "LOADED")]
+    for server in status["servers"]:
+        state = ("disabled" if not server["enabled"] else "up" if server["reachable"]
+                 else f"down: {server.get('lastError') or 'unreachable'}")
+        if server.get("circuitOpen"):
+            state += " (circuit open)"
+        rows.append((server.get("name") or server["host"], state,
+                     f"{server['inflight']}/{server['capacity']}",
+                     ", ".join(server.get("loadedModels") or []) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+              + "  " + row[3])
+    totals, queue = status["totals"], status["queue"]
+    print(f"{totals['up']} of {totals['servers']} servers up; {totals['inflight']} in flight;"
+          f" {queue['depth']} waiting (at most {queue['max']})")
+    return 0
+
+
 def run_cli(config: Config, args: argparse.Namespace) -> int:
     """The subcommands that work on the configured store without a running server."""
     try:
+        if args.command == "status":
+            return cli_status(config, args)
         if args.command in ("check", "models"):
             return asyncio.run(cli_fleet(config, args))
         store = open_store(config)
@@ -9851,10 +9898,12 @@ def cli_parser() -> argparse.ArgumentParser:
     pull = model_actions.add_parser("pull", help="pull a model on every reachable server")
     pull.add_argument("name")
     pull.add_argument("--servers", nargs="+", help="only these server ids or names")
+    status = commands.add_parser("status", help="the running balancer's fleet at a glance")
+    status.add_argument("--json", action="store_true", help="its /servers/status, as JSON")
     return parser
 
 
-CLI_COMMANDS = ("servers", "proxies", "check", "models")
+CLI_COMMANDS = ("servers", "proxies", "check", "models", "status")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

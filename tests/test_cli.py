@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -126,3 +127,35 @@ def test_adding_an_unreachable_server_adds_it_and_warns(sqlite_store: StoreConfi
     alive = cli(sqlite_store, "servers", "add", backend.url)
     assert alive.returncode == 0 and alive.stderr == ""
     assert len(cli(sqlite_store, "servers", "list").stdout.splitlines()) == 4
+
+
+def test_status_shows_the_running_balancers_fleet(
+        start_balancer: Any, sqlite_store: StoreConfig, make_backend: Any) -> None:
+    token = "a-status-token-long-enough"
+    lb = start_balancer(sqlite_store, env={"ADMIN_TOKEN": token})
+    up = make_backend()
+    up.loaded = ["llama3:latest"]
+    auth = {"Authorization": f"Bearer {token}"}
+    lb.call("POST", "/servers/addServer", {"url": up.url, "name": "gpu-up"}, headers=auth)
+    lb.call("POST", "/servers/addServer", {"url": "http://127.0.0.1:1", "name": "gpu-down"},
+            headers=auth)
+    env = {"PORT": str(lb.port), "IP": "127.0.0.1", "ADMIN_TOKEN": token}
+    shown = subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), "status"],
+                           env={**os.environ, **env}, capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["SERVER", "STATE", "IN", "FLIGHT", "LOADED"]
+    assert any(line.startswith("gpu-up") and " up " in line and "llama3:latest" in line
+               for line in lines), shown.stdout
+    assert any(line.startswith("gpu-down") and "down: " in line for line in lines)
+    assert lines[-1].startswith("1 of 2 servers up;")
+    as_json = subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), "status",
+                              "--json"], env={**os.environ, **env}, capture_output=True,
+                             text=True, timeout=60)
+    assert {s["name"] for s in json.loads(as_json.stdout)["servers"]} == {"gpu-up",
+                                                                         "gpu-down"}
+    refused = subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), "status"],
+                             env={**os.environ, **env, "ADMIN_TOKEN": "a-wrong-token-long-enough"},
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "401" in refused.stderr
