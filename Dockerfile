@@ -1,4 +1,4 @@
-# ollamabalancer in a container (see "Running it as a service" in the README):
+# ollamabalancer in a container (see "Running it as a service" in docs/operations.md):
 #   docker build -t ollamabalancer .
 #   docker run -d -p 8080:8080 -v ollamabalancer-data:/data \
 #       -v "$PWD/admin-token:/run/secrets/admin-token:ro" \

@@ -1,6 +1,6 @@
 """The benchmark suite still runs and prints its table (bench/run.py --quick, seconds).
 
-It measures nothing here: figures come from full runs (see the README); this only keeps
+It measures nothing here: figures come from full runs (see docs/performance.md); this only keeps
 the suite, its simulated backends and the fleet simulator working."""
 
 from __future__ import annotations

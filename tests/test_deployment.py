@@ -1,4 +1,4 @@
-"""Running it as a service: the README's systemd unit and the Dockerfile, checked by the
+"""Running it as a service: docs/operations.md's systemd unit and the Dockerfile, checked by the
 tools that will read them and by starting the balancer with their settings; and the CI
 script, which must leave the machine's own services alone."""
 
@@ -16,11 +16,11 @@ from conftest import ROOT, BalancerProcess, unavailable
 
 
 def readme_unit() -> str:
-    """The unit file the README gives, as the ini block after its file name."""
-    readme = (ROOT / "README.md").read_text()
+    """The unit file docs/operations.md gives, as the ini block after its file name."""
+    readme = (ROOT / "docs" / "operations.md").read_text()
     match = re.search(r"`/etc/systemd/system/ollamabalancer\.service`:\s*```ini\n(.*?)```",
                       readme, re.S)
-    assert match, "the README gives no unit file"
+    assert match, "docs/operations.md gives no unit file"
     return match.group(1)
 
 

@@ -163,10 +163,10 @@ def test_the_change_log_names_each_write_and_says_when_it_no_longer_reaches_back
 
 
 def haproxy_config(front: int, backends: list[int]) -> str:
-    """The README's HAProxy configuration, on this test's ports."""
-    readme = (ROOT / "README.md").read_text()
+    """docs/operations.md's HAProxy configuration, on this test's ports."""
+    readme = (ROOT / "docs" / "operations.md").read_text()
     match = re.search(r"```haproxy\n(.*?)```", readme, re.S)
-    assert match, "the README gives no HAProxy configuration"
+    assert match, "docs/operations.md gives no HAProxy configuration"
     text = match.group(1).replace("bind :8080", f"bind 127.0.0.1:{front}")
     for address, port in zip(("10.0.0.11:8080", "10.0.0.12:8080"), backends, strict=True):
         text = text.replace(address, f"127.0.0.1:{port}")
