@@ -22,6 +22,7 @@ WORKDIR /data
 USER balancer
 EXPOSE 8080
 STOPSIGNAL SIGTERM
+# On the port the container serves, whatever PORT says.
 HEALTHCHECK --interval=30s --timeout=5s \
-    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/', timeout=4)"]
+    CMD ["python3", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/' % os.environ.get('PORT', '8080'), timeout=4)"]
 CMD ["ollamabalancer"]

@@ -4,6 +4,7 @@ script, which must leave the machine's own services alone."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -11,17 +12,22 @@ import shutil
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
-from conftest import ROOT, BalancerProcess, unavailable
+from conftest import ROOT, BalancerProcess, call, free_port, unavailable
 
 
-def readme_unit() -> str:
-    """The unit file docs/operations.md gives, as the ini block after its file name."""
-    readme = (ROOT / "docs" / "operations.md").read_text()
-    match = re.search(r"`/etc/systemd/system/ollamabalancer\.service`:\s*```ini\n(.*?)```",
-                      readme, re.S)
-    assert match, "docs/operations.md gives no unit file"
-    return match.group(1)
+def shipped_unit() -> str:
+    """The unit file the project ships (deploy/ollamabalancer.service)."""
+    return (ROOT / "deploy" / "ollamabalancer.service").read_text()
+
+
+def debian_steps() -> list[str]:
+    """The commands docs/operations.md gives for Debian and Ubuntu, as root."""
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    match = re.search(r"### On Debian 12 and Ubuntu 24\.04.*?```sh\n(.*?)```", doc, re.S)
+    assert match, "docs/operations.md gives no Debian steps"
+    return [line for line in match.group(1).splitlines() if line.strip()]
 
 
 def unit_settings(unit: str) -> dict[str, list[str]]:
@@ -33,26 +39,22 @@ def unit_settings(unit: str) -> dict[str, list[str]]:
     return settings
 
 
-def console_script() -> str:
-    found = shutil.which("ollamabalancer")
-    assert found, "the console script is missing: pip install -e '.[test]'"
-    return found
-
-
-def test_the_readme_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+def test_the_shipped_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         unavailable("systemd-analyze is not installed (Debian: apt-get install systemd)")
-    unit = readme_unit()
+    unit = shipped_unit()
     settings = unit_settings(unit)
-    assert settings["ExecStart"] == ["/usr/local/bin/ollamabalancer"]  # what pip as root makes
+    # The single file, by the system's own Python: no pip, no venv (SQLite).
+    assert settings["ExecStart"] == ["/usr/bin/python3 /opt/ollamabalancer/ollamabalancer.py"]
     assert settings["DynamicUser"] == ["yes"] and settings["ProtectSystem"] == ["strict"]
     assert settings["StateDirectory"] == ["ollamabalancer"]
     assert sorted(v.split(":")[0] for v in settings["LoadCredential"]) == [
         "admin-token", "secret-key"]
-    # The command where this machine has it: verify checks that it is executable.
+    # The file where this checkout has it: verify checks that the command is executable.
     path = tmp_path / "ollamabalancer.service"
-    path.write_text(unit.replace("/usr/local/bin/ollamabalancer", console_script()))
+    path.write_text(unit.replace("/opt/ollamabalancer/ollamabalancer.py",
+                                 str(ROOT / "ollamabalancer.py")))
     done = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True,
                           timeout=60)
     # verify exits 0 on an unknown key or a bad value ("..., ignoring"): any word is a fault.
@@ -77,7 +79,7 @@ def test_the_units_settings_start_the_balancer_on_read_only_credentials(
         item.chmod(0o400)
     credentials.chmod(0o500)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DB_")}
-    for line in unit_settings(readme_unit())["Environment"]:
+    for line in unit_settings(shipped_unit())["Environment"]:
         for pair in shlex.split(line.replace("%S", str(state)).replace("%d", str(credentials))):
             key, value = pair.split("=", 1)
             env[key] = value
@@ -147,3 +149,72 @@ def test_ci_never_stops_a_process_by_name() -> None:
     install = next(i for i, c in enumerate(commands) if c.startswith("apt-get install"))
     assert any("exit 101" in c and "policy-rc.d" in " ".join(commands[max(0, i - 3):i + 1])
                for i, c in enumerate(commands[:install]))
+
+
+def test_the_debian_steps_as_written_install_a_balancer_the_system_python_runs(
+        tmp_path: Path) -> None:
+    """docs/operations.md's steps, run by a shell in a scratch root (/opt and /etc moved
+    there, systemctl left out), then the balancer started as the unit starts it: by
+    /usr/bin/python3 (Debian's own, without this project's packages), on its settings."""
+    python3 = Path("/usr/bin/python3")
+    if not python3.exists():
+        unavailable("/usr/bin/python3 is missing")
+    root = tmp_path / "root"
+    for name in ("opt", "etc/systemd/system"):
+        (root / name).mkdir(parents=True)
+    script = [line.replace("/opt/", f"{root}/opt/").replace("/etc/", f"{root}/etc/")
+              for line in debian_steps() if not line.startswith("systemctl")]
+    done = subprocess.run(["sh", "-ec", "\n".join(script)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    installed = root / "opt" / "ollamabalancer" / "ollamabalancer.py"
+    assert installed.read_bytes() == (ROOT / "ollamabalancer.py").read_bytes()
+    unit = (root / "etc" / "systemd" / "system" / "ollamabalancer.service").read_text()
+    assert unit == shipped_unit()
+    secrets_dir = root / "etc" / "ollamabalancer"
+    assert stat.S_IMODE(secrets_dir.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE((secrets_dir / name).stat().st_mode) == 0o600
+               for name in ("secret-key", "admin-token"))
+    # As the unit runs it: the system's Python, a clean environment, its settings.
+    state = tmp_path / "state" / "ollamabalancer"
+    state.mkdir(parents=True)
+    env = {"PATH": "/usr/bin:/bin", "IP": "127.0.0.1"}
+    for line in unit_settings(unit)["Environment"]:
+        for pair in shlex.split(line.replace("%S", str(tmp_path / "state"))
+                                .replace("%d", str(secrets_dir))):
+            key, value = pair.split("=", 1)
+            env[key] = value
+    env["PORT"] = "0"
+    proc = subprocess.Popen([str(python3), str(installed)], env=env, cwd=state,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        port = 0
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                port = int(found.group(1))
+                break
+        assert port, "the balancer did not start"
+        token = (secrets_dir / "admin-token").read_text().strip()
+        assert call(port, "GET", "/").text == "Ollama is running"
+        assert call(port, "GET", "/servers/allServers").status == 401
+        assert call(port, "GET", "/servers/allServers",
+                    headers={"Authorization": f"Bearer {token}"}).status == 200
+        assert (state / "ollamabalancer.db").exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_dockerfile_health_check_follows_port(start_balancer: Any,
+                                                   sqlite_store: Any) -> None:
+    check = next(arg for op, arg in dockerfile() if op == "HEALTHCHECK")
+    command = json.loads(check.split("CMD", 1)[1])
+    assert command[0] == "python3"
+    lb = start_balancer(sqlite_store)
+    env = {k: v for k, v in os.environ.items() if k != "PORT"}
+    assert subprocess.run(command, env={**env, "PORT": str(lb.port)},
+                          timeout=30).returncode == 0
+    assert subprocess.run(command, env={**env, "PORT": str(free_port())},
+                          capture_output=True, timeout=30).returncode != 0
