@@ -416,6 +416,8 @@ class Config:
     max_connections_per_client: int = 0  # 0: a quarter of max_connections
     max_buffered_bodies: int = MAX_BUFFERED_BODIES
     drain_timeout: float = 30.0
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
@@ -648,6 +650,10 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("MAX_BUFFERED_BODIES", "--max-buffered-bodies", "max_buffered_bodies", _byte_size,
      "request bodies held in memory at once, over all requests (512M, 2G, in bytes...); "
      "past it 503 with Retry-After (default 512M)"),
+    ("TLS_CERT_FILE", "--tls-cert-file", "tls_cert_file", _text,
+     "PEM certificate (chain) to serve HTTPS with, read again on SIGHUP (default: HTTP)"),
+    ("TLS_KEY_FILE", "--tls-key-file", "tls_key_file", _text,
+     "PEM private key of TLS_CERT_FILE"),
     ("DRAIN_TIMEOUT", "--drain-timeout", "drain_timeout", _seconds,
      "seconds requests in flight may take to finish after SIGTERM (default 30)"),
     ("LOG_LEVEL", "--log-level", "log_level", _level,
@@ -1485,6 +1491,38 @@ class Wire(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         return not (self.eof or self.transport is None or self.transport.is_closing())
+
+    async def first_byte(self, timeout: float) -> bytes:
+        """The first byte the peer sends, peeked at and left unread (the connection must
+        not be read yet: pause_reading() from connection_made); b"" if it closed.
+        TimeoutError after ``timeout`` seconds without one."""
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        peeker = socket.socket(fileno=os.dup(sock.fileno()))
+        peeker.setblocking(False)
+        ready: asyncio.Future[None] = self.loop.create_future()
+        fd = peeker.fileno()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self.loop.add_reader(fd, readable)
+        try:
+            await asyncio.wait_for(ready, timeout)
+            return peeker.recv(1, socket.MSG_PEEK)
+        finally:
+            self.loop.remove_reader(fd)
+            peeker.close()
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """Makes the connection TLS, this side the server (after first_byte())."""
+        assert self.transport is not None
+        transport = await self.loop.start_tls(self.transport, self, context,
+                                              server_side=True, ssl_handshake_timeout=timeout)
+        assert transport is not None
+        self.transport = transport  # an SSL transport
+        self._read_paused = False  # the TLS transport reads
 
 
 async def read_head(
@@ -8997,8 +9035,10 @@ def client_group(peer: str) -> str:
 class HTTPServer:
     """Accepts connections and runs requests on each in order (keep-alive, pipelining)."""
 
-    def __init__(self, app: Balancer, max_connections: int, per_client: int = 0) -> None:
+    def __init__(self, app: Balancer, max_connections: int, per_client: int = 0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.app = app
+        self.tls = tls  # TLS_CERT_FILE: every connection is HTTPS
         self.max_connections = max_connections
         #: Connections one address may hold, so that one peer cannot take every slot.
         self.per_client = per_client or max(1, max_connections // 4)
@@ -9023,6 +9063,27 @@ class HTTPServer:
             task.cancel()
         await asyncio.gather(*self.connections, return_exceptions=True)
 
+    async def start_tls(self, wire: Wire, context: ssl.SSLContext) -> bool:
+        """TLS for a connection that opens with a TLS handshake; plain HTTP to the TLS
+        port gets a clear 400 in plain HTTP (saying to use https), and False."""
+        timeout = self.app.config.header_timeout
+        try:
+            first = await wire.first_byte(timeout)
+            if first == b"\x16":  # a TLS record: the handshake
+                await wire.start_tls(context, timeout)
+                return True
+        except (OSError, TimeoutError, ssl.SSLError):
+            return False
+        if first:
+            body = (b'{"error":"this port speaks HTTPS: use https:// (TLS_CERT_FILE is '
+                    b'set)"}')
+            wire.resume_reading()
+            wire.write(render_head("HTTP/1.1 400 Bad Request", [
+                ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                ("Connection", "close")]) + body)
+            await self.linger(wire)
+        return False
+
     def accept(self, wire: Wire) -> None:
         """Each new client connection is served by a task of its own; over
         MAX_CONNECTIONS it gets a short 503 instead, and over its address's share
@@ -9038,6 +9099,8 @@ class HTTPServer:
             len(self.connections) >= self.max_connections * CROWDED
             and held >= self.max_connections // (len(self.by_peer) + 1))
         if len(self.connections) < self.max_connections and not crowded:
+            if self.tls is not None:
+                wire.pause_reading()  # its first byte says TLS or not (start_tls)
             self.by_peer[peer] += 1
             task = asyncio.ensure_future(self.serve_connection(wire))
             self.connections.add(task)
@@ -9077,6 +9140,8 @@ class HTTPServer:
         # A new connection has HEADER_TIMEOUT for its first request, idle time included.
         idle_until, first = wire.loop.time() + self.app.config.header_timeout, True
         try:
+            if self.tls is not None and not await self.start_tls(wire, self.tls):
+                return
             while True:
                 keep_alive, unread = await self.serve_one(wire, idle_until, first)
                 if not keep_alive or self.draining:
@@ -9263,6 +9328,30 @@ def connection_cap(configured: int, file_limit: int | None) -> int:
         return configured
     return max(1, min(configured, (file_limit - FD_RESERVE - pool_cap(file_limit)) // 2))
 
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """HTTPS for every connection, when TLS_CERT_FILE (and TLS_KEY_FILE) are set."""
+    if not (config.tls_cert_file or config.tls_key_file):
+        return None
+    if not (config.tls_cert_file and config.tls_key_file):
+        raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot use TLS_CERT_FILE/TLS_KEY_FILE: {exc}") from None
+    return context
+
+
+def reload_tls(context: ssl.SSLContext, config: Config) -> None:
+    """SIGHUP: the certificate and key read again (a renewal), for the connections that
+    follow; files that do not load leave the ones in use."""
+    try:
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+        log.info("TLS certificate read again from %s", config.tls_cert_file)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("TLS certificate not read again, the one in use stays: %s", exc)
+
+
 def log_start(config: Config, fleet: Fleet) -> None:
     servers = fleet.every_server()
     reachable = sum(1 for s in servers if s.reachable)
@@ -9308,20 +9397,30 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None,
     await app.start()
     if group is None:
         log_start(config, app.fleet)
-    http_server = HTTPServer(app, max_connections, config.max_connections_per_client)
+    tls = tls_context(config)
+    # The standard library's loop lets a connection be looked at before its TLS begins, so
+    # plain HTTP to the TLS port is told to use https; uvloop reads a connection at once,
+    # so there the listener itself speaks TLS (and plain HTTP is only dropped).
+    listener_tls = tls if tls is not None and type(loop).__module__.startswith("uvloop") else None
+    http_server = HTTPServer(app, max_connections, config.max_connections_per_client,
+                             tls if listener_tls is None else None)
     # A group's workers each listen on the port; the kernel spreads connections over them.
     server = await loop.create_server(
         functools.partial(Wire, http_server.accept), config.ip, config.port,
-        reuse_address=True, reuse_port=group is not None, backlog=1024,
+        reuse_address=True, reuse_port=group is not None, backlog=1024, ssl=listener_tls,
     )
     host, port = server.sockets[0].getsockname()[:2]
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
+    if tls is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, reload_tls, tls, config)
     loops = [app.fleet.health_loop(), app.fleet.sync_loop()]
     if group is None:
-        log.info("listening on http://%s:%d", format_host(host), port)
+        log.info("listening on %s://%s:%d", "https" if tls else "http", format_host(host),
+                 port)
     else:
         log.info("worker %d (pid %d) serving", group.index, os.getpid())
         loops.append(app.observability.publish_loop(stop))

@@ -137,7 +137,7 @@ class BalancerProcess:
         self.port = 0
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            match = next((re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            match = next((re.search(r"listening on https?://127\.0\.0\.1:(\d+)", line)
                           for line in list(self.lines) if "listening on" in line), None)
             if match:
                 self.port = int(match.group(1))

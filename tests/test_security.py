@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
+import http.client
 import json
 import os
+import shutil
+import signal
+import socket
 import sqlite3
+import ssl
 import stat
 import subprocess
 import sys
@@ -26,7 +32,9 @@ from conftest import (
     drop_database,
     free_port,
     mysql_connect,
+    raw_exchange,
     require_module,
+    unavailable,
 )
 from fakeollama import FakeOllama
 
@@ -731,3 +739,59 @@ def test_model_changes_need_the_admin_token_unless_model_management_is_open(
                              env={"ADMIN_TOKEN": ADMIN})
     assert open_lb.call("POST", "/api/copy", {"source": "phi3",
                                               "destination": "theirs"}).status == 200
+
+
+def make_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl), its file and its key's."""
+    if shutil.which("openssl") is None:
+        unavailable("openssl is not installed")
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True,
+                   capture_output=True, timeout=60)
+    return cert, key
+
+
+def served_certificate(port: int) -> str:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            context.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return hashlib.sha256(der).hexdigest()
+
+
+@pytest.mark.parametrize("event_loop_name", ["asyncio", "uvloop"])
+def test_tls_is_served_reloaded_on_sighup_and_plain_http_is_told_to_use_https(
+        start_balancer: Any, sqlite_store: StoreConfig, tmp_path: Path,
+        event_loop_name: str) -> None:
+    """On the standard library's loop plain HTTP to the TLS port is told to use https;
+    uvloop reads a connection before it can be looked at, so there it is only dropped."""
+    if event_loop_name == "uvloop":
+        require_module("uvloop")
+    cert, key = make_certificate(tmp_path, "first")
+    lb = start_balancer(sqlite_store, "--tls-cert-file", str(cert), "--tls-key-file",
+                        str(key))
+    assert any("listening on https://" in line for line in lb.lines)
+    context = ssl.create_default_context(cafile=str(cert))
+    conn = http.client.HTTPSConnection("127.0.0.1", lb.port, timeout=10, context=context)
+    conn.request("GET", "/")
+    assert conn.getresponse().read() == b"Ollama is running"
+    conn.request("GET", "/api/version")  # keep-alive over TLS
+    assert json.loads(conn.getresponse().read())["version"]
+    conn.close()
+    plain = raw_exchange(lb.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    if event_loop_name == "asyncio":
+        assert plain.startswith(b"HTTP/1.1 400 ") and b"use https://" in plain
+    else:
+        assert not plain.startswith(b"HTTP/1.1 200")
+    before = served_certificate(lb.port)
+    second, second_key = make_certificate(tmp_path, "second")
+    cert.write_bytes(second.read_bytes())
+    key.write_bytes(second_key.read_bytes())
+    lb.proc.send_signal(signal.SIGHUP)
+    lb.wait_for(lambda: any("TLS certificate read again" in line for line in lb.lines))
+    assert served_certificate(lb.port) != before
+    assert lb.proc.poll() is None
