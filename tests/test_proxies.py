@@ -106,12 +106,17 @@ def test_proxy_that_refuses_connections_answers_502(balancer: BalancerProcess,
 def test_missing_python_socks_names_the_package(start_balancer: Any, sqlite_store: Any,
                                                 backend: FakeOllama, tmp_path: Any,
                                                 microsocks: tuple[int, str, str]) -> None:
+    """A SOCKS proxy stored while python-socks was there, used once it is gone: the
+    answer names the package (a new one is refused at once: see below)."""
+    with_socks = start_balancer(sqlite_store)
+    with_socks.add_server(backend.url)
+    proxy_id = with_socks.add_proxy(name="s", ip="127.0.0.1", port=microsocks[0],
+                                    protocol="socks5")
+    with_socks.stop()
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     (shadow / "python_socks.py").write_text("raise ImportError('hidden for the test')\n")
     lb = start_balancer(sqlite_store, env={"PYTHONPATH": str(shadow)})
-    lb.add_server(backend.url)
-    proxy_id = lb.add_proxy(name="s", ip="127.0.0.1", port=microsocks[0], protocol="socks5")
     sid = lb.server_id(proxy=str(proxy_id))
     reply = lb.call("GET", f"/servers/ollama/{sid}/api/version")
     assert reply.status == 502
