@@ -9352,27 +9352,28 @@ def reload_tls(context: ssl.SSLContext, config: Config) -> None:
         log.error("TLS certificate not read again, the one in use stays: %s", exc)
 
 
-def log_start(config: Config, fleet: Fleet) -> None:
+def log_start(config: Config, fleet: Fleet, url: str) -> None:
+    """One line that says what is running, where, on what, and who may do what; then a
+    line for each thing that needs the operator's action, and nothing more."""
     servers = fleet.every_server()
-    reachable = sum(1 for s in servers if s.reachable)
-    log.info("%d servers (%d reachable), %d proxies, %d API keys", len(servers),
-             reachable, len(fleet.every_proxy()), len(fleet.every_key()))
-    if config.admin_token:
-        log.info("management endpoints need the admin token")
-    else:
-        log.warning("ADMIN_TOKEN is not set: management endpoints answer loopback clients only")
-    if not (fleet.has_keys() or config.require_api_key):
-        log.warning("no API keys exist: the Ollama endpoints are open to every client")
+    up = sum(1 for s in servers if s.enabled and s.reachable)
+    admin = "the admin token" if config.admin_token else "clients on this host"
+    models = "anyone" if config.model_management == "open" else admin
+    clients = ("an API key" if fleet.has_keys() or config.require_api_key else "anyone")
+    loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+    log.info("ollamabalancer %s listening on %s (%s); store %s; %d servers (%d up), "
+             "%d proxies, %d API keys; management: %s; model changes: %s; Ollama endpoints: "
+             "%s%s", __version__, url, loop, config.describe_store(), len(servers), up,
+             len(fleet.every_proxy()), len(fleet.every_key()), admin, models, clients,
+             f"; client addresses from {', '.join(config.trusted_proxies)}"
+             if config.trusted_proxies else "")
+    exposed = not is_loopback(config.ip)
+    if clients == "anyone" and exposed:
+        log.warning("the Ollama endpoints answer anyone who reaches %s: make an API key "
+                    "(POST /keys/addKey) or set REQUIRE_API_KEY=1", url)
     if config.model_management == "open":
-        log.warning("MODEL_MANAGEMENT=open: every client may pull, push, create, copy and "
-                    "delete models on every server")
-    else:
-        log.info("pulling, pushing, creating, copying and deleting models needs %s "
-                 "(MODEL_MANAGEMENT=admin)", "the admin token" if config.admin_token else
-                 "a client on this host")
-    if config.trusted_proxies:
-        log.info("client addresses read from Forwarded / X-Forwarded-For when they come "
-                 "through %s", ", ".join(config.trusted_proxies))
+        log.warning("MODEL_MANAGEMENT=open: anyone may pull, push, create, copy and delete "
+                    "models on every server")
 
 
 async def serve(config: Config, ready: Callable[[str, int], None] | None = None,
@@ -9380,23 +9381,17 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None,
     """Opens the store, checks the fleet once, then serves until SIGTERM or SIGINT; as
     one worker of a group (WORKERS=N) when ``group`` is given."""
     loop = asyncio.get_running_loop()
-    if group is None:
-        log.info("ollamabalancer %s: store %s", __version__, config.describe_store())
     file_limit = raise_file_limit(config.max_connections)
     max_connections = connection_cap(config.max_connections, file_limit)
-    if max_connections < config.max_connections:
+    if max_connections < config.max_connections and "max_connections" in config.explicit:
         # An alarm only for a number the user chose; the default is a ceiling, not a need.
-        chosen = "max_connections" in config.explicit
-        log.log(logging.WARNING if chosen else logging.INFO,
-                "open files are limited to %s: at most %d client connections (not "
-                "MAX_CONNECTIONS=%d), each with its upstream; raise the hard limit "
-                "(ulimit -Hn) to allow more", file_limit, max_connections,
-                config.max_connections)
+        log.warning("open files are limited to %s: at most %d client connections (not "
+                    "MAX_CONNECTIONS=%d), each with its upstream; raise the hard limit "
+                    "(ulimit -Hn) to allow more", file_limit, max_connections,
+                    config.max_connections)
     store = AsyncStore(await loop.run_in_executor(None, open_store, config), config.db_timeout)
     app = Balancer(config, store, group)
     await app.start()
-    if group is None:
-        log_start(config, app.fleet)
     tls = tls_context(config)
     # The standard library's loop lets a connection be looked at before its TLS begins, so
     # plain HTTP to the TLS port is told to use https; uvloop reads a connection at once,
@@ -9419,8 +9414,8 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None,
             loop.add_signal_handler(signal.SIGHUP, reload_tls, tls, config)
     loops = [app.fleet.health_loop(), app.fleet.sync_loop()]
     if group is None:
-        log.info("listening on %s://%s:%d", "https" if tls else "http", format_host(host),
-                 port)
+        log_start(config, app.fleet, f"{'https' if tls else 'http'}://{format_host(host)}"
+                                     f":{port}")
     else:
         log.info("worker %d (pid %d) serving", group.index, os.getpid())
         loops.append(app.observability.publish_loop(stop))
@@ -9456,7 +9451,6 @@ def run(work: Coroutine[Any, Any, None], event_loop: str) -> None:
                 work.close()
                 raise MissingDependency("uvloop", "EVENT_LOOP=uvloop") from None
         else:
-            log.info("event loop: uvloop %s", getattr(uvloop, "__version__", "?"))
             uvloop.run(work)
             return
     asyncio.run(work)

@@ -97,10 +97,21 @@ def start_with_open_files(where: Path, limit: int, *args: str) -> list[str]:
 def test_the_open_file_limit_is_a_warning_only_when_a_configured_cap_needs_more(
         tmp_path: Path) -> None:
     quiet = start_with_open_files(tmp_path, 1024)  # a tiny deployment on defaults: no alarm
-    said = [line for line in quiet if "open files are limited" in line]
-    assert said and " INFO " in said[0], quiet
+    assert not [line for line in quiet if "open files are limited" in line], quiet
     loud = start_with_open_files(tmp_path, 1024, "--max-connections", "5000")
     said = [line for line in loud if "open files are limited" in line]
     assert said and " WARNING " in said[0], loud
     enough = start_with_open_files(tmp_path, 1024, "--max-connections", "400")
     assert not [line for line in enough if "open files are limited" in line]
+
+
+def test_startup_says_one_summary_line_and_only_warnings_that_need_action(
+        tmp_path: Path) -> None:
+    lines = start_with_open_files(tmp_path, 4096)
+    info = [line for line in lines if " INFO " in line]
+    assert len(info) <= 2, lines  # the summary (and a new key file's, the first time)
+    summary = next(line for line in info if "listening on http://" in line)
+    for part in ("store sqlite", "0 servers (0 up)", "management: clients on this host",
+                 "model changes: clients on this host", "Ollama endpoints: anyone"):
+        assert part in summary, summary
+    assert not [line for line in lines if " WARNING " in line]  # on loopback: nothing to do
