@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -339,8 +340,9 @@ def test_runs_on_the_standard_library_alone(tmp_path: Path, backend: FakeOllama)
         assert proc.stderr is not None
         port = 0
         for line in proc.stderr:
-            if "listening on" in line:
-                port = int(line.rsplit(":", 1)[1])
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                port = int(found.group(1))
                 break
         from conftest import call
 
