@@ -8511,6 +8511,63 @@ _OLLAMA_BODY = {"type": "object", "description": "Ollama's (or OpenAI's) request
                 "model; sent on as it is", "anyOf": [{"required": ["model"]},
                                                      {"required": ["name"]}]}
 
+_ANY = {"description": "as the Ollama (or OpenAI, Anthropic) API takes it"}
+_MESSAGES = {"type": "array", "items": {"type": "object", "required": ["role"], "properties": {
+    "role": {"type": "string"}, "content": _ANY, "images": _ANY, "tool_calls": _ANY}}}
+
+
+def _request(example: dict[str, Any], required: tuple[str, ...] = ("model",),
+             **fields: Any) -> dict[str, Any]:
+    """A routed endpoint's request as its API documents it (other fields are sent on as
+    they are), with an example that works as it stands against a fleet with the model."""
+    return {"type": "object", "required": list(required), "additionalProperties": True,
+            "properties": {"model": {"type": "string"}, **fields}, "examples": [example]}
+
+
+#: The request body of each routed endpoint, with an example (/api-docs tries it as is).
+ROUTED_BODIES: dict[str, dict[str, Any]] = {
+    "/api/generate": _request(
+        {"model": "llama3.2", "prompt": "Why is the sky blue?", "stream": False},
+        prompt={"type": "string"}, suffix={"type": "string"}, system={"type": "string"},
+        images=_ANY, format=_ANY, options=_ANY, stream={"type": "boolean"},
+        raw={"type": "boolean"}, keep_alive=_ANY, think=_ANY),
+    "/api/chat": _request(
+        {"model": "llama3.2", "messages": [{"role": "user", "content": "Why is the sky "
+                                            "blue?"}], "stream": False},
+        messages=_MESSAGES, tools=_ANY, format=_ANY, options=_ANY,
+        stream={"type": "boolean"}, keep_alive=_ANY, think=_ANY),
+    "/api/embed": _request({"model": "all-minilm", "input": "Why is the sky blue?"},
+                           input=_ANY, truncate={"type": "boolean"}, options=_ANY,
+                           keep_alive=_ANY),
+    "/api/embeddings": _request({"model": "all-minilm", "prompt": "Why is the sky blue?"},
+                                prompt={"type": "string"}, options=_ANY, keep_alive=_ANY),
+    "/api/show": _request({"model": "llama3.2"}, verbose={"type": "boolean"}),
+    "/api/push": _request({"model": "me/llama3.2:mine", "stream": False},
+                          insecure={"type": "boolean"}, stream={"type": "boolean"}),
+    "/v1/chat/completions": _request(
+        {"model": "llama3.2", "messages": [{"role": "user", "content": "Why is the sky "
+                                            "blue?"}]},
+        messages=_MESSAGES, stream={"type": "boolean"}, temperature={"type": "number"},
+        max_tokens={"type": "integer"}, tools=_ANY),
+    "/v1/completions": _request({"model": "llama3.2", "prompt": "Why is the sky blue?"},
+                                prompt=_ANY, stream={"type": "boolean"},
+                                max_tokens={"type": "integer"}),
+    "/v1/embeddings": _request({"model": "all-minilm", "input": "Why is the sky blue?"},
+                               input=_ANY),
+    "/v1/responses": _request({"model": "llama3.2", "input": "Why is the sky blue?"},
+                              input=_ANY, stream={"type": "boolean"}),
+    "/v1/messages": _request(
+        {"model": "llama3.2", "max_tokens": 256,
+         "messages": [{"role": "user", "content": "Why is the sky blue?"}]},
+        ("model", "messages", "max_tokens"), messages=_MESSAGES,
+        max_tokens={"type": "integer"}, system=_ANY, stream={"type": "boolean"}),
+}
+
+
+def _body_name(path: str) -> str:
+    """The name of a routed endpoint's request schema: /api/chat -> ApiChatRequest."""
+    return "".join(part.capitalize() for part in re.split(r"[/_]", path) if part) + "Request"
+
 #: The schemas the route table names, and the error every refusal carries.
 API_SCHEMAS: dict[str, dict[str, Any]] = {
     "Error": {"type": "object", "required": ["error"], "properties": {
@@ -8541,7 +8598,7 @@ API_SCHEMAS: dict[str, dict[str, Any]] = {
     "Status": {"type": "object", "required": [
         "version", "time", "strategy", "queue", "totals", "next", "servers", "proxies",
         "drifted", "recentErrors"]},
-    "OllamaRequest": _OLLAMA_BODY,
+    **{_body_name(path): body for path, body in ROUTED_BODIES.items()},
     "FanOutRequest": {**_OLLAMA_BODY, "properties": {
         "servers": _FAN_OUT_TARGETS, "stream": {"type": "boolean"}}},
     "CopyRequest": {"type": "object", "required": ["source", "destination"], "properties": {
@@ -8812,14 +8869,15 @@ ROUTES: tuple[Route, ...] = (
           pattern=r"/v1/models/(?P<model>.+)", errors=(404,)),
     route("POST", "/api/show", "front.show", "client",
           "a model's details, from a server that has it: never queued behind generations",
-          body="OllamaRequest", errors=(404, 502, 503, 504)),
+          body=_body_name("/api/show"), errors=(404, 502, 503, 504)),
     route("POST", "/api/push", "front.routed", "models",
           "pushes a model from the server that has it (changes the registry: management)",
-          body="OllamaRequest", answers={200: OLLAMA_ANSWER}, errors=(404, 502, 503, 504)),
-    route("POST", ROUTED_PATHS, "front.routed", "client",
-          "routed by its body's model to the best server, queued while the fleet is full",
-          body="OllamaRequest", query=("X-Session-Id",), answers={200: OLLAMA_ANSWER},
+          body=_body_name("/api/push"), answers={200: OLLAMA_ANSWER},
           errors=(404, 502, 503, 504)),
+    *(route("POST", path, "front.routed", "client",
+            "routed by its body's model to the best server, queued while the fleet is full",
+            body=_body_name(path), query=("X-Session-Id",), answers={200: OLLAMA_ANSWER},
+            errors=(404, 502, 503, 504)) for path in ROUTED_PATHS),
     route("POST", ("/api/pull", "/api/create"), "fan_out.progress", "models",
           "on every server (or those in 'servers'), progress merged into one stream",
           body="FanOutRequest", answers={200: ("application/x-ndjson", "application/json")},

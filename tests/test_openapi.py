@@ -21,7 +21,7 @@ from conftest import (
     mysql_connect,
     require_module,
 )
-from fakeollama import FakeOllama
+from fakeollama import FakeOllama, tag
 
 import ollamabalancer as ob
 
@@ -185,3 +185,24 @@ def test_the_management_api_keeps_to_its_description(
                            checks=FUZZ_CHECKS, timeout=10)
     assert lb.proc.poll() is None, lb.log  # still serving
 
+
+
+def test_each_ollama_and_openai_endpoint_describes_its_body_with_an_example_that_works(
+        start_balancer: Any, sqlite_store: StoreConfig, make_backend: Any) -> None:
+    lb = start_balancer(sqlite_store)
+    fake = make_backend(models=[tag("llama3.2:latest"), tag("all-minilm:latest")])
+    lb.add_server(fake.url)
+    document = lb.call("GET", "/openapi.json").json()
+    tried = []
+    # The endpoints the fake Ollama answers (it lacks the legacy and the newest ones).
+    answered = ("/api/generate", "/api/chat", "/api/embed", "/api/show",
+                "/v1/chat/completions", "/v1/embeddings")
+    for path in [*ob.ROUTED_PATHS, "/api/show"]:
+        body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        schema = document["components"]["schemas"][body["schema"]["$ref"].rsplit("/", 1)[1]]
+        assert "model" in schema["properties"] and schema["examples"], path
+        if path in answered:
+            reply = lb.call("POST", path, schema["examples"][0])
+            assert reply.status == 200, (path, reply)
+            tried.append(path)
+    assert sorted(tried) == sorted(answered)
