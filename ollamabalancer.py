@@ -7901,6 +7901,7 @@ DASHBOARD_HTML = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>ollamabalancer</title>
+<link rel="icon" href="/favicon.ico" type="image/svg+xml">
 <style>
   :root { --bg: #0f1419; --panel: #171d24; --line: #273039; --text: #d7dde3;
           --dim: #8593a0; --ok: #3fb950; --bad: #f85149; --warn: #d29922; --accent: #58a6ff; }
@@ -7939,6 +7940,8 @@ DASHBOARD_HTML = """<!doctype html>
   td.load { white-space: nowrap; }
   .empty { padding: 12px 16px; color: var(--dim); }
   svg { display: block; }
+  .actions button { margin-right: 4px; }
+  form.actions { padding: 12px 16px; }
 </style>
 </head>
 <body>
@@ -7963,10 +7966,13 @@ DASHBOARD_HTML = """<!doctype html>
       <button id="previous" hidden>&lsaquo; previous</button>
       <button id="next" hidden>next &rsaquo;</button></h2>
     <table>
-      <thead><tr><th>Server</th><th>Health</th><th>Circuit</th><th>Models (loaded in green)</th>
-        <th>In flight</th><th>Req/min</th><th>Err/min</th><th>Last 5 min</th></tr></thead>
+      <thead><tr><th>Server</th><th>Health</th><th>Failing</th><th>Models (loaded in green)</th>
+        <th>Busy</th><th>Req/min</th><th>Err/min</th><th>Last 5 min</th><th></th></tr></thead>
       <tbody id="servers"></tbody>
     </table>
+    <form id="pull" class="actions">Pull a model on every server:
+      <input name="model" placeholder="llama3.2" required>
+      <button type="submit">Pull</button> <span class="dim" id="pulled"></span></form>
   </section>
   <section>
     <h2>Proxies</h2>
@@ -8030,8 +8036,34 @@ function chart(points) {
   }
   return svg;
 }
+function button(text, title, onclick) {
+  const node = el("button", text);
+  if (title) node.title = title;
+  node.onclick = onclick;
+  return node;
+}
+// The same API a script would call, from this page's origin, as JSON: the management
+// endpoints' cross-site protections hold for the page as for anyone.
+async function act(method, path, body) {
+  const answer = await fetch(path, {method, credentials: "same-origin", headers:
+    {"Content-Type": "application/json"}, body: body === undefined ? undefined
+    : JSON.stringify(body)});
+  const text = answer.ok ? "" : (await answer.json().catch(() => ({}))).error || answer.status;
+  document.getElementById("state").textContent = text ? `· ${text}` : "";
+  refresh();
+  return answer;
+}
+document.addEventListener("submit", async event => {
+  if (event.target.id !== "pull") return;
+  event.preventDefault();
+  const model = event.target.elements.model.value.trim();
+  document.getElementById("pulled").textContent = `pulling ${model}...`;
+  const answer = await act("POST", "/api/pull", {model, stream: false});
+  document.getElementById("pulled").textContent = answer.ok ? `${model}: pulled` : "";
+});
 function render(data) {
   const servers = data.servers;
+  const proxyNames = new Map(data.proxies.map(p => [p.id, p.name]));
   const drifted = new Set(data.drifted || []);
   document.getElementById("meta").textContent =
     `v${data.version} · strategy ${data.strategy}` +
@@ -8051,7 +8083,7 @@ function render(data) {
   fill("servers", servers.map(s => {
     const name = el("div"); name.appendChild(el("div", s.name || s.host));
     name.appendChild(el("div", `${s.scheme}://${s.host}:${s.port}` +
-      (s.proxyId ? ` via proxy ${s.proxyId}` : ""), "dim"));
+      (s.proxyId ? ` via ${proxyNames.get(s.proxyId) || "proxy " + s.proxyId}` : ""), "dim"));
     const health = el("div");
     health.appendChild(!s.enabled ? el("span", "disabled", "dim")
       : s.reachable ? el("span", "up", "up") : el("span", "down", "down"));
@@ -8072,14 +8104,22 @@ function render(data) {
     bar.appendChild(fillBar); load.appendChild(bar);
     load.appendChild(el("span", `${s.inflight} / ${s.capacity}`));
     const sched = s.scheduling;  // what the scheduler counts on, and whence
-    load.appendChild(el("div", `${sched.maxLoadedModels} models (${sched.maxLoadedModelsFrom})` +
-      ` x ${sched.numParallel} parallel (${sched.numParallelFrom})`, "dim"));
-    const circuit = s.circuitOpen ? el("span", "open", "open") : el("span", "closed", "dim");
+    load.appendChild(el("div", `holds ${sched.maxLoadedModels} models, ${sched.numParallel} ` +
+      `requests each (${sched.numParallelFrom === "server" ? "as set" : sched.numParallelFrom})`,
+      "dim"));
+    const circuit = s.circuitOpen ? el("span", "paused after failures", "open")
+                                  : el("span", "no", "dim");
+    const actions = el("div", null, "actions");
+    actions.appendChild(button(s.enabled ? "Disable" : "Enable",
+      s.enabled ? "new requests go elsewhere; those running finish" : "",
+      () => act("PATCH", `/servers/${s.id}`, {enabled: !s.enabled})));
+    actions.appendChild(button("Remove", "", () =>
+      confirm(`Remove ${s.name || s.host}?`) && act("DELETE", `/servers/${s.id}`)));
     const tr = row([name, health, circuit, models, load, String(s.requestsPerMinute),
-                    String(s.errorsPerMinute), chart(s.history)]);
+                    String(s.errorsPerMinute), chart(s.history), actions]);
     tr.children[4].className = "load";
     return tr;
-  }), 8, "No servers yet: POST /servers/addServer or `ollamabalancer servers add URL`.");
+  }), 9, "No servers yet: POST /servers/addServer or `ollamabalancer servers add URL`.");
   fill("proxies", data.proxies.map(p => row([p.name, p.protocol, `${p.ip}:${p.port}`,
       p.userName || "-", p.status ? "yes" : "no"])), 5, "No proxies.");
   fill("errors", data.recentErrors.map(e => row([e.time, e.server, e.kind, e.message])), 4,
@@ -8182,6 +8222,15 @@ class AccessLog:
             stream.write("\n".join(lines) + "\n")
             stream.flush()
 
+
+#: The dashboard's icon: a small fleet, three boxes behind one.
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
+           b'<rect width="32" height="32" rx="6" fill="#0f1419"/>'
+           b'<g fill="#58a6ff"><rect x="5" y="6" width="6" height="6" rx="1"/>'
+           b'<rect x="13" y="6" width="6" height="6" rx="1"/>'
+           b'<rect x="21" y="6" width="6" height="6" rx="1"/></g>'
+           b'<path d="M8 12v5h16v-5M16 17v5" stroke="#58a6ff" stroke-width="2" fill="none"/>'
+           b'<rect x="9" y="22" width="14" height="5" rx="1.5" fill="#3fb950"/></svg>')
 
 #: Every AccessLog of this process, flushed before any other log record goes out.
 ACCESS_LOGS: weakref.WeakSet[AccessLog] = weakref.WeakSet()
@@ -8346,6 +8395,10 @@ class Observability:
                                  ("Content-Security-Policy",
                                   "default-src 'self'; script-src 'unsafe-inline'; "
                                   "style-src 'unsafe-inline'")])
+
+    async def favicon(self, request: Request, match: re.Match[str]) -> Response:
+        return Response(200, FAVICON, "image/svg+xml",
+                        headers=[("Cache-Control", "max-age=86400")])
 
     async def metrics_page(self, request: Request, match: re.Match[str]) -> Response:
         servers = self.fleet.every_server()
@@ -8950,6 +9003,8 @@ ROUTES: tuple[Route, ...] = (
           label="status", query=("limit", "after"), answers={200: "Status"}, errors=(400,)),
     route("GET", "/dashboard", "observability.dashboard", "admin", "the dashboard page",
           label="dashboard", answers={200: "text/html"}),
+    route("GET", "/favicon.ico", "observability.favicon", "open", "the dashboard's icon",
+          label="favicon", answers={200: "image/svg+xml"}),
     route("GET", "/openapi.json", "docs.openapi", "open",
           "this description, as OpenAPI 3.1", label="openapi"),
     route("GET", "/api-docs", "docs.page", "open", "this description, as a page",

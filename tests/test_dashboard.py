@@ -37,6 +37,11 @@ def test_dashboard_shows_live_fleet_data_in_a_real_browser(
     assert "<td>3</td>" in dom  # gpu-alpha's requests in the last minute
     assert "dc-socks" in dom and "ops" in dom and "never-shown-pw" not in dom
     assert "cannot connect to gpu-broken" in dom  # in recent errors
+    # Actions on each server, a pull on the fleet, and words a person reads.
+    assert dom.count(">Disable</button>") == 2 and "<button>Remove</button>" in dom
+    assert '<form id="pull"' in dom and '<td><span class="dim">no</span></td>' in dom
+    favicon = lb.call("GET", "/favicon.ico")
+    assert favicon.status == 200 and favicon.headers["Content-Type"] == "image/svg+xml"
     assert re.search(r'<body data-updated="\d{4}-', dom)  # it polled /servers/status
     assert '<span class="meta" id="state"></span>' in dom  # and said nothing was wrong
     screenshot = os.environ.get("DASHBOARD_SCREENSHOT")
