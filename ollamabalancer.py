@@ -7940,7 +7940,10 @@ DASHBOARD_HTML = """<!doctype html>
   td.load { white-space: nowrap; }
   .empty { padding: 12px 16px; color: var(--dim); }
   svg { display: block; }
-  .actions button { margin-right: 4px; }
+  button, input { background: #1f2a36; color: var(--text); border: 1px solid var(--line);
+                  border-radius: 4px; padding: 2px 8px; font: inherit; }
+  button { cursor: pointer; } button:hover { border-color: var(--accent); }
+  .actions button { margin: 1px 4px 1px 0; }
   form.actions { padding: 12px 16px; }
 </style>
 </head>
