@@ -8202,9 +8202,13 @@ class AccessLog:
                 "duration": duration, "bytes_out": bytes_out, "cut": outcome.cut},
                 ensure_ascii=False)
         else:
-            line = (f"{self.stamp(now)} INFO    {self.mark}{printable(request.client):<15} "
-                    f"{request.method:<6} {printable(request.head.target[:200]):<32} "
-                    f"{status:>3} {printable(server) or '-':<20} {printable(model) or '-':<24} "
+            client, target = request.client, request.head.target[:200]
+            if not (client + target + server + model).isprintable():  # one check, most often
+                client, target = printable(client), printable(target)
+                server, model = printable(server), printable(model)
+            line = (f"{self.stamp(now)} INFO    {self.mark}{client:<15} "
+                    f"{request.method:<6} {target:<32} "
+                    f"{status:>3} {server or '-':<20} {model or '-':<24} "
                     f"{_secs(queue_wait)} {_secs(first_byte)} "
                     f"{_secs(duration)} {bytes_out:>9} {request.id or '-'}"
                     f"{' cut' if outcome.cut else ''}")
