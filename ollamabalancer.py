@@ -5734,6 +5734,7 @@ class Fleet:
         self._persisting: asyncio.Future[None] | None = None
         self._syncing: asyncio.Future[None] | None = None
         self._catching_up: asyncio.Future[None] | None = None  # up_to_date()'s read
+        self._rereading: asyncio.Future[None] | None = None  # a catalog change's checks
         self._checks = Once()
         self.instance = secrets.token_hex(8)  # this process among the store's (beat())
         self.revision = 0  # the change log's last applied here, and its mark when read:
@@ -5856,7 +5857,9 @@ class Fleet:
                 if pair is not None:
                     self._handles.remember(token, pair)
         if named["catalog"]:  # models pulled, created, copied or deleted elsewhere
-            await self.check_all(fresh=True)
+            self._rereading = asyncio.ensure_future(self.check_all(fresh=True))
+            self._rereading.add_done_callback(_quietly)
+            await asyncio.shield(self._rereading)
         self._scheduler.dispatch(self._servers)  # a new or changed server may take the queue
 
     def _put_server(self, server_id: int, server: Server | None) -> None:
@@ -6087,7 +6090,15 @@ class Fleet:
             self._catching_up = asyncio.ensure_future(self.sync())
             self._catching_up.add_done_callback(_quietly)
         with contextlib.suppress(StoreUnavailable, TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._catching_up), UP_TO_DATE_WAIT)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._catching_up), UP_TO_DATE_WAIT)
+            except TimeoutError:
+                rereading = self._rereading
+                if rereading is None or rereading.done():
+                    raise  # the database is slow: what memory holds
+                # The database answered, and a change of models is being read from the
+                # servers (each check within HEALTH_TIMEOUT): that is what was asked.
+                await asyncio.shield(rereading)
 
     async def refresh_catalog(self) -> None:
         """Reads what the store's change log holds first (a model another instance or
@@ -6135,7 +6146,8 @@ class Fleet:
                 await asyncio.wait_for(asyncio.shield(self._persisting),
                                        self.config.db_timeout)
         pending = [t for t in (self._persisting, self._syncing, self._catching_up,
-                               *self._tasks, *self._checks.pending()) if t is not None]
+                               self._rereading, *self._tasks, *self._checks.pending())
+                   if t is not None]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
