@@ -5663,6 +5663,40 @@ def paged(items: dict[int, T], page: tuple[int | None, int]) -> tuple[list[T], i
     return [items[i] for i in ids[:limit]], ids[limit - 1]
 
 
+def fleet_models(servers: Iterable[Server]) -> dict[str, dict[str, list[Server]]]:
+    """Every model of ``servers``: each digest it has, and the servers that hold it so.
+    Two digests of one name (pulled before and after the tag moved, or another
+    quantization) are a drift: the same name answers differently from server to server."""
+    found: dict[str, dict[str, list[Server]]] = {}
+    for server in servers:
+        for model in server.models:
+            name = canonical_model(str(model.get("name") or model.get("model") or ""))
+            digest = str(model.get("digest") or "")
+            found.setdefault(name, {}).setdefault(digest, []).append(server)
+    return found
+
+
+def drifted(models: dict[str, dict[str, list[Server]]]) -> list[str]:
+    """The models held under more than one digest (fleet_models)."""
+    return sorted(name for name, digests in models.items() if len(digests) > 1)
+
+
+class DriftWatch:
+    """Says once when a model's servers come to hold it under different digests."""
+
+    def __init__(self) -> None:
+        self._told: set[str] = set()
+
+    def notice(self, models: dict[str, dict[str, list[Server]]]) -> None:
+        now = set(drifted(models))
+        for name in sorted(now - self._told):
+            log.warning("model %s differs between servers (%s): `ollamabalancer models "
+                        "pull %s` brings them together", name, "; ".join(
+                            f"{digest[:12] or '?'} on {', '.join(s.label for s in servers)}"
+                            for digest, servers in models[name].items()), name)
+        self._told = now
+
+
 class Handles:
     """getServer's IDs in memory, each with the (server, proxy) pair it names and back:
     the store makes them, so every instance hands out and resolves the same ones."""
@@ -5724,7 +5758,7 @@ class Fleet:
         self._handles = Handles()
         self._keys: dict[str, ApiKey] = {}  # by the SHA-256 of the key
         self._errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
-        self._drifted: set[str] = set()  # models told of as drifted (_log_drift)
+        self._drift = DriftWatch()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._store_down_logged = False
         self._catalog_refresh: asyncio.Future[None] | None = None
@@ -6067,7 +6101,7 @@ class Fleet:
             if not server.enabled:
                 server.reachable, server.last_error = False, "disabled"
         self._scheduler.dispatch(self._servers)  # servers that came back take queued work
-        self._log_drift()
+        self._drift.notice(self.models())
 
     def recheck(self, servers: Iterable[Server]) -> None:
         for server in servers:
@@ -6209,30 +6243,12 @@ class Fleet:
         return catalog
 
     def models(self) -> dict[str, dict[str, list[Server]]]:
-        """Every model of the serving servers: each digest it has, and the servers that
-        hold it so. Two digests of one name (pulled before and after the tag moved, or a
-        different quantization) are a drift: the same name answers differently."""
-        found: dict[str, dict[str, list[Server]]] = {}
-        for server in self.serving():
-            for model in server.models:
-                name = canonical_model(str(model.get("name") or model.get("model") or ""))
-                digest = str(model.get("digest") or "")
-                found.setdefault(name, {}).setdefault(digest, []).append(server)
-        return found
+        """Every model of the serving servers: each digest, and the servers holding it."""
+        return fleet_models(self.serving())
 
     def drifted(self) -> list[str]:
         """The models whose servers hold them under more than one digest."""
-        return sorted(name for name, digests in self.models().items() if len(digests) > 1)
-
-    def _log_drift(self) -> None:
-        """Says once when a model's servers come to hold it under different digests."""
-        drifted = set(self.drifted())
-        for name in sorted(drifted - self._drifted):
-            log.warning("model %s differs between servers (%s): `ollamabalancer models "
-                        "pull %s` brings them together", name, "; ".join(
-                            f"{digest[:12] or '?'} on {', '.join(s.label for s in servers)}"
-                            for digest, servers in self.models()[name].items()), name)
-        self._drifted = drifted
+        return drifted(self.models())
 
     def capacity(self, server: Server) -> int:
         """Requests in flight on ``server`` before more wait here."""
