@@ -7517,11 +7517,8 @@ class FanOut:
         targets = self.targets(payload)
         stream = payload.get("stream", True) is not False
         body = json.dumps({**payload, "stream": True}).encode()
-        try:
-            outcome = await request.watched(
-                self._merge_progress(request, targets, body, stream, name, skipped))
-        finally:
-            self.fleet.recheck(targets)  # even when the client left: some layers may have landed
+        outcome = await request.watched(
+            self._merge_progress(request, targets, body, stream, name, skipped))
         if outcome is None:  # the client left: mid-stream, its answer had begun
             return Relayed(False, 200 if stream and request.wire.sent else 0)
         return outcome
@@ -7600,6 +7597,8 @@ class FanOut:
         finally:
             for task in tasks:
                 task.cancel()
+            if running:  # left before its end (its client went): some layers may have
+                self.fleet.recheck(targets)  # landed, read in the background
         # The last line only once the catalog shows what the servers hold now.
         await self.fleet.models_changed(targets)
         down = f"; skipped, being down: {', '.join(skipped)}" if skipped else ""
