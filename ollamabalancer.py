@@ -5622,7 +5622,9 @@ class Once:
         arrived = next(self._clock)
         while True:
             entry = self._running.get(key)
-            if entry is None:
+            # A run that has ended, its end not yet told (_ended comes a step later), is
+            # none: waiting for it would not yield, and a fresh caller would spin on it.
+            if entry is None or entry[0].done():
                 entry = (asyncio.ensure_future(start()), next(self._clock))
                 self._running[key] = entry
                 entry[0].add_done_callback(functools.partial(self._ended, key, entry))

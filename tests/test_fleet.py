@@ -3,6 +3,7 @@ the circuit breaker, affinity, strategies, and fan-out of pulls, deletes, copies
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import itertools
@@ -814,3 +815,28 @@ def test_a_model_held_under_two_digests_is_shown_as_drift(fleet: Any) -> None:
                             for line in lb.lines) == 1)
     time.sleep(1.2)  # more health rounds: said once
     assert sum("llama3:latest differs between servers" in line for line in lb.lines) == 1
+
+
+def test_a_fresh_check_asked_for_as_the_last_one_ends_starts_another_and_never_spins(
+        ) -> None:
+    """Once.run(fresh=True) arriving when the run under way has just ended (its end not yet
+    told to the Once) starts a run of its own; it once looped on that ended run without
+    ever yielding, freezing the whole event loop."""
+    runs: list[int] = []
+
+    async def scenario() -> None:
+        once = ob.Once()
+
+        async def start() -> None:
+            runs.append(len(runs))
+
+        first = asyncio.ensure_future(once.run("server", start))
+        await asyncio.sleep(0)  # the first run is made; it ends in the next step
+        fresh = asyncio.ensure_future(once.run("server", start, fresh=True))
+        await asyncio.wait_for(asyncio.gather(first, fresh), 2)
+
+    thread = threading.Thread(target=asyncio.run, args=(scenario(),), daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive(), "the event loop spun"
+    assert runs == [0, 1]  # the fresh caller's own run, after the first
