@@ -318,8 +318,9 @@ class ModelUnavailable(HTTPError):
     """A model the fleet has whose servers cannot take a request now: down, disabled or
     failing. 503 and not 404, which clients read as "not installed"."""
 
-    def __init__(self, model: str, name: str, retry_after: float) -> None:
-        super().__init__(503, f"model '{name}' is unavailable: its servers are down",
+    def __init__(self, model: str, name: str, retry_after: float,
+                 why: str = "its servers are down") -> None:
+        super().__init__(503, f"model '{name}' is unavailable: {why}",
                          headers=[("Retry-After", str(max(1, math.ceil(retry_after))))],
                          model=model)
 
@@ -1992,6 +1993,9 @@ class Server:
     location: str | None = None
     runner: str | None = None
     enabled: bool = True
+    #: Takes no new routed work (its running requests finish; it is still checked, and
+    #: reachable by id): how an operator empties a server before maintenance.
+    draining: bool = False
     proxy_id: int | None = None
     models: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     last_checked: datetime.datetime | None = None
@@ -2045,6 +2049,7 @@ class Server:
             "location": self.location,
             "runner": self.runner,
             "enabled": self.enabled,
+            "draining": self.draining,
             "proxyId": self.proxy_id,
             "models": [m.get("name") or m.get("model") for m in self.models],
             "lastChecked": iso_time(self.last_checked),
@@ -2512,7 +2517,7 @@ def write_key_file(path: str, key: bytes) -> None:
 
 SERVER_COLUMNS = (
     "id, host, port, scheme, name, location, runner, enabled, proxy_id, models, last_checked,"
-    " weight, max_concurrency, num_parallel, max_loaded_models, upstream_auth"
+    " weight, max_concurrency, num_parallel, max_loaded_models, draining, upstream_auth"
 )
 KEY_COLUMNS = "id, name, key_hash, requests_per_minute, max_concurrent, created_at, last_used_at"
 PROXY_COLUMNS = "id, name, ip, port, protocol, status, user_name, password"
@@ -2524,6 +2529,7 @@ SQLITE_ADDED_COLUMNS = (
     ("ollamaServers", "upstream_auth", "TEXT"),
     ("ollamaServers", "num_parallel", "INTEGER"),
     ("ollamaServers", "max_loaded_models", "INTEGER"),
+    ("ollamaServers", "draining", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 SQLITE_SCHEMA = """
@@ -2546,6 +2552,7 @@ CREATE TABLE IF NOT EXISTS ollamaServers (
   upstream_auth TEXT,
   num_parallel INTEGER,
   max_loaded_models INTEGER,
+  draining INTEGER NOT NULL DEFAULT 0,
   UNIQUE (host, port)
 );
 CREATE TABLE IF NOT EXISTS proxy (
@@ -2614,6 +2621,7 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `upstream_auth` varchar(3072) NULL,
   `num_parallel` int NULL,
   `max_loaded_models` int NULL,
+  `draining` tinyint NOT NULL DEFAULT 0,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
@@ -2687,6 +2695,7 @@ MYSQL_ADDED_COLUMNS = (
     ("ollamaServers", "upstream_auth", "varchar(3072) NULL"),
     ("ollamaServers", "num_parallel", "int NULL"),
     ("ollamaServers", "max_loaded_models", "int NULL"),
+    ("ollamaServers", "draining", "tinyint NOT NULL DEFAULT 0"),
     ("proxy", "protocol", "varchar(255) NOT NULL DEFAULT 'http'"),
     ("proxy", "status", "tinyint NOT NULL DEFAULT 1"),
 )
@@ -3204,7 +3213,7 @@ def _as_models(value: Any) -> list[dict[str, Any]]:
 
 def server_from_row(row: Sequence[Any]) -> Server:
     (id_, host, port, scheme, name, location, runner, enabled, proxy_id, models, checked,
-     weight, max_concurrency, num_parallel, max_loaded_models) = row
+     weight, max_concurrency, num_parallel, max_loaded_models, draining) = row
     return Server(
         id=int(id_),
         host=str(host),
@@ -3221,6 +3230,7 @@ def server_from_row(row: Sequence[Any]) -> Server:
         max_concurrency=int(max_concurrency) if max_concurrency else None,
         num_parallel=int(num_parallel) if num_parallel else None,
         max_loaded_models=int(max_loaded_models) if max_loaded_models else None,
+        draining=bool(draining),
     )
 
 
@@ -3552,7 +3562,9 @@ def explain_no_match(servers: Sequence[Server], models: Sequence[str], size: flo
         return "no servers are registered"
     if not enabled:
         return "no server is enabled"
-    reachable = [s for s in enabled if s.reachable]
+    if all(s.draining for s in enabled):
+        return "every enabled server is draining"
+    reachable = [s for s in enabled if s.reachable and not s.draining]
     if not reachable:
         return "no enabled server is reachable"
     wanted = ", ".join(models)
@@ -3907,9 +3919,10 @@ class Ranking:
         }
 
     def eligible(self, server: Server, model: str | None, now: float) -> bool:
-        """Could serve ``model`` at all: enabled, reachable, has it, and its circuit is
-        not open (half-open after the cooldown counts: requests wait for the probe)."""
-        if not (server.enabled and server.reachable):
+        """Could serve ``model`` at all: enabled and not draining, reachable, has it, and
+        its circuit is not open (half-open after the cooldown counts: requests wait for
+        the probe)."""
+        if not (server.enabled and server.reachable) or server.draining:
             return False
         if server.load.breaker_open and now < server.load.open_until:
             return False
@@ -5143,6 +5156,7 @@ SERVER_FIELDS: dict[str, dict[str, Any]] = {
     "location": TEXT_SCHEMA,
     "runner": TEXT_SCHEMA,
     "enabled": FLAG_SCHEMA,
+    "draining": FLAG_SCHEMA,
     "proxyId": ID_SCHEMA,
     "weight": {"type": "number", "minimum": 0.001, "maximum": 1000},
     "maxConcurrency": _integer(1, 100_000),
@@ -5207,6 +5221,7 @@ def parse_server_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     values["location"] = _field_text(body, "location")
     values["runner"] = _field_text(body, "runner")
     values["enabled"] = _field_bool(body, "enabled")
+    values["draining"] = _field_bool(body, "draining")
     values["proxy_id"] = _field_id(body, "proxyId")
     values["weight"] = _field_number(body, "weight", 0.001, 1000.0)
     values["upstream_auth"] = _field_header_value(body, "authorization", max_length=1024)
@@ -5228,8 +5243,9 @@ def parse_server_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
                                   ("authorization", "upstream_auth")):
             if json_name in body and body[json_name] is None:
                 result[column] = None
-    if "enabled" in result:
-        result["enabled"] = int(result["enabled"])
+    for flag in ("enabled", "draining"):
+        if flag in result:
+            result[flag] = int(result[flag])
     return result
 
 
@@ -6292,6 +6308,10 @@ class Fleet:
         having = [s for s in self._servers.values() if model in s.model_names]
         if not having:
             return HTTPError(404, f"model '{name}' not found")
+        enabled = [s for s in having if s.enabled]
+        if enabled and all(s.draining for s in enabled):
+            return ModelUnavailable(model, name, self.config.health_interval,
+                                    "its servers are draining")
         now = time.monotonic()
         reopening = [s.load.open_until - now for s in having
                      if s.enabled and s.reachable and s.load.open_until > now]
@@ -8120,6 +8140,8 @@ function render(data) {
     health.appendChild(!s.enabled ? el("span", "disabled", "dim")
       : s.reachable ? el("span", "up", "up") : el("span", "down", "down"));
     if (s.enabled && !s.reachable && s.lastError) health.appendChild(el("div", s.lastError, "why"));
+    if (s.enabled && s.draining) health.appendChild(el("div", s.inflight
+      ? `draining: ${s.inflight} still running` : "drained: nothing running", "why"));
     const models = el("div");
     for (const model of s.models) {
       const loaded = s.reachable && s.loadedModels.includes(model);
@@ -8145,6 +8167,10 @@ function render(data) {
     actions.appendChild(button(s.enabled ? "Disable" : "Enable",
       s.enabled ? "new requests go elsewhere; those running finish" : "",
       () => act("PATCH", `/servers/${s.id}`, {enabled: !s.enabled})));
+    if (s.enabled) actions.appendChild(button(s.draining ? "Undrain" : "Drain",
+      s.draining ? "takes new requests again"
+                 : "takes no new requests, finishes those running, stays checked",
+      () => act("PATCH", `/servers/${s.id}`, {draining: !s.draining})));
     actions.appendChild(button("Remove", "", () =>
       confirm(`Remove ${s.name || s.host}?`) && act("DELETE", `/servers/${s.id}`)));
     const tr = row([name, health, circuit, models, load, String(s.requestsPerMinute),
@@ -8468,6 +8494,8 @@ class Observability:
             "server_up": ("1 if the server is enabled and answered its last health check.",
                           [((("server", s.label),), int(s.enabled and s.reachable))
                            for s in servers]),
+            "server_draining": ("1 while the server is draining (takes no new requests).",
+                                [((("server", s.label),), int(s.draining)) for s in servers]),
             "circuit_open": ("1 while the server's circuit breaker is open.",
                              [((("server", label),), int(is_open))
                               for label, is_open in circuit.items()]),
@@ -8571,7 +8599,8 @@ SERVER_SCHEMA = _record(
     id={"type": "integer"}, name=_NULLABLE_TEXT, host={"type": "string"},
     port={"type": "integer"}, scheme={"enum": list(SERVER_SCHEMES)},
     location=_NULLABLE_TEXT, runner=_NULLABLE_TEXT, enabled={"type": "boolean"},
-    proxyId={"type": ["integer", "null"]}, models=_STRINGS, lastChecked=_NULLABLE_TEXT,
+    draining={"type": "boolean"}, proxyId={"type": ["integer", "null"]}, models=_STRINGS,
+    lastChecked=_NULLABLE_TEXT,
     reachable={"type": "boolean"}, lastError=_NULLABLE_TEXT, weight={"type": "number"},
     maxConcurrency={"type": ["integer", "null"]}, numParallel={"type": ["integer", "null"]},
     maxLoadedModels={"type": ["integer", "null"]}, hasAuthorization={"type": "boolean"},
@@ -10078,6 +10107,8 @@ def cli_status(config: Config, args: argparse.Namespace) -> int:
                  else f"down: {server.get('lastError') or 'unreachable'}")
         if server.get("circuitOpen"):
             state += " (circuit open)"
+        if server["enabled"] and server.get("draining"):
+            state += ", draining" if server["inflight"] else ", drained"
         rows.append((server.get("name") or server["host"], state,
                      f"{server['inflight']}/{server['capacity']}",
                      ", ".join(server.get("loadedModels") or []) or "-"))

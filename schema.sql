@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `upstream_auth` varchar(3072) NULL,
   `num_parallel` int NULL,
   `max_loaded_models` int NULL,
+  `draining` tinyint NOT NULL DEFAULT 0,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

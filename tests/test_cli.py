@@ -139,6 +139,8 @@ def test_status_shows_the_running_balancers_fleet(
     lb.call("POST", "/servers/addServer", {"url": up.url, "name": "gpu-up"}, headers=auth)
     lb.call("POST", "/servers/addServer", {"url": "http://127.0.0.1:1", "name": "gpu-down"},
             headers=auth)
+    lb.call("POST", "/servers/addServer", {"url": make_backend().url, "name": "gpu-drained",
+                                           "draining": True}, headers=auth)
     env = {"PORT": str(lb.port), "IP": "127.0.0.1", "ADMIN_TOKEN": token}
     shown = subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), "status"],
                            env={**os.environ, **env}, capture_output=True, text=True,
@@ -149,12 +151,13 @@ def test_status_shows_the_running_balancers_fleet(
     assert any(line.startswith("gpu-up") and " up " in line and "llama3:latest" in line
                for line in lines), shown.stdout
     assert any(line.startswith("gpu-down") and "down: " in line for line in lines)
-    assert lines[-1].startswith("1 of 2 servers up;")
+    assert any(line.startswith("gpu-drained") and " up, drained " in line for line in lines)
+    assert lines[-1].startswith("2 of 3 servers up;")
     as_json = subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), "status",
                               "--json"], env={**os.environ, **env}, capture_output=True,
                              text=True, timeout=60)
-    assert {s["name"] for s in json.loads(as_json.stdout)["servers"]} == {"gpu-up",
-                                                                         "gpu-down"}
+    assert {s["name"] for s in json.loads(as_json.stdout)["servers"]} == {
+        "gpu-up", "gpu-down", "gpu-drained"}
     refused = subprocess.run([sys.executable, str(ROOT / "ollamabalancer.py"), "status"],
                              env={**os.environ, **env, "ADMIN_TOKEN": "a-wrong-token-long-enough"},
                              capture_output=True, text=True, timeout=60)

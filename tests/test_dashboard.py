@@ -26,6 +26,7 @@ def test_dashboard_shows_live_fleet_data_in_a_real_browser(
         assert lb.call("POST", "/api/chat", {"model": "llama3", "messages": [],
                                              "stream": False}).status == 200
     assert lb.call("GET", "/servers/ollama/2/api/tags").status == 502  # a recent error
+    assert lb.call("PATCH", "/servers/1", {"draining": True}).status == 200
     url = f"http://127.0.0.1:{lb.port}/dashboard"
     dom = chromium("--virtual-time-budget=4000", "--dump-dom", url)
     assert "gpu-alpha" in dom and "gpu-broken" in dom
@@ -39,6 +40,8 @@ def test_dashboard_shows_live_fleet_data_in_a_real_browser(
     assert "cannot connect to gpu-broken" in dom  # in recent errors
     # Actions on each server, a pull on the fleet, and words a person reads.
     assert dom.count(">Disable</button>") == 2 and "<button>Remove</button>" in dom
+    assert dom.count(">Undrain</button>") == 1 and dom.count(">Drain</button>") == 1
+    assert '<div class="why">drained: nothing running</div>' in dom
     assert '<form id="pull"' in dom and '<td><span class="dim">no</span></td>' in dom
     favicon = lb.call("GET", "/favicon.ico")
     assert favicon.status == 200 and favicon.headers["Content-Type"] == "image/svg+xml"

@@ -171,6 +171,9 @@ def test_the_debian_steps_as_written_install_a_balancer_the_system_python_runs(
     assert installed.read_bytes() == (ROOT / "ollamabalancer.py").read_bytes()
     unit = (root / "etc" / "systemd" / "system" / "ollamabalancer.service").read_text()
     assert unit == shipped_unit()
+    documentation = unit_settings(unit)["Documentation"][0]  # what `systemctl help` opens
+    assert documentation.startswith("file:///opt/")
+    assert (root / documentation.removeprefix("file:///")).is_file()
     secrets_dir = root / "etc" / "ollamabalancer"
     assert stat.S_IMODE(secrets_dir.stat().st_mode) == 0o700
     assert all(stat.S_IMODE((secrets_dir / name).stat().st_mode) == 0o600

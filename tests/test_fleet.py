@@ -155,6 +155,38 @@ def test_a_model_whose_servers_are_all_down_is_503_not_404(fleet: Any) -> None:
     failing.fail_status = None
 
 
+def test_a_draining_server_finishes_what_it_runs_takes_nothing_new_and_is_still_checked(
+        fleet: Any) -> None:
+    lb, add = fleet("--health-interval", "600")
+    draining, row = add(loaded=["llama3:latest"])
+    other, other_row = add()
+    holder, result = in_thread(chat, lb, fake_hold=True)
+    wait_until(lambda: held(draining) == 1)  # the warm server has it
+    patched = lb.call("PATCH", f"/servers/{row['id']}", {"draining": True})
+    assert patched.status == 200 and patched.json()["draining"] is True
+    assert patched.json()["reachable"] is True  # still checked, unlike a disabled one
+    assert patched.json()["inflight"] == 1
+    for _ in range(4):  # new work goes elsewhere, its loaded model notwithstanding
+        assert chat(lb).status == 200
+    assert len(other.model_requests()) == 4 and len(draining.model_requests()) == 1
+    assert lb.call("GET", "/servers/getServer?models=llama3").text != str(row["id"])
+    draining.release()  # what it ran finishes
+    holder.join(10)
+    assert result[0].status == 200
+    assert lb.call("GET", f"/servers/{row['id']}").json()["inflight"] == 0
+    # Reachable by id still (an operator checks it before maintenance) ...
+    assert lb.call("GET", f"/servers/ollama/{row['id']}/api/tags").status == 200
+    # ... and when every holder of a model drains, a request says so (503, not 404).
+    assert lb.call("PATCH", f"/servers/{other_row['id']}", {"draining": True}).status == 200
+    reply = chat(lb)
+    assert reply.status == 503
+    assert reply.json() == {"error": "model 'llama3' is unavailable: its servers are draining"}
+    assert lb.call("GET", "/servers/getServer?models=llama3").json() == {
+        "error": "every enabled server is draining"}
+    assert lb.call("PATCH", f"/servers/{row['id']}", {"draining": False}).status == 200
+    assert chat(lb).status == 200 and len(draining.model_requests()) == 2
+
+
 def test_a_model_pulled_since_the_last_check_is_found_by_one_refresh(fleet: Any) -> None:
     lb, add = fleet("--health-interval", "600")
     fake, _ = add(["llama3:latest"])

@@ -70,8 +70,17 @@ def test_metrics_count_a_known_sequence_of_requests(
     assert metrics["ollamabalancer_server_up"] == {(("server", "gpu-good"),): 1,
                                                   (("server", "gpu-down"),): 0}
     assert metrics["ollamabalancer_circuit_open"][(("server", "gpu-good"),)] == 0
+    assert metrics["ollamabalancer_server_draining"] == {(("server", "gpu-good"),): 0,
+                                                        (("server", "gpu-down"),): 0}
     assert metrics["ollamabalancer_inflight"][(("server", "gpu-good"),)] == 0
     assert metrics["ollamabalancer_queue_depth"][()] == 0
+    # One label scheme across families: a server is its name everywhere it is named.
+    servers_named = {value for family in metrics.values() for labels in family
+                     for name, value in labels if name == "server"}
+    assert servers_named == {"gpu-good", "gpu-down", ""}  # "": answered by no server
+    label_names = {name for family in metrics.values() for labels in family
+                   for name, _ in labels}
+    assert label_names == {"endpoint", "server", "model", "status", "kind", "le", "version"}
     # What operators expect of any service: its version, and the process's own figures.
     assert metrics["ollamabalancer_build_info"] == {(("version", ob.__version__),): 1}
     assert 10e6 < metrics["process_resident_memory_bytes"][()] < 2e9
