@@ -146,6 +146,9 @@ CHANGE_LOG_KEPT = 10_000
 #: each instance (a DELETE that finds nothing costs one indexed read).
 CHANGE_PRUNE_INTERVAL = 60.0
 CHANGE_SLACK = 64
+#: Change-log kinds whose row_id is a table's numeric id, and what such an id looks like.
+ROW_KINDS = frozenset({"server", "proxy", "key"})
+_row_id_re = re.compile(r"[0-9]{1,18}")
 #: WORKERS=N: a crashed worker is started again after a pause that doubles, between these
 #: bounds in seconds, while workers die young (within WORKER_YOUNG seconds of starting);
 #: on SIGTERM the supervisor waits DRAIN_TIMEOUT plus WORKER_GRACE before SIGKILL.
@@ -159,6 +162,9 @@ WORKER_HUNG_BEATS = 30
 #: (it is gone: a crash must not hold capacity), and seconds after which its row goes.
 INSTANCE_MISSED_BEATS = 3
 INSTANCE_FORGOTTEN = 600
+#: Seconds a heartbeat may lie ahead of the database's clock and still count (its clock
+#: counts whole seconds): a row further ahead is no live instance's.
+BEAT_CLOCK_SLACK = 1
 #: The status page's history of each server: requests and errors per HISTORY_STEP seconds
 #: over the last HISTORY_POINTS steps (five minutes), so a chart is whole at page load.
 HISTORY_STEP = 10
@@ -2836,38 +2842,47 @@ class Database:
 
     # -- instances: who else serves from this database, and what each wants -----------
 
-    #: The engine's SQL for "the database's clock, ? seconds ago", and for one beat at a
-    #: time (SQLite: the first write of a transaction takes the database's write lock).
+    #: The engine's SQL for "the database's clock, ? seconds ago" and "? seconds ahead",
+    #: and for one beat at a time (SQLite: the first write of a transaction takes the
+    #: database's write lock; MySQL: a named lock, lock_beats()).
     AGO = "datetime('now', '-' || ? || ' seconds')"
+    AHEAD = "datetime('now', '+' || ? || ' seconds')"
     UPSERT_BEAT = ("INSERT INTO instances (id, demand, holding) VALUES (?, ?, '{}') "
                    "ON CONFLICT (id) DO UPDATE SET demand = excluded.demand, "
                    "beat_at = CURRENT_TIMESTAMP")
-    LOCK_BEATS: str | None = None
-    UNLOCK_BEATS: str | None = None
+
+    def lock_beats(self) -> bool:
+        """Takes the lock that lets one instance beat at a time, where the engine needs
+        one; whether there was one to give back. Raises StoreUnavailable."""
+        return False
+
+    def unlock_beats(self) -> None:
+        """Gives back what lock_beats() took."""
 
     def beat(self, instance: str, demand: str, live: float,
              decide: Callable[[dict[str, tuple[Any, Any]]], str]) -> int:
         """This instance's heartbeat, one instance at a time: records what it wants of
         each server (JSON), reads every instance that beat within ``live`` seconds (by
-        the database's clock; a crashed one drops out), and records what ``decide``
-        makes of their (demand, holding): the slots this one holds from now on. Returns
-        how many instances are live, this one too."""
-        if self.LOCK_BEATS:
-            self._execute(self.LOCK_BEATS)
+        the database's clock; a crashed one drops out, and a row that claims a beat
+        still to come is no live instance), and records what ``decide`` makes of their
+        (demand, holding): the slots this one holds from now on. Returns how many
+        instances are live, this one too."""
+        locked = self.lock_beats()
         try:
             with self.transaction():
                 self._execute(self.UPSERT_BEAT, [instance, demand])
                 rows = self._rows("SELECT id, demand, holding FROM instances WHERE "
-                                  f"beat_at >= {self.AGO} AND id <> ?",
-                                  [math.ceil(live), instance])
+                                  f"beat_at >= {self.AGO} AND beat_at <= {self.AHEAD} "
+                                  "AND id <> ?", [math.ceil(live), BEAT_CLOCK_SLACK, instance])
                 holding = decide({str(i): (d, h) for i, d, h in rows})
                 self._execute("UPDATE instances SET holding = ? WHERE id = ?",
                               [holding, instance])
-                self._execute(f"DELETE FROM instances WHERE beat_at < {self.AGO}",
-                              [INSTANCE_FORGOTTEN])
+                self._execute(f"DELETE FROM instances WHERE beat_at < {self.AGO} "
+                              f"OR beat_at > {self.AHEAD}",
+                              [INSTANCE_FORGOTTEN, INSTANCE_FORGOTTEN])
         finally:
-            if self.UNLOCK_BEATS:
-                self._execute(self.UNLOCK_BEATS)
+            if locked:
+                self.unlock_beats()
         return len(rows) + 1
 
     def leave(self, instance: str) -> None:
@@ -3320,11 +3335,34 @@ class MySQLStore(Store):
 
     engine = "mysql"
     AGO = "NOW() - INTERVAL ? SECOND"
+    AHEAD = "NOW() + INTERVAL ? SECOND"
     UPSERT_BEAT = ("INSERT INTO instances (id, demand, holding) VALUES (?, ?, '{}') "
                    "ON DUPLICATE KEY UPDATE demand = VALUES(demand), "
                    "beat_at = CURRENT_TIMESTAMP")
-    LOCK_BEATS = "SELECT GET_LOCK('ollamabalancer.instances', 10)"
-    UNLOCK_BEATS = "SELECT RELEASE_LOCK('ollamabalancer.instances')"
+
+    @functools.cached_property
+    def beat_lock(self) -> str:
+        """The name of the heartbeat's lock: the database's own (a lock name is the whole
+        server's, and other databases on it are other fleets), at most 64 characters."""
+        name = f"ollamabalancer.{self.config.db_database}"
+        if len(name) > 64:
+            name = "ollamabalancer." + hashlib.blake2b(
+                self.config.db_database.encode(), digest_size=16).hexdigest()
+        return name
+
+    def lock_beats(self) -> bool:
+        # A beat holds it for milliseconds: waiting half of DB_TIMEOUT is ample, and the
+        # wait must end before the connection's own read timeout does.
+        wait = max(1, int(self.config.db_timeout / 2))
+        # 1: taken; 0: another instance held it all along; NULL: an error.
+        got = self._rows("SELECT GET_LOCK(?, ?)", [self.beat_lock, wait])
+        if not got or got[0][0] != 1:
+            raise StoreUnavailable(f"could not take the lock {self.beat_lock!r} that "
+                                   f"heartbeats take in turn (held elsewhere for {wait} s)")
+        return True
+
+    def unlock_beats(self) -> None:
+        self._execute("SELECT RELEASE_LOCK(?)", [self.beat_lock])
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -5881,8 +5919,14 @@ class Fleet:
         """Reads again the rows ``changes`` name, and puts them in memory (or takes them
         out, when gone)."""
         named: dict[str, set[str]] = collections.defaultdict(set)
-        for _, kind, row_id in changes:
-            named[kind].add(row_id)
+        for revision, kind, row_id in changes:
+            if kind in ROW_KINDS and not _row_id_re.fullmatch(str(row_id)):
+                # Not a row any balancer writes (a hand-made or damaged one): skipped,
+                # or it would stop every instance's sync and answer 500 to every read.
+                log.warning("change log revision %s names %s %r, not a row id: skipped",
+                            revision, printable(str(kind)), printable(str(row_id))[:64])
+                continue
+            named[str(kind)].add(str(row_id))
         store, tables = self._store, self._tables
         if server_ids := sorted(int(i) for i in named["server"]):
             read = {s.id: s for s in await store.call(tables.servers_by_id, server_ids)}
@@ -9676,8 +9720,13 @@ class Supervisor:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        # pid: (index, when it started: monotonic, and as file times count)
-        self.workers: dict[int, tuple[int, float, float]] = {}
+        # pid: (index, when it started: monotonic)
+        self.workers: dict[int, tuple[int, float]] = {}
+        #: pid: its files as last seen (names and mtimes, a token of change only), and
+        #: when they were seen to change (monotonic: None before it ever wrote). A worker
+        #: is judged on the supervisor's monotonic clock, never on file times, so that the
+        #: wall clock jumping (an NTP step, a VM resumed) kills no worker.
+        self.written: dict[int, tuple[frozenset[tuple[str, float]], float | None]] = {}
         self.hung: set[int] = set()  # killed for not writing: no word of them again
         self.due: dict[int, float] = {}  # index: when to start it again
         self.pause: dict[int, float] = {}  # index: the pause before its next start
@@ -9728,7 +9777,7 @@ class Supervisor:
         def start(index: int) -> None:
             pid = os.fork()
             if pid:
-                self.workers[pid] = (index, time.monotonic(), time.time())
+                self.watch(pid, index)
                 return
             status = 1
             try:  # the worker: none of the supervisor's plumbing but its ready pipe
@@ -9796,23 +9845,35 @@ class Supervisor:
             self.kill(signal.SIGKILL)
             self.stopping_until = math.inf
 
-    def kill_hung(self) -> None:
-        """Kills a worker whose file, once it wrote one, has not been written again for
-        WORKER_HUNG_BEATS beats: alive but stuck. reap() then starts another."""
-        limit, now = WORKER_HUNG_BEATS * self.config.sync_interval, time.time()
-        written: dict[int, float] = {}
+    def watch(self, pid: int, index: int) -> None:
+        """Counts ``pid`` as worker ``index``, started now."""
+        self.workers[pid] = (index, time.monotonic())
+        # A dead worker's file with the same pid is no word from this one.
+        self.written[pid] = (self.file_marks().get(pid, frozenset()), None)
+
+    def file_marks(self) -> dict[int, frozenset[tuple[str, float]]]:
+        """Each running worker's files (its counts, written every beat), as names and
+        modification times: they change when it writes."""
+        marks: dict[int, set[tuple[str, float]]] = collections.defaultdict(set)
         with contextlib.suppress(OSError):
             for entry in os.scandir(self.directory):
                 match = re.fullmatch(r"worker-([0-9]+)-[0-9a-f]+\.json", entry.name)
                 if match and int(match.group(1)) in self.workers:
-                    pid = int(match.group(1))
                     with contextlib.suppress(OSError):
-                        written[pid] = max(written.get(pid, 0.0), entry.stat().st_mtime)
-        for pid, when in written.items():
-            # Older than the worker: a dead worker's that had the same pid.
-            if when >= self.workers[pid][2] and now - when > limit and pid not in self.hung:
+                        marks[int(match.group(1))].add((entry.name, entry.stat().st_mtime))
+        return {pid: frozenset(found) for pid, found in marks.items()}
+
+    def kill_hung(self) -> None:
+        """Kills a worker whose file, once it wrote one, has not been written again for
+        WORKER_HUNG_BEATS beats: alive but stuck. reap() then starts another."""
+        limit, now = WORKER_HUNG_BEATS * self.config.sync_interval, time.monotonic()
+        for pid, mark in self.file_marks().items():
+            last, since = self.written.get(pid, (frozenset(), None))
+            if mark != last:  # written since last seen (or for the first time)
+                self.written[pid] = (mark, now)
+            elif since is not None and now - since > limit and pid not in self.hung:
                 log.error("worker %d (pid %d) has not written its counts for %.0f s: "
-                          "stuck, killed", self.workers[pid][0], pid, now - when)
+                          "stuck, killed", self.workers[pid][0], pid, now - since)
                 self.hung.add(pid)
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
@@ -9842,8 +9903,9 @@ class Supervisor:
                 return
             if not pid:
                 return
-            index, started, _ = self.workers.pop(pid)
+            index, started = self.workers.pop(pid)
             self.hung.discard(pid)
+            self.written.pop(pid, None)
             if self.stopping_until is not None:
                 continue
             pause = self.restart_pause(index, time.monotonic() - started)

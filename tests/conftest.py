@@ -6,6 +6,7 @@ unless OLLAMABALANCER_REQUIRE_ALL=1 (set by .ci/run), which turns the skips into
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib
 import importlib.util
@@ -205,6 +206,22 @@ class StoreConfig:
         self.engine = engine
         self.database = f"obtest_{secrets.token_hex(4)}"
         self.path = tmp / "balancer.db"
+
+    def execute(self, sql: str) -> None:
+        """Runs ``sql`` on the store's database as an outside writer would (a hand-made
+        row, a damaged one)."""
+        if self.engine == "sqlite":
+            import sqlite3
+
+            with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
+                conn.execute(sql)
+            return
+        conn = mysql_connect(self.database)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(sql)
+        finally:
+            conn.close()
 
     def env(self) -> dict[str, str]:
         if self.engine == "sqlite":

@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, BalancerProcess, StoreConfig, call, free_port, unavailable
+from conftest import (
+    MYSQL,
+    ROOT,
+    BalancerProcess,
+    StoreConfig,
+    call,
+    drop_database,
+    free_port,
+    mysql_connect,
+    unavailable,
+)
 from fakeollama import FakeOllama
 
 import ollamabalancer as ob
@@ -122,6 +132,64 @@ def test_instances_share_a_servers_cap_and_one_that_dies_gives_its_share_back(
     backend.most_active = 0
     assert burst([first] * 4, 0.3) == [200] * 4
     assert backend.most_active == 2
+
+
+def test_a_change_log_row_that_names_no_row_is_skipped_and_sync_goes_on(
+        pair: tuple[BalancerProcess, BalancerProcess], store: StoreConfig,
+        backend: FakeOllama) -> None:
+    first, second = pair
+    row = first.add_server(backend.url)
+    store.execute("INSERT INTO change_log (kind, row_id) VALUES ('server', 'x; DROP')")
+    for lb in pair:  # reads that catch up first, and a write, still answer
+        assert lb.call("GET", f"/servers/{row['id']}").status == 200
+        assert lb.call("PATCH", f"/servers/{row['id']}", {"weight": 2}).status == 200
+    later = second.add_server("http://127.0.0.1:9", name="added-later")
+    first.wait_for(lambda: first.call("GET", f"/servers/{later['id']}").status == 200)
+    assert "names server 'x; DROP', not a row id: skipped" in first.log
+
+
+def test_a_heartbeat_from_the_future_is_no_live_instance(
+        start_balancer: Any, store: StoreConfig, backend: FakeOllama) -> None:
+    lb = start_balancer(store, "--health-interval", "600", "--sync-interval", "0.2")
+    row = lb.add_server(backend.url, maxConcurrency=2)
+    future = ("datetime('now', '+1 hour')" if store.engine == "sqlite"
+              else "NOW() + INTERVAL 1 HOUR")
+    store.execute("INSERT INTO instances (id, beat_at, demand, holding) VALUES "
+                  f"('from-the-future', {future}, '{{\"{row['id']}\": 9}}', '{{}}')")
+    time.sleep(1)  # a few beats
+    status = lb.call("GET", "/servers/status").json()
+    assert status["instances"] == 1
+    assert [s["share"] for s in status["servers"]] == [None]  # the whole cap its own
+    backend.most_active = 0
+    assert burst([lb] * 4, 0.3) == [200] * 4
+    assert backend.most_active == 2
+
+
+def test_the_heartbeat_lock_is_the_databases_own_and_a_lock_not_taken_is_no_beat(
+        tmp_path: Path) -> None:
+    # (SQLite beats under the database's write lock, which needs no name.)
+    store = StoreConfig("mysql", tmp_path)
+    mysql_connect().close()
+    config = ob.Config(db_engine="mysql", db_database=store.database, db_host=MYSQL["host"],
+                       db_port=MYSQL["port"], db_username=MYSQL["user"],
+                       db_password=MYSQL["password"])
+    mysql = ob.MySQLStore(config)
+    mysql.connect()
+    mysql.migrate()
+    holder = mysql_connect(store.database)
+    try:
+        assert mysql.beat_lock == f"ollamabalancer.{store.database}"
+        long_name = ob.MySQLStore(ob.Config(db_engine="mysql", db_database="d" * 64))
+        assert len(long_name.beat_lock) <= 64 and long_name.beat_lock != mysql.beat_lock
+        assert mysql.beat("me", "{}", 5, lambda others: "{}") == 1
+        with holder.cursor() as cursor:  # another instance holds it, and holds on
+            cursor.execute("SELECT GET_LOCK(%s, 0)", [mysql.beat_lock])
+        with pytest.raises(ob.StoreUnavailable, match="could not take the lock"):
+            mysql.beat("me", "{}", 5, lambda others: "{}")
+    finally:
+        holder.close()
+        mysql.close()
+        drop_database(store.database)
 
 
 def test_fair_shares_meet_small_wants_first_and_share_what_is_left() -> None:

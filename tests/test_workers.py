@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -235,3 +236,25 @@ def test_a_worker_dying_young_waits_twice_as_long_each_time_one_that_lived_long_
     for _ in range(30):
         pause = supervisor.restart_pause(2, young)
     assert pause == most
+
+
+def test_a_wall_clock_jump_kills_no_worker_and_a_silent_one_is_killed_on_the_monotonic_clock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    supervisor = ob.Supervisor(ob.Config(sync_interval=0.2))  # stuck after 6 s silent
+    supervisor.directory = str(tmp_path)
+    worker = subprocess.Popen(["sleep", "60"])
+    try:
+        supervisor.watch(worker.pid, 0)
+        (tmp_path / f"worker-{worker.pid}-0a1b2c3d.json").write_text("{}")
+        supervisor.kill_hung()  # its first word
+        real_time, real_monotonic = time.time, time.monotonic
+        monkeypatch.setattr(ob.time, "time", lambda: real_time() + 7200)  # NTP step
+        supervisor.kill_hung()
+        assert worker.poll() is None and not supervisor.hung
+        monkeypatch.setattr(ob.time, "time", real_time)
+        monkeypatch.setattr(ob.time, "monotonic", lambda: real_monotonic() + 7)
+        supervisor.kill_hung()  # 7 s with no word, on the clock that does not jump
+        assert worker.wait(10) == -signal.SIGKILL and supervisor.hung == {worker.pid}
+    finally:
+        worker.kill()
+        worker.wait()
