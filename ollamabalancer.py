@@ -2089,10 +2089,22 @@ def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0, tzinfo=None)
 
 
+def is_localhost(host: str) -> bool:
+    """``localhost`` and the names under it, which are this host's loopback whatever the
+    resolver says (RFC 6761 6.3; a minimal system may have no /etc/hosts at all)."""
+    name = host.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost")
+
+
 async def _open_tcp_socket(host: str, port: int) -> socket.socket:
     """A connected non-blocking socket, trying every address the name resolves to."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos: list[tuple[Any, ...]]
+    if is_localhost(host):
+        infos = [(socket.AF_INET, socket.SOCK_STREAM, 0, "", ("127.0.0.1", port)),
+                 (socket.AF_INET6, socket.SOCK_STREAM, 0, "", ("::1", port))]
+    else:
+        infos = list(await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
     last: OSError = OSError(f"cannot resolve {host}")
     for family, type_, proto, _, address in infos:
         sock = socket.socket(family, type_, proto)
@@ -2183,10 +2195,8 @@ async def open_upstream(server: Server, proxy: Proxy | None, timeout: float) -> 
     async def connect() -> Wire:
         loop = asyncio.get_running_loop()
         if proxy is None:
-            _, wire = await loop.create_connection(Wire, server.host, server.port, ssl=tls,
-                                                   server_hostname=hostname)
-            return wire
-        if proxy.protocol == "http":
+            sock = await _open_tcp_socket(server.host, server.port)
+        elif proxy.protocol == "http":
             sock = await _http_connect(proxy, server.host, server.port)
         else:
             sock = await _socks_connect(proxy, server.host, server.port, timeout)

@@ -99,3 +99,31 @@ def test_an_answer_not_read_whole_drops_its_connection(how: str) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
     assert asyncio.run(exchanges(body)) == (2, 1)
+
+
+def test_localhost_is_this_hosts_loopback_even_where_the_resolver_knows_no_such_name(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A minimal Debian (debootstrap) has no /etc/hosts: "localhost" did not resolve there,
+    # and a server added as http://localhost:11434 was down for good.
+    async def scenario() -> None:
+        upstream = Upstream()
+        await upstream.start()
+        loop = asyncio.get_running_loop()
+
+        async def no_resolver(*args: Any, **kwargs: Any) -> Any:
+            raise OSError(-2, "Name or service not known")
+
+        monkeypatch.setattr(loop, "getaddrinfo", no_resolver)
+        server = ob.Server(id=1, host="LocalHost.", port=upstream.port)
+        wire = await ob.open_upstream(server, None, 5.0)
+        wire.abort()
+        with pytest.raises(ob.UpstreamError, match="Name or service not known"):
+            await ob.open_upstream(ob.Server(id=2, host="localhost.example",
+                                             port=upstream.port), None, 5.0)
+        await asyncio.sleep(0.05)
+        assert upstream.connections == 1
+        await upstream.close()
+
+    asyncio.run(scenario())
+    assert [ob.is_localhost(n) for n in ("localhost", "a.LOCALHOST", "localhost.", "mylocalhost",
+                                         "localhost.example")] == [True, True, True, False, False]
