@@ -72,6 +72,7 @@ import itertools
 import json
 import logging
 import math
+import mmap
 import os
 import random
 import re
@@ -147,7 +148,7 @@ CHANGE_LOG_KEPT = 10_000
 CHANGE_PRUNE_INTERVAL = 60.0
 CHANGE_SLACK = 64
 #: Change-log kinds whose row_id is a table's numeric id, and what such an id looks like.
-ROW_KINDS = frozenset({"server", "proxy", "key"})
+ROW_KINDS = frozenset({"server", "proxy", "key", "learned"})
 _row_id_re = re.compile(r"[0-9]{1,18}")
 #: WORKERS=N: a crashed worker is started again after a pause that doubles, between these
 #: bounds in seconds, while workers die young (within WORKER_YOUNG seconds of starting);
@@ -248,6 +249,17 @@ ROUTE_MEMO_SIZE = 1024
 #: Sessions (X-Session-Id) and conversations (a fingerprint of their messages) remembered
 #: for affinity, about 150 bytes each, least recently used dropped first.
 MAX_SESSIONS = 100_000
+#: The load board of a group of workers (LoadBoard): cells a worker's row has for
+#: servers, and cells a server's count may be in from the one its id names.
+BOARD_SLOTS = 4096
+BOARD_PROBE = 8
+#: Seconds between two looks of a worker at the others' counts on the board, to re-rank
+#: the servers whose load changed and give their freed slots to its queue.
+BOARD_TICK = 0.05
+#: Bounded loads for affinity (Ranking.affine): a conversation's server by rendezvous
+#: hashing is passed over while it runs more than (1 + this) times its share of the
+#: requests on the servers that hold the model loaded.
+AFFINITY_SLACK = 0.25
 #: What the scheduler assumes of a server's Ollama until it has learned otherwise and
 #: nobody said: that it keeps 2 models loaded, or as many as it has shown (a load beyond
 #: that counts as one that may evict: Learned.resident); that a loaded model runs 2
@@ -1738,6 +1750,35 @@ def _expiry(value: Any) -> float:
     return stamp.timestamp() + float("0." + (match[2] or "0"))
 
 
+#: What processes share of a server's Learned: models seen loaded at once, evictions,
+#: requests of one model seen running at once, waits seen for a slot, VRAM seen in use,
+#: VRAM it could not hold (0: none seen).
+Figures = tuple[int, int, int, int, int, int]
+
+
+def merge_figures(a: Figures, b: Figures) -> Figures:
+    """What two processes learned of one server, together: whatever either saw counts,
+    never forgotten because the other saw less. The most of each, but waits go with the
+    most requests seen running at once (waits behind fewer say nothing of the limit), and
+    the least VRAM seen to run out."""
+    parallel, waited = max((a[2], a[3]), (b[2], b[3]))
+    limits = [x for x in (a[5], b[5]) if x]
+    return (max(a[0], b[0]), max(a[1], b[1]), parallel, waited, max(a[4], b[4]),
+            min(limits, default=0))
+
+
+def parse_figures(text: Any) -> Figures | None:
+    """Figures as the store holds them (a JSON list of six counts), None if they are not."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    if not (isinstance(value, list) and len(value) == 6 and all(
+            type(x) is int and 0 <= x < 1 << 62 for x in value)):
+        return None
+    return (value[0], value[1], value[2], value[3], value[4], value[5])
+
+
 @dataclasses.dataclass(eq=False)
 class Learned:
     """What a server has shown of its Ollama settings, where nobody said them (the
@@ -1878,6 +1919,26 @@ class Learned:
             del self.rising[model]
             if rising[0] > self.parallel_seen:
                 self.parallel_seen, self.waited = rising[0], 0
+
+    def figures(self) -> Figures:
+        """What it shares with the other workers and instances (the store's ``learned``
+        table): the waits only up to SURE_AFTER, past which more change nothing."""
+        return (self.resident_seen, self.evictions, self.parallel_seen,
+                min(self.waited, self.SURE_AFTER), self.vram_seen, self.vram_limit or 0)
+
+    def absorb(self, figures: Figures) -> bool:
+        """Takes in what other processes learned of the same server (merge_figures);
+        whether that changed anything here."""
+        mine = self.figures()
+        merged = merge_figures(mine, figures)
+        if merged == mine:
+            return False
+        (self.resident_seen, self.evictions, parallel, waited, self.vram_seen,
+         limit) = merged
+        if (parallel, waited) != (self.parallel_seen, min(self.waited, self.SURE_AFTER)):
+            self.parallel_seen, self.waited = parallel, waited
+        self.vram_limit = limit or None
+        return True
 
     def to_json(self) -> dict[str, Any]:
         return {"maxLoadedModelsSeen": self.resident_seen, "evictions": self.evictions,
@@ -2614,6 +2675,10 @@ CREATE TABLE IF NOT EXISTS instances (
   demand TEXT NOT NULL,
   holding TEXT NOT NULL DEFAULT '{}'
 );
+CREATE TABLE IF NOT EXISTS learned (
+  server_id INTEGER PRIMARY KEY,
+  figures TEXT NOT NULL
+);
 """
 
 # The MySQL schema after every migration; schema.sql is this text (a test keeps them equal).
@@ -2696,6 +2761,12 @@ CREATE TABLE IF NOT EXISTS `instances` (
   `demand` mediumtext NOT NULL,
   `holding` mediumtext NOT NULL,
   PRIMARY KEY (`id`)
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS `learned` (
+  `server_id` int NOT NULL,
+  `figures` varchar(255) NOT NULL,
+  PRIMARY KEY (`server_id`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 """
 
@@ -2870,13 +2941,13 @@ class Database:
         """Gives back what lock_beats() took."""
 
     def beat(self, instance: str, demand: str, live: float,
-             decide: Callable[[dict[str, tuple[Any, Any]]], str]) -> int:
+             decide: Callable[[dict[str, tuple[Any, Any]]], str]) -> list[str]:
         """This instance's heartbeat, one instance at a time: records what it wants of
         each server (JSON), reads every instance that beat within ``live`` seconds (by
         the database's clock; a crashed one drops out, and a row that claims a beat
         still to come is no live instance), and records what ``decide`` makes of their
-        (demand, holding): the slots this one holds from now on. Returns how many
-        instances are live, this one too."""
+        (demand, holding): the slots this one holds from now on. Returns the other live
+        instances' ids."""
         locked = self.lock_beats()
         try:
             with self.transaction():
@@ -2893,7 +2964,7 @@ class Database:
         finally:
             if locked:
                 self.unlock_beats()
-        return len(rows) + 1
+        return [str(i) for i, _, _ in rows]
 
     def leave(self, instance: str) -> None:
         self._execute("DELETE FROM instances WHERE id = ?", [instance])
@@ -2984,6 +3055,7 @@ class Store(Database):
     def delete_server(self, server_id: int) -> bool:
         with self.transaction():
             self._execute("DELETE FROM server_handle WHERE server_id = ?", [server_id])
+            self._execute("DELETE FROM learned WHERE server_id = ?", [server_id])
             cursor = self._execute("DELETE FROM ollamaServers WHERE id = ?", [server_id])
             self._changed("server", server_id)
         return bool(cursor.rowcount)
@@ -3158,6 +3230,43 @@ class Store(Database):
         fleet: every instance reads its servers' models again (Fleet._apply)."""
         with self.transaction():
             self._changed("catalog", "models")
+
+    def share_learned(self, figures: dict[int, Figures]) -> dict[int, Figures]:
+        """Merges what this process learned of each server into what the store holds
+        (merge_figures), telling every instance of each change (the change log); the
+        merged figures."""
+        ids = sorted(figures)
+        with self.transaction():
+            stored = self.learned_of(ids)
+            for server_id in ids:
+                before = stored.get(server_id)
+                merged = figures[server_id] if before is None else merge_figures(
+                    before, figures[server_id])
+                if merged == before:
+                    continue
+                text = json.dumps(merged, separators=(",", ":"))
+                if before is None:
+                    self._execute("DELETE FROM learned WHERE server_id = ?", [server_id])
+                    self._execute("INSERT INTO learned (server_id, figures) VALUES (?, ?)",
+                                  [server_id, text])
+                else:
+                    self._execute("UPDATE learned SET figures = ? WHERE server_id = ?",
+                                  [text, server_id])
+                self._changed("learned", server_id)
+                stored[server_id] = merged
+        return stored
+
+    def learned_of(self, ids: Sequence[int] | None = None) -> dict[int, Figures]:
+        """What the store holds of the servers ``ids`` (or all); rows that are not
+        figures (an outside writer's) are left out."""
+        where = "" if ids is None else f" WHERE server_id IN ({_marks(ids)})"
+        found = {}
+        for server_id, text in self._rows(f"SELECT server_id, figures FROM learned{where}",
+                                          ids or ()):
+            figures = parse_figures(text)
+            if figures is not None and isinstance(server_id, int):
+                found[server_id] = figures
+        return found
 
     def delete_proxy(self, proxy_id: int) -> bool:
         with self.transaction():
@@ -3668,11 +3777,39 @@ class Slot:
     streaming: bool = False
 
 
+class Affinity(NamedTuple):
+    """Where a request would rather go. ``key`` names its session (X-Session-Id) or its
+    conversation (its first message's fingerprint) alike in every worker and instance,
+    for rendezvous hashing (Ranking.affine); ``hint`` is what this process's own table
+    knows it by, if anything: the session, or the longest start of the conversation it
+    has seen go somewhere."""
+
+    key: str | bytes
+    hint: str | bytes | None
+
+
+def rendezvous_order(key: str | bytes, servers: Iterable[Server]) -> list[Server]:
+    """``servers`` in ``key``'s order of preference by weighted rendezvous hashing: the
+    same in every process, and a server that comes or goes moves only the keys it wins
+    or held. Cheap per server (a 64-bit mix of the key's hash and the server's id)."""
+    seed = int.from_bytes(hashlib.blake2b(
+        key.encode() if isinstance(key, str) else key, digest_size=8).digest(), "big")
+
+    def score(server: Server) -> float:
+        x = (seed ^ (server.id * 0x9E3779B97F4A7C15)) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        unit = ((x ^ (x >> 31)) >> 11) * 2.0 ** -53 + 2.0 ** -54  # in (0, 1)
+        return -server.weight / math.log(unit)
+
+    return sorted(servers, key=score, reverse=True)
+
+
 @dataclasses.dataclass(eq=False)
 class Waiter:
     model: str | None
     exclude: frozenset[int]
-    session: str | bytes | None
+    affinity: Affinity | None
     future: asyncio.Future[Slot]
     since: float = dataclasses.field(default_factory=time.monotonic)
     order: int = 0  # its place in arrival order (WaitQueue)
@@ -3757,6 +3894,12 @@ def fair_shares(capacity: int, wants: dict[str, int]) -> dict[str, int]:
     return share
 
 
+def _instance_hash(instance: str) -> int:
+    """A 63-bit hash of an instance id, as the board's headers and siblings() hold it."""
+    return int.from_bytes(hashlib.blake2b(instance.encode(), digest_size=8).digest(),
+                          "big") >> 1
+
+
 class SharedCapacity:
     """This instance's slots of each server while other instances share the fleet (none
     while it is alone, when every cap is its own), decided at each heartbeat."""
@@ -3766,6 +3909,9 @@ class SharedCapacity:
         self.planned: dict[int, int] = {}
         self.planned_alone = True
         self.instances = 1
+        #: Every other live instance is a worker of this group, on its load board: a
+        #: server's cap is then the group's, counted on the board, not shared by beats.
+        self.siblings_only = True
 
     def room(self, server_id: int, capacity: int) -> int:
         # Among other instances, a server no heartbeat has shared yet has no room here.
@@ -3809,9 +3955,13 @@ class SharedCapacity:
 
         return decide
 
-    def take(self, instances: int) -> list[int]:
-        """Uses the slots the last heartbeat decided; the servers that got more room."""
-        self.instances = instances
+    def take(self, others: Sequence[str], siblings: set[int] | None) -> list[int]:
+        """Uses the slots the last heartbeat decided, which found ``others`` live (of
+        which ``siblings``, by their hashes, share this one's board); the servers that got
+        more room."""
+        self.instances = len(others) + 1
+        self.siblings_only = siblings is not None and all(
+            _instance_hash(other) in siblings for other in others)
         before, self.shares = self.shares, {} if self.planned_alone else self.planned
         return [i for i, room in self.shares.items() if room > before.get(i, 0)]
 
@@ -3829,8 +3979,9 @@ class Ranking:
     are, as given or learned. The Scheduler's, which asks it: it reads the fleet and
     changes nothing but its index and what it has learned."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, board: LoadBoard | None = None) -> None:
         self.config = config
+        self.board = board  # the other workers' requests in flight, WORKERS=N
         #: Server ids by session (X-Session-Id, a str) and by conversation (bytes).
         self.sessions: collections.OrderedDict[str | bytes, int] = collections.OrderedDict()
         self._turn = 0
@@ -3976,11 +4127,21 @@ class Ranking:
             return False
         return model is None or model in server.model_names
 
+    def busy(self, server: Server) -> int:
+        """Requests in flight on ``server``: this process's, and its group's other
+        workers' (the load board) when it has one."""
+        board = self.board
+        return server.load.inflight + (board.others(server.id) if board else 0)
+
     def has_room(self, server: Server) -> bool:
-        """A free slot: under its cap (this instance's share), no probe while half-open."""
+        """A free slot: under its cap (this instance's share, or among workers alone on
+        the store the group's, on the board), no probe while half-open."""
         load = server.load
-        return load.inflight < self.shared.room(server.id, self.capacity(server)) and (
-            not load.probing)
+        if load.probing:
+            return False
+        if self.board is not None and self.shared.siblings_only:
+            return self.busy(server) < self.capacity(server)
+        return load.inflight < self.shared.room(server.id, self.capacity(server))
 
 
     def candidates(self, servers: Iterable[Server], model: str | None,
@@ -3989,16 +4150,19 @@ class Ranking:
         return [s for s in servers if s.id not in exclude and self.eligible(s, model, now)]
 
     def choose(self, candidates: Sequence[Server], model: str | None,
-               session: str | bytes | None = None) -> Server | None:
+               affinity: Affinity | None = None) -> Server | None:
         """The server to use now among ``candidates``, or None if all are full."""
         ready = [s for s in candidates if self.has_room(s)]
         if not ready:
             return None
-        if session is not None:
-            sticky = self.sessions.get(session)
+        if affinity is not None:
+            sticky = self.sessions.get(affinity.hint) if affinity.hint is not None else None
             for server in ready:
                 if server.id == sticky:
                     return server
+            chosen = self.affine(ready, model, affinity.key, ANY_FREE)
+            if chosen is not None:
+                return chosen
         strategy = self.config.strategy
         if strategy == "random":
             return self._random.choice(ready)
@@ -4008,7 +4172,7 @@ class Ranking:
         return min(ready, key=lambda s: self._rank(s, model))
 
     def _rank(self, server: Server, model: str | None) -> tuple[int, float, float, float]:
-        return (self.tier(server, model), server.load.inflight / self.capacity(server)
+        return (self.tier(server, model), self.busy(server) / self.capacity(server)
                 / server.weight, -server.weight, self._random.random())
 
     def _key(self, server: Server, model: str | None, now: float
@@ -4019,7 +4183,7 @@ class Ranking:
             return None
         capacity = self.capacity(server)
         tier = self.tier(server, model) if self.has_room(server) else FULL
-        return (tier, server.load.inflight / capacity / server.weight, -server.weight)
+        return (tier, self.busy(server) / capacity / server.weight, -server.weight)
 
     def _heap(self, servers: dict[int, Server], model: str | None) -> RankHeap:
         if servers is not self._ranked_fleet:
@@ -4131,20 +4295,51 @@ class Ranking:
         return found, True
 
     def pick(self, servers: dict[int, Server], model: str | None,
-             session: str | bytes | None = None, exclude: frozenset[int] = frozenset(),
+             affinity: Affinity | None = None, exclude: frozenset[int] = frozenset(),
              max_tier: int = ANY_FREE) -> tuple[Server | None, bool]:
         """The server for a request now, by the configured strategy (None when every
-        candidate is full, or past ``max_tier``), and whether any could serve it."""
+        candidate is full, or past ``max_tier``), and whether any could serve it. With
+        an ``affinity``: where this process sent it before, if that can take it without
+        a load (it may wait there behind the model's running requests: its cache is
+        worth it); else its server by rendezvous hashing, which every process finds
+        alike; else as any other request."""
         if self.config.strategy != "least_load":
             candidates = self.candidates(servers.values(), model, exclude)
-            return self.choose(candidates, model, session), bool(candidates)
-        if session is not None:
-            sticky = servers.get(self.sessions.get(session, -1))
-            if sticky is not None and sticky.id not in exclude:
-                key = self._key(sticky, model, time.monotonic())
-                if key is not None and key[0] <= max_tier:
-                    return sticky, True
+            return self.choose(candidates, model, affinity), bool(candidates)
+        if affinity is not None:
+            if affinity.hint is not None:
+                sticky = servers.get(self.sessions.get(affinity.hint, -1))
+                if sticky is not None and sticky.id not in exclude:
+                    key = self._key(sticky, model, time.monotonic())
+                    if key is not None and key[0] <= max_tier:
+                        return sticky, True
+            if candidates := self.candidates(servers.values(), model, exclude):
+                chosen = self.affine(candidates, model, affinity.key, max_tier)
+                if chosen is not None:
+                    return chosen, True
         return self.best(servers, model, exclude, max_tier)
+
+    def affine(self, candidates: Sequence[Server], model: str | None, key: str | bytes,
+               max_tier: int) -> Server | None:
+        """``key``'s server among ``candidates``, by rendezvous hashing with bounded loads
+        (consistent hashing with bounded loads, Mirrokni et al.): the first in ``key``'s
+        order that runs at most (1 + AFFINITY_SLACK) times its share, by capacity, of the
+        candidates' requests, and can take this one at once: among those that hold the
+        model loaded when any does (a free slot of it), else among all (memory free to
+        load it, nothing evicted); None when none can. Every process walks the same
+        order; they may differ for a while on where a model was just loaded (each learns
+        it from its own requests, and from /api/ps each health round)."""
+        if model is not None:
+            candidates = [s for s in candidates if model in s.load.loaded] or candidates
+        total = sum(self.busy(s) for s in candidates) + 1
+        room = sum(self.capacity(s) for s in candidates)
+        for server in rendezvous_order(key, candidates):
+            bound = math.ceil((1 + AFFINITY_SLACK) * total * self.capacity(server) / room)
+            if self.busy(server) + 1 > bound or not self.has_room(server):
+                continue  # a hot key's overflow goes on down its order
+            if self.tier(server, model) <= min(1, max_tier):  # 1: loaded nowhere yet
+                return server
+        return None
 
     def _kindest_eviction(self, servers: dict[int, Server], model: str,
                           exclude: frozenset[int]) -> Server | None:
@@ -4208,9 +4403,9 @@ class Scheduler:
     balancer prefers servers that have the model loaded, then the least busy, and keeps
     overflow here, where the first slot to free up anywhere serves it."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, board: LoadBoard | None = None) -> None:
         self.config = config
-        self.ranking = Ranking(config)
+        self.ranking = Ranking(config, board)
         self.queue = WaitQueue()
         # Moving averages, in seconds, of what the fleet's requests take: a warm one whole,
         # a warm one's first byte, and the extra first-byte wait of a cold model load.
@@ -4234,14 +4429,14 @@ class Scheduler:
         return self.ranking.shared.demand(servers, self.queue)
 
     async def acquire(self, servers: dict[int, Server], model: str | None,
-                      session: str | bytes | None = None, exclude: frozenset[int] = frozenset()
+                      affinity: Affinity | None = None, exclude: frozenset[int] = frozenset()
                       ) -> Slot:
         """A server with a free slot for ``model``, waiting in the queue if need be.
 
         Raises NoCandidate, QueueFull or QueueTimeout. Cancelling the caller (its client
         went away) takes it out of the queue at once.
         """
-        server, possible = self.ranking.pick(servers, model, session, exclude, self._arriving)
+        server, possible = self.ranking.pick(servers, model, affinity, exclude, self._arriving)
         if not possible:
             raise NoCandidate(model)
         if server is None and not self.queue:
@@ -4249,13 +4444,15 @@ class Scheduler:
             # backlog that a load pays for), it is loaded elsewhere.
             max_tier = self._pass_tier(servers, model, "any", True, time.monotonic())
             if max_tier > self._arriving:
-                server, _ = self.ranking.pick(servers, model, session, exclude, max_tier)
+                server, _ = self.ranking.pick(servers, model, affinity, exclude, max_tier)
         if server is not None and not self.queue:  # FIFO: nobody passes those waiting
-            return self.take(server, model, session)
+            slot = self.claim(server, model, affinity)
+            if slot is not None:
+                return slot
         if len(self.queue) >= self.config.max_queue:
             raise QueueFull
         loop = asyncio.get_running_loop()
-        waiter = Waiter(model, exclude, session, loop.create_future())
+        waiter = Waiter(model, exclude, affinity, loop.create_future())
         self.queue.append(waiter)
         # A slot may be free for this one but not for those ahead (of other models).
         self.dispatch(servers, joined=waiter)
@@ -4281,11 +4478,27 @@ class Scheduler:
             self.queue.discard(waiter)
             waiter.future.set_exception(QueueTimeout())
 
-    def take(self, server: Server, model: str | None, session: str | bytes | None = None
+    def claim(self, server: Server, model: str | None, affinity: Affinity | None = None
+              ) -> Slot | None:
+        """take(), on a server the ranking found room on: among workers sharing a cap on
+        their board, under its lock and only while the room is still there (another
+        worker may have taken it since); None when it is not."""
+        board = self.ranking.board
+        if board is None or not self.ranking.shared.siblings_only:
+            return self.take(server, model, affinity)
+        with board.locked():
+            if not self.ranking.has_room(server):
+                return None
+            return self.take(server, model, affinity)
+
+    def take(self, server: Server, model: str | None, affinity: Affinity | None = None
              ) -> Slot:
+        """A slot on ``server``, room or not (a request that chose its server itself)."""
         load = server.load
         cold = model is not None and model not in load.loaded
         load.inflight += 1
+        if self.ranking.board is not None:
+            self.ranking.board.publish(server.id, load.inflight)
         load.requests += 1
         load.tally(1)
         if model is not None:
@@ -4299,8 +4512,8 @@ class Scheduler:
         probe = load.breaker_open
         if probe:
             load.probing += 1  # half-open: this request is the probe
-        if session is not None:
-            self.ranking.remember(session, server.id)
+        if affinity is not None and affinity.hint is not None:
+            self.ranking.remember(affinity.hint, server.id)
         if cold and model is not None:  # now loaded: better for this model, worse for others
             self.ranking.loaded(server, model)
         ahead = load.learned.generating.get(model, 0) if model is not None else 0
@@ -4326,6 +4539,8 @@ class Scheduler:
             slot.streaming = False
             load.learned.answered(model, time.monotonic())
         load.inflight -= 1
+        if self.ranking.board is not None:
+            self.ranking.board.publish(server.id, load.inflight)
         if model is not None:
             left = load.by_model.get(model, 1) - 1
             if left:
@@ -4388,14 +4603,15 @@ class Scheduler:
             elif pass_ == "aged" and now - waiter.since < QUEUE_AGING:
                 continue  # the model's later waiters are younger still
             else:
-                server, possible = self.ranking.pick(servers, model, waiter.session,
-                                             waiter.exclude, max_tier)
+                server, possible = self.ranking.pick(servers, model, waiter.affinity,
+                                                     waiter.exclude, max_tier)
                 if not possible:  # its servers went away while it waited (a failed probe)
                     queue.discard(waiter)
                     waiter.future.set_exception(NoCandidate(model))
-                elif server is not None:
+                elif server is not None and (
+                        slot := self.claim(server, model, waiter.affinity)) is not None:
                     queue.discard(waiter)
-                    waiter.future.set_result(self.take(server, model, waiter.session))
+                    waiter.future.set_result(slot)
                 elif not waiter.exclude:
                     continue
             following = next(waiters, None)
@@ -4629,8 +4845,11 @@ class WorkerGroup:
     """
 
     def __init__(self, directory: str, parent: int, stale_after: float, index: int = 0,
-                 ready_fd: int = -1) -> None:
+                 ready_fd: int = -1, workers: int = 0) -> None:
         self.directory = directory
+        #: In-flight counts shared with the other workers (None without a board made by
+        #: a supervisor of ``workers``).
+        self.board = LoadBoard(board_path(directory), workers, index) if workers else None
         self.parent = parent  # the supervisor: a worker that outlives it drains and exits
         self.stale_after = stale_after
         self.index = index
@@ -4673,6 +4892,137 @@ class WorkerGroup:
                     continue  # gone, or a worker that died mid-write (its .tmp is skipped)
                 found.append(snapshot)
         return found
+
+
+class LoadBoard:
+    """The requests each worker of a group (WORKERS=N) has in flight on each server, in
+    memory the workers share (a file in the group's directory, mapped by each): every
+    worker sees the others' within the instant, where the store's heartbeats take a
+    second or two, so a server's cap and the ranking hold for the group as for one
+    process.
+
+    A row per worker, which only that worker writes: a header (the hash of its instance
+    id, its pid) and BOARD_SLOTS cells of (server id, count), a server's cell found from
+    its id within BOARD_PROBE cells (a count of 0 frees a cell for another server). A
+    32-bit store is one write that readers see whole. Taking the last slot of a server
+    is done under an advisory lock on the file (claim()), so two workers never both take
+    it; readers read without one."""
+
+    HEADER = 4  # ints: instance hash (2), pid, unused
+
+    def __init__(self, path: str, workers: int, index: int) -> None:
+        import fcntl  # POSIX only, as workers are
+
+        self._lockf = fcntl.flock
+        self._exclusive, self._unlock = fcntl.LOCK_EX, fcntl.LOCK_UN
+        self.workers, self.index = workers, index
+        self._row = self.HEADER + 2 * BOARD_SLOTS
+        self._fd = os.open(path, os.O_RDWR)  # its own: flock excludes open files, not pids
+        self._map = mmap.mmap(self._fd, workers * self._row * 4)
+        self._cells = memoryview(self._map).cast("i")
+        self._own = index * self._row
+
+    @classmethod
+    def create(cls, path: str, workers: int) -> None:
+        """Makes the board, every row empty (the supervisor, before the first fork)."""
+        with open(path, "wb") as handle:
+            handle.truncate(workers * (cls.HEADER + 2 * BOARD_SLOTS) * 4)
+
+    @classmethod
+    def clear(cls, path: str, workers: int, index: int) -> None:
+        """Empties worker ``index``'s row: it died, and what it had in flight is gone."""
+        with contextlib.suppress(OSError):
+            board = cls(path, workers, index)
+            board.join("")
+            board.close()
+
+    def join(self, instance: str) -> None:
+        """Starts this worker's row anew, as ``instance`` on the store."""
+        own = self._own
+        self._cells[own:own + self._row] = memoryview(bytes(self._row * 4)).cast("i")
+        hashed = _instance_hash(instance) if instance else 0
+        low = hashed & 0xFFFFFFFF
+        self._cells[own] = hashed >> 32  # 31 bits: the hash has 63
+        self._cells[own + 1] = low - (1 << 32) if low >= 1 << 31 else low  # as int32
+        self._cells[own + 2] = os.getpid()
+
+    def siblings(self) -> set[int]:
+        """The instance hashes of the group's other workers."""
+        cells, found = self._cells, set()
+        for row in range(self.workers):
+            base = row * self._row
+            if row != self.index and (cells[base] or cells[base + 1]):
+                found.add((cells[base] << 32) | (cells[base + 1] & 0xFFFFFFFF))
+        return found
+
+    def publish(self, server_id: int, count: int) -> None:
+        """This worker's requests in flight on ``server_id`` are ``count`` now."""
+        cells, base = self._cells, self._own + self.HEADER
+        start = server_id % BOARD_SLOTS
+        free = -1
+        for step in range(BOARD_PROBE):
+            cell = base + 2 * ((start + step) % BOARD_SLOTS)
+            if cells[cell] == server_id:
+                cells[cell + 1] = count
+                return
+            if free < 0 and cells[cell + 1] == 0:
+                free = cell
+        if free >= 0 and count:
+            cells[free] = server_id
+            cells[free + 1] = count
+        # else: its neighbourhood is full of other busy servers: it goes unseen by the
+        # others (a count too low) until one of them is idle again.
+
+    def others(self, server_id: int) -> int:
+        """The other workers' requests in flight on ``server_id``."""
+        cells, total = self._cells, 0
+        start = server_id % BOARD_SLOTS
+        for row in range(self.workers):
+            if row == self.index:
+                continue
+            base = row * self._row + self.HEADER
+            for step in range(BOARD_PROBE):
+                cell = base + 2 * ((start + step) % BOARD_SLOTS)
+                if cells[cell] == server_id:
+                    total += cells[cell + 1]
+                    break
+        return total
+
+    def view(self) -> bytes:
+        """The board as it is now: compare two to see whether anything changed."""
+        return self._map[:]
+
+    def changed_servers(self, before: bytes, after: bytes) -> set[int]:
+        """The servers whose counts by other workers differ between two views."""
+        old, new = memoryview(before).cast("i"), memoryview(after).cast("i")
+        changed: set[int] = set()
+        for row in range(self.workers):
+            base = row * self._row + self.HEADER
+            if row == self.index or old[base:base + 2 * BOARD_SLOTS] == new[
+                    base:base + 2 * BOARD_SLOTS]:
+                continue
+            for cell in range(base, base + 2 * BOARD_SLOTS, 2):
+                if old[cell + 1] != new[cell + 1] or old[cell] != new[cell]:
+                    changed.update(i for i in (old[cell], new[cell]) if i)
+        return changed
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Held while a worker checks a server's room and takes a slot of it."""
+        self._lockf(self._fd, self._exclusive)
+        try:
+            yield
+        finally:
+            self._lockf(self._fd, self._unlock)
+
+    def close(self) -> None:
+        self._cells.release()
+        self._map.close()
+        os.close(self._fd)
+
+
+def board_path(directory: str) -> str:
+    return os.path.join(directory, "load-board")
 
 
 def eval_count(tail: bytes) -> tuple[int, str | None] | None:
@@ -5804,6 +6154,101 @@ def _through_proxy(proxy_id: int, pair: tuple[int, int | None]) -> bool:
     return pair[1] == proxy_id
 
 
+async def read_tags(upstreams: Upstreams, server: Server, proxy: Proxy | None,
+                    timeout: float) -> tuple[list[dict[str, Any]], str | None]:
+    """A health check's first read: the server's models (/api/tags), or why not."""
+    try:
+        status, body = await asyncio.wait_for(
+            upstreams.fetch(server, proxy, "GET", "/api/tags"), timeout)
+        if status != 200:
+            return [], f"/api/tags answered {status}"
+        payload = decode_json(body)
+        listed = payload.get("models") if isinstance(payload, dict) else None
+        if not isinstance(listed, list):
+            return [], "/api/tags did not list models"
+        return [m for m in listed if isinstance(m, dict)], None
+    except TimeoutError:
+        return [], "health check timed out"
+    except UpstreamError as exc:
+        return [], exc.message
+    except (ValueError, IncompleteBody, OSError, ProtocolError) as exc:
+        return [], f"bad /api/tags answer: {exc}"
+
+
+async def read_running(upstreams: Upstreams, server: Server, proxy: Proxy | None,
+                       timeout: float, model_vram: dict[str, int],
+                       with_version: bool = True) -> None:
+    """Reads /api/ps into the server's load, and /api/version now and then
+    (VERSION_RECHECK); a server that does not answer them keeps what it had."""
+    load = server.load
+    try:
+        status, body = await asyncio.wait_for(
+            upstreams.fetch(server, proxy, "GET", "/api/ps"), timeout)
+        load.read_ps(decode_json(body) if status == 200 else {}, model_vram)
+        if not with_version or time.monotonic() - load.version_read < VERSION_RECHECK:
+            return
+        status, body = await asyncio.wait_for(
+            upstreams.fetch(server, proxy, "GET", "/api/version"), timeout)
+        payload = decode_json(body) if status == 200 else {}
+        if not isinstance(payload, dict):
+            raise ValueError("/api/version did not answer an object")
+        load.read_version(payload)
+    except (TimeoutError, UpstreamError, ValueError, AttributeError, IncompleteBody,
+            OSError, ProtocolError) as exc:
+        log.debug("no /api/ps from %s: %s", server.label, exc)
+
+
+class LearnedShare:
+    """What this process last knew the store to hold of each server's Learned: only what
+    it learned since goes out, once a beat at most (Fleet.sync_loop)."""
+
+    NOTHING: ClassVar[Figures] = (0, 0, 0, 0, 0, 0)
+
+    def __init__(self) -> None:
+        self._known: dict[int, Figures] = {}
+
+    def news(self, servers: Iterable[Server]) -> dict[int, Figures]:
+        """The servers whose figures here differ from the store's, as far as known."""
+        return {s.id: figures for s in servers if (figures := s.load.learned.figures())
+                != self._known.get(s.id, self.NOTHING)}
+
+    def stored(self, figures: dict[int, Figures]) -> None:
+        self._known.update(figures)
+
+
+class HealthLog:
+    """Health results on their way to the store: gathered as checks end, written in one
+    store call per batch behind them; when the store is down they are dropped (the next
+    round has its own)."""
+
+    def __init__(self, store: AsyncStore) -> None:
+        self._store = store
+        self._dirty: dict[int, tuple[list[dict[str, Any]] | None, datetime.datetime]] = {}
+        self._writing: asyncio.Future[None] | None = None
+
+    def record(self, server: Server) -> None:
+        """The server's models (None while unreachable) and the time it was checked."""
+        assert server.last_checked is not None
+        self._dirty[server.id] = (server.models if server.reachable else None,
+                                  server.last_checked)
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.ensure_future(self._write())
+
+    async def _write(self) -> None:
+        while self._dirty:
+            batch, self._dirty = self._dirty, {}
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.call(self._store.store.record_health_many,
+                                       [(i, m, c) for i, (m, c) in batch.items()])
+
+    async def close(self, timeout: float) -> None:
+        """Waits up to ``timeout`` for what is being written, then stops."""
+        if self._writing is not None:
+            with contextlib.suppress(asyncio.TimeoutError, StoreUnavailable):
+                await asyncio.wait_for(asyncio.shield(self._writing), timeout)
+            self._writing.cancel()
+
+
 class Fleet:
     """The servers, proxies, getServer IDs and API keys the store holds, in memory, kept
     current by the change log and health checks, with the scheduler that shares the
@@ -5812,12 +6257,12 @@ class Fleet:
     its store, scheduler or tables. It knows nothing of them."""
 
     def __init__(self, config: Config, store: AsyncStore, upstreams: Upstreams,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, board: LoadBoard | None = None) -> None:
         self.config = config
         self._store = store
         self._upstreams = upstreams
         self._metrics = metrics
-        self._scheduler = Scheduler(config)
+        self._scheduler = Scheduler(config, board)
         self._ranking = self._scheduler.ranking
         self._servers: dict[int, Server] = {}
         self._proxies: dict[int, Proxy] = {}
@@ -5829,14 +6274,15 @@ class Fleet:
         self._store_down_logged = False
         self._catalog_refresh: asyncio.Future[None] | None = None
         self._catalog_refreshed_at = -1e9
-        self._health_dirty: dict[int, tuple[list[dict[str, Any]] | None,
-                                            datetime.datetime]] = {}
-        self._persisting: asyncio.Future[None] | None = None
+        self._health_log = HealthLog(store)
+        self._learned = LearnedShare()
         self._syncing: asyncio.Future[None] | None = None
         self._catching_up: asyncio.Future[None] | None = None  # up_to_date()'s read
         self._rereading: asyncio.Future[None] | None = None  # a catalog change's checks
         self._checks = Once()
         self.instance = secrets.token_hex(8)  # this process among the store's (beat())
+        if board is not None:
+            board.join(self.instance)
         self.revision = 0  # the change log's last applied here, and its mark when read:
         self._change_mark: tuple[int, int] | None = None
 
@@ -5869,9 +6315,11 @@ class Fleet:
         proxies = await store.call(tables.list_proxies)
         handles = await store.call(tables.list_handles)
         keys = await store.call(tables.list_keys)
+        learned = await store.call(tables.learned_of)
         old = self._servers
         self._servers = {server.id: carried(old.get(server.id), server) for server in servers}
         self._ranking.forget(self._servers)
+        self._absorb(learned)
         self._proxies = {proxy.id: proxy for proxy in proxies}
         self._handles = Handles(handles)
         self._keys = {key.key_hash: key for key in keys}
@@ -5904,6 +6352,9 @@ class Fleet:
             with contextlib.suppress(StoreUnavailable):  # the health loop says so
                 await self.sync()
                 await self.beat()
+                if news := self._learned.news(self._servers.values()):
+                    self._learned.stored(await self._store.call(self._tables.share_learned,
+                                                                news))
                 if loop.time() - pruned >= CHANGE_PRUNE_INTERVAL:
                     pruned = loop.time()
                     await self._store.call(self._tables.prune_changes)
@@ -5916,11 +6367,12 @@ class Fleet:
         decide = shared.plan({i: ranking.capacity(s) for i, s in servers.items()},
                              {i: s.load.inflight for i, s in servers.items()}, wants,
                              self.instance)
-        live = await self._store.call(self._tables.beat, self.instance,
-                                      json.dumps(wants, separators=(",", ":")),
-                                      INSTANCE_MISSED_BEATS * self.config.sync_interval + 1,
-                                      decide)
-        for server_id in shared.take(live):
+        others = await self._store.call(self._tables.beat, self.instance,
+                                        json.dumps(wants, separators=(",", ":")),
+                                        INSTANCE_MISSED_BEATS * self.config.sync_interval + 1,
+                                        decide)
+        board = ranking.board
+        for server_id in shared.take(others, None if board is None else board.siblings()):
             if server_id in servers:
                 ranking.changed(servers[server_id])
         scheduler.dispatch(servers)
@@ -5953,6 +6405,8 @@ class Fleet:
                 else:
                     self._proxies[proxy_id] = proxy
                 self.recheck(s for s in self._servers.values() if s.proxy_id == proxy_id)
+        if learned_ids := sorted(int(i) for i in named["learned"]):
+            self._absorb(await store.call(tables.learned_of, learned_ids))
         if key_ids := {int(i) for i in named["key"]}:
             self._keys = {h: k for h, k in self._keys.items() if k.id not in key_ids}
             for key in await store.call(tables.list_keys, sorted(key_ids)):
@@ -5967,6 +6421,14 @@ class Fleet:
             self._rereading.add_done_callback(_quietly)
             await asyncio.shield(self._rereading)
         self._scheduler.dispatch(self._servers)  # a new or changed server may take the queue
+
+    def _absorb(self, figures: dict[int, Figures]) -> None:
+        """What the store holds of what every process learned of the servers."""
+        for server_id, theirs in figures.items():
+            server = self._servers.get(server_id)
+            if server is not None and server.load.learned.absorb(theirs):
+                self._ranking.learned(self._servers, server)
+        self._learned.stored(figures)
 
     def _put_server(self, server_id: int, server: Server | None) -> None:
         old = self._servers.get(server_id)
@@ -6054,7 +6516,7 @@ class Fleet:
 
     async def check_server(self, server: Server, fresh: bool = False) -> None:
         """Reads the server's /api/tags through its proxy and updates memory; the store
-        learns of it later (_persist_health), so a slow database never holds up a check.
+        learns of it later (HealthLog), so a slow database never holds up a check.
         One check at a time per server and address: who asks meanwhile waits for it, or,
         ``fresh``, for one that starts after it asked (a model was just pulled there)."""
         await self._checks.run((server.id, server.host, server.port, server.scheme,
@@ -6062,29 +6524,15 @@ class Fleet:
                                fresh)
 
     async def _check(self, server: Server) -> None:
-        models: list[dict[str, Any]] = []
-        error: str | None = None
         proxy: Proxy | None = None
         try:
             proxy = self.proxy_of(server)
             if proxy is not None and not proxy.status:
                 raise UpstreamError(502, f"{proxy.label} is disabled")
-            status, body = await asyncio.wait_for(
-                self._upstreams.fetch(server, proxy, "GET", "/api/tags"),
-                self.config.health_timeout)
-            if status != 200:
-                raise UpstreamError(502, f"/api/tags answered {status}")
-            payload = decode_json(body)
-            listed = payload.get("models") if isinstance(payload, dict) else None
-            if not isinstance(listed, list):
-                raise UpstreamError(502, "/api/tags did not list models")
-            models = [m for m in listed if isinstance(m, dict)]
-        except TimeoutError:
-            error = "health check timed out"
+            models, error = await read_tags(self._upstreams, server, proxy,
+                                            self.config.health_timeout)
         except UpstreamError as exc:
-            error = exc.message
-        except (ValueError, IncompleteBody, OSError, ProtocolError) as exc:
-            error = f"bad /api/tags answer: {exc}"
+            models, error = [], exc.message
         current = self._current(server)
         if current is None:
             return  # deleted, or moved to another address, while it was being checked
@@ -6103,35 +6551,12 @@ class Fleet:
                 # One that answered its requests with errors waits out the cooldown (its
                 # health check says nothing of them); past it, a check is a probe.
                 self._scheduler.close_circuit(server, "its health check passed")
-            await self._read_running(server, proxy)
+            await read_running(self._upstreams, server, proxy, self.config.health_timeout,
+                               self._ranking.model_vram)
             self._ranking.learned(self._servers, server)
         server.last_checked = utc_now()
         self._ranking.changed(server)  # its models, health or resident models may differ
-        self._health_dirty[server.id] = (server.models if server.reachable else None,
-                                         server.last_checked)
-        if self._persisting is None or self._persisting.done():
-            self._persisting = asyncio.ensure_future(self._persist_health())
-
-    async def _read_running(self, server: Server, proxy: Proxy | None,
-                            with_version: bool = True) -> None:
-        """Reads /api/ps into the server's load, and /api/version now and then
-        (VERSION_RECHECK); a server that does not answer them keeps what it had."""
-        load, timeout = server.load, self.config.health_timeout
-        try:
-            status, body = await asyncio.wait_for(
-                self._upstreams.fetch(server, proxy, "GET", "/api/ps"), timeout)
-            load.read_ps(decode_json(body) if status == 200 else {}, self._ranking.model_vram)
-            if not with_version or time.monotonic() - load.version_read < VERSION_RECHECK:
-                return
-            status, body = await asyncio.wait_for(
-                self._upstreams.fetch(server, proxy, "GET", "/api/version"), timeout)
-            payload = decode_json(body) if status == 200 else {}
-            if not isinstance(payload, dict):
-                raise ValueError("/api/version did not answer an object")
-            load.read_version(payload)
-        except (TimeoutError, UpstreamError, ValueError, AttributeError, IncompleteBody,
-                OSError, ProtocolError) as exc:
-            log.debug("no /api/ps from %s: %s", server.label, exc)
+        self._health_log.record(server)
 
     def _current(self, checked: Server) -> Server | None:
         """The server's object now: a reload may have replaced the one that was checked
@@ -6142,15 +6567,6 @@ class Fleet:
         address = (checked.host, checked.port, checked.scheme, checked.proxy_id)
         return server if (server.host, server.port, server.scheme,
                           server.proxy_id) == address else None
-
-    async def _persist_health(self) -> None:
-        """Writes the health results gathered since the last write, in one store call, until
-        none are left; when the store is down they are dropped (the next round has its own)."""
-        while self._health_dirty:
-            batch, self._health_dirty = self._health_dirty, {}
-            with contextlib.suppress(StoreUnavailable):
-                await self._store.call(self._tables.record_health_many,
-                                       [(i, m, c) for i, (m, c) in batch.items()])
 
     def _mark(self, server: Server, reachable: bool, error: str | None) -> None:
         if reachable != server.reachable or error != server.last_error:
@@ -6231,6 +6647,24 @@ class Fleet:
             await self.check_all(over=self.config.health_interval / 2)
             self._upstreams.sweep()
 
+    async def board_loop(self) -> None:
+        """Looks at the other workers' counts every BOARD_TICK (a worker alone returns):
+        servers they freed are ranked again, and their slots go to this one's queue."""
+        board = self._ranking.board
+        if board is None:
+            return
+        seen = board.view()
+        while True:
+            await asyncio.sleep(BOARD_TICK)
+            now = board.view()
+            if now == seen:
+                continue
+            for server_id in board.changed_servers(seen, now):
+                if (server := self._servers.get(server_id)) is not None:
+                    self._ranking.changed(server)
+            seen = now
+            self._scheduler.dispatch(self._servers)
+
     async def _sync(self) -> None:
         try:
             await self.reload()
@@ -6247,11 +6681,8 @@ class Fleet:
         back this instance's shares, stops what runs in the background."""
         with contextlib.suppress(StoreUnavailable):
             await self._store.call(self._tables.leave, self.instance)
-        if self._persisting is not None:
-            with contextlib.suppress(asyncio.TimeoutError, StoreUnavailable):
-                await asyncio.wait_for(asyncio.shield(self._persisting),
-                                       self.config.db_timeout)
-        pending = [t for t in (self._persisting, self._syncing, self._catching_up,
+        await self._health_log.close(self.config.db_timeout)
+        pending = [t for t in (self._syncing, self._catching_up,
                                self._rereading, *self._tasks, *self._checks.pending())
                    if t is not None]
         for task in pending:
@@ -6371,12 +6802,12 @@ class Fleet:
                      if s.enabled and s.reachable and s.load.open_until > now]
         return ModelUnavailable(model, name, min(reopening, default=self.config.health_interval))
 
-    def acquire(self, model: str, session: str | bytes | None = None,
+    def acquire(self, model: str, affinity: Affinity | None = None,
                 exclude: frozenset[int] = frozenset()) -> Awaitable[Slot]:
         """A slot for ``model`` on the best server, waiting in the queue if need be
         (Scheduler.acquire); give it back with release(). (Its coroutine, as it is: not
         one more wrapped around it, on every routed request.)"""
-        return self._scheduler.acquire(self._servers, model, session, exclude)
+        return self._scheduler.acquire(self._servers, model, affinity, exclude)
 
     def take(self, server: Server) -> Slot:
         """A slot on ``server`` for a request that chose it itself; release() it."""
@@ -6414,7 +6845,8 @@ class Fleet:
 
     async def _after_load(self, server: Server, proxy: Proxy | None) -> None:
         try:
-            await self._read_running(server, proxy, with_version=False)
+            await read_running(self._upstreams, server, proxy, self.config.health_timeout,
+                               self._ranking.model_vram, with_version=False)
             self._ranking.learned(self._servers, server)
             self._ranking.changed(server)
         finally:
@@ -7300,15 +7732,16 @@ class OllamaFront:
         The body is read whole (to be sent again on failover), but where it starts with
         its model, as Ollama's clients send it, an unknown model is refused first."""
         model, body = await self._model_and_body(request)
-        session: str | bytes | None = session_key(request.head.headers.get("x-session-id"))
+        session = session_key(request.head.headers.get("x-session-id"))
+        affinity = None if session is None else Affinity(session, session)
         # (round_robin and random keep their plain meaning: X-Session-Id only.)
         prints = (conversation_prints(body, model) if session is None and
                   self.config.conversation_affinity and request.path in CHAT_PATHS
                   and self.config.strategy == "least_load" else [])
-        if prints:  # a turn of a conversation: where its start went, if anywhere
-            session = self.fleet.conversation(prints)
+        if prints:  # a turn of a conversation: named by its start, in every process alike
+            affinity = Affinity(prints[0], self.fleet.conversation(prints))
         waits = Waits()
-        outcome = await request.watched(self._route(request, body, model, session,
+        outcome = await request.watched(self._route(request, body, model, affinity,
                                                     prints[-1:], waits))
         if outcome is None:  # the client left before an answer began
             return Relayed(False, model=model, queue_wait=waits.total)
@@ -7384,7 +7817,7 @@ class OllamaFront:
         return model
 
     async def _route(self, request: Request, body: bytes | bytearray, model: str,
-                     session: str | bytes | None, keep: Sequence[bytes], waits: Waits
+                     affinity: Affinity | None, keep: Sequence[bytes], waits: Waits
                      ) -> Relayed:
         """Sends the request to a server, queued while none has room, tried on another
         when one fails; ``keep``: what to remember the server by when it answers (the
@@ -7397,7 +7830,7 @@ class OllamaFront:
         for _ in range(self.config.retries + 1):
             waited = time.monotonic()
             try:
-                slot = await self.fleet.acquire(model, session, frozenset(tried))
+                slot = await self.fleet.acquire(model, affinity, frozenset(tried))
                 waits.add(time.monotonic() - waited)
             except NoCandidate:
                 if failure is None:  # its servers went down since _routable()
@@ -9146,7 +9579,8 @@ class Balancer:
         self.config = config
         self.metrics = Metrics()
         self.upstreams = Upstreams(config)
-        self.fleet = Fleet(config, store, self.upstreams, self.metrics)
+        self.fleet = Fleet(config, store, self.upstreams, self.metrics,
+                           group.board if group else None)
         self.access = Access(config, self.fleet)
         self.relay = Relay(config, self.fleet, self.upstreams, self.access, self.metrics)
         self.front = OllamaFront(config, self.fleet, self.upstreams, self.relay)
@@ -9644,7 +10078,7 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None,
     if tls is not None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, reload_tls, tls, config)
-    loops = [app.fleet.health_loop(), app.fleet.sync_loop()]
+    loops = [app.fleet.health_loop(), app.fleet.sync_loop(), app.fleet.board_loop()]
     if group is None:
         log_start(config, app.fleet, f"{'https' if tls else 'http'}://{format_host(host)}"
                                      f":{port}")
@@ -9776,6 +10210,7 @@ class Supervisor:
 
     def supervise(self, directory: str, holder: socket.socket) -> int:
         self.directory = directory
+        LoadBoard.create(board_path(directory), self.config.workers)
         wake_read, wake_write = os.pipe()
         ready_read, ready_write = os.pipe()
         os.set_blocking(wake_write, False)
@@ -9799,7 +10234,8 @@ class Supervisor:
                         os.close(fd)
                 log_to_stderr(self.config, index)
                 group = WorkerGroup(directory, os.getppid(), INSTANCE_MISSED_BEATS *
-                                    self.config.sync_interval + 1, index, ready_write)
+                                    self.config.sync_interval + 1, index, ready_write,
+                                    self.config.workers)
                 status = serve_until_stopped(self.config, group)
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -9916,6 +10352,8 @@ class Supervisor:
             index, started = self.workers.pop(pid)
             self.hung.discard(pid)
             self.written.pop(pid, None)
+            # What it had in flight is gone with it (its successor starts the row anew).
+            LoadBoard.clear(board_path(self.directory), self.config.workers, index)
             if self.stopping_until is not None:
                 continue
             pause = self.restart_pause(index, time.monotonic() - started)

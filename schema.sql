@@ -80,3 +80,9 @@ CREATE TABLE IF NOT EXISTS `instances` (
   `holding` mediumtext NOT NULL,
   PRIMARY KEY (`id`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS `learned` (
+  `server_id` int NOT NULL,
+  `figures` varchar(255) NOT NULL,
+  PRIMARY KEY (`server_id`)
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

@@ -272,8 +272,9 @@ async def post(port: int, path: str, payload: object) -> tuple[int, bytes]:
         writer.close()
 
 
-async def chat(port: int, payload: dict[str, object]) -> tuple[int, float, float]:
-    """Status, seconds to the first token and to the end of a streamed /api/chat."""
+async def chat(port: int, payload: dict[str, object]) -> tuple[int, float, float, str]:
+    """Status, seconds to the first token and to the end of a streamed /api/chat, and the
+    server that answered (X-Ollama-Server)."""
     sent = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -284,13 +285,14 @@ async def chat(port: int, payload: dict[str, object]) -> tuple[int, float, float
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
+        found = re.search(rb"(?im)^x-ollama-server: *(\S+)", head)
         first = await reader.read(65536)
         ttft = time.monotonic() - sent
         while first:
             first = await reader.read(65536)
-        return status, ttft, time.monotonic() - sent
+        return status, ttft, time.monotonic() - sent, found[1].decode() if found else ""
     except (ConnectionError, asyncio.IncompleteReadError):
-        return 0, time.monotonic() - sent, time.monotonic() - sent
+        return 0, time.monotonic() - sent, time.monotonic() - sent, ""
     finally:
         writer.close()
 
@@ -309,10 +311,12 @@ class Scenario:
     workload: str = "single"  # or "chats"
 
 
-def start_balancer(scenario: Scenario, db: Path) -> tuple[subprocess.Popen[str], int]:
+def start_balancer(scenario: Scenario, db: Path, workers: int = 1
+                   ) -> tuple[subprocess.Popen[str], int]:
     """The balancer, told the fleet's Ollama settings as an operator would, or not."""
     env = {**os.environ, "STRATEGY": scenario.strategy, "DB_ENGINE": "sqlite",
            "DB_PATH": str(db), "HEALTH_INTERVAL": "1", "LOG_LEVEL": "warning",
+           "WORKERS": str(workers),
            "CONVERSATION_AFFINITY": "on" if scenario.affinity else "off"}
     for name in ("NUM_PARALLEL", "MAX_LOADED_MODELS", "MAX_CONCURRENCY", "DB_HOST"):
         env.pop(name, None)
@@ -326,6 +330,8 @@ def start_balancer(scenario: Scenario, db: Path) -> tuple[subprocess.Popen[str],
     assert proc.stderr is not None
     for line in proc.stderr:
         match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        if match and workers > 1 and "workers)" not in line:
+            continue  # a worker's own line: the group listens once every worker does
         if match:
             # Keep reading its log (an access line a request), or a full pipe stalls it.
             threading.Thread(target=collections.deque, args=(proc.stderr, 0),
@@ -341,7 +347,7 @@ async def run_scenario(scenario: Scenario, args: argparse.Namespace,
                for resident, parallel in scenario.fleet]
     for server in servers:
         await server.start()
-    proc, port = start_balancer(scenario, db)
+    proc, port = start_balancer(scenario, db, args.workers)
     try:
         for server, (resident, parallel) in zip(servers, scenario.fleet, strict=True):
             body: dict[str, object] = {"url": f"http://127.0.0.1:{server.port}"}
@@ -356,6 +362,7 @@ async def run_scenario(scenario: Scenario, args: argparse.Namespace,
         latencies: list[float] = []
         ttfts: list[float] = []
         later_ttfts: list[float] = []  # of follow-up turns, where a cache can help
+        homes: list[tuple[int, int]] = []  # a conversation's later turns, and those at home
         failures = 0
         start = time.monotonic()
         counted_loads = 0
@@ -367,12 +374,18 @@ async def run_scenario(scenario: Scenario, args: argparse.Namespace,
             if counted and not counted_loads:
                 counted_loads = -sum(s.cold_loads for s in servers)  # loads from here on
             messages: list[dict[str, str]] = []
+            home, later, at_home = "", 0, 0
             for index, turn in enumerate(conversation.turns):
                 await asyncio.sleep(turn.pause)
                 messages.append({"role": "user", "content": "word " * turn.words})
-                status, ttft, took = await chat(port, {
+                status, ttft, took, server = await chat(port, {
                     "model": conversation.model, "messages": messages, "stream": True,
                     "options": {"sim_tokens": turn.tokens}})
+                if index == 0:
+                    home = server
+                elif status == 200:
+                    later += 1
+                    at_home += server == home
                 if status != 200:
                     failures += 1
                     # A refusal is fast, but the user got nothing: it counts as if it had
@@ -384,8 +397,10 @@ async def run_scenario(scenario: Scenario, args: argparse.Namespace,
                     if index:
                         later_ttfts.append(ttft)
                 if status != 200:
-                    return
+                    break
                 messages.append({"role": "assistant", "content": "tok " * turn.tokens})
+            if len(conversation.turns) > 1 and counted:
+                homes.append((later, at_home))
 
         await asyncio.gather(*(one(c) for c in work))
         makespan = time.monotonic() - start
@@ -404,7 +419,12 @@ async def run_scenario(scenario: Scenario, args: argparse.Namespace,
             "ttft50": cut(ttfts, 50), "ttft95": cut(ttfts, 95),
             "later_ttft50": cut(later_ttfts, 50), "makespan": makespan,
             "cold_loads": counted_loads + sum(s.cold_loads for s in servers),
-            "failed": failures, "done": len(latencies)}
+            "failed": failures, "done": len(latencies),
+            # Conversations whose every later turn reached the server of their first, and
+            # later turns that did (of the conversations counted).
+            "stayed": sum(1 for later, home in homes if later == home),
+            "conversations": len(homes), "at_home": sum(h for _, h in homes),
+            "later": sum(n for n, _ in homes)}
 
 
 def parse_fleet(text: str) -> tuple[tuple[int, int], ...]:
@@ -425,6 +445,7 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     return [
         Scenario("homogeneous, configured", fleet=same, configured=True),
         Scenario("homogeneous, unconfigured", fleet=same, configured=False),
+        Scenario("heterogeneous, configured", fleet=mixed, configured=True),
         Scenario("heterogeneous, unconfigured", fleet=mixed, configured=False),
         Scenario("heterogeneous, random", "random", fleet=mixed, configured=False),
         Scenario("conversations, affinity", fleet=same, configured=False, workload="chats"),
@@ -444,7 +465,8 @@ async def main_async(args: argparse.Namespace) -> int:
     service = args.tokens * args.token
     print(f"models {args.models}; cold load {args.cold_load:g} s; a token every "
           f"{args.token * 1000:g} ms, {args.tokens} an answer on average; prefill "
-          f"{args.prefill * 1000:g} ms a cached-less prompt token; seed {args.seed}")
+          f"{args.prefill * 1000:g} ms a cached-less prompt token; seed {args.seed}; "
+          f"WORKERS={args.workers}")
     results = []
     db = Path(f"/tmp/fleet_sim_{os.getpid()}.db")
     for scenario in scenarios(args):
@@ -470,7 +492,11 @@ async def main_async(args: argparse.Namespace) -> int:
               f"p99 {result['p99']:6.2f} s  TTFT p50 {result['ttft50']:6.2f} s  "
               f"p95 {result['ttft95']:6.2f} s  later turns' TTFT p50 "
               f"{result['later_ttft50']:6.2f} s  {result['cold_loads']:4.0f} cold loads  "
-              f"{result['failed']:3.0f} failed  [{describe(scenario.fleet)}; "
+              f"{result['failed']:3.0f} failed  "
+              + (f"{result['stayed']:.0f} of {result['conversations']:.0f} conversations "
+                 f"stayed, {result['at_home']:.0f} of {result['later']:.0f} later turns at "
+                 "home  " if scenario.workload == "chats" else "")
+              + f"[{describe(scenario.fleet)}; "
               f"{scenario.strategy}, {'configured' if scenario.configured else 'unconfigured'}"
               f"{'' if scenario.affinity else ', no affinity'}, "
               f"{len(work)} {'chats' if scenario.workload == 'chats' else 'requests'}]",
@@ -484,6 +510,9 @@ async def main_async(args: argparse.Namespace) -> int:
     print()
     if (r := ratio("homogeneous, unconfigured", "homogeneous, configured", "p95")) is not None:
         print(f"p95 unconfigured / configured, homogeneous = {r:.2f} (aim: at most 1.10)")
+    if (r := ratio("heterogeneous, unconfigured", "heterogeneous, configured", "p95")
+            ) is not None:
+        print(f"p95 unconfigured / configured, heterogeneous = {r:.2f} (aim: at most 1.15)")
     if (r := ratio("heterogeneous, unconfigured", "heterogeneous, random", "p95")) is not None:
         print(f"p95 heterogeneous unconfigured / random = {r:.2f} (aim: at most 0.40)")
     if (r := ratio("conversations, affinity", "conversations, no affinity", "ttft50")
@@ -532,6 +561,8 @@ def main() -> int:
                         help="run only the scenarios of these names")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each scenario; rows show each figure's median")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="the balancer's WORKERS: its serving processes")
     parser.add_argument("--quick", action="store_true", help="a few seconds, for CI")
     args = parser.parse_args()
     if args.models is None:

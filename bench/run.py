@@ -1130,13 +1130,14 @@ def fleet(args: argparse.Namespace, rows: list[list[str]]) -> None:
             raise RuntimeError(f"fleet_sim.py failed: {done.stderr[-2000:]}")
         found = re.findall(r"^(\S.*?)\s+p50\s+([0-9.]+) s\s+p95\s+([0-9.]+) s\s+p99\s+([0-9.]+) s"
                            r"\s+TTFT p50\s+([0-9.]+) s.*?(\d+) cold loads\s+(\d+) failed"
-                           r"\s+\[(.*)\]$", done.stdout, re.MULTILINE)
+                           r"\s+(?:(\d+ of \d+ conversations stayed).*?\s+)?\[(.*)\]$",
+                           done.stdout, re.MULTILINE)
         if not found:
             raise RuntimeError(f"fleet_sim.py printed no table: {done.stdout[-2000:]}")
-        for name, p50, p95, p99, ttft, loads, failed, setup in found:
+        for name, p50, p95, p99, ttft, loads, failed, stayed, setup in found:
             rows.append([f"fleet simulator, {name}", f"p50 {p50} s", f"p95 {p95} s",
                          f"p99 {p99} s", f"TTFT p50 {ttft} s, {loads} cold loads, "
-                         f"{failed} failed", setup])
+                         f"{failed} failed" + (f", {stayed}" if stayed else ""), setup])
         rows.extend([line, "", "", "", "", ""] for line in done.stdout.splitlines()
                     if "(aim:" in line)
 

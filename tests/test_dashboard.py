@@ -26,7 +26,7 @@ def test_dashboard_shows_live_fleet_data_in_a_real_browser(
         assert lb.call("POST", "/api/chat", {"model": "llama3", "messages": [],
                                              "stream": False}).status == 200
     assert lb.call("GET", "/servers/ollama/2/api/tags").status == 502  # a recent error
-    assert lb.call("PATCH", "/servers/1", {"draining": True}).status == 200
+    assert lb.call("PATCH", "/servers/2", {"draining": True}).status == 200
     url = f"http://127.0.0.1:{lb.port}/dashboard"
     dom = chromium("--virtual-time-budget=4000", "--dump-dom", url)
     assert "gpu-alpha" in dom and "gpu-broken" in dom

@@ -551,8 +551,9 @@ def test_a_session_header_wins_over_the_conversation(balancer: Any) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     session_home = next(i for i, f in enumerate(fakes) if f.active)
-    start = chat([{"role": "user", "content": "a conversation"}])
-    assert served_by(start) != session_home  # the less busy server
+    # A conversation whose own server (by rendezvous hashing) is the other one.
+    start = next(body for n in range(20) if served_by(
+        body := chat([{"role": "user", "content": f"a conversation {n}"}])) != session_home)
     fakes[session_home].release()
     held.join(10)
     follow_up = chat([*start["messages"], {"role": "assistant", "content": "ok"},

@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 
 import ollamabalancer as ob
 
+#: Affinities as the front makes them for an X-Session-Id: the session is key and hint.
+CONV, S1, NEW = (ob.Affinity(name, name) for name in ("conv", "s1", "a new conversation"))
+
 
 def fleet(count: int, models: tuple[str, ...] = ("a", "b", "c"), **config: Any
           ) -> tuple[ob.Scheduler, dict[int, ob.Server]]:
@@ -116,24 +119,24 @@ def test_the_index_stays_bounded_however_often_servers_change() -> None:
 
 def test_pick_keeps_a_session_on_its_server_unless_excluded_or_full() -> None:
     scheduler, servers = fleet(3, max_concurrency=2)
-    scheduler.release(servers, scheduler.take(servers[2], None, session="conv"))
+    scheduler.release(servers, scheduler.take(servers[2], None, affinity=CONV))
     scheduler.take(servers[2], None)  # server 2 is now the busiest
-    assert scheduler.ranking.pick(servers, None, "conv") == (servers[2], True)
+    assert scheduler.ranking.pick(servers, None, CONV) == (servers[2], True)
     others = (servers[1], servers[3])
-    assert scheduler.ranking.pick(servers, None, "conv", exclude=frozenset({2}))[0] in others
+    assert scheduler.ranking.pick(servers, None, CONV, exclude=frozenset({2}))[0] in others
     scheduler.take(servers[2], None)  # and now full
-    assert scheduler.ranking.pick(servers, None, "conv")[0] in others
+    assert scheduler.ranking.pick(servers, None, CONV)[0] in others
     scheduler.take(servers[1], None)  # server 3 is the least loaded
-    assert scheduler.ranking.pick(servers, None, "a new conversation") == (servers[3], True)
+    assert scheduler.ranking.pick(servers, None, NEW) == (servers[3], True)
 
 
 def test_a_session_stays_put_in_the_queues_ready_pass_too() -> None:
     scheduler, servers = fleet(2, num_parallel=2, max_concurrency=4)
     for server in servers.values():
         scheduler.release(servers, scheduler.take(server, "a:latest"))  # loaded on both
-    scheduler.release(servers, scheduler.take(servers[2], "a:latest", session="conv"))
+    scheduler.release(servers, scheduler.take(servers[2], "a:latest", affinity=CONV))
     scheduler.take(servers[2], "a:latest")  # the busier, yet ready (1 of 2 parallel)
-    assert scheduler.ranking.pick(servers, "a:latest", "conv", max_tier=0) == (servers[2], True)
+    assert scheduler.ranking.pick(servers, "a:latest", CONV, max_tier=0) == (servers[2], True)
 
 
 def test_pick_goes_as_far_as_a_server_that_must_wait_but_never_to_a_full_one() -> None:
@@ -409,7 +412,7 @@ def test_sessions_are_remembered_up_to_max_sessions_the_oldest_forgotten_first(
     monkeypatch.setattr(ob, "MAX_SESSIONS", 3)
     scheduler, servers = fleet(1, max_concurrency=9)
     for name in ("s1", "s2", "s3", "s4"):
-        scheduler.take(servers[1], None, session=name)
+        scheduler.take(servers[1], None, affinity=ob.Affinity(name, name))
     assert list(scheduler.ranking.sessions) == ["s2", "s3", "s4"]
 
 
@@ -512,13 +515,12 @@ def test_waiters_fail_at_once_when_a_failed_probe_leaves_no_server() -> None:
 
 def test_session_affinity_holds_while_the_server_has_room() -> None:
     scheduler, servers = fleet(2)
-    first = scheduler.ranking.choose(list(servers.values()), None, "s1")
+    first = scheduler.ranking.choose(list(servers.values()), None, S1)
     assert first is not None
-    scheduler.take(first, None, "s1")
-    for _ in range(1):
-        assert scheduler.ranking.choose(list(servers.values()), None, "s1") is first
-    scheduler.take(first, None, "s1")  # now full (capacity 2)
-    other = scheduler.ranking.choose(list(servers.values()), None, "s1")
+    scheduler.take(first, None, S1)
+    assert scheduler.ranking.choose(list(servers.values()), None, S1) is first
+    scheduler.take(first, None, S1)  # now full (capacity 2)
+    other = scheduler.ranking.choose(list(servers.values()), None, S1)
     assert other is not None and other is not first
 
 

@@ -258,3 +258,59 @@ def test_a_wall_clock_jump_kills_no_worker_and_a_silent_one_is_killed_on_the_mon
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_a_workers_counts_are_on_the_board_for_the_others_at_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "board")
+    ob.LoadBoard.create(path, 3)
+    first, second, third = (ob.LoadBoard(path, 3, index) for index in range(3))
+    try:
+        for board, instance in ((first, "a"), (second, "b"), (third, "")):
+            board.join(instance)
+        assert second.siblings() == {ob._instance_hash("a")}  # an empty row is no one
+        before = second.view()
+        first.publish(7, 3)
+        third.publish(7, 1)
+        first.publish(7 + ob.BOARD_SLOTS, 2)  # the same cell by its id: the next one
+        assert second.others(7) == 4 and second.others(7 + ob.BOARD_SLOTS) == 2
+        assert first.others(7) == 1 and second.others(8) == 0
+        assert second.changed_servers(before, second.view()) == {7, 7 + ob.BOARD_SLOTS}
+        first.publish(7, 0)
+        assert second.others(7) == 1
+        # A neighbourhood full of busy servers: one more goes unseen, never misread.
+        for n in range(ob.BOARD_PROBE):
+            first.publish(100 + n * ob.BOARD_SLOTS, 1)
+        first.publish(100 + ob.BOARD_PROBE * ob.BOARD_SLOTS, 5)
+        assert second.others(100 + ob.BOARD_PROBE * ob.BOARD_SLOTS) == 0
+        assert second.others(100) == 1
+        # A worker that died: the supervisor empties its row.
+        ob.LoadBoard.clear(path, 3, 0)
+        assert second.others(7 + ob.BOARD_SLOTS) == 0 and second.others(7) == 1
+        assert second.siblings() == set()
+    finally:
+        for board in (first, second, third):
+            board.close()
+
+
+def test_a_slot_freed_by_one_worker_goes_to_the_others_queue_without_waiting_a_beat(
+        start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama,
+        tmp_path: Path) -> None:
+    # Heartbeats 5 s apart: only the board can tell one worker that the other's request
+    # is done, and only it keeps the cap of 1 for the two.
+    (tmp_path / "tmp").mkdir()
+    group = start_balancer(sqlite_store, "--workers", "2", "--health-interval", "600",
+                           "--sync-interval", "5", env={"TMPDIR": str(tmp_path / "tmp")})
+    group.add_server(backend.url, maxConcurrency=1)
+    group.wait_for(lambda: len(workers(group)) == 2, timeout=20)
+    backend.most_active = 0
+    took = []
+    for _ in range(6):  # pairs: wherever the kernel puts each, the second waits its turn
+        threads, statuses = slow_chats(group, 1, 0.4)
+        time.sleep(0.1)
+        started = time.monotonic()
+        assert group.call("POST", "/api/chat", CHAT).status == 200
+        took.append(time.monotonic() - started)
+        threads[0].join(10)
+        assert statuses == [200]
+    assert backend.most_active == 1
+    assert max(took) < 2.0, took  # 0.3 s behind the first, not a heartbeat of 5
