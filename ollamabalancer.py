@@ -260,6 +260,10 @@ BOARD_TICK = 0.05
 #: hashing is passed over while it runs more than (1 + this) times its share of the
 #: requests on the servers that hold the model loaded.
 AFFINITY_SLACK = 0.25
+#: Servers holding a model loaded that its conversations are placed among (LoadedIndex):
+#: past it, a popular model's conversations go to a fixed few dozen of its servers, and
+#: the rest of its requests anywhere.
+AFFINITY_POOL = 64
 #: What the scheduler assumes of a server's Ollama until it has learned otherwise and
 #: nobody said: that it keeps 2 models loaded, or as many as it has shown (a load beyond
 #: that counts as one that may evict: Learned.resident); that a loaded model runs 2
@@ -3788,21 +3792,25 @@ class Affinity(NamedTuple):
     hint: str | bytes | None
 
 
-def rendezvous_order(key: str | bytes, servers: Iterable[Server]) -> list[Server]:
-    """``servers`` in ``key``'s order of preference by weighted rendezvous hashing: the
-    same in every process, and a server that comes or goes moves only the keys it wins
-    or held. Cheap per server (a 64-bit mix of the key's hash and the server's id)."""
+def rendezvous_order(key: str | bytes, servers: Sequence[Server]) -> Iterator[Server]:
+    """``servers`` in ``key``'s order of preference by weighted rendezvous hashing (each
+    scores weight / -ln(u), u a 64-bit mix of the key's hash and the server's id, uniform
+    in (0, 1)): the same in every process, and a server that comes or goes moves only
+    the keys it wins or held. Lazily: all are scored, then taken best first only as far
+    as the caller goes (usually one)."""
     seed = int.from_bytes(hashlib.blake2b(
         key.encode() if isinstance(key, str) else key, digest_size=8).digest(), "big")
-
-    def score(server: Server) -> float:
-        x = (seed ^ (server.id * 0x9E3779B97F4A7C15)) & 0xFFFFFFFFFFFFFFFF
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    mask, log = 0xFFFFFFFFFFFFFFFF, math.log
+    scored = []
+    for index, server in enumerate(servers):
+        x = (seed ^ (server.id * 0x9E3779B97F4A7C15)) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
         unit = ((x ^ (x >> 31)) >> 11) * 2.0 ** -53 + 2.0 ** -54  # in (0, 1)
-        return -server.weight / math.log(unit)
-
-    return sorted(servers, key=score, reverse=True)
+        scored.append((server.weight / log(unit), index))  # negated: a min-heap
+    heapq.heapify(scored)
+    while scored:
+        yield servers[heapq.heappop(scored)[1]]
 
 
 @dataclasses.dataclass(eq=False)
@@ -3973,6 +3981,51 @@ def evicted(load: ServerLoad) -> str | None:
     return min(idle, key=load.loaded.__getitem__) if idle else None
 
 
+class LoadedIndex:
+    """Which servers hold each model loaded, as the ranking last saw them (changed()),
+    and per model the few of them a conversation is placed among (pool()): affinity costs
+    a look at those, not a scan of the fleet."""
+
+    def __init__(self) -> None:
+        self._servers: dict[str, set[int]] = {}  # model: ids of servers it is loaded on
+        self._models: dict[int, frozenset[str]] = {}  # server id: its models, as indexed
+        self._pools: dict[str, list[int]] = {}
+
+    def update(self, server: Server) -> None:
+        """``server``'s loaded models may have changed."""
+        now = frozenset(server.load.loaded)
+        before = self._models.get(server.id, frozenset())
+        if now == before:
+            return
+        self._models[server.id] = now
+        for model in before - now:
+            self._servers[model].discard(server.id)
+            self._pools.pop(model, None)
+        for model in now - before:
+            self._servers.setdefault(model, set()).add(server.id)
+            self._pools.pop(model, None)
+
+    def drop(self, servers: dict[int, Server]) -> None:
+        """Forgets the servers no longer in the fleet."""
+        for server_id in [i for i in self._models if i not in servers]:
+            for model in self._models.pop(server_id):
+                self._servers[model].discard(server_id)
+                self._pools.pop(model, None)
+
+    def pool(self, servers: dict[int, Server], model: str) -> list[Server]:
+        """The servers ``model`` is loaded on, at most AFFINITY_POOL of them: those first in
+        the model's own rendezvous order (so every process with the same view has the
+        same pool), kept until where the model is loaded changes."""
+        ids = self._pools.get(model)
+        if ids is None:
+            holding = [s for i in self._servers.get(model, ()) if (s := servers.get(i))]
+            if len(holding) > AFFINITY_POOL:
+                holding = list(itertools.islice(rendezvous_order(model, holding),
+                                                AFFINITY_POOL))
+            ids = self._pools[model] = sorted(s.id for s in holding)
+        return [s for i in ids if (s := servers.get(i)) is not None]
+
+
 class Ranking:
     """Which server a request should go to now: the strategies, Ollama's tiers, and
     least_load's index of servers by rank (a heap per model); what each server's limits
@@ -3992,6 +4045,7 @@ class Ranking:
         self._ranked_fleet: dict[int, Server] | None = None  # pragma: no mutate
         self._stamps = itertools.count()
         self.shared = SharedCapacity()
+        self.where_loaded = LoadedIndex()
         #: Each model's size_vram, as /api/ps last showed it loaded on some server.
         self.model_vram: dict[str, int] = {}
         #: Each server's models kept loaded and parallel limit where known (its own
@@ -4033,6 +4087,7 @@ class Ranking:
 
     def forget(self, servers: dict[int, Server]) -> None:
         """The fleet may have lost servers: what they showed counts no more."""
+        self.where_loaded.drop(servers)
         if any(server_id not in servers for server_id in self._known):
             self._work_out(servers)
 
@@ -4216,6 +4271,7 @@ class Ranking:
     def loaded(self, server: Server, model: str) -> None:
         """``model`` is being loaded on ``server``: better for that model there (worse for
         others, which is found out lazily)."""
+        self.where_loaded.update(server)
         heap = self._ranked.get(model)
         if heap is not None:
             self._push(heap, server, model, time.monotonic())
@@ -4227,6 +4283,7 @@ class Ranking:
     def changed(self, server: Server) -> None:
         """Re-ranks ``server`` after it got better (a slot freed, its circuit closed);
         worse is found out lazily, when it comes to the top."""
+        self.where_loaded.update(server)
         now = time.monotonic()
         for model, heap in self._ranked.items():
             if model is None or model in server.model_names:
@@ -4313,7 +4370,12 @@ class Ranking:
                     key = self._key(sticky, model, time.monotonic())
                     if key is not None and key[0] <= max_tier:
                         return sticky, True
-            if candidates := self.candidates(servers.values(), model, exclude):
+            # Among the servers that hold the model loaded, a few at most; loaded nowhere
+            # (a cold load is coming anyway), among every one that could load it.
+            now = time.monotonic()
+            candidates = [s for s in self.where_loaded.pool(servers, model) if s.id not in
+                          exclude and self.eligible(s, model, now)] if model else []
+            if candidates or (candidates := self.candidates(servers.values(), model, exclude)):
                 chosen = self.affine(candidates, model, affinity.key, max_tier)
                 if chosen is not None:
                     return chosen, True
@@ -4331,12 +4393,19 @@ class Ranking:
         it from its own requests, and from /api/ps each health round)."""
         if model is not None:
             candidates = [s for s in candidates if model in s.load.loaded] or candidates
-        total = sum(self.busy(s) for s in candidates) + 1
-        room = sum(self.capacity(s) for s in candidates)
+        shares: tuple[int, int] | None = None  # the candidates' requests and capacity
         for server in rendezvous_order(key, candidates):
-            bound = math.ceil((1 + AFFINITY_SLACK) * total * self.capacity(server) / room)
-            if self.busy(server) + 1 > bound or not self.has_room(server):
-                continue  # a hot key's overflow goes on down its order
+            busy = self.busy(server)
+            if busy:  # (an idle one is within any bound: it is at least 1)
+                if shares is None:
+                    shares = (sum(self.busy(s) for s in candidates) + 1,
+                              sum(self.capacity(s) for s in candidates))
+                total, room = shares
+                if busy + 1 > math.ceil((1 + AFFINITY_SLACK) * total
+                                        * self.capacity(server) / room):
+                    continue  # a hot key's overflow goes on down its order
+            if not self.has_room(server):
+                continue
             if self.tier(server, model) <= min(1, max_tier):  # 1: loaded nowhere yet
                 return server
         return None

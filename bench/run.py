@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -45,6 +46,7 @@ import textwrap
 import threading
 import time
 import timeit
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1006,6 +1008,27 @@ def routing(rows: list[list[str]]) -> None:
         rows.append([f"scheduling decision, {count} servers",
                      f"{statistics.median(times):,.1f} us (±{half:.1f})",
                      "pick + take + release", "", "", ""])
+        # A chat turn: its conversation's server by rendezvous hashing, over every server
+        # that has the model loaded (here all of them: the worst case, a scan).
+        for server in servers.values():
+            scheduler.release(servers, scheduler.take(server, "common:latest"))
+        keys = itertools.count()
+
+        def converse(scheduler: ob.Scheduler = scheduler,
+                     servers: dict[int, ob.Server] = servers,
+                     keys: Iterator[int] = keys) -> None:
+            affinity = ob.Affinity(b"conversation %d" % next(keys), None)
+            server, _ = scheduler.ranking.pick(servers, "common:latest", affinity)
+            assert server is not None
+            scheduler.release(servers, scheduler.take(server, "common:latest"))
+
+        runs = max(100, 20_000 // count)
+        times = [t / runs * 1e6 for t in timeit.repeat(converse, number=runs, repeat=5)]
+        half = (max(times) - min(times)) / 2
+        rows.append([f"scheduling decision, {count} servers, conversation affinity",
+                     f"{statistics.median(times):,.1f} us (±{half:.1f})",
+                     "pick + take + release, the model loaded on every server", "", "",
+                     ""])
 
 
 def instructions(args: argparse.Namespace, workdir: Path, rows: list[list[str]]) -> None:
