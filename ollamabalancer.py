@@ -4386,7 +4386,8 @@ class Ranking:
         """``key``'s server among ``candidates``, by rendezvous hashing with bounded loads
         (consistent hashing with bounded loads, Mirrokni et al.): the first in ``key``'s
         order that runs at most (1 + AFFINITY_SLACK) times its share, by capacity, of the
-        candidates' requests, and can take this one at once: among those that hold the
+        candidates' requests (or fewer than one loaded model's parallel slots), and can
+        take this one at once: among those that hold the
         model loaded when any does (a free slot of it), else among all (memory free to
         load it, nothing evicted); None when none can. Every process walks the same
         order; they may differ for a while on where a model was just loaded (each learns
@@ -4396,7 +4397,10 @@ class Ranking:
         shares: tuple[int, int] | None = None  # the candidates' requests and capacity
         for server in rendezvous_order(key, candidates):
             busy = self.busy(server)
-            if busy:  # (an idle one is within any bound: it is at least 1)
+            # Within its model's parallel slots, a server is never passed over: bounds
+            # at a light load would be 1 request a server, and move conversations for
+            # nothing. (An idle one is within any bound.)
+            if busy >= self.parallel(server):
                 if shares is None:
                     shares = (sum(self.busy(s) for s in candidates) + 1,
                               sum(self.capacity(s) for s in candidates))
