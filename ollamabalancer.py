@@ -6251,23 +6251,28 @@ async def read_tags(upstreams: Upstreams, server: Server, proxy: Proxy | None,
 async def read_running(upstreams: Upstreams, server: Server, proxy: Proxy | None,
                        timeout: float, model_vram: dict[str, int],
                        with_version: bool = True) -> None:
-    """Reads /api/ps into the server's load, and /api/version now and then
-    (VERSION_RECHECK); a server that does not answer them keeps what it had."""
+    """Reads /api/version now and then (VERSION_RECHECK), then /api/ps into the server's
+    load: last, so that the caller takes in what it shows (the ranking, where models are
+    loaded) with no wait between, when no other request can see it half taken in. A
+    server that does not answer them keeps what it had."""
     load = server.load
+    errors = (TimeoutError, UpstreamError, ValueError, AttributeError, IncompleteBody,
+              OSError, ProtocolError)
+    if with_version and time.monotonic() - load.version_read >= VERSION_RECHECK:
+        try:
+            status, body = await asyncio.wait_for(
+                upstreams.fetch(server, proxy, "GET", "/api/version"), timeout)
+            payload = decode_json(body) if status == 200 else {}
+            if not isinstance(payload, dict):
+                raise ValueError("/api/version did not answer an object")
+            load.read_version(payload)
+        except errors as exc:
+            log.debug("no /api/version from %s: %s", server.label, exc)
     try:
         status, body = await asyncio.wait_for(
             upstreams.fetch(server, proxy, "GET", "/api/ps"), timeout)
         load.read_ps(decode_json(body) if status == 200 else {}, model_vram)
-        if not with_version or time.monotonic() - load.version_read < VERSION_RECHECK:
-            return
-        status, body = await asyncio.wait_for(
-            upstreams.fetch(server, proxy, "GET", "/api/version"), timeout)
-        payload = decode_json(body) if status == 200 else {}
-        if not isinstance(payload, dict):
-            raise ValueError("/api/version did not answer an object")
-        load.read_version(payload)
-    except (TimeoutError, UpstreamError, ValueError, AttributeError, IncompleteBody,
-            OSError, ProtocolError) as exc:
+    except errors as exc:
         log.debug("no /api/ps from %s: %s", server.label, exc)
 
 

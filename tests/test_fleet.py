@@ -294,7 +294,9 @@ def test_a_session_stays_on_its_server_though_another_is_less_loaded(fleet: Any)
         assert chat(lb, headers=session, turn=turn).status == 200
     assert [json.loads(r["body"]).get("turn") for r in home.model_requests()][-3:] == [0, 1, 2]
     assert not away.model_requests()
-    assert chat(lb).status == 200  # without a session: the least loaded
+    # Not a conversation (a chat is one, placed by its first message): the least loaded.
+    assert lb.call("POST", "/api/generate", {"model": "llama3", "prompt": "hi",
+                                             "stream": False}).status == 200
     assert len(away.model_requests()) == 1
     home.release(2)
     for thread, _ in holders:
