@@ -4396,11 +4396,17 @@ class Ranking:
             candidates = [s for s in candidates if model in s.load.loaded] or candidates
         shares: tuple[int, int] | None = None  # the candidates' requests and capacity
         for server in rendezvous_order(key, candidates):
+            # What its model surely runs at once there: while the limit is a guess (one
+            # more than seen), what was seen. A conversation goes where it runs at once
+            # for sure; past that, the ranking decides (this process still keeps it
+            # where it went before, if it can wait there: pick()'s hint).
+            parallel, source = self.parallel_known(server)
+            sure = parallel - 1 if source == "guessed" else parallel
             busy = self.busy(server)
-            # Within its model's parallel slots, a server is never passed over: bounds
-            # at a light load would be 1 request a server, and move conversations for
-            # nothing. (An idle one is within any bound.)
-            if busy >= self.parallel(server):
+            # Within that, a server is never passed over (bounds at a light load would be
+            # one request a server, and move conversations for nothing); past it, not
+            # past (1 + AFFINITY_SLACK) times its share.
+            if busy >= sure:
                 if shares is None:
                     shares = (sum(self.busy(s) for s in candidates) + 1,
                               sum(self.capacity(s) for s in candidates))
@@ -4410,7 +4416,9 @@ class Ranking:
                     continue  # a hot key's overflow goes on down its order
             if not self.has_room(server):
                 continue
-            if self.tier(server, model) <= min(1, max_tier):  # 1: loaded nowhere yet
+            tier = self.tier(server, model)
+            if tier == 1 or (tier == 0 and (model is None or server.load.by_model.get(
+                    model, 0) < sure)) and tier <= max_tier:  # 1: loaded nowhere yet
                 return server
         return None
 
