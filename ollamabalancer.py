@@ -4417,8 +4417,11 @@ class Ranking:
             if not self.has_room(server):
                 continue
             tier = self.tier(server, model)
-            if tier == 1 or (tier == 0 and (model is None or server.load.by_model.get(
-                    model, 0) < sure)) and tier <= max_tier:  # 1: loaded nowhere yet
+            if tier > max_tier:
+                continue
+            if tier == 1:  # loaded nowhere yet, memory free here
+                return server
+            if tier == 0 and (model is None or server.load.by_model.get(model, 0) < sure):
                 return server
         return None
 
