@@ -233,3 +233,16 @@ def test_two_workers_show_the_same_learned_figures(
     # Whichever worker answers (a new connection each time), within a few beats.
     group.wait_for(lambda: all(learned_of(group, row["id"])["maxLoadedModelsSeen"] == 3
                                for _ in range(10)))
+
+
+def test_a_pass_for_requests_that_run_at_once_gets_no_cold_load_through_affinity() -> None:
+    scheduler = ob.Scheduler(ob.Config(num_parallel=2, max_loaded_models=2))
+    fleet = servers(2)
+    by_id = {s.id: s for s in fleet}
+    for server in fleet:
+        server.reachable = True
+        server.set_models([tag("a:latest")])
+    conversation = ob.Affinity(b"first message", None)
+    assert scheduler.ranking.pick(by_id, "a:latest", conversation, max_tier=0) == (None, True)
+    assert scheduler.ranking.pick(by_id, "a:latest", conversation)[0] is next(
+        ob.rendezvous_order(b"first message", fleet))  # a load is fine on arrival
