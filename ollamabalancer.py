@@ -1778,7 +1778,8 @@ def parse_figures(text: Any) -> Figures | None:
     except (TypeError, ValueError):
         return None
     if not (isinstance(value, list) and len(value) == 6 and all(
-            type(x) is int and 0 <= x < 1 << 62 for x in value)):
+            type(x) is int and 0 <= x <= most for x, most in zip(value, FIGURE_LIMITS,
+                                                                 strict=True))):
         return None
     return (value[0], value[1], value[2], value[3], value[4], value[5])
 
@@ -1948,6 +1949,13 @@ class Learned:
         return {"maxLoadedModelsSeen": self.resident_seen, "evictions": self.evictions,
                 "numParallelSeen": self.parallel_seen, "waitsForASlot": self.waited,
                 "vramSeen": self.vram_seen, "vramLimit": self.vram_limit}
+
+
+#: The most each shared figure can be: MAX_LOADED_MODELS's and NUM_PARALLEL's range, the
+#: waits that make a limit known, a petabyte of VRAM. A stored row past them is not the
+#: balancer's, and is no figures (parse_figures): it could make a server take thousands
+#: of requests at once, or a guess count as known.
+FIGURE_LIMITS: Figures = (1000, 1 << 40, 1000, Learned.SURE_AFTER, 1 << 50, 1 << 50)
 
 
 @dataclasses.dataclass(eq=False)
@@ -3786,10 +3794,12 @@ class Affinity(NamedTuple):
     conversation (its first message's fingerprint) alike in every worker and instance,
     for rendezvous hashing (Ranking.affine); ``hint`` is what this process's own table
     knows it by, if anything: the session, or the longest start of the conversation it
-    has seen go somewhere."""
+    has seen go somewhere; ``cached``: its server may hold its prompt in cache (a turn
+    that continues a conversation, a session), worth waiting there for a slot."""
 
     key: str | bytes
     hint: str | bytes | None
+    cached: bool = True
 
 
 def rendezvous_order(key: str | bytes, servers: Sequence[Server]) -> Iterator[Server]:
@@ -4215,7 +4225,7 @@ class Ranking:
             for server in ready:
                 if server.id == sticky:
                     return server
-            chosen = self.affine(ready, model, affinity.key, ANY_FREE)
+            chosen = self.affine(ready, model, affinity, ANY_FREE)
             if chosen is not None:
                 return chosen
         strategy = self.config.strategy
@@ -4356,46 +4366,49 @@ class Ranking:
              max_tier: int = ANY_FREE) -> tuple[Server | None, bool]:
         """The server for a request now, by the configured strategy (None when every
         candidate is full, or past ``max_tier``), and whether any could serve it. With
-        an ``affinity``: where this process sent it before, if that can take it without
-        a load (it may wait there behind the model's running requests: its cache is
-        worth it); else its server by rendezvous hashing, which every process finds
-        alike; else as any other request."""
+        an ``affinity``: where this process sent an earlier turn, if that can take it
+        without a load (it may wait there behind the model's running requests: its
+        cache is worth it), which keeps a conversation whose own server was passed over
+        where its cache is; else its own server by rendezvous hashing, which every
+        process finds alike (affine()); else as any other request."""
         if self.config.strategy != "least_load":
             candidates = self.candidates(servers.values(), model, exclude)
             return self.choose(candidates, model, affinity), bool(candidates)
         if affinity is not None:
-            if affinity.hint is not None:
+            now = time.monotonic()
+            if affinity.hint is not None:  # where this process sent an earlier turn
                 sticky = servers.get(self.sessions.get(affinity.hint, -1))
                 if sticky is not None and sticky.id not in exclude:
-                    key = self._key(sticky, model, time.monotonic())
+                    key = self._key(sticky, model, now)
                     if key is not None and key[0] <= max_tier:
                         return sticky, True
             # Among the servers that hold the model loaded, a few at most; loaded nowhere
             # (a cold load is coming anyway), among every one that could load it.
-            now = time.monotonic()
             candidates = [s for s in self.where_loaded.pool(servers, model) if s.id not in
                           exclude and self.eligible(s, model, now)] if model else []
             if candidates or (candidates := self.candidates(servers.values(), model, exclude)):
-                chosen = self.affine(candidates, model, affinity.key, max_tier)
+                chosen = self.affine(candidates, model, affinity, max_tier)
                 if chosen is not None:
                     return chosen, True
         return self.best(servers, model, exclude, max_tier)
 
-    def affine(self, candidates: Sequence[Server], model: str | None, key: str | bytes,
+    def affine(self, candidates: Sequence[Server], model: str | None, affinity: Affinity,
                max_tier: int) -> Server | None:
-        """``key``'s server among ``candidates``, by rendezvous hashing with bounded loads
-        (consistent hashing with bounded loads, Mirrokni et al.): the first in ``key``'s
-        order that runs at most (1 + AFFINITY_SLACK) times its share, by capacity, of the
-        candidates' requests (or fewer than one loaded model's parallel slots), and can
-        take this one at once: among those that hold the
-        model loaded when any does (a free slot of it), else among all (memory free to
-        load it, nothing evicted); None when none can. Every process walks the same
-        order; they may differ for a while on where a model was just loaded (each learns
-        it from its own requests, and from /api/ps each health round)."""
+        """The affinity's server among ``candidates``, by rendezvous hashing of its key
+        with bounded loads (consistent hashing with bounded loads, Mirrokni et al.): the
+        first in the key's order, among those that hold the model loaded when any does,
+        that runs at most (1 + AFFINITY_SLACK) times its share, by capacity, of their
+        requests (or fewer than its model surely runs at once), and can take this one: at
+        once (a slot of its model surely free, or, loaded nowhere, memory free to load it
+        without evicting), or, the first such server when its prompt may be cached there
+        (``affinity.cached``), behind the model's running requests. None when none can.
+        Every process walks the same order; they may differ for a while on where a model
+        was just loaded (each learns it from its own requests, and from /api/ps)."""
         if model is not None:
             candidates = [s for s in candidates if model in s.load.loaded] or candidates
         shares: tuple[int, int] | None = None  # the candidates' requests and capacity
-        for server in rendezvous_order(key, candidates):
+        patient = affinity.cached
+        for server in rendezvous_order(affinity.key, candidates):
             # What its model surely runs at once there: while the limit is a guess (one
             # more than seen), what was seen. A conversation goes where it runs at once
             # for sure; past that, the ranking decides (this process still keeps it
@@ -4419,9 +4432,12 @@ class Ranking:
             tier = self.tier(server, model)
             if tier > max_tier:
                 continue
-            if tier == 1:  # loaded nowhere yet, memory free here
+            # Its own server, where its prompt may be cached: worth a wait for a slot.
+            home, patient = patient, False
+            if tier == 1 or (home and tier == 2):
                 return server
-            if tier == 0 and (model is None or server.load.by_model.get(model, 0) < sure):
+            if tier == 0 and (model is None or home
+                              or server.load.by_model.get(model, 0) < sure):
                 return server
         return None
 
@@ -5809,6 +5825,8 @@ def leading_model(prefix: bytes) -> str | None:
 #: Paths whose body holds a conversation, its messages in "messages": where a turn that
 #: continues one is sent to the server that has its start in its cache.
 CHAT_PATHS = frozenset({"/api/chat", "/v1/chat/completions", "/v1/messages"})
+#: A message an assistant wrote, in a chat's raw body: the chat continues a conversation.
+_assistant_re = re.compile(rb'"role"\s*:\s*"assistant"')
 
 
 #: Longest X-Session-Id kept as it is; a longer one is kept as its hash, so that the
@@ -7828,7 +7846,8 @@ class OllamaFront:
                   self.config.conversation_affinity and request.path in CHAT_PATHS
                   and self.config.strategy == "least_load" else [])
         if prints:  # a turn of a conversation: named by its start, in every process alike
-            affinity = Affinity(prints[0], self.fleet.conversation(prints))
+            affinity = Affinity(prints[0], self.fleet.conversation(prints),
+                                _assistant_re.search(body, 0, FINGERPRINT_BYTES) is not None)
         waits = Waits()
         outcome = await request.watched(self._route(request, body, model, affinity,
                                                     prints[-1:], waits))

@@ -16,6 +16,8 @@ from fakeollama import FakeOllama, tag
 import ollamabalancer as ob
 
 CONVERSATIONS, TURNS = 16, 4
+#: A conversation's first turn (nothing cached anywhere yet), named b"hot".
+HOT = ob.Affinity(b"hot", None, cached=False)
 
 
 def servers_of_each_conversation(fakes: list[FakeOllama]) -> dict[str, set[int]]:
@@ -143,14 +145,14 @@ def test_a_hot_key_overflows_down_its_own_order_past_the_bound() -> None:
             scheduler.release(by_id, scheduler.take(server, model))  # both loaded
     ranking = scheduler.ranking
     order = list(ob.rendezvous_order(b"hot", fleet))
-    assert ranking.affine(fleet, "a:latest", b"hot", ob.ANY_FREE) is order[0]
+    assert ranking.affine(fleet, "a:latest", HOT, ob.ANY_FREE) is order[0]
     # Its server busy with another model's requests, past (1 + slack) x its share of
     # what runs (4 of 4 + 1, where its share is a quarter): passed over, for the next
     # in its own order, though a slot of its model is free there.
     for _ in range(4):
         scheduler.take(order[0], "b:latest")
     assert ranking.tier(order[0], "a:latest") == 0 and ranking.has_room(order[0])
-    assert ranking.affine(fleet, "a:latest", b"hot", ob.ANY_FREE) is order[1]
+    assert ranking.affine(fleet, "a:latest", HOT, ob.ANY_FREE) is order[1]
     # Within its model's parallel slots it is never passed over, however light the load.
     other = ob.Scheduler(ob.Config(num_parallel=4, max_loaded_models=2))
     for server in fleet:
@@ -158,7 +160,7 @@ def test_a_hot_key_overflows_down_its_own_order_past_the_bound() -> None:
         other.release(by_id, other.take(server, "a:latest"))
     for _ in range(3):
         other.take(order[0], "a:latest")
-        assert other.ranking.affine(fleet, "a:latest", b"hot", ob.ANY_FREE) is order[0]
+        assert other.ranking.affine(fleet, "a:latest", HOT, ob.ANY_FREE) is order[0]
 
 
 # -- learned capacity, shared through the store -------------------------------------------
@@ -176,9 +178,13 @@ def test_what_any_process_saw_counts_and_waits_go_with_the_most_seen_running() -
     assert (learned.evictions, learned.parallel_seen, learned.waited,
             learned.vram_limit) == (1, 4, 0, 10)
     for bad in ("", "[1,2]", '{"a": 1}', "[1,2,3,4,5,-6]", '[1,2,3,4,5,"6"]', "[1,2,3,4,5,true]",
-                None, "[1,2,3,4,5,1e400]"):
+                None, "[1,2,3,4,5,1e400]",
+                # Past what a server can show: a row that would make any server take
+                # thousands of requests at once, or call a guess known.
+                "[5000,0,0,0,0,0]", "[0,0,5000,0,0,0]", "[0,0,1,9,0,0]",
+                f"[0,0,0,0,{1 << 60},0]"):
         assert ob.parse_figures(bad) is None, bad
-    assert ob.parse_figures("[1,2,3,4,5,6]") == (1, 2, 3, 4, 5, 6)
+    assert ob.parse_figures("[1,2,3,3,5,6]") == (1, 2, 3, 3, 5, 6)
 
 
 def chat(lb: BalancerProcess, model: str) -> int:
@@ -242,7 +248,7 @@ def test_a_pass_for_requests_that_run_at_once_gets_no_cold_load_through_affinity
     for server in fleet:
         server.reachable = True
         server.set_models([tag("a:latest")])
-    conversation = ob.Affinity(b"first message", None)
+    conversation = ob.Affinity(b"first message", None, cached=False)
     assert scheduler.ranking.pick(by_id, "a:latest", conversation, max_tier=0) == (None, True)
     assert scheduler.ranking.pick(by_id, "a:latest", conversation)[0] is next(
         ob.rendezvous_order(b"first message", fleet))  # a load is fine on arrival
