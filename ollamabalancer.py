@@ -5827,6 +5827,10 @@ def leading_model(prefix: bytes) -> str | None:
 CHAT_PATHS = frozenset({"/api/chat", "/v1/chat/completions", "/v1/messages"})
 #: A message an assistant wrote, in a chat's raw body: the chat continues a conversation.
 _assistant_re = re.compile(rb'"role"\s*:\s*"assistant"')
+#: A chat that opens with a system prompt, as clients write messages (their role first):
+#: most of an application's conversations share that prompt, so each is named by it and
+#: its first user message together.
+_system_first_re = re.compile(rb'"messages"\s*:\s*\[\s*\{\s*"role"\s*:\s*"system"')
 
 
 #: Longest X-Session-Id kept as it is; a longer one is kept as its hash, so that the
@@ -7846,7 +7850,9 @@ class OllamaFront:
                   self.config.conversation_affinity and request.path in CHAT_PATHS
                   and self.config.strategy == "least_load" else [])
         if prints:  # a turn of a conversation: named by its start, in every process alike
-            affinity = Affinity(prints[0], self.fleet.conversation(prints),
+            opening = 1 if len(prints) > 1 and _system_first_re.search(
+                body, 0, FINGERPRINT_BYTES) else 0
+            affinity = Affinity(prints[opening], self.fleet.conversation(prints),
                                 _assistant_re.search(body, 0, FINGERPRINT_BYTES) is not None)
         waits = Waits()
         outcome = await request.watched(self._route(request, body, model, affinity,

@@ -26,8 +26,8 @@ def servers_of_each_conversation(fakes: list[FakeOllama]) -> dict[str, set[int]]
     for index, fake in enumerate(fakes):
         for request in fake.model_requests():
             messages = json.loads(request["body"]).get("messages") or []
-            if messages:
-                reached[messages[0]["content"]].add(index)
+            if len(messages) > 1:
+                reached[messages[1]["content"]].add(index)
     return reached
 
 
@@ -35,7 +35,10 @@ def talk(balancers: list[BalancerProcess]) -> None:
     """CONVERSATIONS conversations of TURNS turns, each turn a new connection to the
     next of ``balancers`` (and the kernel spreads a group's connections over its
     workers), the conversations interleaved as users are."""
-    histories = [[{"role": "user", "content": f"conversation {n}: hello"}]
+    # One system prompt for all, as an application's conversations have: each is still
+    # a conversation of its own (named by the prompt and its first user message).
+    histories = [[{"role": "system", "content": "You are a helpful assistant."},
+                  {"role": "user", "content": f"conversation {n}: hello"}]
                  for n in range(CONVERSATIONS)]
     for turn in range(TURNS):
         for number, history in enumerate(histories):
