@@ -3823,6 +3823,13 @@ def rendezvous_order(key: str | bytes, servers: Sequence[Server]) -> Iterator[Se
         yield servers[heapq.heappop(scored)[1]]
 
 
+def model_cell(server_id: int, model: str) -> int:
+    """The board's id for a model's requests on a server: past every server id (2^30 and
+    up), from a hash of both, so that workers count each other's slots of a model."""
+    digest = hashlib.blake2b(f"{server_id} {model}".encode(), digest_size=4).digest()
+    return (1 << 30) | (int.from_bytes(digest, "big") & ((1 << 30) - 1))
+
+
 @dataclasses.dataclass(eq=False)
 class Waiter:
     model: str | None
@@ -4192,6 +4199,13 @@ class Ranking:
             return False
         return model is None or model in server.model_names
 
+    def running(self, server: Server, model: str) -> int:
+        """Requests of ``model`` in flight on ``server``: this process's, and its group's
+        other workers' when it has a board (whose slots of the model they take too)."""
+        board = self.board
+        mine = server.load.by_model.get(model, 0)
+        return mine + board.others(model_cell(server.id, model)) if board else mine
+
     def busy(self, server: Server) -> int:
         """Requests in flight on ``server``: this process's, and its group's other
         workers' (the load board) when it has one."""
@@ -4436,8 +4450,7 @@ class Ranking:
             home, patient = patient, False
             if tier == 1 or (home and tier == 2):
                 return server
-            if tier == 0 and (model is None or home
-                              or server.load.by_model.get(model, 0) < sure):
+            if tier == 0 and (model is None or home or self.running(server, model) < sure):
                 return server
         return None
 
@@ -4487,10 +4500,10 @@ class Ranking:
             return 0
         load = server.load
         if model in load.loaded:
-            return 0 if load.by_model.get(model, 0) < self.parallel(server) else 2
+            return 0 if self.running(server, model) < self.parallel(server) else 2
         if len(load.loaded) < self.resident(server) and self.fits(server, model):
             return 1
-        return EVICTS if any(not load.by_model.get(m) for m in load.loaded) else 4
+        return EVICTS if any(not self.running(server, m) for m in load.loaded) else 4
 
 
 class Scheduler:
@@ -4609,6 +4622,8 @@ class Scheduler:
                     del load.loaded[victim]
             load.by_model[model] = load.by_model.get(model, 0) + 1
             load.loaded[model] = time.monotonic()
+            if self.ranking.board is not None:
+                self.ranking.board.publish(model_cell(server.id, model), load.by_model[model])
         probe = load.breaker_open
         if probe:
             load.probing += 1  # half-open: this request is the probe
@@ -4647,6 +4662,8 @@ class Scheduler:
                 load.by_model[model] = left
             else:
                 load.by_model.pop(model, None)
+            if self.ranking.board is not None:
+                self.ranking.board.publish(model_cell(server.id, model), left)
         self.ranking.changed(server)
         self.dispatch(servers, server)
 

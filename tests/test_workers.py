@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import BalancerProcess, StoreConfig
-from fakeollama import FakeOllama
+from fakeollama import FakeOllama, tag
 
 import ollamabalancer as ob
 
@@ -314,3 +314,28 @@ def test_a_slot_freed_by_one_worker_goes_to_the_others_queue_without_waiting_a_b
         assert statuses == [200]
     assert backend.most_active == 1
     assert max(took) < 2.0, took  # 0.3 s behind the first, not a heartbeat of 5
+
+
+def test_a_models_slots_taken_by_another_worker_count_in_this_ones_ranking(
+        tmp_path: Path) -> None:
+    # Without this, each worker of an unconfigured fleet took a model's slots as free
+    # that the other held, and its requests waited inside Ollama (the simulated fleet's
+    # p95 with WORKERS=2 was 3.3x its configured one's).
+    path = str(tmp_path / "board")
+    ob.LoadBoard.create(path, 2)
+    first, second = ob.LoadBoard(path, 2, 0), ob.LoadBoard(path, 2, 1)
+    try:
+        ranking = ob.Ranking(ob.Config(num_parallel=1, max_loaded_models=2), second)
+        server = ob.Server(id=1, host="h", port=11434, reachable=True)
+        server.set_models([tag("a:latest"), tag("b:latest")])
+        server.load.loaded = {"a:latest": time.monotonic(), "b:latest": time.monotonic()}
+        assert ranking.tier(server, "a:latest") == 0
+        first.publish(ob.model_cell(1, "a:latest"), 1)  # the other worker runs one of "a"
+        assert ranking.running(server, "a:latest") == 1
+        assert ranking.tier(server, "a:latest") == 2  # its one slot taken
+        first.publish(ob.model_cell(1, "b:latest"), 1)
+        assert ranking.tier(server, "c:latest") == 4  # nothing idle to evict
+        assert ob.model_cell(1, "a:latest") >= 1 << 30 > 1  # no server id's cell
+    finally:
+        first.close()
+        second.close()
