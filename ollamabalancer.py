@@ -3257,7 +3257,7 @@ class Store(Database):
                 if merged == before:
                     continue
                 text = json.dumps(merged, separators=(",", ":"))
-                if before is None:
+                if before is None:  # none, or one that is no figures: replaced whole
                     self._execute("DELETE FROM learned WHERE server_id = ?", [server_id])
                     self._execute("INSERT INTO learned (server_id, figures) VALUES (?, ?)",
                                   [server_id, text])
@@ -3823,6 +3823,7 @@ def rendezvous_order(key: str | bytes, servers: Sequence[Server]) -> Iterator[Se
         yield servers[heapq.heappop(scored)[1]]
 
 
+@functools.lru_cache(maxsize=4096)
 def model_cell(server_id: int, model: str) -> int:
     """The board's id for a model's requests on a server: past every server id (2^30 and
     up), from a hash of both, so that workers count each other's slots of a model."""
@@ -5113,14 +5114,17 @@ class LoadBoard:
         """The servers whose counts by other workers differ between two views."""
         old, new = memoryview(before).cast("i"), memoryview(after).cast("i")
         changed: set[int] = set()
+        block = 256  # ints, 128 cells: compared whole (in C), and looked into if they differ
         for row in range(self.workers):
-            base = row * self._row + self.HEADER
-            if row == self.index or old[base:base + 2 * BOARD_SLOTS] == new[
-                    base:base + 2 * BOARD_SLOTS]:
+            if row == self.index:
                 continue
-            for cell in range(base, base + 2 * BOARD_SLOTS, 2):
-                if old[cell + 1] != new[cell + 1] or old[cell] != new[cell]:
-                    changed.update(i for i in (old[cell], new[cell]) if i)
+            base = row * self._row + self.HEADER
+            for start in range(base, base + 2 * BOARD_SLOTS, block):
+                if old[start:start + block] == new[start:start + block]:
+                    continue
+                for cell in range(start, start + block, 2):
+                    if old[cell + 1] != new[cell + 1] or old[cell] != new[cell]:
+                        changed.update(i for i in (old[cell], new[cell]) if i)
         return changed
 
     @contextlib.contextmanager
