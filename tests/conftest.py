@@ -267,6 +267,20 @@ def sqlite_store(tmp_path: Path) -> StoreConfig:
 
 
 @pytest.fixture
+def start_workers(start_balancer: Any, sqlite_store: StoreConfig, tmp_path: Path) -> Any:
+    """A way to start two workers (WORKERS=2) on SQLite, with no health round in the
+    test's time; their shared directory goes under the test's own TMPDIR."""
+    def start(*args: str) -> BalancerProcess:
+        (tmp_path / "tmp").mkdir(exist_ok=True)
+        process: BalancerProcess = start_balancer(
+            sqlite_store, "--workers", "2", "--health-interval", "600", *args,
+            env={"TMPDIR": str(tmp_path / "tmp")})
+        return process
+
+    return start
+
+
+@pytest.fixture
 def event_loop_name() -> str:
     """The balancer's event loop: asyncio's own, what runs with the standard library
     alone. Modules about the relay run on uvloop as well (``both_event_loops``)."""

@@ -137,6 +137,18 @@ def test_sse_stream_arrives_unchanged(routed: tuple[BalancerProcess, str]) -> No
     assert reply.body.count(b"data: ") == 3
 
 
+def ask_for_a_flood(lb: BalancerProcess, server_id: str) -> socket.socket:
+    """A client, with a small receive buffer, that asks server ``server_id`` for 64 MiB
+    and has read nothing of it yet."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", lb.port))
+    sock.sendall(f"GET /servers/ollama/{server_id}/flood?mib=64 HTTP/1.1\r\nHost: lb\r\n\r\n"
+                 .encode())
+    return sock
+
+
 def test_a_client_that_stops_reading_stops_the_upstream_too(
         routed: tuple[BalancerProcess, str], backend: FakeOllama) -> None:
     """Flow control end to end: while the client reads nothing, the balancer stops reading
@@ -144,12 +156,7 @@ def test_a_client_that_stops_reading_stops_the_upstream_too(
     again, every byte arrives."""
     lb, sid = routed
     total = 64 * 1024 * 1024
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", lb.port))
-    sock.sendall(f"GET /servers/ollama/{sid}/flood?mib=64 HTTP/1.1\r\nHost: lb\r\n\r\n"
-                 .encode())
+    sock = ask_for_a_flood(lb, sid)
     time.sleep(1.5)  # reading nothing
     stalled = backend.flood_sent
     time.sleep(0.5)
@@ -860,12 +867,7 @@ def test_a_client_that_stops_reading_frees_its_server_and_is_not_its_failure(
     lb = start_balancer(sqlite_store, "--client-timeout", "1", "--breaker-threshold", "1",
                         "--breaker-cooldown", "60", "--health-interval", "600")
     row = lb.add_server(backend.url, maxConcurrency=1)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", lb.port))
-    sock.sendall(f"GET /servers/ollama/{row['id']}/flood?mib=64 HTTP/1.1\r\nHost: lb\r\n\r\n"
-                 .encode())
+    sock = ask_for_a_flood(lb, str(row["id"]))
     started = time.monotonic()
     lb.wait_for(lambda: any("/flood" in line and " 200 " in line for line in lb.lines),
                 timeout=10)

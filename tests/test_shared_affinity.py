@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import math
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from conftest import BalancerProcess, StoreConfig
@@ -69,12 +69,8 @@ def fleet_of(make_backend: Any, lb: BalancerProcess, size: int) -> list[FakeOlla
 
 
 def test_conversations_stay_on_one_server_across_two_workers(
-        start_balancer: Any, sqlite_store: StoreConfig, make_backend: Any,
-        tmp_path: Path) -> None:
-    (tmp_path / "tmp").mkdir()
-    group = start_balancer(sqlite_store, "--workers", "2", "--health-interval", "600",
-                           "--sync-interval", "0.2", "--num-parallel", "8",
-                           env={"TMPDIR": str(tmp_path / "tmp")})
+        start_workers: Any, make_backend: Any) -> None:
+    group = start_workers("--sync-interval", "0.2", "--num-parallel", "8")
     fakes = fleet_of(make_backend, group, 4)
     group.wait_for(lambda: group.call("GET", "/servers/status").json()["instances"] == 2)
     group.wait_for(lambda: all(knows_the_fleet(group, 4) for _ in range(10)))
@@ -136,16 +132,25 @@ def test_a_heavier_server_wins_more_keys_in_proportion() -> None:
     assert math.isclose(won[heavy.id] / 4000, 0.75, abs_tol=0.03), won
 
 
-def test_a_hot_key_overflows_down_its_own_order_past_the_bound() -> None:
-    # 4 servers, each running 4 requests of a model at once, 2 models: a cap of 8.
-    scheduler = ob.Scheduler(ob.Config(num_parallel=4, max_loaded_models=2))
-    fleet = servers(4)
+def scheduled(count: int, models: Sequence[str], loaded: bool, **settings: Any
+              ) -> tuple[ob.Scheduler, list[ob.Server], dict[int, ob.Server]]:
+    """A scheduler and ``count`` servers up, with ``models`` (each run once, so loaded,
+    when ``loaded``)."""
+    scheduler = ob.Scheduler(ob.Config(**settings))
+    fleet = servers(count)
     by_id = {s.id: s for s in fleet}
     for server in fleet:
         server.reachable = True
-        server.set_models([tag("a:latest"), tag("b:latest")])
-        for model in ("a:latest", "b:latest"):
-            scheduler.release(by_id, scheduler.take(server, model))  # both loaded
+        server.set_models([tag(model) for model in models])
+        for model in models if loaded else ():
+            scheduler.release(by_id, scheduler.take(server, model))
+    return scheduler, fleet, by_id
+
+
+def test_a_hot_key_overflows_down_its_own_order_past_the_bound() -> None:
+    # 4 servers, each running 4 requests of a model at once, 2 models: a cap of 8.
+    scheduler, fleet, by_id = scheduled(4, ("a:latest", "b:latest"), True, num_parallel=4,
+                                        max_loaded_models=2)
     ranking = scheduler.ranking
     order = list(ob.rendezvous_order(b"hot", fleet))
     assert ranking.affine(fleet, "a:latest", HOT, ob.ANY_FREE) is order[0]
@@ -228,11 +233,8 @@ def test_what_one_instance_learns_of_a_server_every_other_shows_within_seconds(
 
 
 def test_two_workers_show_the_same_learned_figures(
-        start_balancer: Any, sqlite_store: StoreConfig, make_backend: Any,
-        tmp_path: Path) -> None:
-    (tmp_path / "tmp").mkdir()
-    group = start_balancer(sqlite_store, "--workers", "2", "--health-interval", "600",
-                           "--sync-interval", "0.2", env={"TMPDIR": str(tmp_path / "tmp")})
+        start_workers: Any, make_backend: Any) -> None:
+    group = start_workers("--sync-interval", "0.2")
     fake = make_backend(models=[tag(f"m{n}:latest") for n in range(3)])
     row = group.add_server(fake.url)
     fake.loaded = ["m0:latest", "m1:latest", "m2:latest"]
@@ -245,12 +247,8 @@ def test_two_workers_show_the_same_learned_figures(
 
 
 def test_a_pass_for_requests_that_run_at_once_gets_no_cold_load_through_affinity() -> None:
-    scheduler = ob.Scheduler(ob.Config(num_parallel=2, max_loaded_models=2))
-    fleet = servers(2)
-    by_id = {s.id: s for s in fleet}
-    for server in fleet:
-        server.reachable = True
-        server.set_models([tag("a:latest")])
+    scheduler, fleet, by_id = scheduled(2, ("a:latest",), False, num_parallel=2,
+                                        max_loaded_models=2)
     conversation = ob.Affinity(b"first message", None, cached=False)
     assert scheduler.ranking.pick(by_id, "a:latest", conversation, max_tier=0) == (None, True)
     assert scheduler.ranking.pick(by_id, "a:latest", conversation)[0] is next(

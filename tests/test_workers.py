@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BalancerProcess, StoreConfig
+from conftest import BalancerProcess
 from fakeollama import FakeOllama, tag
 
 import ollamabalancer as ob
@@ -22,12 +22,9 @@ CHAT = {"model": "llama3", "messages": [], "stream": False}
 
 
 @pytest.fixture
-def group(start_balancer: Any, sqlite_store: StoreConfig, tmp_path: Path) -> BalancerProcess:
-    """Two workers on SQLite; their shared directory goes under the test's own TMPDIR."""
-    (tmp_path / "tmp").mkdir()
-    process: BalancerProcess = start_balancer(
-        sqlite_store, "--workers", "2", "--health-interval", "600", "--sync-interval", "0.2",
-        "--num-parallel", "4", env={"TMPDIR": str(tmp_path / "tmp")})
+def group(start_workers: Any) -> BalancerProcess:
+    """Two workers on SQLite, beating five times a second."""
+    process: BalancerProcess = start_workers("--sync-interval", "0.2", "--num-parallel", "4")
     return process
 
 
@@ -293,13 +290,10 @@ def test_a_workers_counts_are_on_the_board_for_the_others_at_once(tmp_path: Path
 
 
 def test_a_slot_freed_by_one_worker_goes_to_the_others_queue_without_waiting_a_beat(
-        start_balancer: Any, sqlite_store: StoreConfig, backend: FakeOllama,
-        tmp_path: Path) -> None:
+        start_workers: Any, backend: FakeOllama) -> None:
     # Heartbeats 5 s apart: only the board can tell one worker that the other's request
     # is done, and only it keeps the cap of 1 for the two.
-    (tmp_path / "tmp").mkdir()
-    group = start_balancer(sqlite_store, "--workers", "2", "--health-interval", "600",
-                           "--sync-interval", "5", env={"TMPDIR": str(tmp_path / "tmp")})
+    group = start_workers("--sync-interval", "5")
     group.add_server(backend.url, maxConcurrency=1)
     group.wait_for(lambda: len(workers(group)) == 2, timeout=20)
     backend.most_active = 0
