@@ -4200,6 +4200,15 @@ class Ranking:
             return False
         return model is None or model in server.model_names
 
+    def counted(self, server: Server, model: str | None) -> None:
+        """``server``'s requests in flight here (and ``model``'s) changed: on the board,
+        for the group's other workers, when there is one."""
+        board = self.board
+        if board is not None:
+            board.publish(server.id, server.load.inflight)
+            if model is not None:
+                board.publish(model_cell(server.id, model), server.load.by_model.get(model, 0))
+
     def running(self, server: Server, model: str) -> int:
         """Requests of ``model`` in flight on ``server``: this process's, and its group's
         other workers' when it has a board (whose slots of the model they take too)."""
@@ -4611,8 +4620,6 @@ class Scheduler:
         load = server.load
         cold = model is not None and model not in load.loaded
         load.inflight += 1
-        if self.ranking.board is not None:
-            self.ranking.board.publish(server.id, load.inflight)
         load.requests += 1
         load.tally(1)
         if model is not None:
@@ -4623,8 +4630,7 @@ class Scheduler:
                     del load.loaded[victim]
             load.by_model[model] = load.by_model.get(model, 0) + 1
             load.loaded[model] = time.monotonic()
-            if self.ranking.board is not None:
-                self.ranking.board.publish(model_cell(server.id, model), load.by_model[model])
+        self.ranking.counted(server, model)
         probe = load.breaker_open
         if probe:
             load.probing += 1  # half-open: this request is the probe
@@ -4655,16 +4661,13 @@ class Scheduler:
             slot.streaming = False
             load.learned.answered(model, time.monotonic())
         load.inflight -= 1
-        if self.ranking.board is not None:
-            self.ranking.board.publish(server.id, load.inflight)
         if model is not None:
             left = load.by_model.get(model, 1) - 1
             if left:
                 load.by_model[model] = left
             else:
                 load.by_model.pop(model, None)
-            if self.ranking.board is not None:
-                self.ranking.board.publish(model_cell(server.id, model), left)
+        self.ranking.counted(server, model)
         self.ranking.changed(server)
         self.dispatch(servers, server)
 
