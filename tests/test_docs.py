@@ -41,6 +41,17 @@ def test_the_readme_is_short_and_its_links_lead_somewhere() -> None:
     assert {f"docs/{path.name}" for path in DOCS.glob("*.md")} <= set(links)
 
 
+def test_the_readmes_settings_are_named_with_their_flags_as_the_balancer_takes_them(
+        ) -> None:
+    flags = {name: flag for name, flag, *_ in ob.SETTINGS}
+    rows = re.findall(r"^\| (`[A-Z_]+`(?:, `[A-Z_]+`)*) \| (`--[a-z-]+`(?:, `--[a-z-]+`)*) \|",
+                      README, re.MULTILINE)
+    assert len(rows) >= 6, rows
+    for names, given in rows:
+        assert re.findall(r"`--[a-z-]+`", given) == [f"`{flags[n]}`" for n in
+                                                    re.findall(r"`([A-Z_]+)`", names)]
+
+
 def first_session() -> list[str]:
     """The README's first session: its shell lines, a command continued over lines
     joined into one."""
