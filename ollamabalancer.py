@@ -36,6 +36,7 @@ Sections, in dependency order (each uses only those above it):
     Fleet                       Fleet: the store's rows in memory, health checks, catalog
     Access control              Access: admin token, browsers, API keys, request ids
     Relay                       Relay: a request forwarded, its answer streamed back
+    Recovery                    Recovery: a stream whose server died goes on elsewhere
     The Ollama API              OllamaFront: the fleet as one Ollama, routed by model
     Fan-out                     FanOut: pull, create, delete, copy, blobs on every server
     Management API              Management: proxies, servers, API keys, getServer
@@ -136,6 +137,16 @@ MAX_BUFFERED_BODIES = 512 * 1024 * 1024
 MODEL_PEEK = 4096
 #: Last bytes of a relayed answer kept to read Ollama's final line (its eval_count).
 TAIL_BYTES = 8 * 1024
+#: Bytes of a streamed answer kept so that another server can continue it if its own
+#: dies (the text so far, as the client saw it): 4 MiB of NDJSON is some 25,000 tokens.
+#: They count against MAX_BUFFERED_BODIES; a longer answer, or one the budget has no
+#: room for, is relayed as before but not continued.
+MAX_RECOVERY_BYTES = 4 * 1024 * 1024
+#: Budget taken for those bytes at a time, so that a token costs no call to take it.
+RECOVERY_HOLD_STEP = 64 * 1024
+#: Largest /api/show answer read to tell whether a model continues a prefill (its
+#: template and license make most of it; a tokenizer's vocabulary is not asked for).
+MAX_SHOW_BODY = 8 * 1024 * 1024
 #: Largest error body read from an upstream to decide whether to try another server.
 MAX_ERROR_BODY = 64 * 1024
 #: The change log (Store.changes_since): rows one sync applies at most (past it, a reload),
@@ -422,6 +433,7 @@ class Config:
     max_queue: int = 1000
     queue_timeout: float = 300.0
     retries: int = 2
+    recovery: bool = True
     breaker_threshold: int = 3
     breaker_cooldown: float = 30.0
     secret_key: str = dataclasses.field(default="", repr=False)
@@ -631,6 +643,10 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "seconds a request may wait in the queue before 503 (default 300)"),
     ("RETRIES", "--retries", "retries", _count(0, 100),
      "other servers tried when one fails before answering (default 2)"),
+    ("RECOVERY", "--recovery", "recovery", _flag,
+     "continue a streamed answer on another server when its own fails mid-answer, "
+     "where the model continues a prefill (on or off; default on; a request opts out "
+     "with X-Recovery: off)"),
     ("BREAKER_THRESHOLD", "--breaker-threshold", "breaker_threshold", _count(1, 1000),
      "consecutive failures that take a server out of rotation (default 3)"),
     ("BREAKER_COOLDOWN", "--breaker-cooldown", "breaker_cooldown", _seconds,
@@ -1144,6 +1160,11 @@ class ChunkedScanner:
         self._state, self._remaining = state, remaining
         return checked, False, data
 
+    @property
+    def at_boundary(self) -> bool:
+        """Whether what it returned so far ends where a chunk ends."""
+        return self._state == "size"
+
     def _trailer(self, buf: bytearray) -> bool:
         """Checks and drops trailer lines; True once the empty line that ends them came."""
         while True:
@@ -1250,6 +1271,11 @@ def json_response(status: int, payload: Any, **kwargs: Any) -> Response:
 #: Ollama's answer for a model it does not have: "model 'x' not found" (and, in older
 #: releases, 'model "x" not found, try pulling it first').
 MODEL_NOT_FOUND = re.compile(r"""model (['"]).*\1 not found""")
+#: How Ollama says a model's runner died under a request (llm/llama_server.go; "llama
+#: runner process has terminated" in older versions): a 500 worth another server.
+RUNNER_FAILED = re.compile(r"(runner|llama-server)( process)? (has terminated|no longer "
+                           r"running|has unexpectedly stopped)|error was encountered while "
+                           r"running the model")
 
 
 def printable(text: str) -> str:
@@ -4860,7 +4886,15 @@ class Metrics:
                                   "cut_stream."),
         "tokens_total": ("counter", ("server", "model"),
                          "Tokens generated (eval_count of Ollama's last line)."),
+        "recoveries_total": ("counter", ("outcome",),
+                             "Streamed answers whose server failed mid-answer, by what "
+                             "became of them: continued on another server, or not (failed, "
+                             "no_server, not_resumable, over_limit, restarts, unverified, "
+                             "off)."),
         "queue_wait_seconds": ("histogram", (), "Time requests waited in the fleet queue."),
+        "recovery_gap_seconds": ("histogram", (),
+                                 "Time from a stream's failure to the continuation's first "
+                                 "token."),
         "ttfb_seconds": ("histogram", ("server", "model"), "Time to the first response byte."),
         "request_duration_seconds": ("histogram", ("server", "model"),
                                      "Time to the last response byte."),
@@ -5428,27 +5462,30 @@ class Relayed:
     the seconds it waited in the queue). Made once a request and never changed: a plain
     class, as a frozen dataclass costs a request several calls to make."""
 
-    __slots__ = ("cut", "keep_alive", "model", "queue_wait", "server", "status")
+    __slots__ = ("chain", "cut", "keep_alive", "model", "queue_wait", "server", "status")
 
     def __init__(self, keep_alive: bool, status: int = 0, server: Server | None = None,
                  model: str | None = None, queue_wait: float | None = None,
-                 cut: bool = False) -> None:
+                 cut: bool = False, chain: tuple[str, ...] = ()) -> None:
         self.keep_alive = keep_alive
         self.status = status
         self.server = server
         self.model = model
         self.queue_wait = queue_wait
         self.cut = cut  # the answer broke off upstream: its client has part of it
+        #: The servers that took part in order, when more than one did: the answer broke
+        #: off on the first and went on on the next (Recovery).
+        self.chain = chain
 
     def by(self, server: Server) -> Relayed:
         """This outcome, answered by ``server``."""
         return Relayed(self.keep_alive, self.status, server, self.model, self.queue_wait,
-                       self.cut)
+                       self.cut, self.chain)
 
     def routed(self, model: str, queue_wait: float | None) -> Relayed:
         """This outcome, of a request for ``model`` that waited ``queue_wait`` seconds."""
         return Relayed(self.keep_alive, self.status, self.server, model, queue_wait,
-                       self.cut)
+                       self.cut, self.chain)
 
 async def send_response(wire: Wire, response: Response, request_head: RequestHead | None,
                         ) -> int:
@@ -7486,6 +7523,169 @@ class Tail:
                         for start, stop in spans)[-TAIL_BYTES:]
 
 
+class Transcript:
+    """Every body byte of a streamed answer so far, in one buffer (no object a token),
+    while they fit MAX_RECOVERY_BYTES and the budget of buffered bytes (``hold``, taken
+    a step at a time) has room: ``whole`` until then; past it, a plain Tail."""
+
+    __slots__ = ("data", "granted", "hold", "tail", "whole")
+
+    def __init__(self, hold: Callable[[int], bool] | None = None) -> None:
+        self.data = bytearray()
+        self.hold = hold
+        self.granted = 0  # bytes of the budget taken
+        self.whole = True
+        self.tail: Tail | None = None
+
+    def add(self, data: bytes, spans: Sequence[tuple[int, int]] | None = None) -> None:
+        """Keeps the body bytes ``spans`` of ``data`` (all of it when None)."""
+        if self.tail is not None:
+            self.tail.add(data, spans)
+            return
+        kept = self.data
+        if spans is None:
+            kept += data
+        else:
+            for start, stop in spans:
+                kept += data[start:stop]
+        if len(kept) > self.granted:
+            step = max(RECOVERY_HOLD_STEP, len(kept) - self.granted)
+            if len(kept) <= MAX_RECOVERY_BYTES and (self.hold is None or self.hold(step)):
+                self.granted += step
+            else:  # no room to keep it all: the last of it, from now on
+                self.forgo()
+
+    def forgo(self) -> None:
+        """Keeps no more than a plain tail from now on: the answer will not be continued."""
+        if self.tail is None:
+            self.whole, self.tail = False, Tail()
+            self.tail.add(bytes(self.data[-TAIL_BYTES:]))
+            self.data = bytearray()
+
+    def keep(self, data: bytes, start: int, stop: int) -> None:
+        """add() of one span, the common case (a token), in fewer steps."""
+        kept = self.data
+        if self.tail is None and len(kept) + stop - start <= self.granted:
+            kept += data[start:stop]
+        else:
+            self.add(data, ((start, stop),))
+
+    def last(self) -> bytes:
+        return self.tail.last() if self.tail is not None else bytes(self.data[-TAIL_BYTES:])
+
+    def text(self) -> bytes:
+        """Every body byte, while ``whole``."""
+        return bytes(self.data)
+
+
+#: How a line of a stream that broke off says why, when its server's runner failed:
+#: Ollama's error line (NDJSON) or an event carrying it (SSE).
+ERROR_LINE_STARTS = (b'{"error"', b'data: {"error"')
+
+
+class Lines:
+    """A streamed answer relayed in whole lines (NDJSON) or events (SSE), so that if its
+    server fails halfway, the client holds whole lines only and another server can go on
+    where they end (Recovery). Sans-IO: take() is given what the upstream sent and says
+    what goes to the client.
+
+    The common read, a whole chunk of whole lines, goes on as it came (checked with a
+    byte search, not parsed); a line split over reads waits for its end; an error line
+    (a runner that failed) is held back with whatever follows it, and written only if
+    the answer cannot be continued. The transcript keeps what the client got."""
+
+    __slots__ = ("complete", "held", "last", "pending", "sep", "transcript")
+
+    def __init__(self, sse: bool, hold: Callable[[int], bool] | None) -> None:
+        self.sep = b"\n\n" if sse else b"\n"
+        self.transcript = Transcript(hold)
+        #: Where the last lines sent lie (data, start, stop): the last of them is the
+        #: final one, however long (a generate's ``context`` can pass TAIL_BYTES).
+        self.last: tuple[bytes, int, int] = (b"", 0, 0)
+        self.pending = bytearray()  # the start of a line still to come whole
+        self.held = b""  # an error line and what followed it
+        self.complete = False  # its final line or event came
+
+    def take(self, checked: bytes, spans: Sequence[tuple[int, int]], aligned: bool,
+             chunked_out: bool) -> list[bytes]:
+        """What goes to the client of the chunk data ``spans`` of ``checked`` (a chunked
+        body's bytes as they came); ``aligned``: ``checked`` starts and ends on chunk
+        boundaries, so that a chunked client can be given it as it is."""
+        sep = self.sep
+        if aligned and len(spans) == 1 and not (self.pending or self.held):
+            start, stop = spans[0]
+            if checked.endswith(sep, start, stop) and b'{"error"' not in checked:
+                self.transcript.keep(checked, start, stop)
+                self.last = (checked, start, stop)
+                return [checked] if chunked_out else [checked[start:stop]]
+        pending = self.pending
+        searched = max(0, len(pending) - len(sep) + 1)  # no line ended before
+        for start, stop in spans:
+            pending += checked[start:stop]
+        if self.held:  # what follows an error line: its first bytes, for the record
+            if len(self.held) < MAX_ERROR_BODY:
+                self.held += pending
+            pending.clear()
+            return []
+        end = pending.rfind(sep, searched)
+        if end < 0:
+            if len(pending) <= MAX_RECOVERY_BYTES:
+                return []
+            # No end of line in sight: relayed as it comes, and never continued.
+            self.transcript.forgo()
+            end = len(pending) - len(sep)
+        whole = bytes(pending[:end + len(sep)])
+        del pending[:end + len(sep)]
+        error = self._error_at(whole)
+        if error >= 0:
+            whole, self.held = whole[:error], whole[error:] + pending
+            pending.clear()
+        return self._out(whole, chunked_out)
+
+    def finish(self, chunked_out: bool) -> list[bytes]:
+        """At the body's end: what is left to send, and whether the answer was whole
+        (``complete``): its last line Ollama's ``done``, or OpenAI's ``[DONE]``."""
+        out = [] if self.held else self._out(bytes(self.pending), chunked_out)
+        self.pending.clear()
+        last = self.last_line()
+        if self.sep == b"\n\n":
+            self.complete = last == b"data: [DONE]"
+        else:
+            with contextlib.suppress(ValueError):
+                final = decode_json(last)
+                self.complete = isinstance(final, dict) and final.get("done") is True
+        return out
+
+    def last_line(self) -> bytes:
+        """The last line (or event) the client was sent, stripped."""
+        data, start, stop = self.last
+        lines = data[start:stop].rstrip()
+        return lines[lines.rfind(b"\n") + 1:]
+
+    def why(self) -> str:
+        """What the held error line says ("" for none)."""
+        line = self.held.split(b"\n", 1)[0].removeprefix(b"data: ")
+        return (upstream_error_message(line) or "") if line else ""
+
+    def _error_at(self, whole: bytes) -> int:
+        """Where the first error line of ``whole`` starts, or -1."""
+        if b'{"error"' not in whole:
+            return -1
+        start = 0
+        for line in whole.split(b"\n"):
+            if line.startswith(ERROR_LINE_STARTS):
+                return start
+            start += len(line) + 1
+        return -1
+
+    def _out(self, whole: bytes, chunked_out: bool) -> list[bytes]:
+        if not whole:
+            return []
+        self.transcript.add(whole)
+        self.last = (whole, 0, len(whole))
+        return [b"%x\r\n" % len(whole), whole, b"\r\n"] if chunked_out else [whole]
+
+
 #: Request fields not sent upstream as they came: hop-by-hop ones, those the balancer
 #: writes itself, and Origin (the balancer answers CORS itself, and an Ollama with other
 #: ORIGINS would refuse what the balancer allowed).
@@ -7606,11 +7806,15 @@ class Relay:
 
     async def forward(self, request: Request, answer: Exchange, model: str | None = None,
                       fields: Sequence[tuple[str, str]] = (),
-                      queue_wait: float | None = None) -> tuple[Relayed, bool]:
+                      queue_wait: float | None = None,
+                      lines: Lines | None = None) -> tuple[Relayed, bool]:
         """Relays an upstream's answer to the client, with ``fields`` added to its head;
         the flag is False when it was a 5xx or cut short, which counts against the server,
         or when the client left before its end. ``model`` names the request's model in the
-        token count (else the answer's own); it and ``queue_wait`` go into the outcome."""
+        token count (else the answer's own); it and ``queue_wait`` go into the outcome.
+        ``lines``, for a streamed answer that another server may have to continue:
+        relayed in whole lines, kept, and cut (``Relayed.cut``) where its final line is
+        missing, with no last chunk and the connection left open for the rest."""
         server = answer.server
         try:
             framing = answer.framing()
@@ -7633,16 +7837,20 @@ class Relay:
         failed = response.status >= 500
         if failed:  # now: whether its client stays for the body or not
             self.fleet.upstream_failed(server, "http_5xx", f"answered {response.status}")
+        if lines is not None and (framing.kind != "chunked" or response.status != 200):
+            lines = None  # not a stream: relayed as it comes
         try:
-            tail = await self._relay_body(answer, framing, request, head, bool(chunked_out))
+            tail = await self._relay_body(answer, framing, request, head, bool(chunked_out),
+                                          lines)
         except ConnectionError:  # the client left mid-answer: the upstream is dropped
             return Relayed(False, response.status, server, model, queue_wait), False
         if isinstance(tail, Exception):
+            why = lines.why() if lines is not None else ""
             log.warning("request %s: the answer of %s%s broke off after %d bytes: %s",
                         request.id, server.label, f" for {model}" if model else "",
-                        request.wire.sent, tail or type(tail).__name__)
+                        request.wire.sent, why or tail or type(tail).__name__)
             if not failed:
-                self.fleet.upstream_failed(server, "cut_stream",
+                self.fleet.upstream_failed(server, "cut_stream", why or
                                            "the stream broke off mid-answer")
             return Relayed(False, response.status, server, model, queue_wait, True), False
         if response.status == 200 and (counted := eval_count(tail)) is not None:
@@ -7675,7 +7883,8 @@ class Relay:
         return fields, False
 
     async def _relay_body(self, answer: Exchange, framing: Framing, request: Request,
-                          head: bytes, chunked_out: bool) -> bytes | Exception:
+                          head: bytes, chunked_out: bool, lines: Lines | None
+                          ) -> bytes | Exception:
         """Copies the response body to the client as it arrives, after ``head`` (in the
         same write as the first bytes, or at once when none came with it: a model may take
         long to load). Returns its last bytes (where Ollama's final line holds the token
@@ -7717,7 +7926,18 @@ class Relay:
             buf = upstream.buf
             pieces: list[bytes] = []  # the body's own bytes that arrived
             out: list[bytes | bytearray | memoryview]  # what goes to the client
-            if scanner is not None:
+            if lines is not None and scanner is not None:  # to be continued if cut
+                aligned = scanner.at_boundary
+                checked, done, spans = scanner.take(buf)
+                out = [head, *lines.take(checked, spans, aligned and scanner.at_boundary,
+                                         chunked_out)]
+                if done:
+                    out += lines.finish(chunked_out)
+                    if not lines.complete:  # no final line: the rest is to come elsewhere
+                        client.writelines(out)
+                        head = b""
+                        raise IncompleteBody("the stream ended without its final line")
+            elif scanner is not None:
                 checked, done, spans = scanner.take(buf)
                 tail.add(checked, spans)
                 # To a chunked client as it came; else its data, out of the framing.
@@ -7782,7 +8002,575 @@ class Relay:
                 await asyncio.wait_for(client.drain(), self.config.client_timeout)
             except TimeoutError:
                 raise ConnectionResetError("client stopped reading") from None
-        return tail.last()
+        return (tail if lines is None else lines.transcript).last()
+
+
+# ---------------------------------------------------------------------------
+# Recovery: a streamed answer goes on elsewhere when its server dies
+# ---------------------------------------------------------------------------
+
+
+#: The endpoints whose streamed answers another server can continue.
+RECOVERABLE_PATHS = frozenset({"/api/chat", "/api/generate", "/v1/chat/completions"})
+#: Request fields whose answers a prefill cannot continue: a grammar (format,
+#: response_format), tools, a raw prompt or a template of the request's own, fill in the
+#: middle (suffix), an old generate context.
+UNCONTINUABLE_FIELDS = ("format", "response_format", "tools", "functions", "raw", "suffix",
+                        "template", "context")
+#: Renderers (Ollama's Go code that writes a model's prompt, /api/show "renderer") that
+#: leave a final assistant message open, read in ollama/ollama's model/renderers: qwen3.5
+#: and those built on it, qwen3-coder, qwen3-vl, cohere, laguna, lfm2 and olmo3 test for
+#: it. The others (gemma4, deepseek3.1, cogito, glm-4.7, nemotron, olmo3-think,
+#: poolside-v1...) close the last turn, and a renderer not named here is not trusted.
+CONTINUING_RENDERERS = frozenset({
+    "qwen3.5", "qwen3.8", "ornith", "qwen3-coder", "qwen3-vl-instruct", "qwen3-vl-thinking",
+    "cohere", "laguna", "lfm2", "lfm2-thinking", "olmo3", "olmo3.1"})
+#: Output parsers (/api/show "parser") that read a continuation right: those that look at
+#: the prefill (Init's last message) or have no thinking phase to start in. qwen3-thinking,
+#: for one, starts every answer in its thinking phase whatever came before.
+PREFILL_PARSERS = frozenset({
+    "passthrough", "harmony", "ministral", "qwen3", "qwen3.5", "ornith", "qwen3-coder",
+    "qwen3-vl-instruct", "qwen3-vl-thinking", "cohere", "laguna", "lfm2", "lfm2-thinking",
+    "olmo3"})
+#: A template's test that keeps the last message open ("{{ if not $last }}<|eot_id|>").
+_open_last_re = re.compile(r"not\s+\$last\b")
+
+
+def prefill_verdict(show: Any) -> tuple[bool, str]:
+    """Whether a model continues a final assistant message rather than answer anew,
+    from what /api/show says of it, and why. Ollama renders a chat through a Go renderer
+    when the model names one, else through its template: one written with .Messages
+    leaves the last message open only where it tests $last; one written with .Prompt
+    and .Response is cut after .Response, which continues it; one with .Prompt alone
+    drops it (template/template.go)."""
+    if not isinstance(show, dict):
+        return False, "/api/show did not describe it"
+    renderer, parser = str(show.get("renderer") or ""), str(show.get("parser") or "")
+    if renderer:
+        if renderer not in CONTINUING_RENDERERS:
+            return False, f"its renderer {renderer!r} starts a new turn"
+    else:
+        template = str(show.get("template") or "")
+        if ".Messages" in template:
+            if _open_last_re.search(template) is None:
+                return False, "its template closes the last message"
+        elif ".Response" not in template:
+            return False, "its template renders only the prompt"
+    if parser and parser not in PREFILL_PARSERS:
+        return False, f"its parser {parser!r} does not read a continuation"
+    return True, "continues a final assistant message"
+
+
+class Unresumable(Exception):
+    """Why an answer that broke off is not continued: ``outcome`` names it in the
+    metrics (not_resumable, over_limit, restarts, off...)."""
+
+    def __init__(self, outcome: str, reason: str) -> None:
+        super().__init__(reason)
+        self.outcome = outcome
+        self.reason = reason
+
+
+class Broken(Exception):
+    """A continuation's line that says its server failed too (an error line)."""
+
+
+def compact_json(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _int_field(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class Resumption:
+    """A streamed answer that broke off, and how another server goes on with it: what
+    the client was sent (its text, and the tokens that made it: a chunk each), the
+    request that continues it (the text so far as the final assistant message, the
+    token budget less what was spent), and each line of the continuation made into the
+    rest of the client's stream: the same id and times for OpenAI's chunks, no second
+    role, generate's shape for a generate continued as a chat, and final counts that
+    cover the whole answer. Sans-IO: bytes in, bytes out."""
+
+    def __init__(self, path: str, request: dict[str, Any], sse: bool) -> None:
+        self.path = path
+        self.request = request
+        self.sse = sse
+        self.openai = path.startswith("/v1/")
+        self.generate = path == "/api/generate"
+        self.text = ""  # the answer's text so far
+        self.thinking = ""
+        self.produced = 0  # tokens of it, as chunks
+        self.base = 0  # tokens before the part under way
+        self.finished = False  # its final line was sent
+        self.ident: Any = None  # OpenAI: the stream's id and time, kept for the rest
+        self.created: Any = None
+        self.held = b""  # the last error line a server sent, for a client told at the end
+
+    @classmethod
+    def of(cls, path: str, body: bytes | bytearray, lines: Lines) -> Resumption:
+        """What ``lines`` sent of the answer to ``body``; Unresumable when it cannot go on."""
+        if not lines.transcript.whole:
+            raise Unresumable("over_limit", f"the answer passed {MAX_RECOVERY_BYTES} bytes "
+                                            "kept for a continuation")
+        try:
+            request = decode_json(body)
+        except ValueError:
+            raise Unresumable("not_resumable", "its body is not JSON") from None
+        if not isinstance(request, dict):
+            raise Unresumable("not_resumable", "its body is not a JSON object")
+        for name in UNCONTINUABLE_FIELDS:
+            value = request.get(name)
+            if value not in (None, False, "", [], {}) and not (
+                    name == "response_format" and isinstance(value, dict)
+                    and value.get("type") == "text"):
+                raise Unresumable("not_resumable", f"it has {name!r}")
+        if path != "/api/generate":
+            messages = request.get("messages")
+            if not isinstance(messages, list) or not all(isinstance(m, dict)
+                                                         for m in messages):
+                raise Unresumable("not_resumable", "its messages are not a list of objects")
+            if messages and messages[-1].get("role") == "assistant" and not isinstance(
+                    messages[-1].get("content") or "", str):
+                raise Unresumable("not_resumable", "its final assistant message is not text")
+        resumption = cls(path, request, lines.sep == b"\n\n")
+        for line in lines.transcript.text().split(lines.sep):
+            if line.strip():
+                resumption.observe(line)
+        if resumption.thinking and not resumption.text:
+            raise Unresumable("not_resumable", "it was thinking")
+        return resumption
+
+    def observe(self, line: bytes) -> None:
+        """Counts one line of the answer as the client got it."""
+        try:
+            if self.sse:
+                if line.strip() == b"data: [DONE]":
+                    self.finished = True
+                    return
+                event = decode_json(line.removeprefix(b"data: "))
+            else:
+                event = decode_json(line)
+        except ValueError:
+            raise Unresumable("not_resumable", "a line of it is not JSON") from None
+        if not isinstance(event, dict):
+            raise Unresumable("not_resumable", "a line of it is not a JSON object")
+        self._count(event)
+
+    def _count(self, event: dict[str, Any]) -> None:
+        if self.openai:
+            if self.ident is None:
+                self.ident, self.created = event.get("id"), event.get("created")
+            for choice in event.get("choices") or ():
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if isinstance(delta, dict):
+                    self._add(delta.get("content"),
+                              delta.get("reasoning") or delta.get("reasoning_content"),
+                              delta.get("tool_calls"))
+            return
+        if self.generate and "message" not in event:
+            self._add(event.get("response"), event.get("thinking"), None)
+        else:
+            message = event.get("message")
+            if isinstance(message, dict):
+                self._add(message.get("content"), message.get("thinking"),
+                          message.get("tool_calls") or message.get("images"))
+        if event.get("done") is True:
+            self.finished = True
+
+    def _add(self, content: Any, thinking: Any, other: Any) -> None:
+        if other:
+            raise Unresumable("not_resumable", "it holds more than text (tool calls)")
+        if isinstance(content, str) and content:
+            self.text += content
+        elif isinstance(thinking, str) and thinking:
+            self.thinking += thinking
+        else:
+            return
+        self.produced += 1
+
+    def continuation(self) -> tuple[str, bytes] | None:
+        """The path and body that continue the answer; None when its token budget is
+        spent already (the answer is whole as asked)."""
+        self.base = self.produced
+        request = dict(self.request)
+        if self.openai:
+            for name in ("max_completion_tokens", "max_tokens"):
+                limit = _int_field(request.get(name))
+                if limit is not None:
+                    if limit - self.produced <= 0:
+                        return None
+                    request[name] = limit - self.produced
+            request["messages"] = self._prefilled(request["messages"])
+            return "/v1/chat/completions", compact_json(request)
+        options = request.get("options")
+        limit = _int_field(options.get("num_predict")) if isinstance(options, dict) else None
+        if isinstance(options, dict) and limit is not None and limit >= 0:
+            if limit - self.produced <= 0:
+                return None
+            request["options"] = {**options, "num_predict": limit - self.produced}
+        if not self.generate:
+            request["messages"] = self._prefilled(request["messages"])
+            return "/api/chat", compact_json(request)
+        # /api/generate renders as a chat of its system and prompt: continued as one.
+        system = request.get("system")
+        user: dict[str, Any] = {"role": "user", "content": request.get("prompt") or ""}
+        if request.get("images"):
+            user["images"] = request["images"]
+        chat: dict[str, Any] = {name: request[name] for name in (
+            "model", "options", "keep_alive", "think",
+                                                 "logprobs", "top_logprobs")
+                if name in request}
+        chat["messages"] = self._prefilled(
+            [{"role": "system", "content": system}, user] if system else [user])
+        chat["stream"] = True
+        return "/api/chat", compact_json(chat)
+
+    def _prefilled(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``messages`` with the text so far as the assistant's final message: the
+        client's own final assistant message extended (Ollama would join two with a
+        blank line), else one more. Nothing said yet: as they were (a retry)."""
+        if not self.text:
+            return messages
+        said = {"content": self.text, **({"thinking": self.thinking} if self.thinking else {})}
+        last = messages[-1] if messages else {}
+        if last.get("role") != "assistant":
+            return [*messages, {"role": "assistant", **said}]
+        extended = dict(last)
+        for name, value in said.items():
+            extended[name] = str(last.get(name) or "") + value
+        return [*messages[:-1], extended]
+
+    def translate(self, line: bytes) -> bytes:
+        """One line (or event) of the continuation as the rest of the client's stream,
+        with its separator; Broken when it is an error line."""
+        if self.sse:
+            if line.strip() == b"data: [DONE]":
+                self.finished = True
+                return b"data: [DONE]\n\n"
+            event = self._event(line.removeprefix(b"data: "))
+            if self.ident is not None:
+                event["id"] = self.ident
+            if self.created is not None:
+                event["created"] = self.created
+            for choice in event.get("choices") or ():
+                if self.ident is not None and isinstance(choice, dict) and isinstance(
+                        choice.get("delta"), dict):
+                    choice["delta"].pop("role", None)  # said once, at the start
+            self._count(event)
+            usage = event.get("usage")
+            if isinstance(usage, dict):
+                completion = (_int_field(usage.get("completion_tokens")) or 0) + self.base
+                usage["completion_tokens"] = completion
+                usage["total_tokens"] = (_int_field(usage.get("prompt_tokens")) or 0) + completion
+            return b"data: " + compact_json(event) + b"\n\n"
+        event = self._event(line)
+        self._count(event)
+        done = event.get("done") is True
+        if done:
+            event["eval_count"] = (_int_field(event.get("eval_count")) or 0) + self.base
+        if self.generate:
+            message = event.pop("message", None)
+            message = message if isinstance(message, dict) else {}
+            shaped = {"model": event.pop("model", None),
+                      "created_at": event.pop("created_at", None),
+                      "response": message.get("content") or ""}
+            if message.get("thinking"):
+                shaped["thinking"] = message["thinking"]
+            event = {**shaped, **event}
+        elif not done:
+            return line + b"\n"  # as it came
+        return compact_json(event) + b"\n"
+
+    def _event(self, data: bytes) -> dict[str, Any]:
+        try:
+            event = decode_json(data)
+        except ValueError:
+            raise Broken("a line of the continuation is not JSON") from None
+        if not isinstance(event, dict):
+            raise Broken("a line of the continuation is not a JSON object")
+        if "error" in event:
+            self.held = (data if not self.sse else b"data: " + data) + (
+                b"\n\n" if self.sse else b"\n")
+            message = event["error"]
+            if isinstance(message, dict):
+                message = message.get("message")
+            raise Broken(str(message))
+        return event
+
+    def closing(self) -> bytes:
+        """The final line(s) of an answer whose token budget was spent when its server
+        failed: it ends there, for its length, as the server would have ended it."""
+        model = self.request.get("model")
+        if self.openai:
+            finish = {"id": self.ident, "object": "chat.completion.chunk",
+                      "created": self.created, "model": model,
+                      "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+            lines = [b"data: " + compact_json(finish) + b"\n\n"]
+            options = self.request.get("stream_options")
+            if isinstance(options, dict) and options.get("include_usage"):
+                usage = {**finish, "choices": [], "usage": {
+                    "prompt_tokens": 0, "completion_tokens": self.produced,
+                    "total_tokens": self.produced}}
+                lines.append(b"data: " + compact_json(usage) + b"\n\n")
+            return b"".join([*lines, b"data: [DONE]\n\n"])
+        now = utc_now().isoformat().replace("+00:00", "Z")
+        said = {"response": ""} if self.generate else {
+            "message": {"role": "assistant", "content": ""}}
+        return compact_json({"model": model, "created_at": now, **said, "done": True,
+                             "done_reason": "length", "eval_count": self.produced}) + b"\n"
+
+
+class Cut(NamedTuple):
+    """A streamed answer that broke off: its outcome so far, and its lines."""
+
+    relayed: Relayed
+    lines: Lines
+
+
+class Recovery:
+    """Continues a streamed answer whose server failed halfway on another server that
+    holds the same model (the same digest), so that its client reads one whole answer:
+    the text so far goes as the final assistant message, which the model continues
+    (Resumption), where the model does continue a prefill (prefill_verdict, asked of
+    /api/show once per model and digest). Where it must not, the stream ends as it
+    would have: cut, or with the server's error line; never with a false end."""
+
+    def __init__(self, config: Config, fleet: Fleet, upstreams: Upstreams, relay: Relay,
+                 metrics: Metrics) -> None:
+        self.config = config
+        self.fleet = fleet
+        self.upstreams = upstreams
+        self.relay = relay
+        self.metrics = metrics
+        self._verdicts: dict[tuple[str, str], tuple[bool, str]] = {}
+
+    def refused(self, request: Request) -> bool:
+        """Whether recovery is off, for every request or by this one's X-Recovery."""
+        return not self.config.recovery or (request.head.headers.get("x-recovery") or ""
+                                            ).strip().lower() in ("off", "0", "no", "false")
+
+    def count_off(self, request: Request) -> None:
+        """A stream of a recoverable endpoint broke off, relayed as it came: recovery was
+        off for it."""
+        if self.refused(request):
+            self.metrics.count("recoveries_total", ("off",))
+
+    def lines_for(self, request: Request, answer: Exchange) -> Lines | None:
+        """Lines to relay ``answer`` by when another server could continue it: on a
+        recoverable endpoint, with recovery on."""
+        if request.path not in RECOVERABLE_PATHS or self.refused(request):
+            return None
+        sse = "text/event-stream" in (answer.response.headers.get("content-type") or "")
+        return Lines(sse, request.hold)
+
+    # -- whether a model continues a prefill, per model and digest -----------------------
+
+    def known_verdict(self, model: str, digest: str | None) -> tuple[bool, str] | None:
+        return self._verdicts.get((model, digest or ""))
+
+    async def verdict(self, model: str, digest: str | None, servers: Sequence[Server]
+                      ) -> tuple[bool, str] | None:
+        """Whether ``model`` under ``digest`` continues a prefill, asked of the first of
+        ``servers`` (holding it) that answers /api/show; None when none could tell."""
+        key = (model, digest or "")
+        known = self._verdicts.get(key)
+        if known is not None:
+            return known
+        body = compact_json({"model": model})
+        for server in servers[:self.config.retries + 1]:
+            try:
+                status, answer = await self.upstreams.fetch(
+                    server, self.fleet.proxy_of(server), "POST", "/api/show", body,
+                    limit=MAX_SHOW_BODY)
+                if status == 200:
+                    verdict = self._verdicts[key] = prefill_verdict(decode_json(answer))
+                    return verdict
+            except (UpstreamError, ValueError, OSError, TimeoutError) as exc:
+                log.info("cannot tell whether %s continues a prefill: %s: %s", model,
+                         server.label, exc)
+        return None
+
+    async def verdicts(self, models: dict[str, dict[str, list[Server]]]) -> None:
+        """Asks every model and digest of ``models`` not known yet (the models view)."""
+        asked = [(name, digest, servers) for name, digests in models.items()
+                 for digest, servers in digests.items()
+                 if (name, digest or "") not in self._verdicts]
+
+        async def ask(name: str, digest: str | None, servers: list[Server]) -> None:
+            await self.verdict(name, digest, servers)
+
+        await spread_out([functools.partial(ask, name, digest, servers)
+                          for name, digest, servers in asked], 8, 0.0)
+
+    # -- going on elsewhere --------------------------------------------------------------
+
+    async def resume(self, request: Request, body: bytes | bytearray, model: str, cut: Cut,
+                     tried: set[int], queue_wait: float | None) -> Relayed:
+        """Continues the answer ``cut`` broke off, on servers not ``tried``, at most
+        RETRIES times; what the client was sent stays, and the rest follows it."""
+        failed = cut.relayed.server
+        assert failed is not None
+        chain = [failed.label]
+        try:
+            return await self._resume(request, body, model, cut, tried, queue_wait, chain)
+        except ConnectionError:  # its client left: the answer is over
+            return Relayed(False, 200, cut.relayed.server, model, queue_wait,
+                           chain=tuple(chain))
+
+    async def _resume(self, request: Request, body: bytes | bytearray, model: str, cut: Cut,
+                      tried: set[int], queue_wait: float | None, chain: list[str]
+                      ) -> Relayed:
+        failed = cut.relayed.server
+        assert failed is not None
+        broke = time.monotonic()
+        try:
+            resumption = Resumption.of(request.path, body, cut.lines)
+        except Unresumable as exc:
+            return await self._give_up(request, cut, None, exc, chain)
+        if resumption.finished:  # its final line came; only the end of the body did not
+            await self._send(request, [], end=True)
+            return Relayed(request.keep_alive, 200, failed, model, queue_wait)
+        digest = self._digest(failed, model)
+        same = [s for s in self.fleet.holders(model) if s.id not in tried
+                and self._digest(s, model) == digest]
+        verdict = await self.verdict(model, digest, same) if same else None
+        outcome = Unresumable("no_server", "no other server holds it")
+        if same and verdict is None:
+            outcome = Unresumable("unverified", f"whether {model} continues a prefill "
+                                                "could not be told")
+        elif verdict is not None and not verdict[0]:
+            outcome = Unresumable("restarts", f"{model}: {verdict[1]}")
+        for _ in range(self.config.retries if verdict and verdict[0] else 0):
+            plan = resumption.continuation()
+            if plan is None:  # the answer reached its length as it broke off
+                await self._send(request, [resumption.closing()], end=True)
+                self.metrics.count("recoveries_total", ("continued",))
+                return Relayed(request.keep_alive, 200, failed, model, queue_wait)
+            other = frozenset(tried | {s.id for s in self.fleet.holders(model)
+                                       if self._digest(s, model) != digest})
+            try:
+                slot = await self.fleet.acquire(model, None, other)
+            except (NoCandidate, QueueFull, QueueTimeout):
+                break
+            server = slot.server
+            tried.add(server.id)
+            chain.append(server.label)
+            try:
+                why = await self._continue(request, slot, plan, resumption, broke)
+            finally:
+                self.fleet.release(slot)
+            if why is None:
+                self.metrics.count("recoveries_total", ("continued",))
+                log.info("request %s: the answer of %s for %s continued on %s", request.id,
+                         " then ".join(chain[:-1]), model, server.label)
+                return Relayed(request.keep_alive, 200, server, model, queue_wait,
+                               chain=tuple(chain))
+            log.warning("request %s: the continuation on %s for %s failed: %s", request.id,
+                        server.label, model, why)
+            outcome = Unresumable("failed", why)
+            broke = time.monotonic()
+        return await self._give_up(request, cut, resumption, outcome, chain)
+
+    @staticmethod
+    def _digest(server: Server, model: str) -> str | None:
+        digest = server_models(server).get(model, {}).get("digest")
+        return str(digest) if digest else None
+
+    async def _continue(self, request: Request, slot: Slot, plan: tuple[str, bytes],
+                        resumption: Resumption, broke: float) -> str | None:
+        """Streams the continuation ``plan`` from ``slot``'s server into the client's
+        answer; None when the answer ended whole, else why it did not."""
+        server = slot.server
+        path, body = plan
+        proxy = self.fleet.proxy_of(server)
+        head, _ = self.relay.upstream_head(request, server, path, body_length=len(body))
+        sep = b"\n\n" if resumption.sse else b"\n"
+        try:
+            async with self.upstreams.exchange(server, proxy, head, ReplayableBody.of(body),
+                                               "POST") as answer:
+                if answer.status != 200:
+                    message = await answer.error_message() or f"answered {answer.status}"
+                    if answer.status >= 500:
+                        self.fleet.upstream_failed(server, "http_5xx", message)
+                    return message
+                self.fleet.answer_began(slot, proxy, True)
+                pending, first = bytearray(), True
+                async for piece in answer.pieces():
+                    searched = max(0, len(pending) - len(sep) + 1)
+                    pending += piece
+                    end = pending.rfind(sep, searched)
+                    if end < 0:
+                        if len(pending) > MAX_RECOVERY_BYTES:
+                            raise Broken(f"a line of the continuation passed "
+                                         f"{MAX_RECOVERY_BYTES} bytes")
+                        continue
+                    data = bytes(pending[:end])
+                    del pending[:end + len(sep)]
+                    out, broken = [], None
+                    for line in data.split(sep):
+                        try:
+                            if line.strip():
+                                out.append(resumption.translate(line))
+                        except Broken as exc:  # what came before it is the client's
+                            broken = exc
+                            break
+                    if first and out:
+                        first = False
+                        self.metrics.observe("recovery_gap_seconds", (),
+                                             time.monotonic() - broke)
+                    await self._send(request, out)
+                    if broken is not None:
+                        raise broken
+                if not resumption.finished:
+                    raise IncompleteBody("the stream ended without its final line")
+                await self._send(request, [], end=True)
+                self.fleet.record(server, True)
+                return None
+        except UpstreamError as exc:
+            self.fleet.upstream_failed(server, "timeout" if exc.status == 504 else "connect",
+                                       exc.message)
+            return exc.message
+        except (TimeoutError, IncompleteBody, ProtocolError, Broken) as exc:
+            why = str(exc) or type(exc).__name__
+            self.fleet.upstream_failed(server, "cut_stream", why)
+            return why
+
+    async def _send(self, request: Request, lines: list[bytes], end: bool = False) -> None:
+        """Writes ``lines`` to the client in its answer's framing (and the last chunk at
+        the ``end``), waiting for a client that reads slowly at most CLIENT_TIMEOUT."""
+        client = request.wire
+        chunked = request.head.version == "HTTP/1.1"  # as Relay.forward framed it
+        data = b"".join(lines)
+        out: list[bytes | bytearray | memoryview] = chunk(data) if (data and chunked) else (
+            [data] if data else [])
+        if end and chunked:
+            out.append(LAST_CHUNK)
+        if not out:
+            return
+        client.writelines(out)
+        try:
+            await asyncio.wait_for(client.drain(), self.config.client_timeout)
+        except TimeoutError:
+            raise ConnectionResetError("client stopped reading") from None
+
+    async def _give_up(self, request: Request, cut: Cut, resumption: Resumption | None,
+                       why: Unresumable, chain: list[str]) -> Relayed:
+        """Ends the answer as its server ended it: with the last error line a server
+        sent, else cut (no last chunk: the client must not take it for whole)."""
+        self.metrics.count("recoveries_total", (why.outcome,))
+        log.warning("request %s: the answer was not continued: %s", request.id, why.reason)
+        held = (resumption.held if resumption is not None else b"") or cut.lines.held
+        relayed = cut.relayed
+        if held:
+            with contextlib.suppress(ConnectionError):
+                await self._send(request, [held.split(cut.lines.sep)[0] + cut.lines.sep],
+                                 end=True)
+                return Relayed(request.keep_alive, relayed.status, relayed.server,
+                               relayed.model, relayed.queue_wait,
+                               chain=tuple(chain))
+        return Relayed(False, relayed.status, relayed.server, relayed.model,
+                       relayed.queue_wait, True, chain=tuple(chain))
 
 
 # ---------------------------------------------------------------------------
@@ -7809,11 +8597,12 @@ class OllamaFront:
     queued while the fleet is full, and tried on another server when one fails."""
 
     def __init__(self, config: Config, fleet: Fleet, upstreams: Upstreams,
-                 relay: Relay) -> None:
+                 relay: Relay, recovery: Recovery) -> None:
         self.config = config
         self.fleet = fleet
         self.upstreams = upstreams
         self.relay = relay
+        self.recovery = recovery
 
     async def root(self, request: Request, match: re.Match[str]) -> Response:
         return text_response(200, "Ollama is running")
@@ -7988,6 +8777,10 @@ class OllamaFront:
                 outcome = await self._attempt(request, slot, replay, model, waits.total)
             finally:
                 self.fleet.release(slot)
+            if isinstance(outcome, Cut):  # a stream broke off: another server goes on
+                outcome = await self.recovery.resume(request, body, model, outcome, tried,
+                                                     waits.total)
+                server = outcome.server or server
             if isinstance(outcome, Relayed):
                 for key in keep:
                     self.fleet.remember(key, server)
@@ -8001,12 +8794,13 @@ class OllamaFront:
         return await self.relay.send_upstream_error(request, failure.status, failure.detail)
 
     async def _attempt(self, request: Request, slot: Slot, body: ReplayableBody,
-                       model: str, queue_wait: float | None) -> Relayed | Failure:
-        """One try on one server: the relayed response, or why another server should try.
+                       model: str, queue_wait: float | None) -> Relayed | Failure | Cut:
+        """One try on one server: the relayed response, or why another server should try,
+        or a stream that broke off (Cut), for another server to continue.
 
         Worth another server: no connection, a timeout, 502/503 (Ollama's "server busy"),
-        or a 404 for a model the catalog said this server has. Nothing is retried once a
-        byte has gone to the client.
+        a 500 of a generation (a runner that died), or a 404 for a model the catalog said
+        this server has. Nothing is sent again once a byte has gone to the client.
         """
         server = slot.server
         started = time.monotonic()
@@ -8019,17 +8813,27 @@ class OllamaFront:
             async with self.upstreams.exchange(server, proxy, head, body,
                                                request.method) as answer:
                 status = answer.status
-                if status not in (404, 502, 503):
+                if status not in (404, 500, 502, 503):
                     first_byte = time.monotonic() - started
+                    lines = None
                     if status == 200:
-                        self.fleet.answer_began(slot, proxy, "chunked" in (
-                            answer.response.headers.tokens("transfer-encoding")))
+                        streamed = "chunked" in answer.response.headers.tokens(
+                            "transfer-encoding")
+                        self.fleet.answer_began(slot, proxy, streamed)
+                        if streamed:
+                            lines = self.recovery.lines_for(request, answer)
                     relayed, ok = await self.relay.forward(request, answer, model,
-                                                           [server.answered_by], queue_wait)
+                                                           [server.answered_by], queue_wait,
+                                                           lines)
                     if ok:
                         self.fleet.record(server, True)
                         self.fleet.observe(slot.cold, first_byte,
                                            time.monotonic() - started)
+                    elif relayed.cut:
+                        if lines is not None:
+                            return Cut(relayed, lines)
+                        if status == 200 and request.path in RECOVERABLE_PATHS:
+                            self.recovery.count_off(request)
                     return relayed
                 own = await answer.error_message()
         except UpstreamError as exc:
@@ -8043,6 +8847,11 @@ class OllamaFront:
             self.fleet.model_gone(server, model)  # the catalog was stale
             return Failure(404, message, own is not None)
         self.fleet.upstream_failed(server, "http_5xx", message)
+        if status == 500 and not RUNNER_FAILED.search(message):
+            # The request's own error, not its server's death: said as it came.
+            error = await (request.send_error(500, message, [server.answered_by]) if own
+                           else self.relay.send_upstream_error(request, 500, message))
+            return error.by(server)
         return Failure(status, message, own is not None)
 
 
@@ -8386,9 +9195,10 @@ class Management:
     written through the fleet to the store (and its change log, for other instances),
     and getServer's ID for a server (and proxy) that qualifies."""
 
-    def __init__(self, config: Config, fleet: Fleet) -> None:
+    def __init__(self, config: Config, fleet: Fleet, recovery: Recovery) -> None:
         self.config = config
         self.fleet = fleet
+        self.recovery = recovery
 
     @staticmethod
     def _check_socks(values: dict[str, Any]) -> None:
@@ -8522,14 +9332,23 @@ class Management:
     async def models(self, request: Request, match: re.Match[str]) -> Response:
         """Every model of the fleet, each digest with the servers that hold it, and
         ``drift`` when there is more than one (``ollamabalancer models pull NAME`` brings
-        them together)."""
+        them together); and whether each digest continues an answer another server began
+        (``continues``, asked of /api/show; null while no server could tell)."""
+        models = self.fleet.models()
+        await self.recovery.verdicts(models)
         return json_response(200, [
             {"name": name, "drift": len(digests) > 1,
              "digests": [{"digest": digest or None,
                           "servers": [{"id": s.id, "name": s.name, "label": s.label}
-                                      for s in servers]}
+                                      for s in servers],
+                          **self._continues(name, digest)}
                          for digest, servers in sorted(digests.items())]}
-            for name, digests in sorted(self.fleet.models().items())])
+            for name, digests in sorted(models.items())])
+
+    def _continues(self, model: str, digest: str) -> dict[str, Any]:
+        verdict = self.recovery.known_verdict(model, digest)
+        return {"continues": None if verdict is None else verdict[0],
+                "continuesWhy": None if verdict is None else verdict[1]}
 
     async def add_key(self, request: Request, match: re.Match[str]) -> Response:
         body = _json_object(await request.read_json())
@@ -8637,6 +9456,8 @@ DASHBOARD_HTML = """<!doctype html>
       <div class="label">waiting in the queue</div></div>
     <div class="card"><div class="value" id="card-rpm"></div>
       <div class="label">requests per minute</div></div>
+    <div class="card" id="recoveries"><div class="value" id="card-recovered"></div>
+      <div class="label">answers continued when their server failed</div></div>
   </div>
   <section>
     <h2>Servers <span class="dim" id="page"></span>
@@ -8752,6 +9573,12 @@ function render(data) {
   document.getElementById("card-inflight").textContent = totals.inflight;
   document.getElementById("card-queue").textContent = `${data.queue.depth}`;
   document.getElementById("card-rpm").textContent = totals.requestsPerMinute;
+  // Streams whose server failed mid-answer: continued elsewhere, or why not.
+  const recoveries = data.recoveries || {};
+  const notContinued = Object.entries(recoveries).filter(([k]) => k !== "continued");
+  document.getElementById("card-recovered").textContent = recoveries.continued || 0;
+  document.getElementById("recoveries").title = notContinued.length ? "not continued: " +
+    notContinued.map(([k, n]) => `${k} ${n}`).join(", ") : "none that could not be";
   document.getElementById("page").textContent = totals.servers > servers.length
     ? `(${servers.length} of ${totals.servers})` : "";
   document.getElementById("next").hidden = data.next === null;
@@ -8878,11 +9705,14 @@ class AccessLog:
                 "client": request.client, "method": request.method,
                 "path": request.head.target, "status": status,
                 "server": server or None, "model": model or None,
+                **({"servers": list(outcome.chain)} if outcome.chain else {}),
                 "queue_wait": queue_wait, "ttfb": first_byte,
                 "duration": duration, "bytes_out": bytes_out, "cut": outcome.cut},
                 ensure_ascii=False)
         else:
             client, target = request.client, request.head.target[:200]
+            if outcome.chain:  # the servers an answer that broke off went through
+                server = ">".join(outcome.chain)
             if not (client + target + server + model).isprintable():  # one check, most often
                 client, target = printable(client), printable(target)
                 server, model = printable(server), printable(model)
@@ -9015,6 +9845,11 @@ class Observability:
         # Health is checked by every worker, so its failures are this one's to tell.
         errors = sorted([*fleet.recent_errors(), *(e for o in others for e in o["errors"])],
                         key=lambda e: str(e["time"]), reverse=True)
+        recoveries: collections.Counter[str] = collections.Counter()
+        for families in [self.metrics.snapshot()["counters"],
+                         *(o.get("counters", {}) for o in others)]:
+            for values, count in families.get("recoveries_total", ()):
+                recoveries[str(values[0])] += int(count)
         return {
             "version": __version__, "time": iso_time(utc_now()),
             "strategy": self.config.strategy,
@@ -9026,6 +9861,7 @@ class Observability:
             "servers": servers,
             "proxies": [p.to_json() for p in fleet.every_proxy()],
             "drifted": fleet.drifted(),
+            "recoveries": dict(sorted(recoveries.items())),
             "recentErrors": errors[:20],
         }
 
@@ -9333,14 +10169,18 @@ API_SCHEMAS: dict[str, dict[str, Any]] = {
         digests={"type": "array", "items": _record(
             digest={"type": ["string", "null"]},
             servers={"type": "array", "items": _record(
-                id={"type": "integer"}, name=_NULLABLE_TEXT, label={"type": "string"})})})},
+                id={"type": "integer"}, name=_NULLABLE_TEXT, label={"type": "string"})},
+            continues={"type": ["boolean", "null"], "description":
+                       "whether it continues an answer another server began (null: "
+                       "no server could tell yet)"},
+            continuesWhy=_NULLABLE_TEXT)})},
     "NewApiKey": body_schema(KEY_FIELDS, KEY_CLEARABLE, ("name",)),
     "CreatedApiKey": _record(id={"type": "integer"}, name={"type": "string"},
                              key={"type": "string", "description": "shown this once"}),
     "True": {"const": True},
     "Status": {"type": "object", "required": [
         "version", "time", "strategy", "queue", "totals", "next", "servers", "proxies",
-        "drifted", "recentErrors"]},
+        "drifted", "recoveries", "recentErrors"]},
     **{_body_name(path): body for path, body in ROUTED_BODIES.items()},
     "FanOutRequest": {**_OLLAMA_BODY, "properties": {
         "servers": _FAN_OUT_TARGETS, "stream": {"type": "boolean"}}},
@@ -9721,9 +10561,11 @@ class Balancer:
                            group.board if group else None)
         self.access = Access(config, self.fleet)
         self.relay = Relay(config, self.fleet, self.upstreams, self.access, self.metrics)
-        self.front = OllamaFront(config, self.fleet, self.upstreams, self.relay)
+        self.recovery = Recovery(config, self.fleet, self.upstreams, self.relay, self.metrics)
+        self.front = OllamaFront(config, self.fleet, self.upstreams, self.relay,
+                                 self.recovery)
         self.fan_out = FanOut(config, self.fleet, self.upstreams, self.relay)
-        self.management = Management(config, self.fleet)
+        self.management = Management(config, self.fleet, self.recovery)
         self.observability = Observability(config, self.fleet, self.metrics, group)
         self.docs = ApiDocs(ROUTES)
         self.body_budget = ByteBudget(config.max_buffered_bodies)

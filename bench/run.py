@@ -1083,31 +1083,38 @@ def count_instructions(args: argparse.Namespace, workdir: Path, loop: str,
             balancer.add_server(port)
         conn = http.client.HTTPConnection("127.0.0.1", balancer.port, timeout=60)
 
-        def send(method: str, path: str, times: int) -> None:
+        def send(method: str, path: str, times: int, recovery: str) -> None:
             for _ in range(times):
                 body = EMBED_BODY if method == "POST" else None
                 if path.endswith("/api/chat"):
-                    body = json.dumps({"model": "bench", "messages": []})
-                conn.request(method, path, body, {"Content-Type": "application/json"})
+                    body = json.dumps({"model": "stream", "messages": []})
+                conn.request(method, path, body, {"Content-Type": "application/json",
+                                                  "X-Recovery": recovery})
                 answer = conn.getresponse()
                 answer.read()
                 if answer.status != 200:
                     raise RuntimeError(f"{path} answered {answer.status}")
 
         streams = 1 if args.quick else 10
-        for name, method, path, times, per in (
-                ("POST /api/embed, routed", "POST", "/api/embed", count, 1),
-                ("GET /api/version, its own answer", "GET", "/api/version", count, 1),
+        for name, method, path, times, per, recovery in (
+                ("POST /api/embed, routed", "POST", "/api/embed", count, 1, "on"),
+                ("GET /api/version, its own answer", "GET", "/api/version", count, 1, "on"),
                 ("GET /servers/ollama/1/api/version, relayed", "GET",
-                 "/servers/ollama/1/api/version", count, 1),
+                 "/servers/ollama/1/api/version", count, 1, "on"),
                 (f"a token of a relayed /api/chat stream ({STREAM_TOKENS} a stream)", "POST",
-                 "/servers/ollama/2/api/chat", streams, STREAM_TOKENS)):
+                 "/servers/ollama/2/api/chat", streams, STREAM_TOKENS, "on"),
+                # At the root, kept for a continuation should its server fail (RECOVERY),
+                # and with the request's X-Recovery: off, relayed as it comes.
+                (f"a token of a routed /api/chat stream ({STREAM_TOKENS} a stream)", "POST",
+                 "/api/chat", streams, STREAM_TOKENS, "on"),
+                ("the same, X-Recovery: off", "POST", "/api/chat", streams, STREAM_TOKENS,
+                 "off")):
             # Warm-up: imports, the index, a pooled connection.
-            send(method, path, (10 if args.quick else 50) if per == 1 else 1)
+            send(method, path, (10 if args.quick else 50) if per == 1 else 1, recovery)
             for command in ("--zero", "--instr=on"):
                 subprocess.run(["callgrind_control", command, pid], capture_output=True,
                                check=True)
-            send(method, path, times)
+            send(method, path, times, recovery)
             for command in ("--instr=off", "--dump"):
                 subprocess.run(["callgrind_control", command, pid], capture_output=True,
                                check=True)

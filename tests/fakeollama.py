@@ -14,6 +14,19 @@ generate, embed, NDJSON and SSE streaming) plus test-only paths:
     GET  /flood?mib=N      sends N MiB as fast as the socket takes them, counting in
                            ``flood_sent`` what it managed to write
 
+Generation is deterministic, as a real model with a fixed seed: the answer to a
+conversation is ``reply_text(prompt_key(messages))``, ``tokens`` words long, one word a
+chunk. A chat whose last message is the assistant's is continued from that text (an
+assistant prefill: the words after those it has), unless the model is in ``restarts``
+(it answers anew, as a model whose template closes the last turn); /api/show says which,
+through its template (``show_fields`` overrides it). ``options.num_predict`` and OpenAI's
+``max_tokens`` bound the new words. A model in ``thinkers`` asked to ``think`` thinks
+two chunks first. ``fault`` breaks the next answers: ``{"after": N, "kind": K,
+"times": T}`` lets N chunks out, then ``die`` (the connection drops), ``crash`` (Ollama's
+error line when a runner dies; a 500 when not streamed) or ``stall`` (nothing more for
+``stall_seconds``); with ``"fresh_only": true`` it spares a continuation (a chat that ends
+with an assistant message); ``faults`` counts those that happened.
+
 Knobs: ``fail_status`` makes model requests answer that status; ``pull_error`` makes a pull
 fail halfway, ``pull_delay`` start its layer that many seconds late; a body with
 ``"fake_hold": true`` waits for release(); ``"fake_sleep": s``
@@ -38,6 +51,39 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+#: A chat template that leaves the last assistant message open (the library's templates
+#: test ``$last``): a model with it continues a prefill.
+CONTINUING_TEMPLATE = (
+    "{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 -}}"
+    "<|{{ .Role }}|>{{ .Content }}{{ if not $last }}<|end|>{{ end }}{{ end }}"
+    "{{ if ne (index .Messages (sub (len .Messages) 1)).Role \"assistant\" }}<|assistant|>"
+    "{{ end }}")
+
+
+def prompt_key(messages: list[dict[str, Any]]) -> str:
+    """What an answer depends on: the conversation before a final assistant message."""
+    if messages and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in messages)
+
+
+def generate_messages(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """/api/generate's prompt as the chat Ollama renders it through the same template."""
+    messages = [{"role": "system", "content": request["system"]}] if request.get(
+        "system") else []
+    return [*messages, {"role": "user", "content": request.get("prompt", "")}]
+
+
+def reply_words(key: str, count: int = 5) -> list[str]:
+    """The words a model answers ``key`` with, each a chunk ("abc0 ", "abc1 ", ...)."""
+    stem = "".join(chr(97 + b % 26) for b in hashlib.sha256(key.encode()).digest()[:3])
+    return [f"{stem}{i} " for i in range(count)]
+
+
+def reply_text(messages: list[dict[str, Any]], count: int = 5) -> str:
+    """The whole answer to a chat of ``messages``, uninterrupted."""
+    return "".join(reply_words(prompt_key(messages), count))
 
 
 def tag(name: str, size: str = "8.0B") -> dict[str, Any]:
@@ -84,6 +130,12 @@ class FakeOllama:
         self.requests: list[dict[str, Any]] = []
         self.connections = 0
         self.flood_sent = 0
+        self.fault: dict[str, Any] | None = None  # see the module's docstring
+        self.faults = 0
+        self.stall_seconds = 30.0
+        self.restarts: set[str] = set()  # models that answer a prefill anew
+        self.thinkers: set[str] = set()  # models that think first when asked to
+        self.show_fields: dict[str, dict[str, Any]] = {}  # /api/show overrides, by model
         self.open_sockets: set[socket.socket] = set()
         self.gate = threading.Semaphore(0)
         self.disconnected = threading.Event()
@@ -268,10 +320,14 @@ class _Handler(BaseHTTPRequestHandler):
             if not self.owner.has(name):
                 self.send_json(404, {"error": f"model '{name}' not found"})
             else:
+                full = name if ":" in name else f"{name}:latest"
+                template = "{{ .Prompt }}" if full in self.owner.restarts else (
+                    CONTINUING_TEMPLATE)
                 self.send_json(200, {"modelfile": f"FROM {name}", "parameters": "",
-                                     "template": "{{ .Prompt }}",
+                                     "template": template,
                                      "details": tag(name)["details"],
-                                     "model_info": {"general.architecture": "llama"}})
+                                     "model_info": {"general.architecture": "llama"},
+                                     **self.owner.show_fields.get(full, {})})
         elif path == "/api/pull":
             self.pull(json.loads(body or b"{}"))
         elif path == "/api/create":
@@ -448,45 +504,157 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.answer(path, model, request)
 
+    def take_fault(self) -> dict[str, Any] | None:
+        """The fault the next answer is to suffer, if any (used up ``times`` answers)."""
+        with self.owner.lock:
+            fault = self.owner.fault
+            if fault is None:
+                return None
+            if fault.get("times", 1) <= 1:
+                self.owner.fault = None
+            else:
+                fault["times"] -= 1
+            return dict(fault)
+
+    def plan(self, model: str, messages: list[dict[str, Any]], limit: Any, think: Any
+             ) -> tuple[list[tuple[str, str]], str, int]:
+        """An answer as (field, text) chunks, why it stopped, and its prompt's tokens."""
+        full = model if ":" in model else f"{model}:latest"
+        key = prompt_key(messages)
+        words = reply_words(key, self.owner.tokens)
+        last = messages[-1] if messages else {}
+        prefill = last.get("content") if last.get("role") == "assistant" else None
+        start = 0
+        if prefill and full not in self.owner.restarts:
+            start = min(len(str(prefill).split()), len(words))
+        new = words[start:]
+        reason = "stop"
+        if isinstance(limit, int) and 0 <= limit < len(new):
+            new, reason = new[:limit], "length"
+        chunks = [("thinking", "hmm "), ("thinking", "yes ")] if (
+            think and full in self.owner.thinkers and not start) else []
+        return chunks + [("content", word) for word in new], reason, len(key.split())
+
+    def suffer(self, fault: dict[str, Any], streamed: bool, error_line: bytes) -> None:
+        """Breaks the answer under way as ``fault`` says."""
+        with self.owner.lock:
+            self.owner.faults += 1
+        kind = fault["kind"]
+        if kind == "crash":
+            if streamed:
+                self.chunk(error_line)
+                self.end_chunked()
+            else:
+                self.send_json(500, {"error": "llama runner process has terminated: "
+                                              "exit status 2"})
+            return
+        self.wfile.flush()
+        if kind == "stall":
+            deadline = time.monotonic() + self.owner.stall_seconds
+            while time.monotonic() < deadline and not self.client_gone(0.05):
+                pass
+        self.connection.shutdown(socket.SHUT_RDWR)
+        self.close_connection = True
+
     def answer(self, path: str, model: str, request: dict[str, Any]) -> None:
-        key = "message" if path == "/api/chat" else "response"
-        tokens = [f"tok{i} " for i in range(self.owner.tokens)]
+        chat = path == "/api/chat"
+        messages = (request.get("messages") or []) if chat else generate_messages(request)
+        chunks, reason, prompt_tokens = self.plan(
+            model, messages, (request.get("options") or {}).get("num_predict"),
+            request.get("think"))
+        prefilled = bool(messages) and messages[-1].get("role") == "assistant"
+        fault = {"after": 1, "kind": "die"} if request.get("fake_die") else (
+            None if prefilled and (self.owner.fault or {}).get("fresh_only") else
+            self.take_fault())
+        if fault is not None and fault["after"] > len(chunks):
+            fault = None  # the answer ends before it
+        content = "".join(text for field, text in chunks if field == "content")
+        thinking = "".join(text for field, text in chunks if field == "thinking")
 
-        def piece(text: str) -> Any:
-            return {"role": "assistant", "content": text} if key == "message" else text
+        def shaped(text: str, thought: str = "") -> dict[str, Any]:
+            if chat:
+                message = {"role": "assistant", "content": text}
+                if thought:
+                    message["thinking"] = thought
+                return {"message": message}
+            return {"response": text, **({"thinking": thought} if thought else {})}
 
-        final = {"model": model, "created_at": "2026-11-26T10:00:00Z", key: piece(""),
-                 "done": True, "done_reason": "stop", "eval_count": len(tokens),
-                 "total_duration": 1000, "prompt_eval_count": 3}
+        final = {"model": model, "created_at": "2026-11-26T10:00:00Z", **shaped(""),
+                 "done": True, "done_reason": reason, "total_duration": 1000,
+                 "prompt_eval_count": prompt_tokens, "eval_count": len(chunks)}
+        if not chat:
+            final["context"] = [1, 2, 3]
         if request.get("stream", True) is False:
-            final[key] = piece("".join(tokens))
-            self.send_json(200, final)
+            if fault is not None:
+                self.suffer(fault, False, b"")
+                return
+            self.send_json(200, {**final, **shaped(content, thinking)})
             return
         self.start_chunked("application/x-ndjson")
-        for token in tokens:
-            line = {"model": model, "created_at": "2026-11-26T10:00:00Z", key: piece(token),
+        error_line = b'{"error":"llama runner process has terminated: exit status 2"}\n'
+        for index, (field, text) in enumerate(chunks):
+            if fault is not None and index == fault["after"]:
+                self.suffer(fault, True, error_line)
+                return
+            line = {"model": model, "created_at": "2026-11-26T10:00:00Z",
+                    **(shaped(text) if field == "content" else shaped("", text)),
                     "done": False}
             self.chunk(json.dumps(line).encode() + b"\n")
             time.sleep(self.owner.token_delay)
-            if request.get("fake_die"):  # the server dies mid-answer
-                self.wfile.flush()
-                self.connection.shutdown(socket.SHUT_RDWR)
-                self.close_connection = True
-                return
+        if fault is not None:  # after every token, before the final line
+            self.suffer(fault, True, error_line)
+            return
         self.chunk(json.dumps(final).encode() + b"\n")
         self.end_chunked()
 
     def openai_chat(self, request: dict[str, Any]) -> None:
         model = request.get("model", "")
+        limit = request.get("max_completion_tokens", request.get("max_tokens"))
+        chunks, reason, prompt_tokens = self.plan(model, request.get("messages") or [],
+                                                  limit, False)
+        words = [text for _, text in chunks]
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                 "total_tokens": prompt_tokens + len(words)}
+        ident = f"chatcmpl-{self.owner.port}"
+        fault = self.take_fault()
+        if fault is not None and fault["after"] > len(words):
+            fault = None
         if not request.get("stream"):
-            self.send_json(200, {"id": "chatcmpl-1", "object": "chat.completion", "model": model,
-                                 "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                     "role": "assistant", "content": "hello"}}]})
+            if fault is not None:
+                self.suffer(fault, False, b"")
+                return
+            self.send_json(200, {"id": ident, "object": "chat.completion", "created": 1700000000,
+                                 "model": model, "system_fingerprint": "fp_ollama",
+                                 "choices": [{"index": 0, "finish_reason": reason, "message": {
+                                     "role": "assistant", "content": "".join(words)}}],
+                                 "usage": usage})
             return
+
+        def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            payload = {"id": ident, "object": "chat.completion.chunk", "created": 1700000000 +
+                       self.owner.port, "model": model, "system_fingerprint": "fp_ollama",
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
         self.start_chunked("text/event-stream")
-        for text in ("hel", "lo"):
-            event = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model,
-                     "choices": [{"index": 0, "delta": {"content": text}}]}
-            self.chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
+        # A runner that dies mid-stream shows as an empty chunk, then the end (Ollama's
+        # OpenAI layer reads the error line as an empty answer).
+        broken = event({"content": ""})
+        for index, word in enumerate(words):
+            if fault is not None and index == fault["after"]:
+                self.suffer(fault, True, broken)
+                return
+            self.chunk(event({"role": "assistant", "content": word} if index == 0 else
+                             {"content": word}))
+            time.sleep(self.owner.token_delay)
+        if fault is not None:
+            self.suffer(fault, True, broken)
+            return
+        self.chunk(event({}, reason))
+        if (request.get("stream_options") or {}).get("include_usage"):
+            payload = {"id": ident, "object": "chat.completion.chunk", "created": 1700000000 +
+                       self.owner.port, "model": model, "system_fingerprint": "fp_ollama",
+                       "choices": [], "usage": usage}
+            self.chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
         self.chunk(b"data: [DONE]\n\n")
         self.end_chunked()

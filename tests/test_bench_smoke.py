@@ -65,3 +65,14 @@ def test_the_benchmark_suite_runs_and_prints_its_table() -> None:
     assert all(failed == "0" for _, failed in learning), out
     bodies = re.findall(r"(\d+) answered +(\d+) refused \(503\) +(\d+) failed otherwise", out)
     assert len(bodies) == 2 and all(int(a) + int(r) == 6 and f == "0" for a, r, f in bodies)
+
+
+@pytest.mark.timeout(120)
+def test_the_recovery_benchmark_runs_and_every_answer_comes_whole() -> None:
+    """bench/recovery.py checks each continued answer against an uninterrupted one
+    itself; here, two streams of each kind of failure."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "recovery.py"), "--runs", "2"],
+                          capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = re.findall(r"^\| (die|crash|stall) \| ([0-9.]+) \|", done.stdout, re.M)
+    assert [kind for kind, _ in rows] == ["die", "crash", "stall"], done.stdout

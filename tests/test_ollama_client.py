@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from conftest import BalancerProcess, StoreConfig, both_event_loops, require_module
-from fakeollama import FakeOllama
+from fakeollama import FakeOllama, reply_text, reply_words
 
 ollama = require_module("ollama")
 
@@ -25,14 +25,14 @@ def client(balancer: BalancerProcess, backend: FakeOllama) -> Any:
 def test_chat_streams_token_by_token(client: Any) -> None:
     parts = list(client.chat(model="llama3", messages=[{"role": "user", "content": "hi"}],
                              stream=True))
-    assert [p.message.content for p in parts[:-1]] == [f"tok{i} " for i in range(5)]
+    assert [p.message.content for p in parts[:-1]] == reply_words("user: hi")
     assert parts[-1].done is True and parts[-1].eval_count == 5
 
 
 def test_chat_not_streamed(client: Any) -> None:
     reply = client.chat(model="llama3", messages=[{"role": "user", "content": "hi"}],
                         stream=False)
-    assert reply.message.content == "tok0 tok1 tok2 tok3 tok4 "
+    assert reply.message.content == reply_text([{"role": "user", "content": "hi"}])
     assert reply.done is True
 
 
@@ -40,7 +40,7 @@ def test_generate_streamed_and_not(client: Any) -> None:
     streamed = "".join(p.response for p in client.generate(model="llama3", prompt="x",
                                                            stream=True))
     whole = client.generate(model="llama3", prompt="x", stream=False).response
-    assert streamed == whole == "tok0 tok1 tok2 tok3 tok4 "
+    assert streamed == whole == reply_text([{"role": "user", "content": "x"}])
 
 
 def test_list_and_embed(client: Any) -> None:
@@ -68,4 +68,4 @@ def test_full_walkthrough_on_each_store_through_socks(
     chat = ollama.Client(host=f"http://127.0.0.1:{lb.port}/servers/ollama/{sid}").chat
     tokens = [p.message.content for p in chat(model="llama3", stream=True,
                                               messages=[{"role": "user", "content": "hi"}])]
-    assert tokens[:5] == [f"tok{i} " for i in range(5)]
+    assert tokens[:5] == reply_words("user: hi")
