@@ -296,6 +296,7 @@ CORS_PREFLIGHT_FIELDS = (
     ("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"),
     ("Access-Control-Allow-Headers",
      "Authorization, Content-Type, User-Agent, Accept, X-Requested-With, X-Session-Id, "
+     "X-Recovery, "
      "X-Stainless-Lang, X-Stainless-Package-Version, X-Stainless-Os, X-Stainless-Arch, "
      "X-Stainless-Retry-Count, X-Stainless-Runtime, X-Stainless-Runtime-Version, "
      "X-Stainless-Async, X-Stainless-Helper-Method, X-Stainless-Poll-Helper, "
@@ -8106,6 +8107,7 @@ class Resumption:
         self.ident: Any = None  # OpenAI: the stream's id and time, kept for the rest
         self.created: Any = None
         self.held = b""  # the last error line a server sent, for a client told at the end
+        self.part_tokens: int | None = None  # what the part under way counted at its end
 
     @classmethod
     def of(cls, path: str, body: bytes | bytearray, lines: Lines) -> Resumption:
@@ -8189,10 +8191,14 @@ class Resumption:
             return
         self.produced += 1
 
+    @property
+    def model_name(self) -> str:
+        return canonical_model(str(self.request.get("model") or ""))
+
     def continuation(self) -> tuple[str, bytes] | None:
         """The path and body that continue the answer; None when its token budget is
         spent already (the answer is whole as asked)."""
-        self.base = self.produced
+        self.base, self.part_tokens = self.produced, None
         request = dict(self.request)
         if self.openai:
             for name in ("max_completion_tokens", "max_tokens"):
@@ -8260,7 +8266,8 @@ class Resumption:
             self._count(event)
             usage = event.get("usage")
             if isinstance(usage, dict):
-                completion = (_int_field(usage.get("completion_tokens")) or 0) + self.base
+                self.part_tokens = _int_field(usage.get("completion_tokens")) or 0
+                completion = self.part_tokens + self.base
                 usage["completion_tokens"] = completion
                 usage["total_tokens"] = (_int_field(usage.get("prompt_tokens")) or 0) + completion
             return b"data: " + compact_json(event) + b"\n\n"
@@ -8268,7 +8275,8 @@ class Resumption:
         self._count(event)
         done = event.get("done") is True
         if done:
-            event["eval_count"] = (_int_field(event.get("eval_count")) or 0) + self.base
+            self.part_tokens = _int_field(event.get("eval_count")) or 0
+            event["eval_count"] = self.part_tokens + self.base
         if self.generate:
             message = event.pop("message", None)
             message = message if isinstance(message, dict) else {}
@@ -8386,7 +8394,8 @@ class Recovery:
                 if status == 200:
                     verdict = self._verdicts[key] = prefill_verdict(decode_json(answer))
                     return verdict
-            except (UpstreamError, ValueError, OSError, TimeoutError) as exc:
+            except (UpstreamError, IncompleteBody, ProtocolError, ValueError, OSError,
+                    TimeoutError) as exc:
                 log.info("cannot tell whether %s continues a prefill: %s: %s", model,
                          server.label, exc)
         return None
@@ -8428,6 +8437,8 @@ class Recovery:
             resumption = Resumption.of(request.path, body, cut.lines)
         except Unresumable as exc:
             return await self._give_up(request, cut, None, exc, chain)
+        # Its tokens so far are the failed server's, which sent no count of them.
+        self.metrics.count("tokens_total", (failed.label, model), resumption.produced)
         if resumption.finished:  # its final line came; only the end of the body did not
             await self._send(request, [], end=True)
             return Relayed(request.keep_alive, 200, failed, model, queue_wait)
@@ -8526,6 +8537,10 @@ class Recovery:
                     raise IncompleteBody("the stream ended without its final line")
                 await self._send(request, [], end=True)
                 self.fleet.record(server, True)
+                own = resumption.part_tokens  # its count, else its chunks
+                self.metrics.count("tokens_total", (server.label, resumption.model_name),
+                                   resumption.produced - resumption.base if own is None
+                                   else own)
                 return None
         except UpstreamError as exc:
             self.fleet.upstream_failed(server, "timeout" if exc.status == 504 else "connect",
@@ -10045,6 +10060,9 @@ API_PARAMETERS: dict[str, tuple[str, dict[str, Any], str]] = {
               "only those with a greater id: the last id of the page before"),
     "X-Session-Id": ("header", {"type": "string"},
                      "keeps a conversation on one server while it can take it"),
+    "X-Recovery": ("header", {"type": "string", "enum": ["on", "off"]},
+                   "off: a streamed answer whose server fails mid-answer is not continued on "
+                   "another server (RECOVERY)"),
 }
 
 _STRINGS = {"type": "array", "items": {"type": "string"}}
@@ -10459,7 +10477,8 @@ ROUTES: tuple[Route, ...] = (
           errors=(404, 502, 503, 504)),
     *(route("POST", path, "front.routed", "client",
             "routed by its body's model to the best server, queued while the fleet is full",
-            body=_body_name(path), query=("X-Session-Id",), answers={200: OLLAMA_ANSWER},
+            body=_body_name(path), query=("X-Session-Id", "X-Recovery"),
+            answers={200: OLLAMA_ANSWER},
             errors=(404, 502, 503, 504)) for path in ROUTED_PATHS),
     route("POST", ("/api/pull", "/api/create"), "fan_out.progress", "models",
           "on every server (or those in 'servers'), progress merged into one stream",

@@ -314,6 +314,17 @@ def test_a_model_that_answers_a_prefill_anew_is_never_stitched(
     assert models[0]["digests"][0]["continuesWhy"]
 
 
+def test_a_model_no_server_can_describe_is_not_continued(pair: Any) -> None:
+    lb, first, second = pair()
+    first.fault = {"after": 3, "kind": "die"}
+    second.fail_status = 500  # /api/show too
+    _, data, whole = post(lb, "/api/chat", request_for("/api/chat"))
+    assert_ended_as_it_broke("/api/chat", data, whole, "die")
+    assert [r["path"] for r in second.model_requests()] == ["/api/show"]
+    lb.wait_for(lambda: 'ollamabalancer_recoveries_total{outcome="unverified"} 1'
+                in lb.call("GET", "/metrics").text)
+
+
 @pytest.mark.parametrize("fault", ["die", "crash"])
 def test_with_no_other_server_the_stream_ends_as_it_broke(
         start_balancer: Any, sqlite_store: StoreConfig, make_backend: Any,
@@ -376,6 +387,9 @@ def test_a_recovery_is_logged_counted_and_shown(pair: Any) -> None:
     assert "ollamabalancer_recovery_gap_seconds_count 1" in metrics
     assert 'ollamabalancer_upstream_errors_total{server="first",kind="cut_stream"} 1' in (
         metrics)
+    # Three tokens came from the first server, five from the second.
+    assert 'ollamabalancer_tokens_total{server="first",model="llama3:latest"} 3' in metrics
+    assert 'ollamabalancer_tokens_total{server="second",model="llama3:latest"} 5' in metrics
     assert lb.call("GET", "/servers/status").json()["recoveries"] == {"continued": 1}
     models = lb.call("GET", "/models").json()
     assert models[0]["digests"][0]["continues"] is True
