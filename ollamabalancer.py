@@ -147,6 +147,10 @@ RECOVERY_HOLD_STEP = 64 * 1024
 #: Largest /api/show answer read to tell whether a model continues a prefill (its
 #: template and license make most of it; a tokenizer's vocabulary is not asked for).
 MAX_SHOW_BODY = 8 * 1024 * 1024
+#: Seconds the access log's lines wait to go out together (at most 64 KiB of them): one
+#: write a batch, not one a request, which cost a request served alone 8 % of its
+#: instructions. Any other log record writes them first (LogHandler), and so does a stop.
+ACCESS_LOG_DELAY = 0.05
 #: Largest error body read from an upstream to decide whether to try another server.
 MAX_ERROR_BODY = 64 * 1024
 #: The change log (Store.changes_since): rows one sync applies at most (past it, a reload),
@@ -9731,19 +9735,18 @@ class AccessLog:
             if not (client + target + server + model).isprintable():  # one check, most often
                 client, target = printable(client), printable(target)
                 server, model = printable(server), printable(model)
-            line = (f"{self.stamp(now)} INFO    {self.mark}{client:<15} "
-                    f"{request.method:<6} {target:<32} "
-                    f"{status:>3} {server or '-':<20} {model or '-':<24} "
-                    f"{_secs(queue_wait)} {_secs(first_byte)} "
-                    f"{_secs(duration)} {bytes_out:>9} {request.id or '-'}"
-                    f"{' cut' if outcome.cut else ''}")
+            # %-formatting: half the time of the same f-string with its alignments.
+            line = "%s INFO    %s%-15s %-6s %-32s %3d %-20s %-24s %s %s %7.3f %9d %s%s" % (  # noqa: UP031
+                self.stamp(now), self.mark, client, request.method, target, status,
+                server or "-", model or "-", _secs(queue_wait), _secs(first_byte),
+                duration, bytes_out, request.id or "-", " cut" if outcome.cut else "")
         self.pending.append(line)
         self.size += len(line)
         if self.size > 65536:
             self.flush()
         elif len(self.pending) == 1:
             with contextlib.suppress(RuntimeError):  # no loop: the next flush() takes it
-                asyncio.get_running_loop().call_soon(self.flush)
+                asyncio.get_running_loop().call_later(ACCESS_LOG_DELAY, self.flush)
 
     def flush(self) -> None:
         if not self.pending:
