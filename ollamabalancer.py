@@ -3862,15 +3862,22 @@ def model_cell(server_id: int, model: str) -> int:
     return (1 << 30) | (int.from_bytes(digest, "big") & ((1 << 30) - 1))
 
 
-@dataclasses.dataclass(eq=False)
 class Waiter:
-    model: str | None
-    exclude: frozenset[int]
-    affinity: Affinity | None
-    future: asyncio.Future[Slot]
-    since: float = dataclasses.field(default_factory=time.monotonic)
-    order: int = 0  # its place in arrival order (WaitQueue)
-    queued: bool = False
+    """A request waiting in the queue for a slot (its future), since when, in which
+    place of the arrival order. A plain class: a dataclass's default_factory made each
+    queued request pay for a call more."""
+
+    __slots__ = ("affinity", "exclude", "future", "model", "order", "queued", "since")
+
+    def __init__(self, model: str | None, exclude: frozenset[int],
+                 affinity: Affinity | None, future: asyncio.Future[Slot]) -> None:
+        self.model = model
+        self.exclude = exclude
+        self.affinity = affinity
+        self.future = future
+        self.since = time.monotonic()
+        self.order = 0  # its place in arrival order (WaitQueue)
+        self.queued = False
 
 
 class WaitQueue:
@@ -3885,12 +3892,21 @@ class WaitQueue:
         self.waiting: collections.Counter[str | None] = collections.Counter()  # by model
         self.size = 0  # the waiting's total, kept: Counter.total() adds them up each time
         self._order = itertools.count()
+        #: Every waiter in arrival order, for QUEUE_TIMEOUT: as every waiter has the same
+        #: time to wait, they run out in this order, and one timer serves them all.
+        self.arrivals: collections.deque[Waiter] = collections.deque()
 
     def __len__(self) -> int:
         return self.size
 
     def append(self, waiter: Waiter) -> None:
         waiter.order, waiter.queued = next(self._order), True
+        arrivals = self.arrivals
+        while arrivals and not arrivals[0].queued:  # served or gone: no longer kept
+            arrivals.popleft()
+        arrivals.append(waiter)
+        if len(arrivals) > 2 * self.size + 64:  # behind one long wait, mostly gone
+            self.arrivals = collections.deque(w for w in arrivals if w.queued)
         fifo = self.fifos.setdefault(waiter.model, collections.deque())
         fifo.append(waiter)
         self.waiting[waiter.model] += 1
@@ -3914,6 +3930,32 @@ class WaitQueue:
             fifo.popleft()
         if not fifo:
             self.fifos.pop(model, None)
+
+    def expired(self, deadline: float) -> list[Waiter]:
+        """Takes out the waiters that came before ``deadline`` (their time is up); the
+        waiters that left already are dropped from the arrival order on the way."""
+        arrivals, out = self.arrivals, []
+        while arrivals and (not arrivals[0].queued or arrivals[0].since <= deadline):
+            waiter = arrivals.popleft()
+            if waiter.queued:
+                self.discard(waiter)
+                out.append(waiter)
+        return out
+
+    def oldest(self) -> Waiter | None:
+        """The waiter that came first of those still queued."""
+        arrivals = self.arrivals
+        while arrivals and not arrivals[0].queued:
+            arrivals.popleft()
+        return arrivals[0] if arrivals else None
+
+    def behind(self, waiter: Waiter) -> bool:
+        """Whether an older waiter of ``waiter``'s model, one that keeps no server out
+        (not a retry), is queued: FIFO within a model puts ``waiter`` after it."""
+        for ahead in self.fifos.get(waiter.model, ()):
+            if ahead.queued:
+                return ahead is not waiter and not ahead.exclude
+        return False
 
     def following(self, model: str | None) -> Iterator[Waiter]:
         """``model``'s waiters from the oldest, as long as none joins (dispatch)."""
@@ -4120,19 +4162,21 @@ class Ranking:
         sessions = self.sessions
         return next((key for key in reversed(prints) if key in sessions), None)
 
-    def learned(self, servers: dict[int, Server], server: Server) -> None:
+    def learned(self, servers: dict[int, Server], server: Server) -> bool:
         """``server`` may have shown more of its limits (Learned): when what is known of
         them changed, the fleet's usual limits (the median of those known among
         ``servers``: most fleets are alike) and the most models one of them has shown
-        loaded at once are worked out anew, and so is the ranking they enter."""
+        loaded at once are worked out anew, and so is the ranking they enter. Whether
+        they changed."""
         learned = server.load.learned
         shown = learned.known()
         known = (server.max_loaded_models or shown[0], server.num_parallel or shown[1],
                  learned.resident_seen)
         if self._known.get(server.id, (None, None, 0)) == known:
-            return
+            return False
         self._known[server.id] = known
         self._work_out(servers)
+        return True
 
     def forget(self, servers: dict[int, Server]) -> None:
         """The fleet may have lost servers: what they showed counts no more."""
@@ -4561,6 +4605,7 @@ class Scheduler:
         self.config = config
         self.ranking = Ranking(config, board)
         self.queue = WaitQueue()
+        self._expiry: asyncio.TimerHandle | None = None  # QUEUE_TIMEOUT of the oldest
         # Moving averages, in seconds, of what the fleet's requests take: a warm one whole,
         # a warm one's first byte, and the extra first-byte wait of a cold model load.
         self.service_seconds = 1.0
@@ -4590,7 +4635,13 @@ class Scheduler:
         Raises NoCandidate, QueueFull or QueueTimeout. Cancelling the caller (its client
         went away) takes it out of the queue at once.
         """
-        server, possible = self.ranking.pick(servers, model, affinity, exclude, self._arriving)
+        if self.queue and model is not None and not exclude:
+            # Others wait: it waits behind them (FIFO), so whether it can be served at
+            # all is all there is to know, and the index tells that without ranking.
+            server, possible = None, self.ranking.runnable(servers, model)
+        else:
+            server, possible = self.ranking.pick(servers, model, affinity, exclude,
+                                                 self._arriving)
         if not possible:
             raise NoCandidate(model)
         if server is None and not self.queue:
@@ -4608,12 +4659,16 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         waiter = Waiter(model, exclude, affinity, loop.create_future())
         self.queue.append(waiter)
-        # A slot may be free for this one but not for those ahead (of other models).
-        self.dispatch(servers, joined=waiter)
+        # A slot may be free for this one but not for those ahead (of other models); not
+        # when one of its model is ahead: that one could not be served at the last
+        # dispatch, and every change that makes room dispatches again.
+        if not self.queue.behind(waiter):
+            self.dispatch(servers, joined=waiter)
+        if self._expiry is None:  # one timer for the queue, at its oldest's deadline
+            self._expiry = loop.call_later(self.config.queue_timeout, self._expire)
         # Awaited as it is, neither shielded nor under wait_for: a grant that lands as the
         # caller is cancelled must come back here to be given back (wait_for on 3.11
         # would hand it to a task that was told to stop).
-        timer = loop.call_later(self.config.queue_timeout, self._expire, waiter)
         try:
             return await waiter.future
         except BaseException:
@@ -4624,13 +4679,19 @@ class Scheduler:
                 granted.cancel()
                 self.queue.discard(waiter)
             raise
-        finally:
-            timer.cancel()
 
-    def _expire(self, waiter: Waiter) -> None:
-        if not waiter.future.done():
-            self.queue.discard(waiter)
-            waiter.future.set_exception(QueueTimeout())
+    def _expire(self) -> None:
+        """QUEUE_TIMEOUT: the waiters whose time is up get QueueTimeout; the timer is set
+        again for the oldest left, if any."""
+        self._expiry = None
+        timeout = self.config.queue_timeout
+        for waiter in self.queue.expired(time.monotonic() - timeout):
+            if not waiter.future.done():
+                waiter.future.set_exception(QueueTimeout())
+        oldest = self.queue.oldest()
+        if oldest is not None:
+            self._expiry = asyncio.get_running_loop().call_later(
+                max(0.0, oldest.since + timeout - time.monotonic()), self._expire)
 
     def claim(self, server: Server, model: str | None, affinity: Affinity | None = None
               ) -> Slot | None:
@@ -4678,7 +4739,8 @@ class Scheduler:
             slot.streaming = True
             slot.server.load.learned.first_token(slot.model, slot.ahead, slot.taken,
                                                  time.monotonic())
-            self.ranking.learned(servers, slot.server)
+            if self.ranking.learned(servers, slot.server):  # more room, perhaps
+                self.dispatch(servers)
 
     def release(self, servers: dict[int, Server], slot: Slot) -> None:
         """Gives a slot back, on every path: answered, failed, or abandoned (its client
@@ -4726,9 +4788,16 @@ class Scheduler:
                       if freed is None or m is None or m in freed.model_names]
         now = time.monotonic()
         # round_robin and random keep their plain meaning here too: strict FIFO.
-        passes = ("aged", "ready", "any") if self.config.strategy == "least_load" else ("any",)
+        passes: tuple[str, ...] = ("any",)
+        if self.config.strategy == "least_load":
+            oldest = queue.oldest()
+            aged = oldest is not None and now - oldest.since >= QUEUE_AGING
+            passes = ("aged", "ready", "any") if aged else ("ready", "any")
+        choosy = self.config.strategy == "least_load"
         for pass_ in passes:
-            self._serve(servers, models, pass_, len(passes) > 1, now)
+            self._serve(servers, models, pass_, choosy, now)
+            if freed is not None and not self.ranking.has_room(freed):
+                break  # the one server with new room has none left: nothing more to give
         for name in models:
             queue.tidy(name)
 
@@ -4739,22 +4808,29 @@ class Scheduler:
         whose servers has room at that tier is left for the pass (its later waiters want
         the same), unless the waiter kept some servers out (a retry) or has left."""
         queue = self.queue
+        aged = pass_ == "aged"
         heads = []
         for model in models:
             waiters = queue.following(model)
             first = next(waiters, None)
-            if first is not None:
-                heads.append((first.order, waiters, first,
-                              self._pass_tier(servers, model, pass_, choosy, now)))
+            # The aged pass passes over a model whose oldest is young (the rest are too).
+            if first is not None and not (aged and now - first.since < QUEUE_AGING
+                                          and not first.future.done()):
+                heads.append((first.order, waiters, first))
         heapq.heapify(heads)  # by arrival: ``order`` is unique, nothing else is compared
+        tiers: dict[str | None, int] = {}  # each model's, worked out when first needed
         while heads:
-            _, waiters, waiter, max_tier = heapq.heappop(heads)
+            _, waiters, waiter = heapq.heappop(heads)
             model = waiter.model
             if waiter.future.done():  # cancelled, its task not yet back to discard it
                 queue.discard(waiter)
-            elif pass_ == "aged" and now - waiter.since < QUEUE_AGING:
+            elif aged and now - waiter.since < QUEUE_AGING:
                 continue  # the model's later waiters are younger still
             else:
+                max_tier = tiers.get(model)
+                if max_tier is None:
+                    max_tier = tiers[model] = self._pass_tier(servers, model, pass_, choosy,
+                                                              now)
                 server, possible = self.ranking.pick(servers, model, waiter.affinity,
                                                      waiter.exclude, max_tier)
                 if not possible:  # its servers went away while it waited (a failed probe)
@@ -4768,7 +4844,7 @@ class Scheduler:
                     continue
             following = next(waiters, None)
             if following is not None:
-                heapq.heappush(heads, (following.order, waiters, following, max_tier))
+                heapq.heappush(heads, (following.order, waiters, following))
 
     def _pass_tier(self, servers: dict[int, Server], model: str | None, pass_: str,
                    choosy: bool, now: float) -> int:
@@ -6601,11 +6677,14 @@ class Fleet:
 
     def _absorb(self, figures: dict[int, Figures]) -> None:
         """What the store holds of what every process learned of the servers."""
+        more = False
         for server_id, theirs in figures.items():
             server = self._servers.get(server_id)
             if server is not None and server.load.learned.absorb(theirs):
-                self._ranking.learned(self._servers, server)
+                more = self._ranking.learned(self._servers, server) or more
         self._learned.stored(figures)
+        if more:  # room for queued requests, perhaps
+            self._scheduler.dispatch(self._servers)
 
     def _put_server(self, server_id: int, server: Server | None) -> None:
         old = self._servers.get(server_id)
@@ -7024,8 +7103,10 @@ class Fleet:
         try:
             await read_running(self._upstreams, server, proxy, self.config.health_timeout,
                                self._ranking.model_vram, with_version=False)
-            self._ranking.learned(self._servers, server)
+            more = self._ranking.learned(self._servers, server)
             self._ranking.changed(server)
+            if more:
+                self._scheduler.dispatch(self._servers)
         finally:
             server.load.learned.checking = False
 

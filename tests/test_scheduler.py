@@ -374,6 +374,33 @@ def test_the_queue_holds_max_queue_waiters_each_for_queue_timeout() -> None:
     asyncio.run(scenario())
 
 
+def test_each_queued_request_waits_its_own_queue_timeout_under_one_timer() -> None:
+    """One timer serves the queue: set for the oldest, then for the oldest left. A waiter
+    served early does not make the next time out at its deadline, nor later ones wait
+    past theirs; a waiter that left is not counted."""
+    async def scenario() -> list[str]:
+        scheduler, servers = fleet(1, max_concurrency=1, queue_timeout=1.0)
+        held = scheduler.take(servers[1], None)
+        first = asyncio.ensure_future(scheduler.acquire(servers, "a:latest"))
+        await asyncio.sleep(0.4)
+        second = asyncio.ensure_future(scheduler.acquire(servers, "a:latest"))
+        gone = asyncio.ensure_future(scheduler.acquire(servers, "a:latest"))
+        await asyncio.sleep(0.1)
+        gone.cancel()  # its client left
+        scheduler.release(servers, held)  # the first is served at 0.5
+        slot = await first
+        seen = []
+        await asyncio.sleep(0.6)  # 1.1: past the first's deadline, before the second's
+        seen.append("waiting" if not second.done() else "done")
+        await asyncio.sleep(0.7)  # 1.8: past the second's (1.4)
+        seen.append(type(second.exception()).__name__ if second.done() else "waiting")
+        scheduler.release(servers, slot)
+        assert not scheduler.queue and len(scheduler.queue.arrivals) <= 1
+        return seen
+
+    assert asyncio.run(scenario()) == ["waiting", "QueueTimeout"]
+
+
 def test_a_request_for_no_model_may_start_anywhere_at_once() -> None:
     scheduler, servers = fleet(2)
     assert {scheduler.ranking.tier(s, None) for s in servers.values()} == {0}
