@@ -111,8 +111,24 @@ def drain(stream: Any) -> None:
 class Nginx:
     """nginx as the fast backend (return 200) and, on another port, as a reverse proxy."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, stream_port: int | None = None) -> None:
+        """``stream_port``: a streaming backend nginx also proxies to, on
+        ``stream_proxy_port``, as the balancer would (proxy_buffering off)."""
+        workdir.mkdir(exist_ok=True)
         self.backend_port, self.proxy_port = free_port(), free_port()
+        self.stream_proxy_port = free_port()
+        streaming = "" if stream_port is None else f"""
+                upstream streamer {{ server 127.0.0.1:{stream_port}; keepalive 1024; }}
+                server {{
+                    listen 127.0.0.1:{self.stream_proxy_port} backlog=16384;
+                    location / {{
+                        proxy_pass http://streamer;
+                        proxy_http_version 1.1;
+                        proxy_set_header Connection "";
+                        proxy_buffering off;
+                        proxy_read_timeout 600s;
+                    }}
+                }}"""
         tags = json.dumps(TAGS).replace("'", "\\'")
         embed = json.dumps({"model": "bench", "embeddings": [[0.1, 0.2]]})
         conf = workdir / "nginx.conf"
@@ -144,13 +160,22 @@ class Nginx:
                         proxy_set_header Connection "";
                         proxy_buffering off;
                     }}
-                }}
+                }}{streaming}
             }}
             """))
         self.proc = subprocess.Popen([shutil.which("nginx") or "nginx", "-c", str(conf),
                                       "-p", str(workdir)], stderr=subprocess.DEVNULL)
         wait_port(self.backend_port)
         wait_port(self.proxy_port)
+        if stream_port is not None:
+            wait_port(self.stream_proxy_port)
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds used so far by nginx's processes (its master and its worker)."""
+        pids = [self.proc.pid, *(int(p) for p in Path(
+            f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split())]
+        times = [cpu_seconds(pid) for pid in pids]
+        return sum(t[0] for t in times), sum(t[1] for t in times)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -629,7 +654,25 @@ def cpu_note(before: tuple[float, float], after: tuple[float, float], count: flo
 def streams(args: argparse.Namespace, workdir: Path, rows: list[list[str]], count: int,
             tokens: int, pace: float, label: str) -> None:
     backend, port = start_stream_backend(tokens, pace)
+    nginx_chunk = None  # nginx's CPU a chunk, in this run
     try:
+        if shutil.which("nginx") and label == "streams":  # the anchor, in the same run
+            nginx = Nginx(workdir / "nginx-streams", stream_port=port)
+            try:
+                before = nginx.cpu()
+                through = run_streams(nginx.stream_proxy_port, count, args.ramp, tokens)
+                after = nginx.cpu()
+            finally:
+                nginx.stop()
+            gaps = through["gaps"]
+            assert isinstance(gaps, list)
+            chunks = max(len(gaps), 1)
+            user, system = after[0] - before[0], after[1] - before[1]
+            nginx_chunk = (user + system) / chunks
+            rows.append([f"{label} via nginx: {count} streams x {tokens} tokens",
+                         f"nginx CPU {(user + system) / chunks * 1e6:.1f} us a chunk "
+                         f"({system / chunks * 1e6:.1f} in the kernel)",
+                         f"served {through['served']} of {count}", "", "", ""])
         for loop in event_loops():
             balancer = Balancer(workdir / f"{label}-{loop}", "--upstream-timeout", "600",
                                 "--event-loop", loop)
@@ -651,8 +694,10 @@ def streams(args: argparse.Namespace, workdir: Path, rows: list[list[str]], coun
             finally:
                 rss = balancer.stop()
             chunks = max(chunks, 1)
-            cpu = (f"CPU {(user + system) / chunks * 1e6:.0f} us a chunk "
-                   f"({system / chunks * 1e6:.0f} in the kernel)")
+            cpu = (f"CPU {(user + system) / chunks * 1e6:.1f} us a chunk "
+                   f"({system / chunks * 1e6:.1f} in the kernel"
+                   + (f"; {(user + system) / chunks / nginx_chunk:.2f}x nginx's)"
+                      if nginx_chunk else ")"))
             stream_row(rows, f"{label} ({loop}): {count} streams x {tokens} tokens", pairs,
                        rss, cpu)
     finally:
