@@ -772,6 +772,8 @@ COMMANDS = {
     "serve": "run the balancer (what it does with no command); the options above apply",
     "servers": "servers add URL [--name N] | list | remove ID: the servers in the store",
     "proxies": "proxies add URL [--password-file F] | list | remove ID: the proxies",
+    "keys": "keys add NAME [--models M ...] [--tokens-per-day N] [--weight W] [--priority "
+            "P] | set ID [...] | list | remove ID | usage ID: client API keys",
     "check": "try every server through its proxy now; exit 1 if any is down",
     "models": "models pull NAME [--servers ID ...]: pull a model on every server",
     "status": "status [--json]: the running balancer's fleet at a glance (asks IP:PORT)",
@@ -2639,7 +2641,8 @@ SERVER_COLUMNS = (
     "id, host, port, scheme, name, location, runner, enabled, proxy_id, models, last_checked,"
     " weight, max_concurrency, num_parallel, max_loaded_models, draining, upstream_auth"
 )
-KEY_COLUMNS = "id, name, key_hash, requests_per_minute, max_concurrent, created_at, last_used_at"
+KEY_COLUMNS = ("id, name, key_hash, requests_per_minute, max_concurrent, created_at, "
+               "last_used_at, models, tokens_per_day, weight, priority")
 PROXY_COLUMNS = "id, name, ip, port, protocol, status, user_name, password"
 
 # Columns added to SQLite databases made by earlier versions: (table, column, definition).
@@ -2650,6 +2653,10 @@ SQLITE_ADDED_COLUMNS = (
     ("ollamaServers", "num_parallel", "INTEGER"),
     ("ollamaServers", "max_loaded_models", "INTEGER"),
     ("ollamaServers", "draining", "INTEGER NOT NULL DEFAULT 0"),
+    ("api_key", "models", "TEXT"),
+    ("api_key", "tokens_per_day", "INTEGER"),
+    ("api_key", "weight", "REAL NOT NULL DEFAULT 1"),
+    ("api_key", "priority", "TEXT NOT NULL DEFAULT 'normal'"),
 )
 
 SQLITE_SCHEMA = """
@@ -2701,7 +2708,24 @@ CREATE TABLE IF NOT EXISTS api_key (
   requests_per_minute INTEGER,
   max_concurrent INTEGER,
   created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
-  last_used_at TEXT
+  last_used_at TEXT,
+  models TEXT,
+  tokens_per_day INTEGER,
+  weight REAL NOT NULL DEFAULT 1,
+  priority TEXT NOT NULL DEFAULT 'normal'
+);
+CREATE TABLE IF NOT EXISTS key_usage (
+  key_id INTEGER NOT NULL,
+  day TEXT NOT NULL,
+  model TEXT NOT NULL,
+  requests INTEGER NOT NULL DEFAULT 0,
+  prompt_tokens INTEGER NOT NULL DEFAULT 0,
+  completion_tokens INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (key_id, day, model)
+);
+CREATE TABLE IF NOT EXISTS usage_applied (
+  instance TEXT PRIMARY KEY,
+  batch INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS balancer_meta (
   name TEXT PRIMARY KEY,
@@ -2781,8 +2805,28 @@ CREATE TABLE IF NOT EXISTS `api_key` (
   `max_concurrent` int NULL,
   `created_at` timestamp NOT NULL DEFAULT (now()),
   `last_used_at` timestamp NULL,
+  `models` text NULL,
+  `tokens_per_day` bigint NULL,
+  `weight` double NOT NULL DEFAULT 1,
+  `priority` varchar(8) NOT NULL DEFAULT 'normal',
   PRIMARY KEY (`id`),
   UNIQUE KEY `api_key_hash` (`key_hash`)
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS `key_usage` (
+  `key_id` int NOT NULL,
+  `day` date NOT NULL,
+  `model` varchar(255) NOT NULL,
+  `requests` bigint NOT NULL DEFAULT 0,
+  `prompt_tokens` bigint NOT NULL DEFAULT 0,
+  `completion_tokens` bigint NOT NULL DEFAULT 0,
+  PRIMARY KEY (`key_id`, `day`, `model`)
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS `usage_applied` (
+  `instance` varchar(32) NOT NULL,
+  `batch` bigint NOT NULL,
+  PRIMARY KEY (`instance`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS `balancer_meta` (
@@ -2828,6 +2872,10 @@ MYSQL_ADDED_COLUMNS = (
     ("ollamaServers", "draining", "tinyint NOT NULL DEFAULT 0"),
     ("proxy", "protocol", "varchar(255) NOT NULL DEFAULT 'http'"),
     ("proxy", "status", "tinyint NOT NULL DEFAULT 1"),
+    ("api_key", "models", "text NULL"),
+    ("api_key", "tokens_per_day", "bigint NULL"),
+    ("api_key", "weight", "double NOT NULL DEFAULT 1"),
+    ("api_key", "priority", "varchar(8) NOT NULL DEFAULT 'normal'"),
 )
 
 # Seed columns brought in line with MYSQL_SCHEMA: (table, column, definition, and the
@@ -2974,6 +3022,11 @@ class Database:
     UPSERT_BEAT = ("INSERT INTO instances (id, demand, holding) VALUES (?, ?, '{}') "
                    "ON CONFLICT (id) DO UPDATE SET demand = excluded.demand, "
                    "beat_at = CURRENT_TIMESTAMP")
+    ADD_USAGE = ("INSERT INTO key_usage (key_id, day, model, requests, prompt_tokens, "
+                 "completion_tokens) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, day, "
+                 "model) DO UPDATE SET requests = requests + excluded.requests, "
+                 "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                 "completion_tokens = completion_tokens + excluded.completion_tokens")
 
     def lock_beats(self) -> bool:
         """Takes the lock that lets one instance beat at a time, where the engine needs
@@ -3259,11 +3312,59 @@ class Store(Database):
             self._changed("key", new_id)
         return new_id
 
+    def update_key(self, key_id: int, values: dict[str, Any]) -> bool:
+        with self.transaction():
+            if not self._rows("SELECT id FROM api_key WHERE id = ?", [key_id]):
+                return False
+            if values:
+                assignments = ", ".join(f"{column} = ?" for column in values)
+                self._execute(f"UPDATE api_key SET {assignments} WHERE id = ?",
+                              [*values.values(), key_id])
+                self._changed("key", key_id)
+        return True
+
     def delete_key(self, key_id: int) -> bool:
         with self.transaction():
             found = bool(self._execute("DELETE FROM api_key WHERE id = ?", [key_id]).rowcount)
+            self._execute("DELETE FROM key_usage WHERE key_id = ?", [key_id])
             self._changed("key", key_id)
         return found
+
+    # -- what each key used, a row a key, UTC day and model; the database adds up ----------
+
+    def add_usage(self, instance: str, batch: int,
+                  rows: Sequence[tuple[int, str, str, int, int, int]], day: str
+                  ) -> dict[int, int]:
+        """Adds (key id, day, model, requests, prompt tokens, completion tokens) to what
+        is counted, once: ``batch``, numbered by ``instance``, is skipped if it was added
+        already (a write that timed out here and is tried again may have gone through).
+        Every instance adds its own; the sums are the database's. Returns spent_on(day)."""
+        with self.transaction():
+            done = self._rows("SELECT batch FROM usage_applied WHERE instance = ?",
+                              [instance])
+            if rows and (not done or int(done[0][0]) < batch):
+                for row in rows:
+                    self._execute(self.ADD_USAGE, list(row))
+                if done:
+                    self._execute("UPDATE usage_applied SET batch = ? WHERE instance = ?",
+                                  [batch, instance])
+                else:
+                    self._execute("INSERT INTO usage_applied (instance, batch) VALUES (?, ?)",
+                                  [instance, batch])
+        return self.spent_on(day)
+
+    def usage_of(self, key_id: int) -> list[tuple[str, str, int, int, int]]:
+        """(day, model, requests, prompt, completion) of one key, by day and model."""
+        return [(str(day)[:10], str(model), int(requests), int(prompt), int(completion))
+                for day, model, requests, prompt, completion in self._rows(
+                    "SELECT day, model, requests, prompt_tokens, completion_tokens FROM "
+                    "key_usage WHERE key_id = ? ORDER BY day, model", [key_id])]
+
+    def spent_on(self, day: str) -> dict[int, int]:
+        """Tokens (prompt and completion) each key used on ``day``."""
+        return {int(key_id): int(tokens) for key_id, tokens in self._rows(
+            "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM key_usage "
+            "WHERE day = ? GROUP BY key_id", [day])}
 
     def touch_key(self, key_id: int, when: datetime.datetime) -> None:
         self._execute("UPDATE api_key SET last_used_at = ? WHERE id = ?", [when, key_id])
@@ -3420,20 +3521,74 @@ class ApiKey:
     max_concurrent: int | None = None
     created_at: datetime.datetime | None = None
     last_used_at: datetime.datetime | None = None
+    #: The models it may use (``*`` wildcards), None for all.
+    models: tuple[str, ...] | None = None
+    tokens_per_day: int | None = None  # prompt and completion tokens a UTC day
+    weight: float = 1.0  # its share of a full fleet against other keys
+    priority: str = "normal"  # high, normal or low: the queue's lanes
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name,
                 "requestsPerMinute": self.requests_per_minute,
                 "maxConcurrent": self.max_concurrent,
+                "models": None if self.models is None else list(self.models),
+                "tokensPerDay": self.tokens_per_day,
+                "weight": self.weight, "priority": self.priority,
                 "createdAt": iso_time(self.created_at),
                 "lastUsedAt": iso_time(self.last_used_at)}
 
+    def allows(self, model: str) -> bool:
+        """Whether it may use ``model`` (a canonical name)."""
+        return self.models is None or models_matcher(self.models).fullmatch(model) is not None
+
+    @property
+    def tenant(self) -> Tenant:
+        return Tenant(f"key {self.id}", self.weight, PRIORITY_LANES[self.priority])
+
+
+#: The queue's lanes by a key's priority: a lower lane is served first.
+PRIORITY_LANES = {"high": 0, "normal": 1, "low": 2}
+
+
+class Tenant(NamedTuple):
+    """Whom a queued request is for (Scheduler's fair share): its key, or nobody, one
+    tenant for all requests without a key; its weight and its priority's lane."""
+
+    name: str = ""
+    weight: float = 1.0
+    lane: int = 1
+
+
+NO_TENANT = Tenant()
+
+
+@functools.lru_cache(maxsize=1024)
+def models_matcher(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """One expression for a key's model patterns: ``*`` stands for any characters, and a
+    name without a tag means its ``:latest``, as Ollama reads it."""
+    parts = []
+    for pattern in patterns:
+        if "*" not in pattern and ":" not in pattern.rsplit("/", 1)[-1]:
+            pattern += ":latest"
+        parts.append(".*".join(re.escape(piece) for piece in pattern.split("*")))
+    return re.compile("|".join(f"(?:{part})" for part in parts) or "(?!)")
+
 
 def api_key_from_row(row: Sequence[Any]) -> ApiKey:
-    id_, name, key_hash, rpm, concurrent, created, used = row
+    (id_, name, key_hash, rpm, concurrent, created, used, models, per_day, weight,
+     priority) = row
+    patterns: tuple[str, ...] | None = None
+    if models is not None:
+        patterns = ()  # unreadable: no model rather than every model
+        with contextlib.suppress(ValueError, TypeError):
+            listed = json.loads(models)
+            if isinstance(listed, list):
+                patterns = tuple(str(p) for p in listed)
     return ApiKey(int(id_), str(name), str(key_hash), int(rpm) if rpm else None,
                   int(concurrent) if concurrent else None, _as_datetime(created),
-                  _as_datetime(used))
+                  _as_datetime(used), patterns, int(per_day) if per_day else None,
+                  float(weight) if weight else 1.0,
+                  str(priority) if priority in PRIORITY_LANES else "normal")
 
 
 def proxy_from_row(row: Sequence[Any]) -> Proxy:
@@ -3501,6 +3656,11 @@ class MySQLStore(Store):
     UPSERT_BEAT = ("INSERT INTO instances (id, demand, holding) VALUES (?, ?, '{}') "
                    "ON DUPLICATE KEY UPDATE demand = VALUES(demand), "
                    "beat_at = CURRENT_TIMESTAMP")
+    ADD_USAGE = ("INSERT INTO key_usage (key_id, day, model, requests, prompt_tokens, "
+                 "completion_tokens) VALUES (?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE "
+                 "requests = requests + VALUES(requests), "
+                 "prompt_tokens = prompt_tokens + VALUES(prompt_tokens), "
+                 "completion_tokens = completion_tokens + VALUES(completion_tokens)")
 
     @functools.cached_property
     def beat_lock(self) -> str:
@@ -3867,31 +4027,51 @@ class Waiter:
     place of the arrival order. A plain class: a dataclass's default_factory made each
     queued request pay for a call more."""
 
-    __slots__ = ("affinity", "exclude", "future", "model", "order", "queued", "since")
+    __slots__ = ("affinity", "exclude", "future", "model", "order", "queued", "rank", "since",
+                 "tenant")
 
     def __init__(self, model: str | None, exclude: frozenset[int],
-                 affinity: Affinity | None, future: asyncio.Future[Slot]) -> None:
+                 affinity: Affinity | None, future: asyncio.Future[Slot],
+                 tenant: Tenant = NO_TENANT) -> None:
         self.model = model
         self.exclude = exclude
         self.affinity = affinity
         self.future = future
+        self.tenant = tenant
         self.since = time.monotonic()
         self.order = 0  # its place in arrival order (WaitQueue)
+        self.rank: tuple[int, float, int] = (0, 0.0, 0)  # its place in its model's queue
         self.queued = False
 
 
+#: A queued request's place in its model's queue: its priority's lane, its start tag
+#: (fair share), its arrival; the waiter last (never compared: arrivals are unique).
+QueueEntry = tuple[int, float, int, "Waiter"]
+
+
 class WaitQueue:
-    """The fleet-wide queue, as one FIFO per model: a freed slot looks only at the models
-    its server can run, and at each of them only from the oldest waiter on (the rest of
-    a model's waiters want what its oldest does), so a release costs what it grants, not
-    the length of the queue. A waiter that leaves (its client gone, its time up) is marked
-    and dropped when it comes to the front, or when its FIFO is mostly such waiters."""
+    """The fleet-wide queue, one per model, each served in fair shares of its tenants
+    (API keys; requests without one are one tenant): the high lane before the normal
+    before the low, and within a lane by start-time fair queuing. A waiter's start tag
+    is the later of the queue's virtual time (the tag last served) and its tenant's last
+    finish; its finish is that plus 1 / weight. So a tenant that queued a thousand
+    requests does not make a newcomer wait behind them: the newcomer's first request
+    tags next to the one being served, and a weight of 2 gets two turns for one. One
+    tenant's own requests keep their arrival order.
+
+    A freed slot looks only at the models its server can run, and at each of them only
+    from its first in that order on (the rest want what it does), through a heap: a
+    dispatch costs O(log n) in the requests waiting. A waiter that leaves (its client
+    gone, its time up) is marked and dropped when it comes to the top, or when its
+    model's heap is mostly such waiters."""
 
     def __init__(self) -> None:
-        self.fifos: dict[str | None, collections.deque[Waiter]] = {}
+        self.queues: dict[str | None, list[QueueEntry]] = {}
         self.waiting: collections.Counter[str | None] = collections.Counter()  # by model
         self.size = 0  # the waiting's total, kept: Counter.total() adds them up each time
         self._order = itertools.count()
+        self.clock = 0.0  # virtual time: the start tag of the request served last
+        self._finish: dict[str, float] = {}  # each tenant's last finish tag
         #: Every waiter in arrival order, for QUEUE_TIMEOUT: as every waiter has the same
         #: time to wait, they run out in this order, and one timer serves them all.
         self.arrivals: collections.deque[Waiter] = collections.deque()
@@ -3901,18 +4081,23 @@ class WaitQueue:
 
     def append(self, waiter: Waiter) -> None:
         waiter.order, waiter.queued = next(self._order), True
+        tenant = waiter.tenant
+        start = max(self.clock, self._finish.get(tenant.name, 0.0))
+        self._finish[tenant.name] = start + 1.0 / tenant.weight
+        waiter.rank = (tenant.lane, start, waiter.order)
         arrivals = self.arrivals
         while arrivals and not arrivals[0].queued:  # served or gone: no longer kept
             arrivals.popleft()
         arrivals.append(waiter)
         if len(arrivals) > 2 * self.size + 64:  # behind one long wait, mostly gone
             self.arrivals = collections.deque(w for w in arrivals if w.queued)
-        fifo = self.fifos.setdefault(waiter.model, collections.deque())
-        fifo.append(waiter)
+        heap = self.queues.setdefault(waiter.model, [])
+        heapq.heappush(heap, (*waiter.rank, waiter))
         self.waiting[waiter.model] += 1
         self.size += 1
-        if len(fifo) > 2 * self.waiting[waiter.model] + 64:  # mostly gone: compact
-            self.fifos[waiter.model] = collections.deque(w for w in fifo if w.queued)
+        if len(heap) > 2 * self.waiting[waiter.model] + 64:  # mostly gone: compact
+            heap = self.queues[waiter.model] = [e for e in heap if e[3].queued]
+            heapq.heapify(heap)
 
     def discard(self, waiter: Waiter) -> None:
         """Takes ``waiter`` out of the queue (it is left in place, marked)."""
@@ -3923,13 +4108,18 @@ class WaitQueue:
             if not self.waiting[waiter.model]:
                 del self.waiting[waiter.model]
 
+    def served(self, waiter: Waiter) -> None:
+        """Takes out ``waiter``, given a slot: the virtual time moves to its start tag."""
+        self.discard(waiter)
+        self.clock = max(self.clock, waiter.rank[1])
+
     def tidy(self, model: str | None) -> None:
-        """Drops the waiters that left from the front of ``model``'s FIFO."""
-        fifo = self.fifos.get(model)
-        while fifo and not fifo[0].queued:
-            fifo.popleft()
-        if not fifo:
-            self.fifos.pop(model, None)
+        """Drops the waiters that left from the top of ``model``'s queue."""
+        heap = self.queues.get(model)
+        while heap and not heap[0][3].queued:
+            heapq.heappop(heap)
+        if not heap:
+            self.queues.pop(model, None)
 
     def expired(self, deadline: float) -> list[Waiter]:
         """Takes out the waiters that came before ``deadline`` (their time is up); the
@@ -3950,16 +4140,33 @@ class WaitQueue:
         return arrivals[0] if arrivals else None
 
     def behind(self, waiter: Waiter) -> bool:
-        """Whether an older waiter of ``waiter``'s model, one that keeps no server out
-        (not a retry), is queued: FIFO within a model puts ``waiter`` after it."""
-        for ahead in self.fifos.get(waiter.model, ()):
-            if ahead.queued:
-                return ahead is not waiter and not ahead.exclude
-        return False
+        """Whether another waiter of ``waiter``'s model, one that keeps no server out
+        (not a retry), comes first in its queue: then ``waiter`` waits for it."""
+        self.tidy(waiter.model)
+        heap = self.queues.get(waiter.model)
+        if not heap:
+            return False
+        first = heap[0][3]
+        return first is not waiter and not first.exclude
 
     def following(self, model: str | None) -> Iterator[Waiter]:
-        """``model``'s waiters from the oldest, as long as none joins (dispatch)."""
-        return (waiter for waiter in self.fifos.get(model, ()) if waiter.queued)
+        """``model``'s waiters in the order they are to be served (dispatch): taken off
+        its heap as they are looked at, and those still waiting put back when the
+        looking ends."""
+        heap = self.queues.get(model)
+        if not heap:
+            return
+        looked: list[QueueEntry] = []
+        try:
+            while heap:
+                entry = heapq.heappop(heap)
+                if entry[3].queued:
+                    looked.append(entry)
+                    yield entry[3]
+        finally:
+            for entry in looked:
+                if entry[3].queued:
+                    heapq.heappush(heap, entry)
 
 
 def _counts(value: Any) -> dict[str, int]:
@@ -4628,8 +4835,8 @@ class Scheduler:
         return self.ranking.shared.demand(servers, self.queue)
 
     async def acquire(self, servers: dict[int, Server], model: str | None,
-                      affinity: Affinity | None = None, exclude: frozenset[int] = frozenset()
-                      ) -> Slot:
+                      affinity: Affinity | None = None, exclude: frozenset[int] = frozenset(),
+                      tenant: Tenant = NO_TENANT) -> Slot:
         """A server with a free slot for ``model``, waiting in the queue if need be.
 
         Raises NoCandidate, QueueFull or QueueTimeout. Cancelling the caller (its client
@@ -4657,7 +4864,7 @@ class Scheduler:
         if len(self.queue) >= self.config.max_queue:
             raise QueueFull
         loop = asyncio.get_running_loop()
-        waiter = Waiter(model, exclude, affinity, loop.create_future())
+        waiter = Waiter(model, exclude, affinity, loop.create_future(), tenant)
         self.queue.append(waiter)
         # A slot may be free for this one but not for those ahead (of other models); not
         # when one of its model is ahead: that one could not be served at the last
@@ -4816,8 +5023,8 @@ class Scheduler:
             # The aged pass passes over a model whose oldest is young (the rest are too).
             if first is not None and not (aged and now - first.since < QUEUE_AGING
                                           and not first.future.done()):
-                heads.append((first.order, waiters, first))
-        heapq.heapify(heads)  # by arrival: ``order`` is unique, nothing else is compared
+                heads.append((first.rank, waiters, first))
+        heapq.heapify(heads)  # by place: ``rank`` is unique, nothing else is compared
         tiers: dict[str | None, int] = {}  # each model's, worked out when first needed
         while heads:
             _, waiters, waiter = heapq.heappop(heads)
@@ -4825,7 +5032,7 @@ class Scheduler:
             if waiter.future.done():  # cancelled, its task not yet back to discard it
                 queue.discard(waiter)
             elif aged and now - waiter.since < QUEUE_AGING:
-                continue  # the model's later waiters are younger still
+                continue  # its model's first is young: its turn comes in the later passes
             else:
                 max_tier = tiers.get(model)
                 if max_tier is None:
@@ -4838,13 +5045,13 @@ class Scheduler:
                     waiter.future.set_exception(NoCandidate(model))
                 elif server is not None and (
                         slot := self.claim(server, model, waiter.affinity)) is not None:
-                    queue.discard(waiter)
+                    queue.served(waiter)
                     waiter.future.set_result(slot)
                 elif not waiter.exclude:
                     continue
             following = next(waiters, None)
             if following is not None:
-                heapq.heappush(heads, (following.order, waiters, following))
+                heapq.heappush(heads, (following.rank, waiters, following))
 
     def _pass_tier(self, servers: dict[int, Server], model: str | None, pass_: str,
                    choosy: bool, now: float) -> int:
@@ -4972,6 +5179,9 @@ class Metrics:
                              "became of them: continued on another server, or not (failed, "
                              "no_server, not_resumable, over_limit, restarts, unverified, "
                              "off)."),
+        "key_tokens_total": ("counter", ("key", "model", "kind"),
+                             "Tokens by API key (its name; \"\" without one), model and kind "
+                             "(prompt, completion), from each answer's final counts."),
         "queue_wait_seconds": ("histogram", (), "Time requests waited in the fleet queue."),
         "recovery_gap_seconds": ("histogram", (),
                                  "Time from a stream's failure to the continuation's first "
@@ -5264,6 +5474,26 @@ def board_path(directory: str) -> str:
     return os.path.join(directory, "load-board")
 
 
+#: The counts an answer ends with: Ollama's final object (its metrics come after the
+#: message, in Go's field order), OpenAI's and Anthropic's usage. A JSON string cannot
+#: hold a bare quote, so a match is a key, never text of the answer.
+_prompt_count_re = re.compile(rb'"(?:prompt_eval_count|prompt_tokens|input_tokens)"\s*:\s*'
+                              rb'([0-9]{1,15})')
+_completion_count_re = re.compile(rb'"(?:eval_count|completion_tokens|output_tokens)"\s*:'
+                                  rb'\s*([0-9]{1,15})')
+
+
+def answer_tokens(tail: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from the last counts in an answer's last bytes (a
+    stream's final line, or a whole answer's end), None when it says none. Found by
+    search, not by parsing: the last line of a long answer may begin before ``tail``."""
+    completions = _completion_count_re.findall(tail)
+    if not completions:
+        return None
+    prompts = _prompt_count_re.findall(tail)
+    return (int(prompts[-1]) if prompts else 0), int(completions[-1])
+
+
 def eval_count(tail: bytes) -> tuple[int, str | None] | None:
     """(eval_count, model) from the last JSON line of an Ollama answer, if it has one."""
     if b'"eval_count"' not in tail:
@@ -5316,6 +5546,7 @@ class Request:
         self.forwarded = False
         self.authenticated = False  # its Authorization was the balancer's: not sent on
         self.privileged = False  # the admin token's: errors about upstreams keep their detail
+        self.key: ApiKey | None = None  # the client API key it came with
         self.id = ""  # X-Request-Id, in the response and the access log
         self.endpoint = "unmatched"  # the route's label, for the metrics
         #: Fields every response to it carries (X-Request-Id, CORS), whoever writes it.
@@ -5543,11 +5774,13 @@ class Relayed:
     the seconds it waited in the queue). Made once a request and never changed: a plain
     class, as a frozen dataclass costs a request several calls to make."""
 
-    __slots__ = ("chain", "cut", "keep_alive", "model", "queue_wait", "server", "status")
+    __slots__ = ("chain", "cut", "keep_alive", "model", "queue_wait", "server", "status",
+                 "tokens")
 
     def __init__(self, keep_alive: bool, status: int = 0, server: Server | None = None,
                  model: str | None = None, queue_wait: float | None = None,
-                 cut: bool = False, chain: tuple[str, ...] = ()) -> None:
+                 cut: bool = False, chain: tuple[str, ...] = (),
+                 tokens: tuple[int, int] | None = None) -> None:
         self.keep_alive = keep_alive
         self.status = status
         self.server = server
@@ -5557,16 +5790,17 @@ class Relayed:
         #: The servers that took part in order, when more than one did: the answer broke
         #: off on the first and went on on the next (Recovery).
         self.chain = chain
+        self.tokens = tokens  # (prompt, completion), as the answer's end counted them
 
     def by(self, server: Server) -> Relayed:
         """This outcome, answered by ``server``."""
         return Relayed(self.keep_alive, self.status, server, self.model, self.queue_wait,
-                       self.cut, self.chain)
+                       self.cut, self.chain, self.tokens)
 
     def routed(self, model: str, queue_wait: float | None) -> Relayed:
         """This outcome, of a request for ``model`` that waited ``queue_wait`` seconds."""
         return Relayed(self.keep_alive, self.status, self.server, model, queue_wait,
-                       self.cut, self.chain)
+                       self.cut, self.chain, self.tokens)
 
 async def send_response(wire: Wire, response: Response, request_head: RequestHead | None,
                         ) -> int:
@@ -5822,12 +6056,58 @@ PROXY_CLEARABLE = ("userName", "password")
 PROXY_BODY_FIELDS = tuple(PROXY_FIELDS)
 
 
+#: A model name a key may use, ``*`` standing for any characters ("llama3*", "*:8b").
+_model_pattern_re = re.compile(r"[A-Za-z0-9_.:/*-]{1,255}")
+#: Most model patterns one key lists.
+MAX_KEY_MODELS = 100
+
 KEY_FIELDS: dict[str, dict[str, Any]] = {
     "name": NAME_SCHEMA,
     "requestsPerMinute": _integer(1, 1_000_000_000),
     "maxConcurrent": _integer(1, 1_000_000_000),
+    "models": {"type": "array", "maxItems": MAX_KEY_MODELS, "items": _string(
+        _model_pattern_re, 255, "a model name, * standing for any characters")},
+    "tokensPerDay": _integer(1, 10**15),
+    "weight": {"type": "number", "minimum": 0.001, "maximum": 1000},
+    "priority": _choice_schema(tuple(PRIORITY_LANES)),
 }
-KEY_CLEARABLE = ("requestsPerMinute", "maxConcurrent")  # null: no limit
+KEY_CLEARABLE = ("requestsPerMinute", "maxConcurrent", "models",
+                 "tokensPerDay")  # null: no limit
+
+
+def new_api_key() -> tuple[str, str]:
+    """A new client API key, and the SHA-256 (hex) that is all the store keeps of it."""
+    key = "olb-" + secrets.token_urlsafe(32)
+    return key, hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_key_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
+    """Validated store columns from an addKey or PATCH body (a PATCH's null clears)."""
+    _unknown_fields(body, KEY_FIELDS, nullable=KEY_CLEARABLE)
+    values: dict[str, Any] = {}
+    if "name" in body or not partial:
+        values["name"] = _field_text(body, "name", required=True)
+    for field, column in (("requestsPerMinute", "requests_per_minute"),
+                          ("maxConcurrent", "max_concurrent")):
+        if field in body:
+            number = _field_number(body, field, 1, 1e9, integer=True)
+            values[column] = None if number is None else int(number)
+    if "tokensPerDay" in body:
+        number = _field_number(body, "tokensPerDay", 1, 1e15, integer=True)
+        values["tokens_per_day"] = None if number is None else int(number)
+    if "weight" in body:
+        values["weight"] = _field_number(body, "weight", 0.001, 1000)
+    if "priority" in body:
+        values["priority"] = _field_choice(body, "priority", tuple(PRIORITY_LANES))
+    if "models" in body:
+        models = body["models"]
+        if models is not None and not (
+                isinstance(models, list) and len(models) <= MAX_KEY_MODELS and all(
+                    isinstance(m, str) and _model_pattern_re.fullmatch(m) for m in models)):
+            raise HTTPError(400, f"'models' must be a list of at most {MAX_KEY_MODELS} model "
+                                 "names (letters, digits, _ . : / - and * for any)")
+        values["models"] = None if models is None else json.dumps(models)
+    return values
 
 
 def body_schema(fields: dict[str, dict[str, Any]], clearable: Sequence[str],
@@ -7059,11 +7339,12 @@ class Fleet:
         return ModelUnavailable(model, name, min(reopening, default=self.config.health_interval))
 
     def acquire(self, model: str, affinity: Affinity | None = None,
-                exclude: frozenset[int] = frozenset()) -> Awaitable[Slot]:
-        """A slot for ``model`` on the best server, waiting in the queue if need be
-        (Scheduler.acquire); give it back with release(). (Its coroutine, as it is: not
-        one more wrapped around it, on every routed request.)"""
-        return self._scheduler.acquire(self._servers, model, affinity, exclude)
+                exclude: frozenset[int] = frozenset(), tenant: Tenant = NO_TENANT
+                ) -> Awaitable[Slot]:
+        """A slot for ``model`` on the best server, waiting in the queue if need be, in
+        ``tenant``'s fair share (Scheduler.acquire); give it back with release(). (Its
+        coroutine, as it is: not one more wrapped around it, on every routed request.)"""
+        return self._scheduler.acquire(self._servers, model, affinity, exclude, tenant)
 
     def take(self, server: Server) -> Slot:
         """A slot on ``server`` for a request that chose it itself; release() it."""
@@ -7196,6 +7477,9 @@ class Fleet:
     async def add_key(self, values: dict[str, Any]) -> int:
         return await self._write(self._tables.add_key, values)
 
+    async def update_key(self, key_id: int, values: dict[str, Any]) -> bool:
+        return await self._write(self._tables.update_key, key_id, values)
+
     async def delete_key(self, key_id: int) -> bool:
         return await self._write(self._tables.delete_key, key_id)
 
@@ -7226,9 +7510,160 @@ class Grant:
     authenticated: bool
     privileged: bool
     concurrency: int | None = None  # the key's maxConcurrent
+    key: ApiKey | None = None  # the API key it came with
 
 
 NO_GRANT = Grant(None, False, False)
+
+
+def utc_day(when: float) -> str:
+    """The UTC day of Unix time ``when``, as YYYY-MM-DD: what budgets and usage count by."""
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).date().isoformat()
+
+
+class Tenants:
+    """What each API key may use and has used: its models (``models``), its usage
+    (requests, prompt and completion tokens, by model and UTC day, read from each
+    answer's final counts), and its day's budget (``tokensPerDay``).
+
+    Usage is counted here and added to the store's sums every SYNC_INTERVAL in one
+    transaction, once (a batch that timed out is tried again, and skipped if it went
+    through), so every instance and every restart sees the same sums; a budget is checked
+    against the day's sums of every instance as last read, plus what is not written yet."""
+
+    def __init__(self, config: Config, store: AsyncStore, metrics: Metrics,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._store = store
+        self.metrics = metrics
+        self.clock = clock  # Unix time: the tests move it to the next day
+        self._instance = secrets.token_hex(8)
+        self._batches = itertools.count(1)
+        #: Counts not written yet: (key id, day, model) -> [requests, prompt, completion].
+        self._pending: dict[tuple[int, str, str], list[int]] = {}
+        #: The batch being written, kept as it is until the store says it is in.
+        self._sending: tuple[int, list[tuple[int, str, str, int, int, int]]] | None = None
+        self._day = utc_day(clock())
+        self._spent: dict[int, int] = {}  # the store's sums for _day, as last read
+
+    # -- what a key may do ----------------------------------------------------------------
+
+    @staticmethod
+    def permit(key: ApiKey | None, model: str) -> None:
+        """403 when ``key`` may not use ``model``."""
+        if key is not None and not key.allows(model):
+            raise HTTPError(403, f"API key '{key.name}' may not use model '{model}'")
+
+    @staticmethod
+    def unrestricted(key: ApiKey | None, what: str) -> None:
+        """403 for a key held to some models on what names no model it could be checked
+        by (a server chosen by id)."""
+        if key is not None and key.models is not None:
+            raise HTTPError(403, f"API key '{key.name}' may use only some models: {what} "
+                                 "is not open to it; use the root endpoints")
+
+    def check_budget(self, key: ApiKey) -> None:
+        """429 with Retry-After (the next UTC midnight) once ``key`` has spent its day."""
+        if key.tokens_per_day is None:
+            return
+        now = self.clock()
+        if self.spent_today(key.id, now) >= key.tokens_per_day:
+            midnight = datetime.datetime.fromtimestamp(now, datetime.UTC).replace(
+                hour=0, minute=0, second=0, microsecond=0) + datetime.timedelta(days=1)
+            wait = max(1, math.ceil(midnight.timestamp() - now))
+            raise HTTPError(429, f"API key '{key.name}' has spent its {key.tokens_per_day} "
+                                 "tokens for today; its budget renews at 00:00 UTC",
+                            headers=[("Retry-After", str(wait))])
+
+    def spent_today(self, key_id: int, now: float | None = None) -> int:
+        """Tokens ``key_id`` used today (UTC), every instance's as last read and this
+        one's not written yet."""
+        day = utc_day(self.clock() if now is None else now)
+        spent = self._spent.get(key_id, 0) if day == self._day else 0
+        for (pending_key, pending_day, _), counts in self._pending.items():
+            if pending_key == key_id and pending_day == day:
+                spent += counts[1] + counts[2]
+        if self._sending is not None:
+            spent += sum(p + c for k, d, _, _, p, c in self._sending[1]
+                         if k == key_id and d == day)
+        return spent
+
+    # -- what a key used ------------------------------------------------------------------
+
+    def record(self, key: ApiKey | None, model: str, tokens: tuple[int, int] | None) -> None:
+        """One answered request of ``key`` for ``model``, with its (prompt, completion)
+        tokens when its answer said them."""
+        prompt, completion = tokens or (0, 0)
+        name = key.name if key is not None else ""
+        if tokens is not None:
+            self.metrics.count("key_tokens_total", (name, model, "prompt"), prompt)
+            self.metrics.count("key_tokens_total", (name, model, "completion"), completion)
+        if key is None:
+            return
+        counts = self._pending.setdefault((key.id, utc_day(self.clock()), model), [0, 0, 0])
+        counts[0] += 1
+        counts[1] += prompt
+        counts[2] += completion
+
+    async def flush(self) -> None:
+        """Writes what was counted since the last flush and reads the day's sums."""
+        if self._sending is None and self._pending:
+            self._sending = (next(self._batches), [
+                (key_id, day, model, requests, prompt, completion)
+                for (key_id, day, model), (requests, prompt, completion)
+                in self._pending.items()])
+            self._pending = {}
+        day = utc_day(self.clock())
+        batch, rows = self._sending or (0, [])
+        spent = await self._store.call(self._store.store.add_usage, self._instance, batch,
+                                       rows, day)
+        self._sending = None
+        self._day, self._spent = day, spent
+
+    async def usage_loop(self) -> None:
+        """Flushes every SYNC_INTERVAL; a store that does not answer keeps the counts
+        for the next time."""
+        while True:
+            await asyncio.sleep(self.config.sync_interval)
+            try:
+                await self.flush()
+            except StoreUnavailable as exc:
+                log.warning("cannot write the API keys' usage: %s; kept for the next try",
+                            exc)
+
+    async def usage(self, key: ApiKey) -> dict[str, Any]:
+        """What ``key`` used: in all, today (against its budget), by model, by day."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.flush()
+        rows = await self._store.call(self._store.store.usage_of, key.id)
+        counted: dict[tuple[str, str], list[int]] = {}
+        for day, model, *counts in rows:
+            counted[(day, model)] = list(counts)
+        unsent = [*self._pending.items(), *(
+            ((k, d, m), [r, p, c]) for k, d, m, r, p, c in (self._sending or (0, []))[1])]
+        for (key_id, day, model), counts in unsent:
+            if key_id == key.id:
+                mine = counted.setdefault((day, model), [0, 0, 0])
+                for index, count in enumerate(counts):
+                    mine[index] += count
+
+        def shown(counts: Iterable[Sequence[int]]) -> dict[str, int]:
+            totals = [sum(column) for column in zip(*counts, strict=True)] or [0, 0, 0]
+            return {"requests": totals[0], "promptTokens": totals[1],
+                    "completionTokens": totals[2]}
+
+        days = sorted({day for day, _ in counted})
+        models = sorted({model for _, model in counted})
+        today = utc_day(self.clock())
+        return {
+            "total": shown(counted.values()),
+            "today": {**shown(c for (d, _), c in counted.items() if d == today),
+                      "tokensPerDay": key.tokens_per_day},
+            "models": [{"model": m, **shown(c for (_, mm), c in counted.items() if mm == m)}
+                       for m in models],
+            "days": [{"day": d, **shown(c for (dd, _), c in counted.items() if dd == d),
+                      "models": [{"model": m, **shown([c])} for (dd, m), c in
+                                 sorted(counted.items()) if dd == d]} for d in days]}
 
 def bearer_token(head: RequestHead) -> str | None:
     value = head.headers.get("authorization")
@@ -7327,9 +7762,10 @@ class Access:
     need an API key within its limits. It also names each request, and says how much of
     an upstream's failure a client may be told."""
 
-    def __init__(self, config: Config, fleet: Fleet) -> None:
+    def __init__(self, config: Config, fleet: Fleet, tenants: Tenants) -> None:
         self.config = config
         self.fleet = fleet
+        self.tenants = tenants
         self.admin_token = config.admin_token
         self._origins = origin_matcher((*DEFAULT_ORIGINS, *config.origins))
         self._own_names = frozenset({socket.gethostname().lower(), *config.allowed_hosts})
@@ -7500,6 +7936,7 @@ class Access:
             return grant
         if key is None:
             raise HTTPError(401, "invalid API key", headers=challenge)
+        self.tenants.check_budget(key)
         usage = self.key_usage.setdefault(key.id, KeyUsage())
         now = time.monotonic()
         if key.requests_per_minute is not None:
@@ -7515,7 +7952,7 @@ class Access:
         if now - usage.touched > 60:  # lastUsedAt, written at most once a minute
             usage.touched = now
             self.fleet.spawn(self.fleet.touch_key(key))
-        return Grant(usage, True, False, key.max_concurrent)
+        return Grant(usage, True, False, key.max_concurrent, key)
 
     async def enter(self, grant: Grant) -> None:
         """Counts a request against its key's maxConcurrent: at once while the key has
@@ -7799,6 +8236,7 @@ class Relay:
         self.metrics = metrics
 
     async def passthrough(self, request: Request, match: re.Match[str]) -> Response | Relayed:
+        Tenants.unrestricted(request.key, "a server chosen by its id")
         rest = match.group("rest") or "/"
         query_pairs = request.query.split("&") if request.query else []
         server_ids = [
@@ -7939,11 +8377,15 @@ class Relay:
                 self.fleet.upstream_failed(server, "cut_stream", why or
                                            "the stream broke off mid-answer")
             return Relayed(False, response.status, server, model, queue_wait, True), False
+        counts = None
         if response.status == 200 and (counted := eval_count(tail)) is not None:
             tokens, named = counted
             model = model or (canonical_model(named) if named else None)
             self.metrics.count("tokens_total", (server.label, model or ""), tokens)
-        return Relayed(keep_alive, response.status, server, model, queue_wait), not failed
+        if response.status == 200 and (b"_tokens" in tail or b"eval_count" in tail):
+            counts = answer_tokens(tail)
+        return Relayed(keep_alive, response.status, server, model, queue_wait,
+                       tokens=counts), not failed
 
     @staticmethod
     def _response_fields(response: ResponseHead, framing: Framing, request: Request
@@ -8193,6 +8635,7 @@ class Resumption:
         self.created: Any = None
         self.held = b""  # the last error line a server sent, for a client told at the end
         self.part_tokens: int | None = None  # what the part under way counted at its end
+        self.part_prompt = 0  # and its prompt
 
     @classmethod
     def of(cls, path: str, body: bytes | bytearray, lines: Lines) -> Resumption:
@@ -8277,6 +8720,14 @@ class Resumption:
         self.produced += 1
 
     @property
+    def tokens(self) -> tuple[int, int]:
+        """(prompt, completion) of the whole answer: the last part's prompt, and every
+        part's tokens."""
+        if self.part_tokens is None:
+            return self.part_prompt, self.produced
+        return self.part_prompt, self.base + self.part_tokens
+
+    @property
     def model_name(self) -> str:
         return canonical_model(str(self.request.get("model") or ""))
 
@@ -8352,6 +8803,7 @@ class Resumption:
             usage = event.get("usage")
             if isinstance(usage, dict):
                 self.part_tokens = _int_field(usage.get("completion_tokens")) or 0
+                self.part_prompt = _int_field(usage.get("prompt_tokens")) or 0
                 completion = self.part_tokens + self.base
                 usage["completion_tokens"] = completion
                 usage["total_tokens"] = (_int_field(usage.get("prompt_tokens")) or 0) + completion
@@ -8361,6 +8813,7 @@ class Resumption:
         done = event.get("done") is True
         if done:
             self.part_tokens = _int_field(event.get("eval_count")) or 0
+            self.part_prompt = _int_field(event.get("prompt_eval_count")) or 0
             event["eval_count"] = self.part_tokens + self.base
         if self.generate:
             message = event.pop("message", None)
@@ -8542,7 +8995,8 @@ class Recovery:
             if plan is None:  # the answer reached its length as it broke off
                 await self._send(request, [resumption.closing()], end=True)
                 self.metrics.count("recoveries_total", ("continued",))
-                return Relayed(request.keep_alive, 200, failed, model, queue_wait)
+                return Relayed(request.keep_alive, 200, failed, model, queue_wait,
+                               tokens=resumption.tokens)
             other = frozenset(tried | {s.id for s in self.fleet.holders(model)
                                        if self._digest(s, model) != digest})
             try:
@@ -8561,7 +9015,7 @@ class Recovery:
                 log.info("request %s: the answer of %s for %s continued on %s", request.id,
                          " then ".join(chain[:-1]), model, server.label)
                 return Relayed(request.keep_alive, 200, server, model, queue_wait,
-                               chain=tuple(chain))
+                               chain=tuple(chain), tokens=resumption.tokens)
             log.warning("request %s: the continuation on %s for %s failed: %s", request.id,
                         server.label, model, why)
             outcome = Unresumable("failed", why)
@@ -8697,12 +9151,13 @@ class OllamaFront:
     queued while the fleet is full, and tried on another server when one fails."""
 
     def __init__(self, config: Config, fleet: Fleet, upstreams: Upstreams,
-                 relay: Relay, recovery: Recovery) -> None:
+                 relay: Relay, recovery: Recovery, tenants: Tenants) -> None:
         self.config = config
         self.fleet = fleet
         self.upstreams = upstreams
         self.relay = relay
         self.recovery = recovery
+        self.tenants = tenants
 
     async def root(self, request: Request, match: re.Match[str]) -> Response:
         return text_response(200, "Ollama is running")
@@ -8713,16 +9168,27 @@ class OllamaFront:
         version = min(versions, key=version_key) if versions else FALLBACK_OLLAMA_VERSION
         return json_response(200, {"version": version})
 
+    def _catalog(self, request: Request) -> dict[str, dict[str, Any]]:
+        """The fleet's catalog, as much of it as the request's API key may use."""
+        catalog = self.fleet.catalog()
+        key = request.key
+        if key is None or key.models is None:
+            return catalog
+        return {name: m for name, m in catalog.items() if key.allows(canonical_model(name))}
+
     async def api_tags(self, request: Request, match: re.Match[str]) -> Response:
         await self.fleet.up_to_date()  # a model changed through another instance too
-        return json_response(200, {"models": list(self.fleet.catalog().values())})
+        return json_response(200, {"models": list(self._catalog(request).values())})
 
     async def api_ps(self, request: Request, match: re.Match[str]) -> Response:
         await self.fleet.up_to_date()
         running: dict[str, dict[str, Any]] = {}
+        key = request.key
         for server in self.fleet.serving():
             for model in server.load.running:
-                running.setdefault(str(model.get("name") or model.get("model")), model)
+                name = str(model.get("name") or model.get("model"))
+                if key is None or key.allows(canonical_model(name)):
+                    running.setdefault(name, model)
         return json_response(200, {"models": list(running.values())})
 
     @staticmethod
@@ -8737,13 +9203,13 @@ class OllamaFront:
 
     async def v1_models(self, request: Request, match: re.Match[str]) -> Response:
         await self.fleet.up_to_date()
-        data = [self._openai_model(n, m) for n, m in self.fleet.catalog().items()]
+        data = [self._openai_model(n, m) for n, m in self._catalog(request).items()]
         return json_response(200, {"object": "list", "data": data})
 
     async def v1_model(self, request: Request, match: re.Match[str]) -> Response:
         name = urllib.parse.unquote(match.group("model"))
         await self.fleet.up_to_date()
-        catalog = self.fleet.catalog()
+        catalog = self._catalog(request)
         model = catalog.get(name) or catalog.get(canonical_model(name))
         if model is None:
             raise HTTPError(404, f"model '{name}' not found")
@@ -8783,14 +9249,20 @@ class OllamaFront:
         leading = leading_model(request.peeked(MODEL_PEEK)
                                 or await request.peek_body(MODEL_PEEK))
         model: str | None = None
+        key = request.key
         try:
             if leading is not None:
+                if key is not None:  # a model it may not use: refused before its body
+                    self.tenants.permit(key, canonical_model(leading))
                 model = await self._routable(leading)
             body = await request.read_body(MAX_ROUTED_BODY)
             # The leading model is the model when no other "model" follows; then the body
             # is not parsed here (Ollama answers bad JSON itself): a copy and time saved.
             if model is None or body.count(b'"model"') != 1:
-                model = await self._routable(model_field(body))
+                named = model_field(body)
+                if key is not None:
+                    self.tenants.permit(key, canonical_model(named))
+                model = await self._routable(named)
         except HTTPError as exc:
             raise exc.about(model) from None
         return model, body
@@ -8854,10 +9326,11 @@ class OllamaFront:
         tried: set[int] = set()
         failure: Failure | None = None
         busy = [("Retry-After", "1")]
+        tenant = NO_TENANT if request.key is None else request.key.tenant
         for _ in range(self.config.retries + 1):
             waited = time.monotonic()
             try:
-                slot = await self.fleet.acquire(model, affinity, frozenset(tried))
+                slot = await self.fleet.acquire(model, affinity, frozenset(tried), tenant)
                 waits.add(time.monotonic() - waited)
             except NoCandidate:
                 if failure is None:  # its servers went down since _routable()
@@ -9036,6 +9509,7 @@ class FanOut:
     async def delete(self, request: Request, match: re.Match[str]) -> Response:
         payload = _json_object(await request.read_json())
         name = model_field(json.dumps(payload).encode())
+        Tenants.permit(request.key, canonical_model(name))
         # Every server, not only those the catalog says have it: one may have pulled it
         # since its last check. Those that do not have it say so, and that is no failure
         # as long as one had it.
@@ -9054,6 +9528,8 @@ class FanOut:
         if not isinstance(payload.get("source"), str) or not isinstance(
                 payload.get("destination"), str):
             raise HTTPError(400, "'source' and 'destination' are required")
+        for name in (payload["source"], payload["destination"]):
+            Tenants.permit(request.key, canonical_model(name))
         targets = self.targets(payload)
         body = json.dumps(payload).encode()
         results = [(s, *r) for s, r in zip(targets, await asyncio.gather(
@@ -9069,6 +9545,7 @@ class FanOut:
         over the fleet, so one progress bar per layer fills as the slowest server does."""
         payload = _json_object(await request.read_json(MAX_ROUTED_BODY))
         name = model_field(json.dumps(payload).encode())
+        Tenants.permit(request.key, canonical_model(name))
         skipped = self.skipped(payload)  # before targets() takes "servers" out
         targets = self.targets(payload)
         stream = payload.get("stream", True) is not False
@@ -9295,10 +9772,12 @@ class Management:
     written through the fleet to the store (and its change log, for other instances),
     and getServer's ID for a server (and proxy) that qualifies."""
 
-    def __init__(self, config: Config, fleet: Fleet, recovery: Recovery) -> None:
+    def __init__(self, config: Config, fleet: Fleet, recovery: Recovery, tenants: Tenants
+                 ) -> None:
         self.config = config
         self.fleet = fleet
         self.recovery = recovery
+        self.tenants = tenants
 
     @staticmethod
     def _check_socks(values: dict[str, Any]) -> None:
@@ -9398,6 +9877,8 @@ class Management:
         return json_response(200, self._server_json(server))
 
     async def get_server(self, request: Request, match: re.Match[str]) -> Response:
+        # Its ID is for /servers/ollama/<id>, which a key held to some models may not use.
+        Tenants.unrestricted(request.key, "getServer")
         models = [
             name.strip()
             for value in request.query_values("models", "models[]")
@@ -9451,28 +9932,45 @@ class Management:
                 "continuesWhy": None if verdict is None else verdict[1]}
 
     async def add_key(self, request: Request, match: re.Match[str]) -> Response:
-        body = _json_object(await request.read_json())
-        _unknown_fields(body, KEY_FIELDS, nullable=KEY_CLEARABLE)
-        name = _field_text(body, "name", required=True)
-        rpm = _field_number(body, "requestsPerMinute", 1, 1e9, integer=True)
-        concurrent = _field_number(body, "maxConcurrent", 1, 1e9, integer=True)
-        key = "olb-" + secrets.token_urlsafe(32)
-        values = {"name": name, "key_hash": hashlib.sha256(key.encode()).hexdigest(),
-                  "requests_per_minute": None if rpm is None else int(rpm),
-                  "max_concurrent": None if concurrent is None else int(concurrent)}
+        values = parse_key_body(_json_object(await request.read_json()), partial=False)
+        key, values["key_hash"] = new_api_key()
         key_id = await self.fleet.add_key(values)
-        log.info("added API key %d (%s)", key_id, name)
-        return json_response(201, {"id": key_id, "name": name, "key": key})
+        log.info("added API key %d (%s)", key_id, values["name"])
+        return json_response(201, {"id": key_id, "name": values["name"], "key": key})
+
+    async def one_key(self, request: Request, match: re.Match[str]) -> Response:
+        """GET, PATCH (any field; null clears a limit) or DELETE one API key."""
+        key_id = _path_id(match)
+        if request.method == "DELETE":
+            if not await self.fleet.delete_key(key_id):
+                raise HTTPError(404, f"no API key with id {key_id}")
+            return Response(204)
+        if request.method == "PATCH":
+            values = parse_key_body(_json_object(await request.read_json()), partial=True)
+            if not await self.fleet.update_key(key_id, values):
+                raise HTTPError(404, f"no API key with id {key_id}")
+            log.info("changed API key %d: %s", key_id, ", ".join(sorted(values)) or "nothing")
+        else:
+            await self.fleet.refresh()
+        key = next((k for k in self.fleet.every_key() if k.id == key_id), None)
+        if key is None:
+            raise HTTPError(404, f"no API key with id {key_id}")
+        return json_response(200, key.to_json())
+
+    async def key_usage(self, request: Request, match: re.Match[str]) -> Response:
+        """What one key used: in all, by model, and by UTC day (and model)."""
+        key_id = _path_id(match)
+        await self.fleet.refresh()
+        key = next((k for k in self.fleet.every_key() if k.id == key_id), None)
+        if key is None:
+            raise HTTPError(404, f"no API key with id {key_id}")
+        return json_response(200, {"id": key.id, "name": key.name,
+                                   **await self.tenants.usage(key)})
 
     async def all_keys(self, request: Request, match: re.Match[str]) -> Response:
         await self.fleet.refresh()
         return json_response(200, [k.to_json() for k in self.fleet.every_key()])
 
-    async def delete_key(self, request: Request, match: re.Match[str]) -> Response:
-        key_id = _path_id(match)
-        if not await self.fleet.delete_key(key_id):
-            raise HTTPError(404, f"no API key with id {key_id}")
-        return Response(204)
 
 
 # ---------------------------------------------------------------------------
@@ -9881,11 +10379,12 @@ class Observability:
     """What the balancer says about itself: an access-log line and the metrics of each
     finished request, /metrics, the status JSON and the dashboard page."""
 
-    def __init__(self, config: Config, fleet: Fleet, metrics: Metrics,
+    def __init__(self, config: Config, fleet: Fleet, metrics: Metrics, tenants: Tenants,
                  group: WorkerGroup | None = None) -> None:
         self.config = config
         self.fleet = fleet
         self.metrics = metrics
+        self.tenants = tenants
         self.group = group  # WORKERS=N: status and metrics are the whole group's
         self.access = AccessLog(config, group.index if group else None)
 
@@ -9908,6 +10407,8 @@ class Observability:
             metrics.observe("request_duration_seconds", pair, duration)
         if outcome.queue_wait is not None:
             metrics.observe("queue_wait_seconds", (), outcome.queue_wait)
+        if outcome.server is not None and outcome.model:
+            self.tenants.record(request.key, outcome.model, outcome.tokens)
         if self.access.enabled:
             self.access.write(request, outcome, server, first_byte, duration,
                               request.wire.sent)
@@ -10178,10 +10679,22 @@ PROXY_SCHEMA = _record(
     id={"type": "integer"}, ip={"type": "string"}, port={"type": "integer"},
     protocol={"enum": list(PROXY_PROTOCOLS)}, name={"type": "string"},
     status={"type": "boolean"}, userName=_NULLABLE_TEXT, hasPassword={"type": "boolean"})
+_ONE_KEY = r"/keys/(?P<id>[0-9]{1,9})"
 KEY_SCHEMA = _record(
     id={"type": "integer"}, name={"type": "string"},
     requestsPerMinute={"type": ["integer", "null"]}, maxConcurrent={"type": ["integer", "null"]},
+    models={"type": ["array", "null"], "items": {"type": "string"}},
+    tokensPerDay={"type": ["integer", "null"]}, weight={"type": "number"},
+    priority={"enum": list(PRIORITY_LANES)},
     createdAt=_NULLABLE_TEXT, lastUsedAt=_NULLABLE_TEXT)
+_USAGE_COUNTS = {"requests": {"type": "integer"}, "promptTokens": {"type": "integer"},
+                 "completionTokens": {"type": "integer"}}
+KEY_USAGE_SCHEMA = _record(
+    id={"type": "integer"}, name={"type": "string"}, total=_record(**_USAGE_COUNTS),
+    today=_record(**_USAGE_COUNTS, tokensPerDay={"type": ["integer", "null"]}),
+    models={"type": "array", "items": _record(model={"type": "string"}, **_USAGE_COUNTS)},
+    days={"type": "array", "items": _record(day={"type": "string"}, **_USAGE_COUNTS, models={
+        "type": "array", "items": _record(model={"type": "string"}, **_USAGE_COUNTS)})})
 _ONE_OF_URL_OR_HOST = {
     "dependentSchemas": {"url": {"not": {"anyOf": [
         {"required": ["host"]}, {"required": ["port"]}, {"required": ["scheme"]}]}}}}
@@ -10277,6 +10790,8 @@ API_SCHEMAS: dict[str, dict[str, Any]] = {
                        "no server could tell yet)"},
             continuesWhy=_NULLABLE_TEXT)})},
     "NewApiKey": body_schema(KEY_FIELDS, KEY_CLEARABLE, ("name",)),
+    "ApiKeyChange": body_schema(KEY_FIELDS, KEY_CLEARABLE),
+    "ApiKeyUsage": KEY_USAGE_SCHEMA,
     "CreatedApiKey": _record(id={"type": "integer"}, name={"type": "string"},
                              key={"type": "string", "description": "shown this once"}),
     "True": {"const": True},
@@ -10625,9 +11140,18 @@ ROUTES: tuple[Route, ...] = (
           answers={201: "CreatedApiKey"}),
     route("GET", "/keys/allKeys", "management.all_keys", "admin", "every API key, not the key",
           label="all_keys", answers={200: "ApiKeys"}),
-    route("DELETE", "/keys/{id}", "management.delete_key", "admin", "deletes an API key",
-          label="delete_key", pattern=r"/keys/(?P<id>[0-9]{1,9})", answers={204: None},
-          errors=(404,)),
+    route("GET", "/keys/{id}", "management.one_key", "admin", "one API key, not the key",
+          label="one_key", pattern=_ONE_KEY, answers={200: "ApiKey"}, errors=(404,)),
+    route("PATCH", "/keys/{id}", "management.one_key", "admin",
+          "changes an API key (null clears requestsPerMinute, maxConcurrent, models, "
+          "tokensPerDay)", label="one_key", pattern=_ONE_KEY, body="ApiKeyChange",
+          answers={200: "ApiKey"}, errors=(404,)),
+    route("DELETE", "/keys/{id}", "management.one_key", "admin", "deletes an API key",
+          label="one_key", pattern=_ONE_KEY, answers={204: None}, errors=(404,)),
+    route("GET", "/keys/{id}/usage", "management.key_usage", "admin",
+          "the tokens and requests of an API key: in all, by model, by UTC day",
+          label="key_usage", pattern=r"/keys/(?P<id>[0-9]{1,9})/usage",
+          answers={200: "ApiKeyUsage"}, errors=(404,)),
     # Observability and the description.
     route("GET", "/metrics", "observability.metrics_page", "admin",
           "Prometheus text exposition", label="metrics_page", answers={200: "text/plain"}),
@@ -10662,14 +11186,16 @@ class Balancer:
         self.upstreams = Upstreams(config)
         self.fleet = Fleet(config, store, self.upstreams, self.metrics,
                            group.board if group else None)
-        self.access = Access(config, self.fleet)
+        self.tenants = Tenants(config, store, self.metrics)
+        self.access = Access(config, self.fleet, self.tenants)
         self.relay = Relay(config, self.fleet, self.upstreams, self.access, self.metrics)
         self.recovery = Recovery(config, self.fleet, self.upstreams, self.relay, self.metrics)
         self.front = OllamaFront(config, self.fleet, self.upstreams, self.relay,
-                                 self.recovery)
+                                 self.recovery, self.tenants)
         self.fan_out = FanOut(config, self.fleet, self.upstreams, self.relay)
-        self.management = Management(config, self.fleet, self.recovery)
-        self.observability = Observability(config, self.fleet, self.metrics, group)
+        self.management = Management(config, self.fleet, self.recovery, self.tenants)
+        self.observability = Observability(config, self.fleet, self.metrics, self.tenants,
+                                           group)
         self.docs = ApiDocs(ROUTES)
         self.body_budget = ByteBudget(config.max_buffered_bodies)
         self.routes = [(r, self._handler(r.handler)) for r in ROUTES]
@@ -10688,6 +11214,8 @@ class Balancer:
             await self.fleet.beat()
 
     async def close(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self.tenants.flush()  # the last counts, before the store goes
         await self.fleet.close()
         self.upstreams.close()
         self.observability.access.flush()
@@ -10737,6 +11265,7 @@ class Balancer:
             if grant is not NO_GRANT:
                 request.authenticated, request.privileged = (grant.authenticated,
                                                              grant.privileged)
+                request.key = grant.key
             usage = grant.usage
             if usage is None:
                 return await handler(request, match)
@@ -11161,7 +11690,8 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None,
     if tls is not None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, reload_tls, tls, config)
-    loops = [app.fleet.health_loop(), app.fleet.sync_loop(), app.fleet.board_loop()]
+    loops = [app.fleet.health_loop(), app.fleet.sync_loop(), app.fleet.board_loop(),
+             app.tenants.usage_loop()]
     if group is None:
         log_start(config, app.fleet, f"{'https' if tls else 'http'}://{format_host(host)}"
                                      f":{port}")
@@ -11554,6 +12084,43 @@ def cli_proxies(config: Config, store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+def cli_keys(config: Config, store: Store, args: argparse.Namespace) -> int:
+    """``keys add|list|set|remove|usage``: client API keys, on the store itself (a running
+    balancer sees a change within SYNC_INTERVAL, as one made through the API)."""
+    if args.action in ("add", "set"):
+        body: dict[str, Any] = _drop_none({
+            "name": args.name, "requestsPerMinute": args.requests_per_minute,
+            "maxConcurrent": args.max_concurrent, "tokensPerDay": args.tokens_per_day,
+            "weight": args.weight, "priority": args.priority, "models": args.models})
+        if args.action == "set" and args.all_models:
+            body["models"] = None
+        values = parse_key_body(body, partial=args.action == "set")
+        if args.action == "add":
+            key, values["key_hash"] = new_api_key()
+            key_id = store.add_key(values)
+            print(f"added API key {key_id}: {key}\n(shown this once: only its hash is kept)")
+        elif not store.update_key(args.id, values):
+            raise HTTPError(404, f"no API key with id {args.id}")
+        else:
+            print(f"changed API key {args.id}")
+    elif args.action == "remove":
+        if not store.delete_key(args.id):
+            raise HTTPError(404, f"no API key with id {args.id}")
+        print(f"removed API key {args.id}")
+    elif args.action == "usage":
+        if not store.list_keys([args.id]):
+            raise HTTPError(404, f"no API key with id {args.id}")
+        print_table(("DAY (UTC)", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS"),
+                    store.usage_of(args.id))
+    else:
+        print_table(("ID", "NAME", "MODELS", "TOKENS/DAY", "WEIGHT", "PRIORITY", "REQ/MIN",
+                     "CONCURRENT", "LAST USED"),
+                    [(k.id, k.name, "all" if k.models is None else ", ".join(k.models),
+                      k.tokens_per_day, f"{k.weight:g}", k.priority, k.requests_per_minute,
+                      k.max_concurrent, iso_time(k.last_used_at)) for k in store.list_keys()])
+    return 0
+
+
 @contextlib.asynccontextmanager
 async def balancer_once(config: Config) -> AsyncIterator[Balancer]:
     """The balancer's own machinery over the store, for one command, without serving."""
@@ -11724,7 +12291,8 @@ def run_cli(config: Config, args: argparse.Namespace) -> int:
             return asyncio.run(cli_fleet(config, args))
         store = open_store(config)
         try:
-            command = cli_servers if args.command == "servers" else cli_proxies
+            command = {"servers": cli_servers, "proxies": cli_proxies,
+                       "keys": cli_keys}[args.command]
             return command(config, store, args)
         finally:
             store.close()
@@ -11758,6 +12326,29 @@ def cli_parser() -> argparse.ArgumentParser:
     proxy_actions.add_parser("list", help="a table of the proxies (never their passwords)")
     remove = proxy_actions.add_parser("remove", help="remove a proxy by id")
     remove.add_argument("id", type=int)
+    keys = commands.add_parser("keys", help="add, list, change or remove client API keys, "
+                               "or see one's usage")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    for action, text in (("add", "keys add NAME [--models 'llama3*' ...]: a new key, shown "
+                                 "once"), ("set", "keys set ID [...]: change a key")):
+        key = key_actions.add_parser(action, help=text)
+        key.add_argument("name" if action == "add" else "id",
+                         type=str if action == "add" else int)
+        if action == "set":
+            key.add_argument("--name")
+            key.add_argument("--all-models", action="store_true",
+                             help="every model (clears --models)")
+        key.add_argument("--models", nargs="+", help="the models it may use (* for any "
+                         "characters); every model when left out")
+        key.add_argument("--tokens-per-day", type=int, help="its UTC day's budget of tokens")
+        key.add_argument("--weight", type=float, help="its share of a full fleet (default 1)")
+        key.add_argument("--priority", choices=tuple(PRIORITY_LANES))
+        key.add_argument("--requests-per-minute", type=int)
+        key.add_argument("--max-concurrent", type=int)
+    key_actions.add_parser("list", help="a table of the keys (never the keys)")
+    for action, text in (("remove", "remove a key by id"),
+                         ("usage", "a key's requests and tokens by UTC day and model")):
+        key_actions.add_parser(action, help=text).add_argument("id", type=int)
     commands.add_parser("check", help="try every server through its proxy now")
     models = commands.add_parser("models", help="models pull NAME: on every server")
     model_actions = models.add_subparsers(dest="action", required=True)
@@ -11769,7 +12360,7 @@ def cli_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLI_COMMANDS = ("servers", "proxies", "check", "models", "status")
+CLI_COMMANDS = ("servers", "proxies", "keys", "check", "models", "status")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

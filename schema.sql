@@ -56,8 +56,28 @@ CREATE TABLE IF NOT EXISTS `api_key` (
   `max_concurrent` int NULL,
   `created_at` timestamp NOT NULL DEFAULT (now()),
   `last_used_at` timestamp NULL,
+  `models` text NULL,
+  `tokens_per_day` bigint NULL,
+  `weight` double NOT NULL DEFAULT 1,
+  `priority` varchar(8) NOT NULL DEFAULT 'normal',
   PRIMARY KEY (`id`),
   UNIQUE KEY `api_key_hash` (`key_hash`)
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS `key_usage` (
+  `key_id` int NOT NULL,
+  `day` date NOT NULL,
+  `model` varchar(255) NOT NULL,
+  `requests` bigint NOT NULL DEFAULT 0,
+  `prompt_tokens` bigint NOT NULL DEFAULT 0,
+  `completion_tokens` bigint NOT NULL DEFAULT 0,
+  PRIMARY KEY (`key_id`, `day`, `model`)
+) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS `usage_applied` (
+  `instance` varchar(32) NOT NULL,
+  `batch` bigint NOT NULL,
+  PRIMARY KEY (`instance`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS `balancer_meta` (

@@ -80,7 +80,9 @@ def test_metrics_count_a_known_sequence_of_requests(
     assert servers_named == {"gpu-good", "gpu-down", ""}  # "": answered by no server
     label_names = {name for family in metrics.values() for labels in family
                    for name, _ in labels}
-    assert label_names == {"endpoint", "server", "model", "status", "kind", "le", "version"}
+    # (key: an API key's name, "" for a request without one, in key_tokens_total.)
+    assert label_names == {"endpoint", "server", "model", "status", "kind", "le", "version",
+                           "key"}
     # What operators expect of any service: its version, and the process's own figures.
     assert metrics["ollamabalancer_build_info"] == {(("version", ob.__version__),): 1}
     assert 10e6 < metrics["process_resident_memory_bytes"][()] < 2e9

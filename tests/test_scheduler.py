@@ -748,7 +748,7 @@ def test_waiters_that_left_do_not_pile_up_in_the_queue() -> None:
             await asyncio.gather(*batch, return_exceptions=True)
         assert len(scheduler.queue) == 1 and not first.done()
         first.cancel()
-        return len(scheduler.queue.fifos.get("a:latest", ()))
+        return len(scheduler.queue.queues.get("a:latest", ()))
 
     assert asyncio.run(scenario()) <= 2 * 1 + 64 + 1_000
 
