@@ -10079,6 +10079,14 @@ DASHBOARD_HTML = """<!doctype html>
     </table>
   </section>
   <section>
+    <h2>API keys</h2>
+    <table>
+      <thead><tr><th>Name</th><th>Models</th><th>Tokens today (UTC)</th><th>Budget</th>
+        <th>Weight</th><th>Priority</th></tr></thead>
+      <tbody id="keys"></tbody>
+    </table>
+  </section>
+  <section>
     <h2>Recent errors</h2>
     <table>
       <thead><tr><th>Time</th><th>Server</th><th>Kind</th><th>Message</th></tr></thead>
@@ -10230,6 +10238,10 @@ function render(data) {
   }), 9, "No servers yet: POST /servers/addServer or `ollamabalancer servers add URL`.");
   fill("proxies", data.proxies.map(p => row([p.name, p.protocol, `${p.ip}:${p.port}`,
       p.userName || "-", p.status ? "yes" : "no"])), 5, "No proxies.");
+  fill("keys", (data.keys || []).map(k => row([k.name, k.models ? k.models.join(", ")
+      : "all", String(k.tokensToday), k.tokensPerDay === null ? "-" : String(k.tokensPerDay),
+      String(k.weight), k.priority])), 6,
+      "No API keys: the Ollama endpoints answer anyone (POST /keys/addKey).");
   fill("errors", data.recentErrors.map(e => row([e.time, e.server, e.kind, e.message])), 4,
        "No errors.");
 }
@@ -10462,6 +10474,10 @@ class Observability:
             "proxies": [p.to_json() for p in fleet.every_proxy()],
             "drifted": fleet.drifted(),
             "recoveries": dict(sorted(recoveries.items())),
+            "keys": [{"id": k.id, "name": k.name, "models": None if k.models is None
+                      else list(k.models), "tokensToday": self.tenants.spent_today(k.id),
+                      "tokensPerDay": k.tokens_per_day, "weight": k.weight,
+                      "priority": k.priority} for k in fleet.every_key()],
             "recentErrors": errors[:20],
         }
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BalancerProcess, StoreConfig, call
+from conftest import BalancerProcess, StoreConfig, call, chromium
 from fakeollama import FakeOllama, generate_messages, prompt_key, tag
 
 import ollamabalancer as ob
@@ -394,3 +394,19 @@ def test_ten_thousand_waiting_are_served_in_fair_order() -> None:
     turns, heap, left = asyncio.run(scenario())
     assert sorted(turns) == list(range(100))  # each key once
     assert heap <= 2 * 9_900 + 64 and left == 0
+
+
+def test_the_dashboard_shows_each_key_its_tokens_today_and_budget(keyed: Any) -> None:
+    lb, _ = keyed()
+    _, headers = add_key(lb, "team-<b>a</b>", tokensPerDay=5000, weight=2,
+                         models=["llama3*"])
+    assert lb.call("POST", "/api/chat", {"model": "llama3", "messages": [
+        {"role": "user", "content": "hi"}], "stream": False}, headers=headers).status == 200
+    status = lb.call("GET", "/servers/status").json()
+    assert [(k["name"], k["tokensToday"], k["tokensPerDay"]) for k in status["keys"]] == [
+        ("team-<b>a</b>", 2 + WORDS, 5000)]
+    dom = chromium("--virtual-time-budget=2000", "--dump-dom",
+                   f"http://127.0.0.1:{lb.port}/dashboard")
+    assert ("<td>team-&lt;b&gt;a&lt;/b&gt;</td><td>llama3*</td><td>7</td><td>5000</td>"
+            "<td>2</td><td>normal</td>") in dom
+    assert '<div class="value" id="card-recovered">0</div>' in dom
