@@ -7545,6 +7545,7 @@ class Tenants:
         self._sending: tuple[int, list[tuple[int, str, str, int, int, int]]] | None = None
         self._day = utc_day(clock())
         self._spent: dict[int, int] = {}  # the store's sums for _day, as last read
+        self._today: tuple[float, float, str] = (0.0, 0.0, "")  # a UTC day: start, end
 
     # -- what a key may do ----------------------------------------------------------------
 
@@ -7575,10 +7576,21 @@ class Tenants:
                                  "tokens for today; its budget renews at 00:00 UTC",
                             headers=[("Retry-After", str(wait))])
 
+    def today(self, now: float | None = None) -> str:
+        """The UTC day of ``now`` (the clock's), worked out once a day, not a request."""
+        now = self.clock() if now is None else now
+        start, end, day = self._today
+        if not start <= now < end:
+            day = utc_day(now)
+            midnight = datetime.datetime.fromisoformat(day).replace(
+                tzinfo=datetime.UTC).timestamp()
+            self._today = (midnight, midnight + 86400, day)
+        return day
+
     def spent_today(self, key_id: int, now: float | None = None) -> int:
         """Tokens ``key_id`` used today (UTC), every instance's as last read and this
         one's not written yet."""
-        day = utc_day(self.clock() if now is None else now)
+        day = self.today(now)
         spent = self._spent.get(key_id, 0) if day == self._day else 0
         for (pending_key, pending_day, _), counts in self._pending.items():
             if pending_key == key_id and pending_day == day:
@@ -7600,7 +7612,7 @@ class Tenants:
             self.metrics.count("key_tokens_total", (name, model, "completion"), completion)
         if key is None:
             return
-        counts = self._pending.setdefault((key.id, utc_day(self.clock()), model), [0, 0, 0])
+        counts = self._pending.setdefault((key.id, self.today(), model), [0, 0, 0])
         counts[0] += 1
         counts[1] += prompt
         counts[2] += completion
@@ -7613,7 +7625,7 @@ class Tenants:
                 for (key_id, day, model), (requests, prompt, completion)
                 in self._pending.items()])
             self._pending = {}
-        day = utc_day(self.clock())
+        day = self.today()
         batch, rows = self._sending or (0, [])
         spent = await self._store.call(self._store.store.add_usage, self._instance, batch,
                                        rows, day)
@@ -7654,7 +7666,7 @@ class Tenants:
 
         days = sorted({day for day, _ in counted})
         models = sorted({model for _, model in counted})
-        today = utc_day(self.clock())
+        today = self.today()
         return {
             "total": shown(counted.values()),
             "today": {**shown(c for (d, _), c in counted.items() if d == today),
