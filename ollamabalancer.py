@@ -7948,7 +7948,6 @@ class Access:
             return grant
         if key is None:
             raise HTTPError(401, "invalid API key", headers=challenge)
-        self.tenants.check_budget(key)
         usage = self.key_usage.setdefault(key.id, KeyUsage())
         now = time.monotonic()
         if key.requests_per_minute is not None:
@@ -7965,6 +7964,10 @@ class Access:
             usage.touched = now
             self.fleet.spawn(self.fleet.touch_key(key))
         return Grant(usage, True, False, key.max_concurrent, key)
+
+    def check_budget(self, key: ApiKey) -> None:
+        """429 once ``key`` has spent its day's tokens (Tenants.check_budget)."""
+        self.tenants.check_budget(key)
 
     async def enter(self, grant: Grant) -> None:
         """Counts a request against its key's maxConcurrent: at once while the key has
@@ -8249,6 +8252,8 @@ class Relay:
 
     async def passthrough(self, request: Request, match: re.Match[str]) -> Response | Relayed:
         Tenants.unrestricted(request.key, "a server chosen by its id")
+        if request.key is not None:
+            self.access.check_budget(request.key)
         rest = match.group("rest") or "/"
         query_pairs = request.query.split("&") if request.query else []
         server_ids = [
@@ -9233,6 +9238,8 @@ class OllamaFront:
 
         The body is read whole (to be sent again on failover), but where it starts with
         its model, as Ollama's clients send it, an unknown model is refused first."""
+        if request.key is not None:  # a spent key lists models still, but runs none
+            self.tenants.check_budget(request.key)
         model, body = await self._model_and_body(request)
         session = session_key(request.head.headers.get("x-session-id"))
         affinity = None if session is None else Affinity(session, session)

@@ -191,6 +191,9 @@ def test_a_budget_refuses_once_spent_until_the_utc_day_turns(keyed: Any) -> None
     openai = lb.call("POST", "/v1/chat/completions", {"model": "llama3", "messages": []},
                      headers=headers)
     assert openai.status == 429 and openai.json()["error"]["code"] == "rate_limit_exceeded"
+    # Nor through a server chosen by id; what costs no tokens still answers.
+    assert lb.call("POST", "/servers/ollama/1/api/chat", chat, headers=headers).status == 429
+    assert lb.call("GET", "/api/tags", headers=headers).status == 200
     # A larger budget lets it on at once; the usage says why it stopped.
     lb.call("PATCH", f"/keys/{key_id}", {"tokensPerDay": 1000})
     assert lb.call("POST", "/api/chat", chat, headers=headers).status == 200
