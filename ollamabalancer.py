@@ -300,7 +300,7 @@ CORS_PREFLIGHT_FIELDS = (
     ("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"),
     ("Access-Control-Allow-Headers",
      "Authorization, Content-Type, User-Agent, Accept, X-Requested-With, X-Session-Id, "
-     "X-Recovery, "
+     "X-Recovery, X-Server-Labels, "
      "X-Stainless-Lang, X-Stainless-Package-Version, X-Stainless-Os, X-Stainless-Arch, "
      "X-Stainless-Retry-Count, X-Stainless-Runtime, X-Stainless-Runtime-Version, "
      "X-Stainless-Async, X-Stainless-Helper-Method, X-Stainless-Poll-Helper, "
@@ -2119,6 +2119,9 @@ class Server:
     max_loaded_models: int | None = None
     #: Authorization header value for an Ollama behind an authenticating proxy; secret.
     authorization: str | None = dataclasses.field(default=None, repr=False)
+    #: Its labels (zone, GPU class...): a request asking for labels goes only where all
+    #: of them are (X-Server-Labels, an API key's labels).
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
     # Live state, kept in memory.
     reachable: bool = False
     last_error: str | None = None
@@ -2171,6 +2174,7 @@ class Server:
             "maxConcurrency": self.max_concurrency,
             "numParallel": self.num_parallel,
             "maxLoadedModels": self.max_loaded_models,
+            "labels": self.labels,
             "hasAuthorization": bool(self.authorization),
             "inflight": self.load.inflight,
             "loadedModels": sorted(self.load.loaded),
@@ -2639,10 +2643,11 @@ def write_key_file(path: str, key: bytes) -> None:
 
 SERVER_COLUMNS = (
     "id, host, port, scheme, name, location, runner, enabled, proxy_id, models, last_checked,"
-    " weight, max_concurrency, num_parallel, max_loaded_models, draining, upstream_auth"
+    " weight, max_concurrency, num_parallel, max_loaded_models, draining, labels,"
+    " upstream_auth"
 )
 KEY_COLUMNS = ("id, name, key_hash, requests_per_minute, max_concurrent, created_at, "
-               "last_used_at, models, tokens_per_day, weight, priority")
+               "last_used_at, models, tokens_per_day, weight, priority, labels")
 PROXY_COLUMNS = "id, name, ip, port, protocol, status, user_name, password"
 
 # Columns added to SQLite databases made by earlier versions: (table, column, definition).
@@ -2657,6 +2662,8 @@ SQLITE_ADDED_COLUMNS = (
     ("api_key", "tokens_per_day", "INTEGER"),
     ("api_key", "weight", "REAL NOT NULL DEFAULT 1"),
     ("api_key", "priority", "TEXT NOT NULL DEFAULT 'normal'"),
+    ("ollamaServers", "labels", "TEXT"),
+    ("api_key", "labels", "TEXT"),
 )
 
 SQLITE_SCHEMA = """
@@ -2680,6 +2687,7 @@ CREATE TABLE IF NOT EXISTS ollamaServers (
   num_parallel INTEGER,
   max_loaded_models INTEGER,
   draining INTEGER NOT NULL DEFAULT 0,
+  labels TEXT,
   UNIQUE (host, port)
 );
 CREATE TABLE IF NOT EXISTS proxy (
@@ -2712,7 +2720,8 @@ CREATE TABLE IF NOT EXISTS api_key (
   models TEXT,
   tokens_per_day INTEGER,
   weight REAL NOT NULL DEFAULT 1,
-  priority TEXT NOT NULL DEFAULT 'normal'
+  priority TEXT NOT NULL DEFAULT 'normal',
+  labels TEXT
 );
 CREATE TABLE IF NOT EXISTS key_usage (
   key_id INTEGER NOT NULL,
@@ -2770,6 +2779,7 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `num_parallel` int NULL,
   `max_loaded_models` int NULL,
   `draining` tinyint NOT NULL DEFAULT 0,
+  `labels` text NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
@@ -2809,6 +2819,7 @@ CREATE TABLE IF NOT EXISTS `api_key` (
   `tokens_per_day` bigint NULL,
   `weight` double NOT NULL DEFAULT 1,
   `priority` varchar(8) NOT NULL DEFAULT 'normal',
+  `labels` text NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `api_key_hash` (`key_hash`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
@@ -2876,6 +2887,8 @@ MYSQL_ADDED_COLUMNS = (
     ("api_key", "tokens_per_day", "bigint NULL"),
     ("api_key", "weight", "double NOT NULL DEFAULT 1"),
     ("api_key", "priority", "varchar(8) NOT NULL DEFAULT 'normal'"),
+    ("ollamaServers", "labels", "text NULL"),
+    ("api_key", "labels", "text NULL"),
 )
 
 # Seed columns brought in line with MYSQL_SCHEMA: (table, column, definition, and the
@@ -3491,7 +3504,7 @@ def _as_models(value: Any) -> list[dict[str, Any]]:
 
 def server_from_row(row: Sequence[Any]) -> Server:
     (id_, host, port, scheme, name, location, runner, enabled, proxy_id, models, checked,
-     weight, max_concurrency, num_parallel, max_loaded_models, draining) = row
+     weight, max_concurrency, num_parallel, max_loaded_models, draining, labels) = row
     return Server(
         id=int(id_),
         host=str(host),
@@ -3509,7 +3522,17 @@ def server_from_row(row: Sequence[Any]) -> Server:
         num_parallel=int(num_parallel) if num_parallel else None,
         max_loaded_models=int(max_loaded_models) if max_loaded_models else None,
         draining=bool(draining),
+        labels=stored_labels(labels),
     )
+
+
+def stored_labels(text: Any) -> dict[str, str]:
+    """Labels as a column holds them (a JSON object); anything else is none."""
+    with contextlib.suppress(ValueError, TypeError):
+        labels = json.loads(text) if text else {}
+        if isinstance(labels, dict):
+            return {str(k): str(v) for k, v in labels.items()}
+    return {}
 
 
 @dataclasses.dataclass(eq=False)
@@ -3526,6 +3549,8 @@ class ApiKey:
     tokens_per_day: int | None = None  # prompt and completion tokens a UTC day
     weight: float = 1.0  # its share of a full fleet against other keys
     priority: str = "normal"  # high, normal or low: the queue's lanes
+    #: Server labels every request of it asks for (X-Server-Labels adds more).
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name,
@@ -3533,7 +3558,7 @@ class ApiKey:
                 "maxConcurrent": self.max_concurrent,
                 "models": None if self.models is None else list(self.models),
                 "tokensPerDay": self.tokens_per_day,
-                "weight": self.weight, "priority": self.priority,
+                "weight": self.weight, "priority": self.priority, "labels": self.labels,
                 "createdAt": iso_time(self.created_at),
                 "lastUsedAt": iso_time(self.last_used_at)}
 
@@ -3576,7 +3601,7 @@ def models_matcher(patterns: tuple[str, ...]) -> re.Pattern[str]:
 
 def api_key_from_row(row: Sequence[Any]) -> ApiKey:
     (id_, name, key_hash, rpm, concurrent, created, used, models, per_day, weight,
-     priority) = row
+     priority, labels) = row
     patterns: tuple[str, ...] | None = None
     if models is not None:
         patterns = ()  # unreadable: no model rather than every model
@@ -3588,7 +3613,8 @@ def api_key_from_row(row: Sequence[Any]) -> ApiKey:
                   int(concurrent) if concurrent else None, _as_datetime(created),
                   _as_datetime(used), patterns, int(per_day) if per_day else None,
                   float(weight) if weight else 1.0,
-                  str(priority) if priority in PRIORITY_LANES else "normal")
+                  str(priority) if priority in PRIORITY_LANES else "normal",
+                  stored_labels(labels))
 
 
 def proxy_from_row(row: Sequence[Any]) -> Proxy:
@@ -6019,6 +6045,47 @@ def _unknown_fields(body: dict[str, Any], allowed: Iterable[str], *,
         raise HTTPError(400, f"'{nulls[0]}' must not be null")
 
 
+#: A label's name and value (zone=eu, gpu=a100): what X-Server-Labels can carry.
+_label_name_re = re.compile(r"[A-Za-z0-9_.-]{1,63}")
+_label_value_re = re.compile(r"[A-Za-z0-9_.:/-]{0,63}")
+#: Most labels a server or a key carries.
+MAX_LABELS = 32
+LABELS_SCHEMA = {"type": "object", "maxProperties": MAX_LABELS,
+                 "propertyNames": {"pattern": f"^{_label_name_re.pattern}$"},
+                 "additionalProperties": _string(_label_value_re, 63, "a label's value")}
+
+
+def _field_labels(body: dict[str, Any], name: str) -> str | None:
+    """A labels object as its column holds it (JSON), None when not given."""
+    labels = body.get(name)
+    if labels is None:
+        return None
+    if not (isinstance(labels, dict) and len(labels) <= MAX_LABELS and all(
+            isinstance(k, str) and _label_name_re.fullmatch(k) and isinstance(v, str)
+            and _label_value_re.fullmatch(v) for k, v in labels.items())):
+        raise HTTPError(400, f"'{name}' must be an object of at most {MAX_LABELS} labels, "
+                             "name: value (letters, digits, _ . - ; values also : /)")
+    return json.dumps(dict(sorted(labels.items())))
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """X-Server-Labels: ``zone=eu,gpu=a100``; 400 for anything else."""
+    labels: dict[str, str] = {}
+    for item in text.split(","):
+        name, equals, value = item.strip().partition("=")
+        if not (equals and _label_name_re.fullmatch(name) and _label_value_re.fullmatch(value)):
+            raise HTTPError(400, "X-Server-Labels must be name=value pairs separated by "
+                                 "commas (zone=eu,gpu=a100)")
+        labels[name] = value
+    if len(labels) > MAX_LABELS:
+        raise HTTPError(400, f"X-Server-Labels has more than {MAX_LABELS} labels")
+    return labels
+
+
+def label_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
 #: The fields of a server's body, each with its schema. PATCH may set to null those that
 #: can be cleared (SERVER_CLEARABLE); addServer takes either "url" or "host"/"port"/"scheme".
 SERVER_FIELDS: dict[str, dict[str, Any]] = {
@@ -6038,9 +6105,10 @@ SERVER_FIELDS: dict[str, dict[str, Any]] = {
     "maxLoadedModels": _integer(1, 1000),
     "authorization": _string(_header_value_re, 1024, "the Authorization header value the "
                              "server wants (an authenticating proxy in front of it)"),
+    "labels": LABELS_SCHEMA,
 }
 SERVER_CLEARABLE = ("name", "location", "runner", "proxyId", "maxConcurrency",
-                    "numParallel", "maxLoadedModels", "authorization")
+                    "numParallel", "maxLoadedModels", "authorization", "labels")
 SERVER_BODY_FIELDS = tuple(SERVER_FIELDS)
 
 PROXY_FIELDS: dict[str, dict[str, Any]] = {
@@ -6070,9 +6138,10 @@ KEY_FIELDS: dict[str, dict[str, Any]] = {
     "tokensPerDay": _integer(1, 10**15),
     "weight": {"type": "number", "minimum": 0.001, "maximum": 1000},
     "priority": _choice_schema(tuple(PRIORITY_LANES)),
+    "labels": LABELS_SCHEMA,
 }
 KEY_CLEARABLE = ("requestsPerMinute", "maxConcurrent", "models",
-                 "tokensPerDay")  # null: no limit
+                 "tokensPerDay", "labels")  # null: no limit
 
 
 def new_api_key() -> tuple[str, str]:
@@ -6099,6 +6168,8 @@ def parse_key_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
         values["weight"] = _field_number(body, "weight", 0.001, 1000)
     if "priority" in body:
         values["priority"] = _field_choice(body, "priority", tuple(PRIORITY_LANES))
+    if "labels" in body:
+        values["labels"] = _field_labels(body, "labels")
     if "models" in body:
         models = body["models"]
         if models is not None and not (
@@ -6145,6 +6216,7 @@ def parse_server_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     values["proxy_id"] = _field_id(body, "proxyId")
     values["weight"] = _field_number(body, "weight", 0.001, 1000.0)
     values["upstream_auth"] = _field_header_value(body, "authorization", max_length=1024)
+    values["labels"] = _field_labels(body, "labels")
     for json_name, column, high in (("maxConcurrency", "max_concurrency", 100_000),
                                     ("numParallel", "num_parallel", 1000),
                                     ("maxLoadedModels", "max_loaded_models", 1000)):
@@ -6160,7 +6232,7 @@ def parse_server_body(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
                                   ("maxConcurrency", "max_concurrency"),
                                   ("numParallel", "num_parallel"),
                                   ("maxLoadedModels", "max_loaded_models"),
-                                  ("authorization", "upstream_auth")):
+                                  ("authorization", "upstream_auth"), ("labels", "labels")):
             if json_name in body and body[json_name] is None:
                 result[column] = None
     for flag in ("enabled", "draining"):
@@ -9253,8 +9325,9 @@ class OllamaFront:
             affinity = Affinity(prints[opening], self.fleet.conversation(prints),
                                 _assistant_re.search(body, 0, FINGERPRINT_BYTES) is not None)
         waits = Waits()
+        outside = self._outside_labels(request, model)
         outcome = await request.watched(self._route(request, body, model, affinity,
-                                                    prints[-1:], waits))
+                                                    prints[-1:], waits, outside))
         if outcome is None:  # the client left before an answer began
             return Relayed(False, model=model, queue_wait=waits.total)
         if outcome.model is None:  # an answer of its own (a 503, a 404 of Ollama's)
@@ -9334,15 +9407,38 @@ class OllamaFront:
                 raise self.fleet.unavailable(model, name)
         return model
 
+    def _outside_labels(self, request: Request, model: str) -> set[int]:
+        """The servers a request may not use for the labels it asks for (X-Server-Labels,
+        and its API key's, which the header may add to but not change); 503 naming them
+        when no server with all of them could run ``model``."""
+        key = request.key
+        wanted = dict(key.labels) if key is not None else {}
+        asked = request.head.headers.get("x-server-labels")
+        if asked:
+            for name, value in parse_labels(asked).items():
+                if wanted.get(name, value) != value:
+                    raise HTTPError(403, f"API key '{key.name if key else ''}' is held to "
+                                         f"{name}={wanted[name]}")
+                wanted[name] = value
+        if not wanted:
+            return set()
+        items = wanted.items()
+        outside = {s.id for s in self.fleet.every_server() if not items <= s.labels.items()}
+        holders = self.fleet.holders(model)  # none: the usual 503 says why, further on
+        if holders and all(s.id in outside for s in holders):
+            raise HTTPError(503, f"no server with the labels {label_text(wanted)} can run "
+                                 f"'{model}' now", headers=[("Retry-After", "1")])
+        return outside
+
     async def _route(self, request: Request, body: bytes | bytearray, model: str,
-                     affinity: Affinity | None, keep: Sequence[bytes], waits: Waits
-                     ) -> Relayed:
+                     affinity: Affinity | None, keep: Sequence[bytes], waits: Waits,
+                     outside: set[int]) -> Relayed:
         """Sends the request to a server, queued while none has room, tried on another
         when one fails; ``keep``: what to remember the server by when it answers (the
         conversation this turn makes, for its next turn); ``waits``: the time spent in
         the queue, told as it adds up."""
         replay = ReplayableBody.of(body)
-        tried: set[int] = set()
+        tried: set[int] = set(outside)  # and never those without the labels asked for
         failure: Failure | None = None
         busy = [("Retry-After", "1")]
         tenant = NO_TENANT if request.key is None else request.key.tenant
@@ -10213,6 +10309,8 @@ function render(data) {
     const name = el("div"); name.appendChild(el("div", s.name || s.host));
     name.appendChild(el("div", `${s.scheme}://${s.host}:${s.port}` +
       (s.proxyId ? ` via ${proxyNames.get(s.proxyId) || "proxy " + s.proxyId}` : ""), "dim"));
+    for (const [label, value] of Object.entries(s.labels || {}))  // zone=eu, gpu=a100
+      name.appendChild(el("span", `${label}=${value}`, "pill label"));
     const health = el("div");
     health.appendChild(!s.enabled ? el("span", "disabled", "dim")
       : s.reachable ? el("span", "up", "up") : el("span", "down", "down"));
@@ -10680,6 +10778,8 @@ API_PARAMETERS: dict[str, tuple[str, dict[str, Any], str]] = {
               "only those with a greater id: the last id of the page before"),
     "X-Session-Id": ("header", {"type": "string"},
                      "keeps a conversation on one server while it can take it"),
+    "X-Server-Labels": ("header", {"type": "string", "pattern": "^[A-Za-z0-9_.=:/,-]*$"},
+                        "only servers with all these labels: zone=eu,gpu=a100"),
     "X-Recovery": ("header", {"type": "string", "enum": ["on", "off"]},
                    "off: a streamed answer whose server fails mid-answer is not continued on "
                    "another server (RECOVERY)"),
@@ -10703,6 +10803,7 @@ SERVER_SCHEMA = _record(
     reachable={"type": "boolean"}, lastError=_NULLABLE_TEXT, weight={"type": "number"},
     maxConcurrency={"type": ["integer", "null"]}, numParallel={"type": ["integer", "null"]},
     maxLoadedModels={"type": ["integer", "null"]}, hasAuthorization={"type": "boolean"},
+    labels=LABELS_SCHEMA,
     inflight={"type": "integer"}, loadedModels=_STRINGS, circuitOpen={"type": "boolean"})
 #: What the scheduler counts on for a server, and whence (GET /servers/<id>, addServer).
 SERVER_SCHEMA["properties"]["capacity"] = {
@@ -10716,7 +10817,7 @@ PROXY_SCHEMA = _record(
     status={"type": "boolean"}, userName=_NULLABLE_TEXT, hasPassword={"type": "boolean"})
 _ONE_KEY = r"/keys/(?P<id>[0-9]{1,9})"
 KEY_SCHEMA = _record(
-    id={"type": "integer"}, name={"type": "string"},
+    id={"type": "integer"}, name={"type": "string"}, labels=LABELS_SCHEMA,
     requestsPerMinute={"type": ["integer", "null"]}, maxConcurrent={"type": ["integer", "null"]},
     models={"type": ["array", "null"], "items": {"type": "string"}},
     tokensPerDay={"type": ["integer", "null"]}, weight={"type": "number"},
@@ -11111,7 +11212,7 @@ ROUTES: tuple[Route, ...] = (
           errors=(404, 502, 503, 504)),
     *(route("POST", path, "front.routed", "client",
             "routed by its body's model to the best server, queued while the fleet is full",
-            body=_body_name(path), query=("X-Session-Id", "X-Recovery"),
+            body=_body_name(path), query=("X-Session-Id", "X-Recovery", "X-Server-Labels"),
             answers={200: OLLAMA_ANSWER},
             errors=(404, 502, 503, 504)) for path in ROUTED_PATHS),
     route("POST", ("/api/pull", "/api/create"), "fan_out.progress", "models",

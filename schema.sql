@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `num_parallel` int NULL,
   `max_loaded_models` int NULL,
   `draining` tinyint NOT NULL DEFAULT 0,
+  `labels` text NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
@@ -60,6 +61,7 @@ CREATE TABLE IF NOT EXISTS `api_key` (
   `tokens_per_day` bigint NULL,
   `weight` double NOT NULL DEFAULT 1,
   `priority` varchar(8) NOT NULL DEFAULT 'normal',
+  `labels` text NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `api_key_hash` (`key_hash`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
