@@ -34,6 +34,7 @@ Sections, in dependency order (each uses only those above it):
     Request bodies              the fields handlers read, checked
     Upstream exchange           Upstreams: a request to a server, the head of its answer
     Fleet                       Fleet: the store's rows in memory, health checks, catalog
+    Fleet file                  FleetFile: servers and model policy declared in a file
     Access control              Access: admin token, browsers, API keys, request ids
     Relay                       Relay: a request forwarded, its answer streamed back
     Recovery                    Recovery: a stream whose server died goes on elsewhere
@@ -439,6 +440,7 @@ class Config:
     queue_timeout: float = 300.0
     retries: int = 2
     recovery: bool = True
+    fleet_file: str = ""
     breaker_threshold: int = 3
     breaker_cooldown: float = 30.0
     secret_key: str = dataclasses.field(default="", repr=False)
@@ -648,6 +650,10 @@ SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "seconds a request may wait in the queue before 503 (default 300)"),
     ("RETRIES", "--retries", "retries", _count(0, 100),
      "other servers tried when one fails before answering (default 2)"),
+    ("FLEET_FILE", "--fleet-file", "fleet_file", _text,
+     "a JSON (or TOML) file declaring servers and model policy, applied at start, on "
+     "SIGHUP and when it changes (docs/fleet-file.md); a file that does not validate is "
+     "refused and the previous policy stays (default none)"),
     ("RECOVERY", "--recovery", "recovery", _flag,
      "continue a streamed answer on another server when its own fails mid-answer, "
      "where the model continues a prefill (on or off; default on; a request opts out "
@@ -774,6 +780,7 @@ COMMANDS = {
     "proxies": "proxies add URL [--password-file F] | list | remove ID: the proxies",
     "keys": "keys add NAME [--models M ...] [--tokens-per-day N] [--weight W] [--priority "
             "P] | set ID [...] | list | remove ID | usage ID: client API keys",
+    "apply": "apply FILE [--dry-run]: make the servers match a fleet file (FLEET_FILE)",
     "check": "try every server through its proxy now; exit 1 if any is down",
     "models": "models pull NAME [--servers ID ...]: pull a model on every server",
     "status": "status [--json]: the running balancer's fleet at a glance (asks IP:PORT)",
@@ -2122,6 +2129,7 @@ class Server:
     #: Its labels (zone, GPU class...): a request asking for labels goes only where all
     #: of them are (X-Server-Labels, an API key's labels).
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    owner: str | None = None  # "file": the fleet file made it, and only it changes it
     # Live state, kept in memory.
     reachable: bool = False
     last_error: str | None = None
@@ -2175,6 +2183,7 @@ class Server:
             "numParallel": self.num_parallel,
             "maxLoadedModels": self.max_loaded_models,
             "labels": self.labels,
+            "managedBy": self.owner,
             "hasAuthorization": bool(self.authorization),
             "inflight": self.load.inflight,
             "loadedModels": sorted(self.load.loaded),
@@ -2643,7 +2652,7 @@ def write_key_file(path: str, key: bytes) -> None:
 
 SERVER_COLUMNS = (
     "id, host, port, scheme, name, location, runner, enabled, proxy_id, models, last_checked,"
-    " weight, max_concurrency, num_parallel, max_loaded_models, draining, labels,"
+    " weight, max_concurrency, num_parallel, max_loaded_models, draining, labels, owner,"
     " upstream_auth"
 )
 KEY_COLUMNS = ("id, name, key_hash, requests_per_minute, max_concurrent, created_at, "
@@ -2664,6 +2673,7 @@ SQLITE_ADDED_COLUMNS = (
     ("api_key", "priority", "TEXT NOT NULL DEFAULT 'normal'"),
     ("ollamaServers", "labels", "TEXT"),
     ("api_key", "labels", "TEXT"),
+    ("ollamaServers", "owner", "TEXT"),
 )
 
 SQLITE_SCHEMA = """
@@ -2688,6 +2698,7 @@ CREATE TABLE IF NOT EXISTS ollamaServers (
   max_loaded_models INTEGER,
   draining INTEGER NOT NULL DEFAULT 0,
   labels TEXT,
+  owner TEXT,
   UNIQUE (host, port)
 );
 CREATE TABLE IF NOT EXISTS proxy (
@@ -2780,6 +2791,7 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `max_loaded_models` int NULL,
   `draining` tinyint NOT NULL DEFAULT 0,
   `labels` text NULL,
+  `owner` varchar(16) NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
@@ -2889,6 +2901,7 @@ MYSQL_ADDED_COLUMNS = (
     ("api_key", "priority", "varchar(8) NOT NULL DEFAULT 'normal'"),
     ("ollamaServers", "labels", "text NULL"),
     ("api_key", "labels", "text NULL"),
+    ("ollamaServers", "owner", "varchar(16) NULL"),
 )
 
 # Seed columns brought in line with MYSQL_SCHEMA: (table, column, definition, and the
@@ -3504,7 +3517,8 @@ def _as_models(value: Any) -> list[dict[str, Any]]:
 
 def server_from_row(row: Sequence[Any]) -> Server:
     (id_, host, port, scheme, name, location, runner, enabled, proxy_id, models, checked,
-     weight, max_concurrency, num_parallel, max_loaded_models, draining, labels) = row
+     weight, max_concurrency, num_parallel, max_loaded_models, draining, labels,
+     owner) = row
     return Server(
         id=int(id_),
         host=str(host),
@@ -3523,6 +3537,7 @@ def server_from_row(row: Sequence[Any]) -> Server:
         max_loaded_models=int(max_loaded_models) if max_loaded_models else None,
         draining=bool(draining),
         labels=stored_labels(labels),
+        owner=str(owner) if owner else None,
     )
 
 
@@ -5573,6 +5588,9 @@ class Request:
         self.authenticated = False  # its Authorization was the balancer's: not sent on
         self.privileged = False  # the admin token's: errors about upstreams keep their detail
         self.key: ApiKey | None = None  # the client API key it came with
+        #: (the model name the client asked for, as it sent it; the real model sent on)
+        #: when the fleet file's policy put another name upstream (an alias, a fallback).
+        self.renamed: tuple[str, str] | None = None
         self.id = ""  # X-Request-Id, in the response and the access log
         self.endpoint = "unmatched"  # the route's label, for the metrics
         #: Fields every response to it carries (X-Request-Id, CORS), whoever writes it.
@@ -7557,6 +7575,300 @@ class Fleet:
 
 
 # ---------------------------------------------------------------------------
+# Fleet file: servers and model policy declared in a file, applied live
+# ---------------------------------------------------------------------------
+
+
+#: A field of a request body named by its dotted path: ``options.num_ctx``, ``keep_alive``.
+_body_path_re = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(?:\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,7}")
+#: What a model's entry in the fleet file may say.
+MODEL_POLICY_FIELDS = ("alias", "fallback", "clamp", "set", "strip")
+#: Seconds between two looks at the fleet file's size and time (a change applies within 2).
+FLEET_FILE_POLL = 1.0
+#: The columns a server of the file has when the file does not say them: a file states a
+#: server whole, so what it leaves out is the default, not what the API set before.
+FILE_SERVER_DEFAULTS: dict[str, Any] = {
+    "scheme": "http", "name": None, "location": None, "runner": None, "enabled": 1,
+    "draining": 0, "proxy_id": None, "weight": 1.0, "max_concurrency": None,
+    "num_parallel": None, "max_loaded_models": None, "upstream_auth": None, "labels": None,
+    "owner": "file"}
+
+
+class ModelPolicy(NamedTuple):
+    """What the fleet file says of one model name (or alias)."""
+
+    alias: tuple[str, ...] = ()  # the real names it stands for, in order
+    fallback: tuple[str, ...] = ()  # names to use, in order, when no server can run it
+    clamp: tuple[tuple[str, float], ...] = ()  # a field's greatest value
+    set: tuple[tuple[str, Any], ...] = ()  # a field's value, whatever was sent
+    strip: tuple[str, ...] = ()  # fields taken out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"alias": list(self.alias), "fallback": list(self.fallback),
+                "clamp": dict(self.clamp), "set": dict(self.set), "strip": list(self.strip)}
+
+
+class FleetPolicy(NamedTuple):
+    """A fleet file, validated: its servers (store columns) and model policy."""
+
+    servers: tuple[dict[str, Any], ...] = ()
+    models: dict[str, ModelPolicy] = {}  # noqa: RUF012 (a NamedTuple default, never changed)
+
+
+def _names_list(value: Any, where: str) -> tuple[str, ...]:
+    if not (isinstance(value, list) and value and all(
+            isinstance(v, str) and _model_pattern_re.fullmatch(v) and "*" not in v
+            for v in value)):
+        raise ConfigError(f"{where}: must be a list of model names")
+    return tuple(canonical_model(v) for v in value)
+
+
+def _paths(value: Any, where: str) -> None:
+    if not all(isinstance(p, str) and _body_path_re.fullmatch(p) for p in value):
+        raise ConfigError(f"{where}: fields are named by dotted paths (options.num_ctx)")
+
+
+def parse_model_policy(name: str, entry: Any) -> ModelPolicy:
+    where = f"models.{name}"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be an object")
+    unknown = sorted(set(entry) - set(MODEL_POLICY_FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field '{unknown[0]}' (alias, fallback, clamp, "
+                          "set, strip)")
+    alias = _names_list(entry["alias"], f"{where}.alias") if "alias" in entry else ()
+    fallback = _names_list(entry["fallback"], f"{where}.fallback") if (
+        "fallback" in entry) else ()
+    clamp, fixed = entry.get("clamp", {}), entry.get("set", {})
+    if not isinstance(clamp, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in clamp.values()):
+        raise ConfigError(f"{where}.clamp: must map fields to numbers")
+    if not isinstance(fixed, dict):
+        raise ConfigError(f"{where}.set: must map fields to values")
+    strip = entry.get("strip", [])
+    if not isinstance(strip, list):
+        raise ConfigError(f"{where}.strip: must be a list of fields")
+    for part, fields in (("clamp", clamp), ("set", fixed), ("strip", strip)):
+        _paths(fields, f"{where}.{part}")
+    return ModelPolicy(alias, fallback, tuple(clamp.items()), tuple(fixed.items()),
+                       tuple(strip))
+
+
+def parse_fleet(data: Any) -> FleetPolicy:
+    """A fleet file's content, validated; ConfigError naming the first problem."""
+    if not isinstance(data, dict):
+        raise ConfigError("it must hold an object with 'servers' and 'models'")
+    unknown = sorted(set(data) - {"servers", "models"})
+    if unknown:
+        raise ConfigError(f"unknown field '{unknown[0]}' (servers, models)")
+    servers, seen = [], set()
+    listed = data.get("servers", [])
+    if not isinstance(listed, list):
+        raise ConfigError("servers: must be a list")
+    for index, entry in enumerate(listed):
+        if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
+            raise ConfigError(f"servers[{index}]: must be an object with a 'url'")
+        try:
+            values = parse_server_body(entry, partial=False)
+        except HTTPError as exc:
+            raise ConfigError(f"servers[{index}]: {exc.message}") from None
+        address = (values["host"], values["port"])
+        if address in seen:
+            raise ConfigError(f"servers[{index}]: {entry['url']} is listed twice")
+        seen.add(address)
+        servers.append({**FILE_SERVER_DEFAULTS, **values})
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError("models: must be an object of model names")
+    policies = {}
+    for name, entry in models.items():
+        if not (isinstance(name, str) and _model_pattern_re.fullmatch(name) and "*" not in name):
+            raise ConfigError(f"models: {name!r} is not a model name")
+        policies[canonical_model(name)] = parse_model_policy(name, entry)
+    return FleetPolicy(tuple(servers), policies)
+
+
+def read_fleet_file(path: str) -> FleetPolicy:
+    """The fleet file at ``path`` (JSON; TOML when it ends in .toml), validated."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_ADMIN_BODY + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read it: {exc.strerror or exc}") from None
+    if len(raw) > MAX_ADMIN_BODY:
+        raise ConfigError(f"it is larger than {MAX_ADMIN_BODY} bytes")
+    try:
+        if path.endswith(".toml"):
+            import tomllib  # Python 3.11+, imported where used
+            data = tomllib.loads(raw.decode("utf-8"))
+        else:
+            data = decode_json(raw)
+    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError is one
+        raise ConfigError(f"it does not parse: {exc}") from None
+    return parse_fleet(data)
+
+
+def _server_state(server: Server) -> dict[str, Any]:
+    """A server's columns as a fleet file entry states them, to see what would change."""
+    return {"scheme": server.scheme, "name": server.name, "location": server.location,
+            "runner": server.runner, "enabled": int(server.enabled),
+            "draining": int(server.draining), "proxy_id": server.proxy_id,
+            "weight": server.weight, "max_concurrency": server.max_concurrency,
+            "num_parallel": server.num_parallel, "max_loaded_models": server.max_loaded_models,
+            "upstream_auth": server.authorization,
+            "labels": json.dumps(dict(sorted(server.labels.items()))) if server.labels
+            else None, "owner": server.owner}
+
+
+class ServerChange(NamedTuple):
+    """One step to make the servers match a fleet file: add, change or remove."""
+
+    action: Literal["add", "change", "remove"]
+    server_id: int | None
+    values: dict[str, Any]
+    label: str
+
+    def __str__(self) -> str:
+        changed = f" ({', '.join(sorted(self.values))})" if self.action == "change" else ""
+        return f"{self.action} {self.label}{changed}"
+
+
+def plan_servers(policy: FleetPolicy, servers: Iterable[Server]) -> list[ServerChange]:
+    """What makes ``servers`` match ``policy``: its servers added, or changed where they
+    differ (by address; one the API added becomes the file's), and the file's servers it
+    no longer lists removed. Servers the API added, and the file does not list, stay."""
+    by_address = {(s.host, s.port): s for s in servers}
+    changes, listed = [], set()
+    for values in policy.servers:
+        address = (values["host"], values["port"])
+        listed.add(address)
+        url = f"{values['scheme']}://{format_host(values['host'])}:{values['port']}"
+        label = values["name"] or url
+        server = by_address.get(address)
+        if server is None:
+            changes.append(ServerChange("add", None, values, label))
+            continue
+        state = _server_state(server)
+        differ = {k: v for k, v in values.items() if k in state and state[k] != v}
+        if differ:
+            changes.append(ServerChange("change", server.id, differ, label))
+    for address, server in sorted(by_address.items(), key=lambda item: item[1].id):
+        if server.owner == "file" and address not in listed:
+            changes.append(ServerChange("remove", server.id, {}, server.label))
+    return changes
+
+
+def rename_model(data: bytes, real: str, asked: str) -> bytes:
+    """``data`` (JSON of an answer) with its ``"model": "<real>"`` fields naming ``asked``."""
+    pattern = re.compile(rb'"model"\s*:\s*"' + re.escape(json.dumps(real)[1:-1].encode()) +
+                         rb'"')
+    return pattern.sub(b'"model":' + json.dumps(asked).encode(), data)
+
+
+def _pin(body: dict[str, Any], path: str) -> tuple[dict[str, Any], str] | None:
+    """The object that holds ``path``'s last field in ``body`` (made where missing), and
+    that field's name; None when something on the way is not an object."""
+    *parents, field = path.split(".")
+    node = body
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            return None
+        node = child
+    return node, field
+
+
+def apply_pins(body: dict[str, Any], policy: ModelPolicy) -> None:
+    """A model's pinned parameters on a request body: fields stripped, set, clamped."""
+    for path in policy.strip:
+        *parents, field = path.split(".")
+        node: Any = body
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(field, None)
+    for path, value in policy.set:
+        if (found := _pin(body, path)) is not None:
+            found[0][found[1]] = value
+    for path, limit in policy.clamp:
+        *parents, field = path.split(".")
+        node = body
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            value = node.get(field)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
+                node[field] = int(limit) if float(limit).is_integer() else limit
+
+
+class FleetFile:
+    """The fleet file (FLEET_FILE) in force: read at start, on SIGHUP and when it changes
+    on disk (looked at every FLEET_FILE_POLL seconds); its servers made to match through
+    the fleet (so the store, and every instance, see them), its model policy kept for the
+    rooms that route. A file that does not read or validate is refused with a log line
+    naming the problem, and the policy in force stays."""
+
+    def __init__(self, config: Config, fleet: Fleet) -> None:
+        self.path = config.fleet_file
+        self.fleet = fleet
+        self.policy = FleetPolicy()
+        self._seen: tuple[int, int] | None = None  # the file's (mtime_ns, size) applied
+        self._applying = asyncio.Lock()
+
+    def owns(self, server: Server) -> bool:
+        return bool(self.path) and server.owner == "file"
+
+    def model(self, name: str) -> ModelPolicy | None:
+        return self.policy.models.get(name)
+
+    async def apply(self, why: str) -> bool:
+        """Reads the file and applies it; whether it was (False: refused, kept as was)."""
+        if not self.path:
+            return False
+        async with self._applying:
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(OSError):
+                stat = os.stat(self.path)
+                self._seen = (stat.st_mtime_ns, stat.st_size)
+            try:
+                policy = await loop.run_in_executor(None, read_fleet_file, self.path)
+            except ConfigError as exc:
+                log.error("fleet file %s refused (%s): %s; the policy in force stays",
+                          self.path, why, exc)
+                return False
+            changes = plan_servers(policy, self.fleet.every_server())
+            done = []
+            for change in changes:
+                try:
+                    if change.action == "add":
+                        await self.fleet.add_server(change.values)
+                    elif change.action == "change" and change.server_id is not None:
+                        await self.fleet.update_server(change.server_id, change.values)
+                    elif change.server_id is not None:
+                        await self.fleet.delete_server(change.server_id)
+                    done.append(str(change))
+                except (Conflict, StoreUnavailable) as exc:
+                    log.error("fleet file %s: cannot %s: %s", self.path, change, exc)
+            self.policy = policy
+            log.info("fleet file %s applied (%s): %d servers, %d model policies; %s",
+                     self.path, why, len(policy.servers), len(policy.models),
+                     "; ".join(done) or "no server changed")
+            return True
+
+    async def watch_loop(self) -> None:
+        """Applies the file again when its time or size changes."""
+        while self.path:
+            await asyncio.sleep(FLEET_FILE_POLL)
+            try:
+                stat = os.stat(self.path)
+                now: tuple[int, int] | None = (stat.st_mtime_ns, stat.st_size)
+            except OSError:
+                now = None
+            if now is not None and now != self._seen:
+                await self.apply("it changed")
+
+
+# ---------------------------------------------------------------------------
 # Access control: the admin token, browsers, API keys
 # ---------------------------------------------------------------------------
 
@@ -8204,10 +8516,15 @@ class Lines:
     (a runner that failed) is held back with whatever follows it, and written only if
     the answer cannot be continued. The transcript keeps what the client got."""
 
-    __slots__ = ("complete", "held", "last", "pending", "sep", "transcript")
+    __slots__ = ("complete", "held", "last", "pending", "recoverable", "rename", "sep",
+                 "transcript")
 
-    def __init__(self, sse: bool, hold: Callable[[int], bool] | None) -> None:
+    def __init__(self, sse: bool, hold: Callable[[int], bool] | None,
+                 recoverable: bool = True) -> None:
         self.sep = b"\n\n" if sse else b"\n"
+        self.recoverable = recoverable  # kept for Recovery, not only relayed in lines
+        #: (the name the client asked for, the model sent on): its lines name the former.
+        self.rename: tuple[str, str] | None = None
         self.transcript = Transcript(hold)
         #: Where the last lines sent lie (data, start, stop): the last of them is the
         #: final one, however long (a generate's ``context`` can pass TAIL_BYTES).
@@ -8222,7 +8539,7 @@ class Lines:
         body's bytes as they came); ``aligned``: ``checked`` starts and ends on chunk
         boundaries, so that a chunked client can be given it as it is."""
         sep = self.sep
-        if aligned and len(spans) == 1 and not (self.pending or self.held):
+        if aligned and len(spans) == 1 and not (self.pending or self.held or self.rename):
             start, stop = spans[0]
             if checked.endswith(sep, start, stop) and b'{"error"' not in checked:
                 self.transcript.keep(checked, start, stop)
@@ -8291,6 +8608,8 @@ class Lines:
     def _out(self, whole: bytes, chunked_out: bool) -> list[bytes]:
         if not whole:
             return []
+        if self.rename is not None:
+            whole = rename_model(whole, self.rename[1], self.rename[0])
         self.transcript.add(whole)
         self.last = (whole, 0, len(whole))
         return [b"%x\r\n" % len(whole), whole, b"\r\n"] if chunked_out else [whole]
@@ -8445,6 +8764,9 @@ class Relay:
             keep_alive = False  # pragma: no mutate (None: as false)
         if not keep_alive:
             out_fields.append(("Connection", "close"))
+        renamed = request.renamed
+        if renamed is not None:  # an alias's or a fallback's: the model that answered
+            out_fields.append(("X-Ollama-Model", header_text(renamed[1])))
         reason = response.reason or reason_phrase(response.status)
         head = render_head(f"HTTP/1.1 {response.status} {reason}", out_fields)
         failed = response.status >= 500
@@ -8452,6 +8774,14 @@ class Relay:
             self.fleet.upstream_failed(server, "http_5xx", f"answered {response.status}")
         if lines is not None and (framing.kind != "chunked" or response.status != 200):
             lines = None  # not a stream: relayed as it comes
+        if renamed is not None and response.status == 200:  # the name the client asked for
+            if framing.kind == "length":
+                return await self._forward_renamed(request, answer, out_fields, keep_alive,
+                                                   model, queue_wait, renamed)
+            if framing.kind == "chunked":
+                sse = "text/event-stream" in (response.headers.get("content-type") or "")
+                lines = lines or Lines(sse, request.hold, recoverable=False)
+                lines.rename = renamed
         try:
             tail = await self._relay_body(answer, framing, request, head, bool(chunked_out),
                                           lines)
@@ -8475,6 +8805,35 @@ class Relay:
             counts = answer_tokens(tail)
         return Relayed(keep_alive, response.status, server, model, queue_wait,
                        tokens=counts), not failed
+
+    async def _forward_renamed(self, request: Request, answer: Exchange,
+                               out_fields: list[tuple[str, str]], keep_alive: bool,
+                               model: str | None, queue_wait: float | None,
+                               renamed: tuple[str, str]) -> tuple[Relayed, bool]:
+        """A whole answer (Content-Length) to a request the fleet file sent on under
+        another name: read, its model named as the client asked, sent at its new length."""
+        server, response = answer.server, answer.response
+        try:
+            data = await answer.read(MAX_ROUTED_BODY)
+        except (UpstreamError, TimeoutError, IncompleteBody, ProtocolError) as exc:
+            message = f"{server.label}: {getattr(exc, 'message', exc) or type(exc).__name__}"
+            self.fleet.upstream_failed(server, "cut_stream", message)
+            return await self.send_upstream_error(request, 502, message), False
+        data = rename_model(data, renamed[1], renamed[0])
+        fields = [(n, v) for n, v in out_fields if n.lower() != "content-length"]
+        fields.append(("Content-Length", str(len(data))))
+        reason = response.reason or reason_phrase(response.status)
+        request.wire.writelines([render_head(f"HTTP/1.1 {response.status} {reason}", fields),
+                                 data])
+        try:
+            await request.wire.drain()
+        except ConnectionError:
+            return Relayed(False, response.status, server, model, queue_wait), False
+        tail = data[-TAIL_BYTES:]
+        if (counted := eval_count(tail)) is not None:
+            self.metrics.count("tokens_total", (server.label, model or ""), counted[0])
+        return Relayed(keep_alive, response.status, server, model, queue_wait,
+                       tokens=answer_tokens(tail)), True
 
     @staticmethod
     def _response_fields(response: ResponseHead, framing: Framing, request: Request
@@ -9185,6 +9544,8 @@ class Recovery:
         client = request.wire
         chunked = request.head.version == "HTTP/1.1"  # as Relay.forward framed it
         data = b"".join(lines)
+        if request.renamed is not None and data:  # named as the client asked
+            data = rename_model(data, request.renamed[1], request.renamed[0])
         out: list[bytes | bytearray | memoryview] = chunk(data) if (data and chunked) else (
             [data] if data else [])
         if end and chunked:
@@ -9240,13 +9601,15 @@ class OllamaFront:
     queued while the fleet is full, and tried on another server when one fails."""
 
     def __init__(self, config: Config, fleet: Fleet, upstreams: Upstreams,
-                 relay: Relay, recovery: Recovery, tenants: Tenants) -> None:
+                 relay: Relay, recovery: Recovery, tenants: Tenants,
+                 fleet_file: FleetFile) -> None:
         self.config = config
         self.fleet = fleet
         self.upstreams = upstreams
         self.relay = relay
         self.recovery = recovery
         self.tenants = tenants
+        self.fleet_file = fleet_file
 
     async def root(self, request: Request, match: re.Match[str]) -> Response:
         return text_response(200, "Ollama is running")
@@ -9258,8 +9621,13 @@ class OllamaFront:
         return json_response(200, {"version": version})
 
     def _catalog(self, request: Request) -> dict[str, dict[str, Any]]:
-        """The fleet's catalog, as much of it as the request's API key may use."""
+        """The fleet's catalog with the fleet file's aliases (each as the first of its
+        models that some server has), as much of it as the request's API key may use."""
         catalog = self.fleet.catalog()
+        for alias, policy in self.fleet_file.policy.models.items():
+            first = next((catalog[m] for m in policy.alias if m in catalog), None)
+            if first is not None and alias not in catalog:
+                catalog[alias] = {**first, "name": alias, "model": alias}
         key = request.key
         if key is None or key.models is None:
             return catalog
@@ -9350,14 +9718,40 @@ class OllamaFront:
             body = await request.read_body(MAX_ROUTED_BODY)
             # The leading model is the model when no other "model" follows; then the body
             # is not parsed here (Ollama answers bad JSON itself): a copy and time saved.
+            asked = leading
             if model is None or body.count(b'"model"') != 1:
-                named = model_field(body)
+                asked = model_field(body)
                 if key is not None:
-                    self.tenants.permit(key, canonical_model(named))
-                model = await self._routable(named)
+                    self.tenants.permit(key, canonical_model(asked))
+                model = await self._routable(asked)
         except HTTPError as exc:
             raise exc.about(model) from None
+        if self.fleet_file.policy.models and asked is not None:
+            body = self._policed(request, body, asked, model)
         return model, body
+
+    def _policed(self, request: Request, body: bytes | bytearray, asked: str, model: str
+                 ) -> bytes | bytearray:
+        """``body`` as the fleet file wants it sent: the real model named (an alias's, a
+        fallback's), and the pinned parameters of the name asked for and of the model
+        run applied. The client's answers will name what it asked for (request.renamed)."""
+        wanted = canonical_model(asked)
+        policies = [p for p in (self.fleet_file.model(wanted), self.fleet_file.model(model))
+                    if p is not None and (p.clamp or p.set or p.strip)]
+        if model == wanted and not policies:
+            return body
+        try:
+            payload = decode_json(body)
+        except ValueError:
+            return body  # Ollama answers bad JSON itself
+        if not isinstance(payload, dict):
+            return body
+        if model != wanted:
+            payload["model" if "model" in payload or "name" not in payload else "name"] = model
+            request.renamed = (asked, model)
+        for policy in policies:
+            apply_pins(payload, policy)
+        return json.dumps(payload).encode()
 
     async def show(self, request: Request, match: re.Match[str]) -> Response | Relayed:
         """/api/show: what a server that has the model says of it. Metadata, not a
@@ -9396,11 +9790,42 @@ class OllamaFront:
         error = await self.relay.send_upstream_error(request, failure.status, failure.detail)
         return error.routed(model, None)
 
+    def _resolve(self, model: str) -> str | None:
+        """The model to run for ``model`` by the fleet file: itself, or for an alias the
+        first of its names some server can run that has a free slot (else the first some
+        server can run); when none can run (down, not when busy), its fallbacks in turn.
+        None when nothing can."""
+        names, seen = [model], {model}
+        for name in names:
+            policy = self.fleet_file.model(name)
+            members = policy.alias if policy is not None and policy.alias else (name,)
+            runnable = [m for m in members if self.fleet.runnable(m)]
+            if runnable:
+                return next((m for m in runnable if any(
+                    s.load.inflight < self.fleet.capacity(s) for s in self.fleet.holders(m))),
+                    runnable[0])
+            for fallback in policy.fallback if policy is not None else ():
+                if fallback not in seen:
+                    seen.add(fallback)
+                    names.append(fallback)
+        return None
+
     async def _routable(self, name: str) -> str:
-        """The canonical name of a model some server can run now. Else a 404 when no
-        server has it (not named in the metrics: any client could make any number of
-        labels), or ModelUnavailable when those that have it cannot take it."""
+        """The canonical name of a model some server can run now (by the fleet file's
+        policy: an alias's model, or a fallback). Else a 404 when no server has it (not
+        named in the metrics: any client could make any number of labels), or
+        ModelUnavailable when those that have it cannot take it."""
         model = canonical_model(name)
+        if self.fleet_file.policy.models:
+            resolved = self._resolve(model)
+            if resolved is None:
+                await self.fleet.refresh_catalog()
+                resolved = self._resolve(model)
+            if resolved is not None:
+                return resolved
+            policy = self.fleet_file.model(model)
+            if policy is not None and policy.alias:  # why its first model cannot run
+                raise self.fleet.unavailable(policy.alias[0], name)
         if not self.fleet.runnable(model):
             await self.fleet.refresh_catalog()  # pulled since the last check, perhaps
             if not self.fleet.runnable(model):
@@ -9887,12 +10312,13 @@ class Management:
     written through the fleet to the store (and its change log, for other instances),
     and getServer's ID for a server (and proxy) that qualifies."""
 
-    def __init__(self, config: Config, fleet: Fleet, recovery: Recovery, tenants: Tenants
-                 ) -> None:
+    def __init__(self, config: Config, fleet: Fleet, recovery: Recovery, tenants: Tenants,
+                 fleet_file: FleetFile) -> None:
         self.config = config
         self.fleet = fleet
         self.recovery = recovery
         self.tenants = tenants
+        self.fleet_file = fleet_file
 
     @staticmethod
     def _check_socks(values: dict[str, Any]) -> None:
@@ -9976,6 +10402,9 @@ class Management:
         server_id = _path_id(match)
         await self.fleet.catch_up()
         server = self.fleet.server(server_id)
+        if request.method != "GET" and server is not None and self.fleet_file.owns(server):
+            raise HTTPError(409, f"server {server_id} is managed by the fleet file "
+                                 f"{self.fleet_file.path}: change it there")
         if request.method == "PATCH":
             values = parse_server_body(_json_object(await request.read_json()), partial=True)
             self._check_proxy_reference(values)
@@ -10032,14 +10461,18 @@ class Management:
         (``continues``, asked of /api/show; null while no server could tell)."""
         models = self.fleet.models()
         await self.recovery.verdicts(models)
-        return json_response(200, [
-            {"name": name, "drift": len(digests) > 1,
-             "digests": [{"digest": digest or None,
-                          "servers": [{"id": s.id, "name": s.name, "label": s.label}
-                                      for s in servers],
-                          **self._continues(name, digest)}
-                         for digest, servers in sorted(digests.items())]}
-            for name, digests in sorted(models.items())])
+        policies = self.fleet_file.policy.models
+        entries = {name: {"name": name, "drift": len(digests) > 1,
+                          "digests": [{"digest": digest or None,
+                                       "servers": [{"id": s.id, "name": s.name,
+                                                    "label": s.label} for s in servers],
+                                       **self._continues(name, digest)}
+                                      for digest, servers in sorted(digests.items())]}
+                   for name, digests in models.items()}
+        for name, policy in policies.items():  # the fleet file's aliases, fallbacks, pins
+            entry = entries.setdefault(name, {"name": name, "drift": False, "digests": []})
+            entry["policy"] = policy.to_json()
+        return json_response(200, [entries[name] for name in sorted(entries)])
 
     def _continues(self, model: str, digest: str) -> dict[str, Any]:
         verdict = self.recovery.known_verdict(model, digest)
@@ -10789,6 +11222,11 @@ _STRINGS = {"type": "array", "items": {"type": "string"}}
 _NULLABLE_TEXT = {"type": ["string", "null"]}
 
 
+def _with_optional(record: dict[str, Any], **properties: Any) -> dict[str, Any]:
+    """``record`` with more properties that are there only sometimes."""
+    return {**record, "properties": {**record["properties"], **properties}}
+
+
 def _record(**properties: Any) -> dict[str, Any]:
     """An object schema whose every property is always there."""
     return {"type": "object", "required": list(properties), "properties": properties}
@@ -10803,7 +11241,8 @@ SERVER_SCHEMA = _record(
     reachable={"type": "boolean"}, lastError=_NULLABLE_TEXT, weight={"type": "number"},
     maxConcurrency={"type": ["integer", "null"]}, numParallel={"type": ["integer", "null"]},
     maxLoadedModels={"type": ["integer", "null"]}, hasAuthorization={"type": "boolean"},
-    labels=LABELS_SCHEMA,
+    labels=LABELS_SCHEMA, managedBy={"enum": ["file", None], "description":
+                                     "file: the fleet file (FLEET_FILE) made it"},
     inflight={"type": "integer"}, loadedModels=_STRINGS, circuitOpen={"type": "boolean"})
 #: What the scheduler counts on for a server, and whence (GET /servers/<id>, addServer).
 SERVER_SCHEMA["properties"]["capacity"] = {
@@ -10915,7 +11354,7 @@ API_SCHEMAS: dict[str, dict[str, Any]] = {
     "ServerChange": {**body_schema(SERVER_FIELDS, SERVER_CLEARABLE), **_ONE_OF_URL_OR_HOST},
     "ApiKey": KEY_SCHEMA,
     "ApiKeys": {"type": "array", "items": {"$ref": "#/components/schemas/ApiKey"}},
-    "FleetModels": {"type": "array", "items": _record(
+    "FleetModels": {"type": "array", "items": _with_optional(_record(
         name={"type": "string"}, drift={"type": "boolean"},
         digests={"type": "array", "items": _record(
             digest={"type": ["string", "null"]},
@@ -10924,7 +11363,9 @@ API_SCHEMAS: dict[str, dict[str, Any]] = {
             continues={"type": ["boolean", "null"], "description":
                        "whether it continues an answer another server began (null: "
                        "no server could tell yet)"},
-            continuesWhy=_NULLABLE_TEXT)})},
+            continuesWhy=_NULLABLE_TEXT)}), policy=_record(
+        alias=_STRINGS, fallback=_STRINGS, clamp={"type": "object"}, set={"type": "object"},
+        strip=_STRINGS))},
     "NewApiKey": body_schema(KEY_FIELDS, KEY_CLEARABLE, ("name",)),
     "ApiKeyChange": body_schema(KEY_FIELDS, KEY_CLEARABLE),
     "ApiKeyUsage": KEY_USAGE_SCHEMA,
@@ -11269,7 +11710,8 @@ ROUTES: tuple[Route, ...] = (
           label="passthrough", pattern=r"/servers/ollama(?P<rest>/.*)?",
           answers={200: OLLAMA_ANSWER}, errors=(400, 404, 409, 502, 503, 504)),
     route("GET", "/models", "management.models", "admin",
-          "every model of the fleet, each digest with its servers; drift: more than one",
+          "every model of the fleet, each digest with its servers; drift: more than one; "
+          "the fleet file's aliases, fallbacks and pins (policy)",
           label="models", answers={200: "FleetModels"}),
     route("POST", "/keys/addKey", "management.add_key", "admin",
           "makes an API key, shown this once", label="add_key", body="NewApiKey",
@@ -11323,13 +11765,15 @@ class Balancer:
         self.fleet = Fleet(config, store, self.upstreams, self.metrics,
                            group.board if group else None)
         self.tenants = Tenants(config, store, self.metrics)
+        self.fleet_file = FleetFile(config, self.fleet)
         self.access = Access(config, self.fleet, self.tenants)
         self.relay = Relay(config, self.fleet, self.upstreams, self.access, self.metrics)
         self.recovery = Recovery(config, self.fleet, self.upstreams, self.relay, self.metrics)
         self.front = OllamaFront(config, self.fleet, self.upstreams, self.relay,
-                                 self.recovery, self.tenants)
+                                 self.recovery, self.tenants, self.fleet_file)
         self.fan_out = FanOut(config, self.fleet, self.upstreams, self.relay)
-        self.management = Management(config, self.fleet, self.recovery, self.tenants)
+        self.management = Management(config, self.fleet, self.recovery, self.tenants,
+                                     self.fleet_file)
         self.observability = Observability(config, self.fleet, self.metrics, self.tenants,
                                            group)
         self.docs = ApiDocs(ROUTES)
@@ -11343,8 +11787,10 @@ class Balancer:
         return handler
 
     async def start(self) -> None:
-        """Reads the store and checks every server once, before the first request."""
+        """Reads the store, applies the fleet file and checks every server once, before
+        the first request."""
         await self.fleet.reload()
+        await self.fleet_file.apply("start")
         await self.fleet.check_all()
         with contextlib.suppress(StoreUnavailable):  # its share, before the first request
             await self.fleet.beat()
@@ -11823,11 +12269,17 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None,
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-    if tls is not None:
+    def hangup() -> None:  # SIGHUP: the TLS certificate and the fleet file, read again
+        if tls is not None:
+            reload_tls(tls, config)
+        if config.fleet_file:
+            app.fleet.spawn(app.fleet_file.apply("SIGHUP"))
+
+    if tls is not None or config.fleet_file:
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, reload_tls, tls, config)
+            loop.add_signal_handler(signal.SIGHUP, hangup)
     loops = [app.fleet.health_loop(), app.fleet.sync_loop(), app.fleet.board_loop(),
-             app.tenants.usage_loop()]
+             app.tenants.usage_loop(), app.fleet_file.watch_loop()]
     if group is None:
         log_start(config, app.fleet, f"{'https' if tls else 'http'}://{format_host(host)}"
                                      f":{port}")
@@ -12220,6 +12672,32 @@ def cli_proxies(config: Config, store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+def cli_apply(config: Config, store: Store, args: argparse.Namespace) -> int:
+    """``apply FILE [--dry-run]``: what a fleet file changes in the store's servers (and
+    its model policy), done unless --dry-run; exit 2 when the file is refused."""
+    try:
+        policy = read_fleet_file(args.file)
+    except ConfigError as exc:
+        raise HTTPError(400, f"{args.file} refused: {exc}") from None
+    changes = plan_servers(policy, store.list_servers())
+    for change in changes:
+        print(f"{'would ' if args.dry_run else ''}{change}")
+        if args.dry_run:
+            continue
+        if change.action == "add":
+            store.add_server(change.values)
+        elif change.action == "change" and change.server_id is not None:
+            store.update_server(change.server_id, change.values)
+        elif change.server_id is not None:
+            store.delete_server(change.server_id)
+    if not changes:
+        print("no server changes")
+    for name, model in sorted(policy.models.items()):
+        print(f"model {name}: " + ", ".join(f"{k} {v}" for k, v in model.to_json().items()
+                                             if v))
+    return 0
+
+
 def cli_keys(config: Config, store: Store, args: argparse.Namespace) -> int:
     """``keys add|list|set|remove|usage``: client API keys, on the store itself (a running
     balancer sees a change within SYNC_INTERVAL, as one made through the API)."""
@@ -12427,8 +12905,8 @@ def run_cli(config: Config, args: argparse.Namespace) -> int:
             return asyncio.run(cli_fleet(config, args))
         store = open_store(config)
         try:
-            command = {"servers": cli_servers, "proxies": cli_proxies,
-                       "keys": cli_keys}[args.command]
+            command = {"servers": cli_servers, "proxies": cli_proxies, "keys": cli_keys,
+                       "apply": cli_apply}[args.command]
             return command(config, store, args)
         finally:
             store.close()
@@ -12485,6 +12963,10 @@ def cli_parser() -> argparse.ArgumentParser:
     for action, text in (("remove", "remove a key by id"),
                          ("usage", "a key's requests and tokens by UTC day and model")):
         key_actions.add_parser(action, help=text).add_argument("id", type=int)
+    apply = commands.add_parser("apply", help="apply FILE [--dry-run]: make the servers "
+                                "match a fleet file (say what would change)")
+    apply.add_argument("file")
+    apply.add_argument("--dry-run", action="store_true", help="say, do nothing")
     commands.add_parser("check", help="try every server through its proxy now")
     models = commands.add_parser("models", help="models pull NAME: on every server")
     model_actions = models.add_subparsers(dest="action", required=True)
@@ -12496,7 +12978,7 @@ def cli_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLI_COMMANDS = ("servers", "proxies", "keys", "check", "models", "status")
+CLI_COMMANDS = ("servers", "proxies", "keys", "apply", "check", "models", "status")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

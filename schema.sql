@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS `ollamaServers` (
   `max_loaded_models` int NULL,
   `draining` tinyint NOT NULL DEFAULT 0,
   `labels` text NULL,
+  `owner` varchar(16) NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `ollamaServers_host_port` (`host`, `port`)
 ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

@@ -86,7 +86,8 @@ def test_every_field_of_a_key_can_be_changed_and_cleared(keyed: Any) -> None:
     assert changed.status == 200, changed
     assert {k: v for k, v in changed.json().items() if k not in ("createdAt", "lastUsedAt")} == {
         "id": key_id, "name": "team-b", "models": ["qwen2*"], "tokensPerDay": 5000,
-        "weight": 2.5, "priority": "high", "requestsPerMinute": 60, "maxConcurrent": 3}
+        "weight": 2.5, "priority": "high", "requestsPerMinute": 60, "maxConcurrent": 3,
+        "labels": {}}
     cleared = lb.call("PATCH", f"/keys/{key_id}", {
         "models": None, "tokensPerDay": None, "requestsPerMinute": None,
         "maxConcurrent": None}).json()
