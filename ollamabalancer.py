@@ -5518,37 +5518,53 @@ def board_path(directory: str) -> str:
 #: The counts an answer ends with: Ollama's final object (its metrics come after the
 #: message, in Go's field order), OpenAI's and Anthropic's usage. A JSON string cannot
 #: hold a bare quote, so a match is a key, never text of the answer.
-_prompt_count_re = re.compile(rb'"(?:prompt_eval_count|prompt_tokens|input_tokens)"\s*:\s*'
-                              rb'([0-9]{1,15})')
-_completion_count_re = re.compile(rb'"(?:eval_count|completion_tokens|output_tokens)"\s*:'
-                                  rb'\s*([0-9]{1,15})')
+_PROMPT_COUNTS = (b'"prompt_eval_count"', b'"prompt_tokens"', b'"input_tokens"')
+_COMPLETION_COUNTS = (b'"eval_count"', b'"completion_tokens"', b'"output_tokens"')
+_count_value_re = re.compile(rb"\s*:\s*([0-9]{1,15})")
+
+
+def _last_count(tail: bytes, keys: Sequence[bytes]) -> int | None:
+    """The value of the last of ``keys`` in ``tail`` that has a number, searched from
+    the end (a stream's counts are in its last line: a scan of the whole tail cost a
+    streamed answer 22 us)."""
+    found, value = -1, None
+    for key in keys:
+        end = len(tail)
+        while (at := tail.rfind(key, 0, end)) > found:
+            match = _count_value_re.match(tail, at + len(key))
+            if match is not None:
+                found, value = at, int(match.group(1))
+                break
+            end = at
+    return value
 
 
 def answer_tokens(tail: bytes) -> tuple[int, int] | None:
     """(prompt, completion) tokens from the last counts in an answer's last bytes (a
     stream's final line, or a whole answer's end), None when it says none. Found by
     search, not by parsing: the last line of a long answer may begin before ``tail``."""
-    completions = _completion_count_re.findall(tail)
-    if not completions:
+    completion = _last_count(tail, _COMPLETION_COUNTS)
+    if completion is None:
         return None
-    prompts = _prompt_count_re.findall(tail)
-    return (int(prompts[-1]) if prompts else 0), int(completions[-1])
+    return _last_count(tail, _PROMPT_COUNTS) or 0, completion
 
 
 def eval_count(tail: bytes) -> tuple[int, str | None] | None:
     """(eval_count, model) from the last JSON line of an Ollama answer, if it has one."""
     if b'"eval_count"' not in tail:
         return None
-    for line in reversed(tail.split(b"\n")):
-        if line.strip():
-            try:
-                last = decode_json(line)
-            except (ValueError, UnicodeDecodeError):
-                return None
-            if isinstance(last, dict) and isinstance(last.get("eval_count"), int):
-                model = last.get("model")
-                return last["eval_count"], model if isinstance(model, str) else None
+    end = len(tail)
+    while not (line := tail[(start := tail.rfind(b"\n", 0, end) + 1):end]).strip():
+        if not start:
             return None
+        end = start - 1  # the last line that is not blank, without splitting them all
+    try:
+        last = decode_json(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(last, dict) and isinstance(last.get("eval_count"), int):
+        model = last.get("model")
+        return last["eval_count"], model if isinstance(model, str) else None
     return None
 
 
@@ -8797,14 +8813,22 @@ class Relay:
                                            "the stream broke off mid-answer")
             return Relayed(False, response.status, server, model, queue_wait, True), False
         counts = None
-        if response.status == 200 and (counted := eval_count(tail)) is not None:
+        if response.status == 200:
+            model, counts = self._counted(server, model, tail)
+        return Relayed(keep_alive, response.status, server, model, queue_wait,
+                       tokens=counts), not failed
+
+    def _counted(self, server: Server, model: str | None, tail: bytes
+                 ) -> tuple[str | None, tuple[int, int] | None]:
+        """What a whole answer's last bytes count: its tokens by server (tokens_total,
+        from Ollama's eval_count), and its (prompt, completion) for its key's usage; the
+        model, as the answer names it when the request did not."""
+        if (counted := eval_count(tail)) is not None:
             tokens, named = counted
             model = model or (canonical_model(named) if named else None)
             self.metrics.count("tokens_total", (server.label, model or ""), tokens)
-        if response.status == 200 and (b"_tokens" in tail or b"eval_count" in tail):
-            counts = answer_tokens(tail)
-        return Relayed(keep_alive, response.status, server, model, queue_wait,
-                       tokens=counts), not failed
+        return model, answer_tokens(tail) if (b"_tokens" in tail or b"eval_count" in tail
+                                              ) else None
 
     async def _forward_renamed(self, request: Request, answer: Exchange,
                                out_fields: list[tuple[str, str]], keep_alive: bool,
@@ -8829,11 +8853,9 @@ class Relay:
             await request.wire.drain()
         except ConnectionError:
             return Relayed(False, response.status, server, model, queue_wait), False
-        tail = data[-TAIL_BYTES:]
-        if (counted := eval_count(tail)) is not None:
-            self.metrics.count("tokens_total", (server.label, model or ""), counted[0])
+        model, counts = self._counted(server, model, data[-TAIL_BYTES:])
         return Relayed(keep_alive, response.status, server, model, queue_wait,
-                       tokens=answer_tokens(tail)), True
+                       tokens=counts), True
 
     @staticmethod
     def _response_fields(response: ResponseHead, framing: Framing, request: Request
