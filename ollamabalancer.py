@@ -7774,20 +7774,29 @@ def plan_servers(policy: FleetPolicy, servers: Iterable[Server]) -> list[ServerC
     return changes
 
 
+@functools.lru_cache(maxsize=256)
+def _renaming(real: str, asked: str) -> tuple[re.Pattern[bytes], bytes]:
+    """The expression that finds ``"model": "<real>"``, and what it becomes: made once,
+    not for each line of a stream."""
+    return (re.compile(rb'"model"\s*:\s*"' + re.escape(json.dumps(real)[1:-1].encode()) +
+                       rb'"'), b'"model":' + json.dumps(asked).encode())
+
+
 def rename_model(data: bytes, real: str, asked: str) -> bytes:
     """``data`` (JSON of an answer) with its ``"model": "<real>"`` fields naming ``asked``."""
-    pattern = re.compile(rb'"model"\s*:\s*"' + re.escape(json.dumps(real)[1:-1].encode()) +
-                         rb'"')
-    return pattern.sub(b'"model":' + json.dumps(asked).encode(), data)
+    pattern, named = _renaming(real, asked)
+    return pattern.sub(named, data)
 
 
-def _pin(body: dict[str, Any], path: str) -> tuple[dict[str, Any], str] | None:
-    """The object that holds ``path``'s last field in ``body`` (made where missing), and
-    that field's name; None when something on the way is not an object."""
+def _pin(body: dict[str, Any], path: str, make: bool = False
+         ) -> tuple[dict[str, Any], str] | None:
+    """The object that holds ``path``'s last field in ``body``, and that field's name;
+    None when something on the way is not an object, or is missing (made, with
+    ``make``)."""
     *parents, field = path.split(".")
     node = body
     for part in parents:
-        child = node.setdefault(part, {})
+        child = node.setdefault(part, {}) if make else node.get(part)
         if not isinstance(child, dict):
             return None
         node = child
@@ -7797,21 +7806,14 @@ def _pin(body: dict[str, Any], path: str) -> tuple[dict[str, Any], str] | None:
 def apply_pins(body: dict[str, Any], policy: ModelPolicy) -> None:
     """A model's pinned parameters on a request body: fields stripped, set, clamped."""
     for path in policy.strip:
-        *parents, field = path.split(".")
-        node: Any = body
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(field, None)
-    for path, value in policy.set:
         if (found := _pin(body, path)) is not None:
+            found[0].pop(found[1], None)
+    for path, value in policy.set:
+        if (found := _pin(body, path, make=True)) is not None:
             found[0][found[1]] = value
     for path, limit in policy.clamp:
-        *parents, field = path.split(".")
-        node = body
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+        if (found := _pin(body, path)) is not None:
+            node, field = found
             value = node.get(field)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
                 node[field] = int(limit) if float(limit).is_integer() else limit
@@ -8550,7 +8552,7 @@ class Lines:
         self.complete = False  # its final line or event came
 
     def take(self, checked: bytes, spans: Sequence[tuple[int, int]], aligned: bool,
-             chunked_out: bool) -> list[bytes]:
+             chunked_out: bool) -> list[bytes | bytearray | memoryview]:
         """What goes to the client of the chunk data ``spans`` of ``checked`` (a chunked
         body's bytes as they came); ``aligned``: ``checked`` starts and ends on chunk
         boundaries, so that a chunked client can be given it as it is."""
@@ -8585,7 +8587,7 @@ class Lines:
             pending.clear()
         return self._out(whole, chunked_out)
 
-    def finish(self, chunked_out: bool) -> list[bytes]:
+    def finish(self, chunked_out: bool) -> list[bytes | bytearray | memoryview]:
         """At the body's end: what is left to send, and whether the answer was whole
         (``complete``): its last line Ollama's ``done``, or OpenAI's ``[DONE]``."""
         out = [] if self.held else self._out(bytes(self.pending), chunked_out)
@@ -8621,14 +8623,15 @@ class Lines:
             start += len(line) + 1
         return -1
 
-    def _out(self, whole: bytes, chunked_out: bool) -> list[bytes]:
+    def _out(self, whole: bytes, chunked_out: bool
+             ) -> list[bytes | bytearray | memoryview]:
         if not whole:
             return []
         if self.rename is not None:
             whole = rename_model(whole, self.rename[1], self.rename[0])
         self.transcript.add(whole)
         self.last = (whole, 0, len(whole))
-        return [b"%x\r\n" % len(whole), whole, b"\r\n"] if chunked_out else [whole]
+        return chunk(whole) if chunked_out else [whole]
 
 
 #: Request fields not sent upstream as they came: hop-by-hop ones, those the balancer
@@ -10522,18 +10525,19 @@ class Management:
             log.info("changed API key %d: %s", key_id, ", ".join(sorted(values)) or "nothing")
         else:
             await self.fleet.refresh()
+        return json_response(200, self._key(key_id).to_json())
+
+    def _key(self, key_id: int) -> ApiKey:
+        """The API key with ``key_id``, as the fleet holds it; 404 when there is none."""
         key = next((k for k in self.fleet.every_key() if k.id == key_id), None)
         if key is None:
             raise HTTPError(404, f"no API key with id {key_id}")
-        return json_response(200, key.to_json())
+        return key
 
     async def key_usage(self, request: Request, match: re.Match[str]) -> Response:
         """What one key used: in all, by model, and by UTC day (and model)."""
-        key_id = _path_id(match)
         await self.fleet.refresh()
-        key = next((k for k in self.fleet.every_key() if k.id == key_id), None)
-        if key is None:
-            raise HTTPError(404, f"no API key with id {key_id}")
+        key = self._key(_path_id(match))
         return json_response(200, {"id": key.id, "name": key.name,
                                    **await self.tenants.usage(key)})
 
